@@ -1,0 +1,20 @@
+"""parscale: parallel scaling (ParScale, arXiv 2505.10475) for decoder-only language models.
+
+    import parscale
+    model = parscale.load("path/to/checkpoint", dtype="bfloat16", device="cuda")
+    logits = model(input_ids, attention_mask=None)               # [B, T, vocab]
+    new_ids = parscale.generate(model, input_ids, max_new_tokens=32)
+"""
+
+from .cache import KVCache
+from .checkpoint import CheckpointError, load, load_tokenizer, save
+from .config import ModelConfig
+from .generate import generate
+from .model import ParScaleForCausalLM, build_model
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CheckpointError", "KVCache", "ModelConfig", "ParScaleForCausalLM", "build_model", "generate", "load",
+    "load_tokenizer", "save", "__version__",
+]

@@ -1,0 +1,269 @@
+"""Hugging Face checkpoint folders in and out: config.json + (sharded) safetensors, strictly.
+
+Reads `model_type` qwen2_parscale (the released ParScale checkpoints), qwen2, llama, qwen3 (and this
+library's llama_parscale / qwen3_parscale). Tensor names are the Hugging Face ones; the model's own
+module names match them, so the state dict maps one to one:
+    model.embed_tokens.weight, model.norm.weight, lm_head.weight (absent when tied)
+    model.layers.{i}.self_attn.{q,k,v,o}_proj.weight (+ q/k/v bias for qwen2, q_norm/k_norm for qwen3)
+    model.layers.{i}.self_attn.prefix_k | prefix_v      [P, kv_heads, n_tokens, head_dim]   (P > 1)
+    model.layers.{i}.mlp.{gate,up,down}_proj.weight, model.layers.{i}.{input,post_attention}_layernorm.weight
+    model.aggregate_layer.{0,2}.weight | bias            (P > 1)
+
+Loading is strict (one error lists every missing, unexpected and mis-shaped tensor) and memory-mapped:
+each tensor is a view of the file's pages until it is cast or moved, so a large checkpoint never
+needs two copies in RAM. Saving is atomic: everything is written into a temporary folder next to
+the target, which is then renamed into place.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from .config import ModelConfig
+from .model import ParScaleForCausalLM, rope_inv_freq
+
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
+                   "merges.txt", "generation_config.json")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder that cannot be read as asked: the message names the problem."""
+
+
+def parse_dtype(dtype) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    names = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+             "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+    if dtype not in names:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(names)}")
+    return names[dtype]
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading
+def read_config(path: str | os.PathLike) -> ModelConfig:
+    folder = Path(path)
+    if not folder.is_dir():
+        raise CheckpointError(f"checkpoint folder {str(folder)!r} does not exist")
+    cfg_file = folder / "config.json"
+    if not cfg_file.is_file():
+        raise CheckpointError(f"{str(folder)!r} is not a checkpoint: it has no config.json")
+    try:
+        data = json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{cfg_file} is not valid JSON: {e}") from None
+    try:
+        return ModelConfig.from_hf_dict(data)
+    except ValueError as e:
+        raise CheckpointError(f"{cfg_file}: {e}") from None
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text()).get("weight_map", {})
+        files = sorted({folder / name for name in weight_map.values()})
+        missing = [str(f) for f in files if not f.is_file()]
+        if missing:
+            raise CheckpointError(f"{index} names shard files that do not exist: {', '.join(missing)}")
+        return files
+    single = folder / "model.safetensors"
+    if single.is_file():
+        return [single]
+    raise CheckpointError(f"{str(folder)!r} has no model.safetensors and no model.safetensors.index.json")
+
+
+def mmap_safetensors(file: Path) -> dict[str, torch.Tensor]:
+    """Tensors of one safetensors file as views of a private memory map of it (no copy)."""
+    size = file.stat().st_size
+    with open(file, "rb") as fh:
+        (header_len,) = struct.unpack("<Q", fh.read(8))
+        if header_len > size - 8:
+            raise CheckpointError(f"{file} is not a safetensors file (bad header length)")
+        header = json.loads(fh.read(header_len))
+    header.pop("__metadata__", None)
+    raw = torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage.from_file(str(file), False, size))
+    base = 8 + header_len
+    out = {}
+    for name, info in header.items():
+        if info["dtype"] not in SAFETENSORS_DTYPES:
+            raise CheckpointError(f"{file}: tensor {name} has unsupported dtype {info['dtype']}")
+        dtype = SAFETENSORS_DTYPES[info["dtype"]]
+        start, end = info["data_offsets"]
+        chunk = raw[base + start : base + end]
+        if (base + start) % dtype.itemsize:
+            chunk = chunk.clone()  # misaligned for a dtype view: copy this one tensor
+        out[name] = chunk.view(dtype).view(info["shape"])
+    return out
+
+
+def _expected_shapes(config: ModelConfig) -> dict[str, tuple]:
+    with torch.device("meta"):
+        model = ParScaleForCausalLM(config)
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    if config.tie_word_embeddings:
+        shapes.pop("lm_head.weight")
+    return shapes
+
+
+def _check_tensors(config: ModelConfig, tensors: dict[str, torch.Tensor], folder: Path) -> None:
+    expected = _expected_shapes(config)
+    found = {k: tuple(v.shape) for k, v in tensors.items()}
+    # A tied checkpoint may still carry lm_head.weight (a copy of the embedding): accept it.
+    if config.tie_word_embeddings and "lm_head.weight" in found:
+        expected["lm_head.weight"] = expected["model.embed_tokens.weight"]
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    misshaped = sorted(k for k in set(expected) & set(found) if expected[k] != found[k])
+    if not (missing or unexpected or misshaped):
+        return
+    lines = [f"checkpoint {str(folder)!r} does not match its config.json ({config.model_type}):"]
+    prefix_bad = [k for k in misshaped if k.endswith(("prefix_k", "prefix_v"))]
+    if prefix_bad:
+        k = prefix_bad[0]
+        lines.append(f"  config says parscale_n={config.parscale_n}, parscale_n_tokens={config.parscale_n_tokens} "
+                     f"(prefix shape {expected[k]}), but {k} has shape {found[k]}")
+    if any(k.endswith(("prefix_k", "prefix_v")) for k in unexpected) and config.parscale_n == 1:
+        lines.append("  the tensors contain ParScale prefixes but the config has parscale_n=1")
+    if missing:
+        lines.append(f"  missing ({len(missing)}): {', '.join(missing[:20])}{' ...' if len(missing) > 20 else ''}")
+    if unexpected:
+        lines.append(f"  unexpected ({len(unexpected)}): {', '.join(unexpected[:20])}"
+                     f"{' ...' if len(unexpected) > 20 else ''}")
+    for k in misshaped[:20]:
+        lines.append(f"  mis-shaped: {k} is {found[k]}, expected {expected[k]}")
+    raise CheckpointError("\n".join(lines))
+
+
+def load(path, dtype=None, device=None) -> ParScaleForCausalLM:
+    """Load a Hugging Face folder as a ParScaleForCausalLM in eval mode.
+
+    dtype: None keeps the stored dtype; 'bfloat16' / torch.float16 / ... casts while loading.
+    device: where the parameters end up (default CPU).
+    """
+    folder = Path(path)
+    config = read_config(folder)
+    dtype = parse_dtype(dtype)
+    tensors: dict[str, torch.Tensor] = {}
+    for file in _weight_files(folder):
+        for name, t in mmap_safetensors(file).items():
+            if name in tensors:
+                raise CheckpointError(f"tensor {name} appears in more than one shard of {str(folder)!r}")
+            tensors[name] = t
+    _check_tensors(config, tensors, folder)
+    if config.tie_word_embeddings:
+        tensors.pop("lm_head.weight", None)
+    stored = tensors["model.embed_tokens.weight"].dtype
+    target = dtype or stored
+    state = {k: v.to(device=device, dtype=target if v.is_floating_point() else v.dtype) for k, v in tensors.items()}
+    with torch.device("meta"):
+        model = ParScaleForCausalLM(config)
+    if config.tie_word_embeddings:
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    model.load_state_dict(state, strict=True, assign=True)
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.model.rope_inv_freq = rope_inv_freq(config).to(device)
+    return model.eval()
+
+
+def load_tokenizer(path):
+    """The Hugging Face `tokenizers.Tokenizer` in a folder's tokenizer.json (or at that file)."""
+    from tokenizers import Tokenizer
+
+    p = Path(path)
+    file = p / "tokenizer.json" if p.is_dir() else p
+    if not file.is_file():
+        raise CheckpointError(f"no tokenizer.json at {str(p)!r}")
+    return Tokenizer.from_file(str(file))
+
+
+# ----------------------------------------------------------------------------------------------
+# Writing
+def state_for_saving(model: ParScaleForCausalLM, dtype=None) -> dict[str, torch.Tensor]:
+    dtype = parse_dtype(dtype)
+    state = {}
+    for k, v in model.state_dict().items():
+        if k == "lm_head.weight" and model.config.tie_word_embeddings:
+            continue
+        v = v.detach()
+        if dtype is not None and v.is_floating_point():
+            v = v.to(dtype)
+        state[k] = v.to("cpu").contiguous().clone()
+    return state
+
+
+def save(model: ParScaleForCausalLM, path, tokenizer_from=None, dtype=None, max_shard_bytes: int = 5 * 2**30):
+    """Write model (and tokenizer files copied from `tokenizer_from`, a folder) as a HF folder, atomically."""
+    target = Path(path)
+    state = state_for_saving(model, dtype)
+    stored = state["model.embed_tokens.weight"].dtype
+    hf = model.config.to_hf_dict()
+    hf["torch_dtype"] = DTYPE_NAMES.get(stored, str(stored).removeprefix("torch."))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        (tmp / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
+        _write_weights(state, tmp, max_shard_bytes)
+        if tokenizer_from is not None:
+            for name in TOKENIZER_FILES:
+                src = Path(tokenizer_from) / name
+                if src.is_file():
+                    shutil.copy2(src, tmp / name)
+        replace_dir(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def _write_weights(state: dict[str, torch.Tensor], folder: Path, max_shard_bytes: int) -> None:
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for k, v in state.items():
+        nbytes = v.numel() * v.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][k] = v
+        size += nbytes
+    meta = {"format": "pt"}
+    if len(shards) == 1:
+        save_file(shards[0], str(folder / "model.safetensors"), metadata=meta)
+        return
+    weight_map, total = {}, 0
+    for i, shard in enumerate(shards, 1):
+        name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(folder / name), metadata=meta)
+        for k, v in shard.items():
+            weight_map[k] = name
+            total += v.numel() * v.element_size()
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def replace_dir(tmp: Path, target: Path) -> None:
+    """Move a finished folder into place; an existing target is swapped out, then removed."""
+    if target.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+        old.rmdir()
+        os.replace(target, old)
+        os.replace(tmp, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, target)

@@ -1,0 +1,211 @@
+"""The `parscale` command: one sub-command per job.
+
+    parscale demo                                   build a tiny P=4 model, save it, generate from it
+    parscale new --preset tiny --streams 4 --out DIR    a freshly initialised model folder
+    parscale info --model DIR [--batch B --length T]    config, parameter counts, memory
+    parscale generate --model DIR --prompt "..."        streamed text
+    parscale convert --model SRC --out DST --streams P  give a P=1 checkpoint P streams
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+COMMANDS = {}
+
+
+def command(fn):
+    COMMANDS[fn.__name__.removeprefix("cmd_")] = fn
+    return fn
+
+
+def _human(n: float) -> str:
+    return f"{n / 2**30:.3f} GiB" if n >= 2**28 else f"{n / 2**20:.2f} MiB"
+
+
+@command
+def cmd_new(args):
+    """Write a freshly initialised model (named preset, optional P) with a byte-level tokenizer."""
+    import parscale
+    from parscale.tokenizer import byte_tokenizer
+
+    overrides = {"parscale_n": args.streams}
+    if args.n_tokens is not None:
+        overrides["parscale_n_tokens"] = args.n_tokens
+    cfg = parscale.ModelConfig.preset(args.preset, **overrides)
+    tok = byte_tokenizer() if cfg.vocab_size >= 257 else None
+    if tok is not None:
+        cfg = cfg.replace(eos_token_id=256)
+    model = parscale.build_model(cfg, seed=args.seed)
+    _save_with_tokenizer(model, args.out, tok, args.dtype)
+    print(f"wrote {args.out} ({cfg.model_type}, P={cfg.parscale_n}, {cfg.param_counts()['total']:,} parameters)")
+
+
+def _save_with_tokenizer(model, out, tokenizer, dtype=None):
+    import tempfile
+
+    import parscale
+
+    with tempfile.TemporaryDirectory() as tmp:
+        if tokenizer is not None:
+            tokenizer.save(str(Path(tmp) / "tokenizer.json"))
+        parscale.save(model, out, tokenizer_from=tmp if tokenizer is not None else None, dtype=dtype)
+
+
+@command
+def cmd_info(args):
+    """Print config, P, parameter counts and memory for weights and KV cache."""
+    import torch
+
+    from parscale.checkpoint import read_config
+    from parscale.memory import kv_cache_bytes, weight_bytes
+
+    cfg = read_config(args.model)
+    counts = cfg.param_counts()
+    elem = torch.finfo(torch.bfloat16).bits // 8 if args.dtype in ("bfloat16", "float16") else 4
+    info = {
+        "model_type": cfg.model_type, "parscale_n": cfg.parscale_n,
+        "parscale_n_tokens": cfg.prefix_len, "parscale_attn_smooth": cfg.parscale_attn_smooth if cfg.parscale_n > 1
+        else None, "layers": cfg.num_hidden_layers, "hidden_size": cfg.hidden_size,
+        "heads": cfg.num_attention_heads, "kv_heads": cfg.num_key_value_heads, "head_dim": cfg.head_dim,
+        "vocab_size": cfg.vocab_size, "tied": cfg.tie_word_embeddings,
+        "params_total": counts["total"], "params_non_embedding": counts["non_embedding"],
+        "params_parscale": counts["parscale"], "dtype": args.dtype,
+        "weights_bytes": weight_bytes(cfg, elem),
+        "kv_cache_bytes": kv_cache_bytes(cfg, args.batch, args.length, elem), "batch": args.batch,
+        "length": args.length,
+    }
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return
+    for k, v in info.items():
+        if k.endswith("_bytes"):
+            v = f"{v:,} ({_human(v)})"
+        elif isinstance(v, int) and not isinstance(v, bool) and v > 9999:
+            v = f"{v:,}"
+        print(f"{k:24s} {v}")
+
+
+@command
+def cmd_generate(args):
+    """Generate text from a prompt, printing tokens as they come."""
+    import torch
+
+    import parscale
+    from parscale.tokenizer import eos_id
+
+    model = parscale.load(args.model, dtype=args.dtype, device=args.device)
+    tok = parscale.load_tokenizer(args.model)
+    if not args.prompt:
+        raise SystemExit("error: the prompt is empty")
+    ids = torch.tensor([tok.encode(args.prompt).ids])
+    eos = model.config.eos_token_id if model.config.eos_token_id is not None else eos_id(tok)
+    produced: list[int] = []
+    printed = 0
+    start = time.perf_counter()
+
+    def stream(token):
+        nonlocal printed
+        produced.append(int(token[0]))
+        text = tok.decode(produced)
+        if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+            sys.stdout.write(text[printed:])
+            sys.stdout.flush()
+            printed = len(text)
+
+    sys.stdout.write(args.prompt)
+    parscale.generate(model, ids, max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
+                      temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, eos_token_id=eos,
+                      seed=args.seed, on_token=stream)
+    elapsed = time.perf_counter() - start
+    print(f"\n[{len(produced)} tokens in {elapsed:.2f} s, {len(produced) / elapsed:.1f} tokens/s]", file=sys.stderr)
+
+
+@command
+def cmd_convert(args):
+    """Give a P=1 checkpoint P streams with fresh prefixes and aggregator; save in the released format."""
+    import parscale
+    from parscale.convert import add_streams
+
+    model = parscale.load(args.model)
+    new = add_streams(model, args.streams, n_tokens=args.n_tokens, smooth=args.smooth, seed=args.seed)
+    parscale.save(new, args.out, tokenizer_from=args.model, dtype=args.dtype)
+    c = new.config.param_counts()
+    print(f"wrote {args.out}: {new.config.model_type}, P={args.streams}, n_tokens={args.n_tokens}, "
+          f"+{c['parscale']:,} ParScale parameters")
+
+
+@command
+def cmd_demo(args):
+    """Build a tiny P=4 model on the fly, save it, reload it and generate (random weights)."""
+    out = Path(args.out)
+    print(f"[demo] building a tiny P=4 model in {out}")
+    cmd_new(argparse.Namespace(preset="tiny", streams=4, n_tokens=None, seed=0, out=out, dtype=None))
+    cmd_info(argparse.Namespace(model=out, batch=1, length=64, dtype="float32", json=False))
+    print("[demo] generating 32 tokens (random weights, so the text is noise):")
+    cmd_generate(argparse.Namespace(model=out, prompt="def hello():", max_new_tokens=32, temperature=0.0,
+                                    top_k=None, top_p=None, seed=0, dtype=None, device=None))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="parscale", description="Parallel scaling (ParScale) for language models.")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("demo", help=cmd_demo.__doc__)
+    p.add_argument("--out", default="runs/demo", help="folder for the demo's outputs")
+
+    p = sub.add_parser("new", help=cmd_new.__doc__)
+    p.add_argument("--preset", default="tiny")
+    p.add_argument("--streams", type=int, default=1, help="P, the number of parallel streams")
+    p.add_argument("--n-tokens", type=int, default=None, help="prefix tokens per stream (preset default)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default=None)
+    p.add_argument("--out", required=True)
+
+    p = sub.add_parser("info", help=cmd_info.__doc__)
+    p.add_argument("--model", required=True)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--length", type=int, default=2048, help="tokens in the KV cache (prefix excluded)")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("generate", help=cmd_generate.__doc__)
+    p.add_argument("--model", required=True)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default=None)
+    p.add_argument("--device", default=None)
+
+    p = sub.add_parser("convert", help=cmd_convert.__doc__)
+    p.add_argument("--model", required=True, help="a P=1 checkpoint folder (qwen2, llama, qwen3)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--streams", type=int, required=True)
+    p.add_argument("--n-tokens", type=int, default=48)
+    p.add_argument("--smooth", type=float, default=0.1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default=None)
+    return ap
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    from parscale.checkpoint import CheckpointError
+
+    try:
+        COMMANDS[args.command](args)
+    except (CheckpointError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

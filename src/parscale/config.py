@@ -1,0 +1,226 @@
+"""One typed configuration for a decoder-only transformer with parallel scaling (ParScale).
+
+`ModelConfig` describes the backbone (Qwen2 / Llama / Qwen3 families) and the ParScale fields
+(`parscale_n` streams, `parscale_n_tokens` prefix tokens per stream and layer, smoothing ε).
+It converts to and from the Hugging Face `config.json` of each supported `model_type`, has named
+presets (the paper's six sizes and tiny test sizes) and counts parameters the way the paper does.
+
+Usage:
+    cfg = ModelConfig.preset("paper-1.6b", parscale_n=8)
+    cfg.param_counts()   # {'total': ..., 'non_embedding': ..., 'parscale': ...}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+# Families whose checkpoints can be read and written. The `_parscale` types other than the
+# released `qwen2_parscale` are this library's extension: the same backbone keys as the family,
+# plus the released ParScale keys (prefix_k/prefix_v, aggregate_layer).
+FAMILIES = ("qwen2", "llama", "qwen3")
+MODEL_TYPES = FAMILIES + tuple(f"{f}_parscale" for f in FAMILIES)
+SUPPORTED_ROPE_SCALING = ("default", "linear", "llama3")
+
+
+@dataclass
+class ModelConfig:
+    """Shape and behaviour of one model. Field names follow Hugging Face `config.json` keys."""
+
+    family: str = "qwen2"
+    """Backbone family: 'qwen2' (q/k/v bias), 'llama' (no bias), 'qwen3' (q/k RMSNorm per head)."""
+    vocab_size: int = 151936
+    hidden_size: int = 896
+    intermediate_size: int = 4864
+    num_hidden_layers: int = 36
+    num_attention_heads: int = 16
+    num_key_value_heads: int = 2
+    head_dim: int | None = None
+    """Per-head width; None means hidden_size // num_attention_heads (Qwen3 sets it explicitly)."""
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None
+    """None, or {'rope_type': 'linear'|'llama3', ...} as in Hugging Face configs."""
+    rms_norm_eps: float = 1e-6
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = True
+    attention_bias: bool | None = None
+    """Bias on q/k/v projections; None means the family default (True for qwen2 only)."""
+    initializer_range: float = 0.02
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    parscale_n: int = 1
+    """P, the number of parallel streams. 1 is exactly the plain model."""
+    parscale_n_tokens: int = 48
+    """Prefix tokens per stream in every attention layer."""
+    parscale_attn_smooth: float = 0.1
+    """ε of the aggregation smoothing w·(1−ε) + ε/P (the paper and released checkpoints use 0.1)."""
+    extra: dict = field(default_factory=dict, repr=False)
+    """Other keys of the source config.json, written back unchanged on save."""
+
+    def __post_init__(self):
+        if self.family not in FAMILIES:
+            raise ValueError(f"unknown model family {self.family!r}; expected one of {FAMILIES}")
+        if self.head_dim is None:
+            if self.hidden_size % self.num_attention_heads:
+                raise ValueError(
+                    f"hidden_size {self.hidden_size} is not divisible by "
+                    f"num_attention_heads {self.num_attention_heads}; set head_dim"
+                )
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.attention_bias is None:
+            self.attention_bias = self.family == "qwen2"
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"num_attention_heads {self.num_attention_heads} is not a multiple of "
+                f"num_key_value_heads {self.num_key_value_heads}"
+            )
+        if self.parscale_n < 1:
+            raise ValueError(f"parscale_n must be >= 1, got {self.parscale_n}")
+        if self.parscale_n > 1 and self.parscale_n_tokens < 1:
+            raise ValueError(f"parscale_n_tokens must be >= 1 when parscale_n > 1, got {self.parscale_n_tokens}")
+        if not 0.0 <= self.parscale_attn_smooth <= 1.0:
+            raise ValueError(f"parscale_attn_smooth must be in [0, 1], got {self.parscale_attn_smooth}")
+        if self.rope_scaling is not None:
+            kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type", "default"))
+            if kind not in SUPPORTED_ROPE_SCALING:
+                raise ValueError(f"unsupported rope_scaling type {kind!r}; supported: {SUPPORTED_ROPE_SCALING}")
+
+    # ----------------------------------------------------------------------------------------
+    @property
+    def qk_norm(self) -> bool:
+        """Qwen3 normalises every query and key head with its own RMSNorm before RoPE."""
+        return self.family == "qwen3"
+
+    @property
+    def prefix_len(self) -> int:
+        """Cache slots taken by the prefix in every stream (0 when P = 1)."""
+        return self.parscale_n_tokens if self.parscale_n > 1 else 0
+
+    @property
+    def model_type(self) -> str:
+        return f"{self.family}_parscale" if self.parscale_n > 1 else self.family
+
+    def replace(self, **changes) -> ModelConfig:
+        return dataclasses.replace(self, **changes)
+
+    # ----------------------------------------------------------------------------------------
+    def param_counts(self) -> dict[str, int]:
+        """Parameter counts: total, non-embedding (the paper's N, ParScale parameters included),
+        embedding (input embedding plus an untied LM head), and those ParScale adds."""
+        h, kv, hd, n_heads = self.hidden_size, self.num_key_value_heads, self.head_dim, self.num_attention_heads
+        q_out, kv_out = n_heads * hd, kv * hd
+        attn = h * q_out + 2 * h * kv_out + q_out * h
+        if self.attention_bias:
+            attn += q_out + 2 * kv_out
+        if self.qk_norm:
+            attn += 2 * hd
+        mlp = 3 * h * self.intermediate_size
+        layer = attn + mlp + 2 * h
+        backbone = self.num_hidden_layers * layer + h  # + final norm
+        p = self.parscale_n
+        parscale = 0
+        if p > 1:
+            prefixes = self.num_hidden_layers * 2 * p * kv * self.parscale_n_tokens * hd
+            aggregator = (p * h * h + h) + (h * p + p)
+            parscale = prefixes + aggregator
+        embedding = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
+        non_embedding = backbone + parscale
+        return {
+            "total": non_embedding + embedding,
+            "non_embedding": non_embedding,
+            "embedding": embedding,
+            "parscale": parscale,
+        }
+
+    # ----------------------------------------------------------------------------------------
+    @classmethod
+    def preset(cls, name: str, **overrides) -> ModelConfig:
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; known presets: {', '.join(sorted(PRESETS))}")
+        return cls(**{**PRESETS[name], **overrides})
+
+    @classmethod
+    def from_hf_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        """Build from a Hugging Face config.json dictionary (model_type must be supported)."""
+        model_type = d.get("model_type")
+        if model_type not in MODEL_TYPES:
+            raise ValueError(f"unknown model_type {model_type!r} in config.json; supported: {', '.join(MODEL_TYPES)}")
+        family = model_type.removesuffix("_parscale")
+        if d.get("use_sliding_window"):
+            raise ValueError("config.json enables use_sliding_window, which parscale does not implement")
+        if d.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"hidden_act {d['hidden_act']!r} is not supported (only 'silu')")
+        if d.get("mlp_bias"):
+            raise ValueError("mlp_bias=true is not supported")
+        known = {f.name for f in dataclasses.fields(cls)} - {"family", "extra"}
+        kwargs = {k: d[k] for k in known if k in d and d[k] is not None}
+        # Released configs carry parscale_n; a plain model is P = 1 whatever its config says.
+        if not model_type.endswith("_parscale"):
+            for k in ("parscale_n", "parscale_n_tokens", "parscale_attn_smooth"):
+                kwargs.pop(k, None)
+        rope_params = d.get("rope_parameters")  # newer transformers spelling
+        if "rope_theta" not in kwargs and isinstance(rope_params, dict) and "rope_theta" in rope_params:
+            kwargs["rope_theta"] = rope_params["rope_theta"]
+        if "rope_scaling" not in kwargs and isinstance(rope_params, dict):
+            if rope_params.get("rope_type", "default") != "default":
+                kwargs["rope_scaling"] = {k: v for k, v in rope_params.items() if k != "rope_theta"}
+        extra = {k: v for k, v in d.items() if k not in known and k != "model_type"}
+        return cls(family=family, extra=extra, **kwargs)
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        """The config.json written next to the weights (same keys as the released checkpoints)."""
+        out = dict(self.extra)
+        out.pop("architectures", None)
+        arch = {"qwen2": "Qwen2", "llama": "Llama", "qwen3": "Qwen3"}[self.family]
+        out["architectures"] = [f"{arch}ParScaleForCausalLM" if self.parscale_n > 1 else f"{arch}ForCausalLM"]
+        out["model_type"] = self.model_type
+        for f in dataclasses.fields(self):
+            if f.name in ("family", "extra"):
+                continue
+            value = getattr(self, f.name)
+            if f.name.startswith("parscale_") and self.parscale_n == 1:
+                continue
+            if value is None and f.name in ("bos_token_id", "eos_token_id", "rope_scaling"):
+                if f.name == "rope_scaling":
+                    out[f.name] = None
+                continue
+            out[f.name] = value
+        out.setdefault("hidden_act", "silu")
+        if "rope_parameters" in out:  # keep the newer transformers spelling consistent with ours
+            out["rope_parameters"] = {"rope_theta": self.rope_theta, "rope_type": "default",
+                                      **(self.rope_scaling or {})}
+        if self.family == "qwen2":
+            out.pop("attention_bias", None)  # Qwen2 always has q/k/v bias; its config has no such key
+            out.setdefault("use_sliding_window", False)
+        return dict(sorted(out.items()))
+
+
+def _paper(hidden: int, intermediate: int) -> dict:
+    return dict(
+        family="qwen2", vocab_size=151936, hidden_size=hidden, intermediate_size=intermediate,
+        num_hidden_layers=36, num_attention_heads=16, num_key_value_heads=2, tie_word_embeddings=True,
+        rope_theta=10000.0, max_position_embeddings=2048, rms_norm_eps=1e-6,
+    )
+
+
+PRESETS: dict[str, dict] = {
+    # The paper's six sizes (names are non-embedding parameters at P = 1; paper.md §3).
+    "paper-0.5b": _paper(896, 4864),
+    "paper-0.7b": _paper(1024, 5504),
+    "paper-1.1b": _paper(1280, 6912),
+    "paper-1.6b": _paper(1536, 8320),
+    "paper-2.8b": _paper(2048, 11008),
+    "paper-4.4b": _paper(2560, 13824),
+    # Tiny sizes for tests and the CPU demo.
+    "tiny": dict(family="qwen2", vocab_size=512, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, parscale_n_tokens=8),
+    "tiny-llama": dict(family="llama", vocab_size=512, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                       tie_word_embeddings=False, parscale_n_tokens=8),
+    "tiny-qwen3": dict(family="qwen3", vocab_size=512, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=512,
+                       parscale_n_tokens=8),
+    "small": dict(family="qwen2", vocab_size=8192, hidden_size=256, intermediate_size=704, num_hidden_layers=6,
+                  num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=1024, parscale_n_tokens=16),
+}

@@ -1,0 +1,39 @@
+"""Give a trained P = 1 model P parallel streams: same backbone, fresh prefixes and aggregator.
+
+    new_model = add_streams(model, parscale_n=4)           # in memory
+    parscale convert --model SRC --out DST --streams 4     # folder to folder, released format
+
+The backbone tensors are shared with (not copied from) the source model. The new parameters are
+initialised as `ParScaleForCausalLM.init_parscale_parameters` documents; with the zero-initialised
+last aggregator layer the streams start with uniform weights 1/P.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .config import ModelConfig
+from .model import ParScaleForCausalLM, rope_inv_freq
+
+
+def add_streams(model: ParScaleForCausalLM, parscale_n: int, n_tokens: int = 48, smooth: float = 0.1,
+                seed: int = 0) -> ParScaleForCausalLM:
+    src = model.config
+    if src.parscale_n != 1:
+        raise ValueError(f"the source model already has parscale_n={src.parscale_n}; convert takes a P = 1 model")
+    if parscale_n < 2:
+        raise ValueError(f"parscale_n must be >= 2 to add streams, got {parscale_n}")
+    cfg: ModelConfig = src.replace(parscale_n=parscale_n, parscale_n_tokens=n_tokens, parscale_attn_smooth=smooth)
+    ref = model.model.embed_tokens.weight
+    with torch.device("meta"):
+        new = ParScaleForCausalLM(cfg)
+    state = dict(model.state_dict())
+    for name, param in new.state_dict().items():
+        if name not in state:  # a ParScale parameter: materialise, then initialise below
+            state[name] = torch.zeros(param.shape, dtype=ref.dtype, device=ref.device)
+    new.load_state_dict(state, strict=True, assign=True)
+    if cfg.tie_word_embeddings:
+        new.lm_head.weight = new.model.embed_tokens.weight
+    new.model.rope_inv_freq = rope_inv_freq(cfg).to(ref.device)
+    new.init_parscale_parameters(torch.Generator(device="cpu").manual_seed(seed))
+    return new.train(model.training)

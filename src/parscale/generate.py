@@ -1,0 +1,123 @@
+"""Text generation: prefill, then incremental decoding against a KV cache; sampling.
+
+`generate(model, input_ids, attention_mask=None, max_new_tokens=..., ...)` returns the new token
+ids [B, N]. Prompts are left-padded; a padded row generates exactly what it would alone, because
+positions count real tokens only and padded keys are masked. Rows that hit an EOS id stop and are
+padded with `pad_token_id` (default: the first EOS id, else 0); generation ends when every row
+stopped or after max_new_tokens. Sampling (temperature, top-k, top-p) draws from a
+`torch.Generator` seeded with `seed`, so a seeded call is reproducible.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from .cache import KVCache
+
+
+def validate_prompt(model, input_ids: torch.Tensor, attention_mask, max_new_tokens: int) -> None:
+    """One clear error for each kind of bad request."""
+    cfg = model.config
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+        raise ValueError("input_ids must be a 2-D tensor [batch, length]")
+    if input_ids.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"input_ids must be an integer tensor, got {input_ids.dtype}")
+    if input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
+        raise ValueError("the prompt is empty: input_ids must hold at least one token per row")
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    lo, hi = int(input_ids.min()), int(input_ids.max())
+    if lo < 0 or hi >= cfg.vocab_size:
+        bad = lo if lo < 0 else hi
+        raise ValueError(f"token id {bad} is outside the vocabulary [0, {cfg.vocab_size})")
+    total = input_ids.shape[1] + max_new_tokens
+    if total > cfg.max_position_embeddings:
+        raise ValueError(
+            f"prompt of {input_ids.shape[1]} tokens + {max_new_tokens} new tokens = {total} exceeds the "
+            f"model's {cfg.max_position_embeddings} positions (max_position_embeddings)"
+        )
+    if attention_mask is not None:
+        if tuple(attention_mask.shape) != tuple(input_ids.shape):
+            raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} differs from input_ids "
+                             f"shape {tuple(input_ids.shape)}")
+        if not bool(attention_mask.bool().any(dim=1).all()):
+            raise ValueError("a row of the attention_mask has no real token: the prompt of that row is empty")
+
+
+def sample_next(logits: torch.Tensor, do_sample: bool, temperature: float, top_k, top_p, generator):
+    """Pick one token per row from last-position logits [B, V], on the logits' device."""
+    if not do_sample or temperature == 0.0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) > top_p  # keep the smallest set whose mass reaches top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def generate(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    max_new_tokens: int = 32,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    eos_token_id: int | list[int] | None = None,
+    seed: int | None = None,
+    pad_token_id: int | None = None,
+    on_token: Callable[[torch.Tensor], None] | None = None,
+) -> torch.Tensor:
+    """New token ids [B, max_new_tokens or fewer if every row stopped]; see the module docstring.
+
+    on_token: called with the [B] tensor of each step's tokens (for streaming output).
+    """
+    validate_prompt(model, input_ids, attention_mask, max_new_tokens)
+    if do_sample and temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    device = model.model.embed_tokens.weight.device
+    input_ids = input_ids.to(device=device, dtype=torch.long)
+    b, t = input_ids.shape
+    eos = [] if eos_token_id is None else ([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))
+    pad = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
+    if max_new_tokens == 0:
+        return input_ids.new_zeros(b, 0)
+    generator = None
+    if do_sample:
+        generator = torch.Generator(device=device)
+        generator.manual_seed(seed if seed is not None else torch.seed())
+    mask = (attention_mask.to(device=device, dtype=torch.long) if attention_mask is not None
+            else torch.ones(b, t, dtype=torch.long, device=device))
+    cache = KVCache.for_model(model, b, t + max_new_tokens)
+    eos_t = torch.tensor(eos, device=device, dtype=torch.long)
+    done = torch.zeros(b, dtype=torch.bool, device=device)
+    out = []
+    logits = model(input_ids, attention_mask=mask, cache=cache)[:, -1]
+    for step in range(max_new_tokens):
+        token = sample_next(logits, do_sample, temperature, top_k, top_p, generator)
+        emitted = torch.where(done, torch.full_like(token, pad), token)  # finished rows show padding
+        out.append(emitted)
+        if on_token is not None:
+            on_token(emitted)
+        if eos:
+            done = done | torch.isin(emitted, eos_t)
+            if bool(done.all()):
+                break
+        if step + 1 == max_new_tokens:
+            break
+        mask = torch.cat([mask, mask.new_ones(b, 1)], dim=1)
+        logits = model(token[:, None], attention_mask=mask, cache=cache)[:, -1]
+    return torch.stack(out, dim=1)

@@ -1,0 +1,34 @@
+"""The `parscale` command end to end on tiny models."""
+
+import json
+
+from conftest import FIXTURES
+
+from parscale.cli import main
+
+
+def test_new_info_generate_convert(tmp_path, capsys):
+    assert main(["new", "--preset", "tiny", "--out", str(tmp_path / "m")]) == 0
+    assert main(["info", "--model", str(tmp_path / "m"), "--json", "--batch", "2", "--length", "10"]) == 0
+    info = json.loads(capsys.readouterr().out.split("\n", 1)[1])
+    assert info["parscale_n"] == 1 and info["params_parscale"] == 0
+    assert main(["convert", "--model", str(tmp_path / "m"), "--out", str(tmp_path / "c"), "--streams", "4",
+                 "--n-tokens", "8"]) == 0
+    assert main(["info", "--model", str(tmp_path / "c"), "--json", "--batch", "2", "--length", "10"]) == 0
+    info = json.loads(capsys.readouterr().out.split("\n", 1)[1])
+    assert info["parscale_n"] == 4 and info["params_parscale"] > 0
+    # 2 (K,V) * 2 layers * 4 streams * 2 batch * 2 kv heads * (8 + 10) slots * 16 dims * 2 bytes
+    assert info["kv_cache_bytes"] == 2 * 2 * 4 * 2 * 2 * 18 * 16 * 2
+    assert (tmp_path / "c" / "tokenizer.json").is_file()
+    assert main(["generate", "--model", str(tmp_path / "c"), "--prompt", "abc", "--max-new-tokens", "5"]) == 0
+    assert capsys.readouterr().out.startswith("abc")
+
+
+def test_errors_are_one_line(tmp_path, capsys):
+    assert main(["info", "--model", str(tmp_path / "none")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and "does not exist" in err
+    assert main(["convert", "--model", str(FIXTURES / "official_p2"), "--out", str(tmp_path / "x"),
+                 "--streams", "2"]) == 2
+    assert "already has parscale_n=2" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
