@@ -58,3 +58,55 @@ class KVCache:
 
     def nbytes(self) -> int:
         return self.k.numel() * self.k.element_size() * 2
+
+
+class StaticKVCache(KVCache):
+    """A KVCache that can also decode with fixed shapes (for CUDA graphs and torch.compile).
+
+    Prefill works as in KVCache (host-side `length`). `start_decoding(mask)` then switches to decode
+    mode: the write slot is the device tensor `pos`, keys are read over the whole buffer, and
+    `key_valid` [B, max_len] says which slots hold real tokens (left padding and unwritten slots are
+    hidden). Nothing in a decode step depends on a host value, so one captured step replays for
+    every position. `reset()` empties it for the next request; the prefix slots stay as written.
+    """
+
+    @classmethod
+    def for_model(cls, model, batch_size: int, max_len: int, dtype=None, device=None) -> StaticKVCache:
+        cache = super().for_model(model, batch_size, max_len, dtype, device)
+        cache.batch_size, cache.decoding = batch_size, False
+        cache.pos = torch.zeros(1, dtype=torch.long, device=cache.k.device)
+        cache.key_valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=cache.k.device)
+        return cache
+
+    def reset(self) -> None:
+        self.length, self.decoding = 0, False
+        self.key_valid.zero_()
+
+    def start_decoding(self, attention_mask: torch.Tensor | None) -> None:
+        t = self.length
+        if attention_mask is None:
+            self.key_valid[:, :t] = True
+        else:
+            self.key_valid[:, :t] = attention_mask.bool()
+        self.pos.fill_(t)
+        self.decoding = True
+
+    def decode_mask(self, parscale_n: int) -> torch.Tensor:
+        """Bool [P·B, 1, 1, prefix + max_len]: the prefix, then every written real slot."""
+        self.key_valid.index_fill_(1, self.pos, True)  # the token written in this step
+        mask = torch.cat([self.key_valid.new_ones(self.batch_size, self.prefix_len), self.key_valid], dim=1)
+        return mask[:, None, None, :].repeat(parscale_n, 1, 1, 1)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        if not self.decoding:
+            return super().update(layer, k, v)
+        slot = self.pos + self.prefix_len
+        self.k[layer].index_copy_(2, slot, k)
+        self.v[layer].index_copy_(2, slot, v)
+        return self.k[layer], self.v[layer]
+
+    def advance(self, t: int) -> None:
+        if self.decoding:
+            self.pos.add_(t)
+        else:
+            self.length += t

@@ -15,6 +15,7 @@ from collections.abc import Callable
 import torch
 
 from .cache import KVCache
+from .engine import engine_for
 
 
 def validate_prompt(model, input_ids: torch.Tensor, attention_mask, max_new_tokens: int) -> None:
@@ -78,10 +79,13 @@ def generate(
     seed: int | None = None,
     pad_token_id: int | None = None,
     on_token: Callable[[torch.Tensor], None] | None = None,
+    use_engine: bool | None = None,
 ) -> torch.Tensor:
     """New token ids [B, max_new_tokens or fewer if every row stopped]; see the module docstring.
 
     on_token: called with the [B] tensor of each step's tokens (for streaming output).
+    use_engine: decode with the static-cache engine (engine.py; a CUDA graph on GPU). Default: on
+    CUDA yes, elsewhere no. Both paths give the same tokens.
     """
     validate_prompt(model, input_ids, attention_mask, max_new_tokens)
     if do_sample and temperature < 0:
@@ -101,11 +105,17 @@ def generate(
         generator.manual_seed(seed if seed is not None else torch.seed())
     mask = (attention_mask.to(device=device, dtype=torch.long) if attention_mask is not None
             else torch.ones(b, t, dtype=torch.long, device=device))
-    cache = KVCache.for_model(model, b, t + max_new_tokens)
+    if use_engine is None:
+        use_engine = device.type == "cuda"
+    if use_engine:
+        engine = engine_for(model, b, t + max_new_tokens)
+        logits = engine.prefill(input_ids, mask if attention_mask is not None else None)
+    else:
+        cache = KVCache.for_model(model, b, t + max_new_tokens)
+        logits = model(input_ids, attention_mask=mask, cache=cache)[:, -1]
     eos_t = torch.tensor(eos, device=device, dtype=torch.long)
     done = torch.zeros(b, dtype=torch.bool, device=device)
     out = []
-    logits = model(input_ids, attention_mask=mask, cache=cache)[:, -1]
     for step in range(max_new_tokens):
         token = sample_next(logits, do_sample, temperature, top_k, top_p, generator)
         emitted = torch.where(done, torch.full_like(token, pad), token)  # finished rows show padding
@@ -114,10 +124,19 @@ def generate(
             on_token(emitted)
         if eos:
             done = done | torch.isin(emitted, eos_t)
-            if bool(done.all()):
+            # Asking the device whether every row stopped waits for it; ask every 8 tokens.
+            if (step % 8 == 7 or on_token is not None) and bool(done.all()):
                 break
         if step + 1 == max_new_tokens:
             break
-        mask = torch.cat([mask, mask.new_ones(b, 1)], dim=1)
-        logits = model(token[:, None], attention_mask=mask, cache=cache)[:, -1]
-    return torch.stack(out, dim=1)
+        if use_engine:
+            logits = engine.decode(token)
+        else:
+            mask = torch.cat([mask, mask.new_ones(b, 1)], dim=1)
+            logits = model(token[:, None], attention_mask=mask, cache=cache)[:, -1]
+    tokens = torch.stack(out, dim=1)
+    if eos and bool(done.all()):
+        # Drop the all-padding columns after the step at which the last row stopped.
+        finished = torch.stack([torch.isin(c, eos_t) for c in out], 1).long().cummax(1).values.all(0)
+        tokens = tokens[:, : int(finished.long().argmax()) + 1]
+    return tokens

@@ -127,17 +127,33 @@ class AttentionPlan:
     n_zero_queries: queries to prepend for the square causal call (the prefix length), or None.
     """
 
-    def __init__(self, mask: torch.Tensor | None, n_zero_queries: int | None, is_causal: bool):
+    def __init__(self, mask: torch.Tensor | None, n_zero_queries: int | None, is_causal: bool,
+                 grouped_decode: bool = False):
         self.mask, self.n_zero_queries, self.is_causal = mask, n_zero_queries, is_causal
+        self.grouped_decode = grouped_decode
 
 
 def _attend(q, k, v, plan: AttentionPlan) -> torch.Tensor:
     gqa = q.shape[1] != k.shape[1]
+    if plan.grouped_decode:
+        return _grouped_decode_attention(q, k, v, plan.mask)
     if plan.n_zero_queries:
         pad = q.new_zeros(q.shape[0], q.shape[1], plan.n_zero_queries, q.shape[3])
         out = F.scaled_dot_product_attention(torch.cat([pad, q], dim=2), k, v, is_causal=True, enable_gqa=gqa)
         return out[:, :, plan.n_zero_queries :]
     return F.scaled_dot_product_attention(q, k, v, attn_mask=plan.mask, is_causal=plan.is_causal, enable_gqa=gqa)
+
+
+def _grouped_decode_attention(q, k, v, mask):
+    """One query per row against a fixed-size cache: the query heads of a KV head are batched
+    together, so K and V are never expanded for GQA; two matmuls and a softmax in fp32."""
+    n, h, t, d = q.shape
+    kv = k.shape[1]
+    qg = q.reshape(n, kv, (h // kv) * t, d)
+    scores = torch.matmul(qg, k.transpose(-1, -2)).float() * (d**-0.5)
+    scores = scores.masked_fill(~mask, float("-inf"))
+    out = torch.matmul(scores.softmax(-1).to(v.dtype), v)
+    return out.reshape(n, h, t, d)
 
 
 class MLP(nn.Module):
@@ -263,11 +279,18 @@ class ParScaleForCausalLM(nn.Module):
                 f"got {tuple(attention_mask.shape)}"
             )
         p = cfg.parscale_n
+        static_decode = cache is not None and getattr(cache, "decoding", False)
+        if static_decode and (t != 1 or position_ids is None or attention_mask is not None):
+            raise ValueError("a decoding StaticKVCache takes one token per row, explicit position_ids "
+                             "and no attention_mask (its key_valid holds the padding)")
         if position_ids is None:
             position_ids = _default_positions(attention_mask, b, past, t, input_ids.device)
         x = self.model.embed_tokens(input_ids)
         cos, sin = self._rope(position_ids, x.dtype)
-        plan = self._plan(attention_mask, b, past, t, x.device)
+        if static_decode:
+            plan = AttentionPlan(cache.decode_mask(p), None, is_causal=False, grouped_decode=True)
+        else:
+            plan = self._plan(attention_mask, b, past, t, x.device)
         if p > 1:
             # Stream-major copies: row p·B + b.
             x = x.repeat(p, 1, 1)
