@@ -5,6 +5,7 @@
     parscale info --model DIR [--batch B --length T]    config, parameter counts, memory
     parscale generate --model DIR --prompt "..."        streamed text
     parscale convert --model SRC --out DST --streams P  give a P=1 checkpoint P streams
+    parscale bench --out FILE.json                      measured GPU latency and memory
 """
 
 from __future__ import annotations
@@ -151,6 +152,19 @@ def cmd_demo(args):
                                     top_k=None, top_p=None, seed=0, dtype=None, device=None))
 
 
+@command
+def cmd_bench(args):
+    """Measure decode ms/token, prefill time and peak memory on the GPU (random bf16 weights)."""
+    from parscale.bench import run
+
+    def ints(text):
+        return [int(x) for x in text.split(",")]
+
+    run(args.shapes.split(","), ints(args.streams), ints(args.batches), ints(args.lengths), args.engine,
+        Path(args.out), kernels=args.kernels)
+    print(f"wrote {args.out}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="parscale", description="Parallel scaling (ParScale) for language models.")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -192,6 +206,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--smooth", type=float, default=0.1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default=None)
+    p = sub.add_parser("bench", help=cmd_bench.__doc__)
+    p.add_argument("--shapes", default="paper-1.6b,paper-2.8b,paper-4.4b", help="comma-separated presets")
+    p.add_argument("--streams", default="1,2,4,8")
+    p.add_argument("--batches", default="1,2,4,8")
+    p.add_argument("--lengths", default="64,128,256,512", help="input = output lengths")
+    p.add_argument("--engine", default="graph", choices=["graph", "compile", "plain"])
+    p.add_argument("--kernels", action="store_true", help="also record the kernels of one decode step")
+    p.add_argument("--out", required=True)
     return ap
 
 

@@ -1,0 +1,218 @@
+"""Measured decode latency, prefill time and peak memory of ParScale models on a CUDA GPU.
+
+    parscale bench --shapes paper-1.6b,paper-2.8b,paper-4.4b --streams 1,2,4,8 --batches 1,2,4,8 \
+        --lengths 64,128,256,512 --engine graph --out benchmarks/run.json
+
+For each (shape, P) one model is built on the GPU with random bf16 weights (prefixes and aggregator
+random too); for each (batch, length) a prompt of `length` random tokens is prefilled and `length`
+tokens are decoded greedily (input = output length, as in the paper's Figure 4).
+- decode ms/token: the median over chunks of 16 decode steps (each step = the model step + argmax
+  on the device), timed with CUDA events after a warm-up pass;
+- prefill ms: median of 3 timed prefills after one warm-up;
+- peak memory: `torch.cuda.max_memory_allocated` from the weights alone (peak reset) through
+  prefill and decode, with the cache sized to the run (length + length tokens);
+- bytes per step: every weight once (embedding rows aside; a tied LM head counted once) plus the KV
+  cache buffer the step reads, and the achieved bandwidth = bytes / decode time.
+Engines: `graph` (static cache, eager kernels, one CUDA graph per step), `compile` (the same step
+compiled by torch.compile, then captured), `plain` (eager, growing cache: the naive baseline).
+Progress and an ETA go to stderr; the JSON is rewritten after every point, atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from .cache import KVCache
+from .config import ModelConfig
+from .engine import DecodeEngine
+from .model import ParScaleForCausalLM, rope_inv_freq
+
+CHUNK = 16
+
+
+def random_model(shape: str, streams: int, device="cuda", dtype=torch.bfloat16) -> ParScaleForCausalLM:
+    cfg = ModelConfig.preset(shape, parscale_n=streams, max_position_embeddings=4096)
+    with torch.device("meta"):
+        model = ParScaleForCausalLM(cfg)
+    model = model.to_empty(device=device).to(dtype)
+    gen = torch.Generator(device=device).manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, 0.02, generator=gen)
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.model.rope_inv_freq = rope_inv_freq(cfg).to(device)
+    return model.eval()
+
+
+class PlainRunner:
+    """The naive baseline: eager kernels, a cache that grows, no graph."""
+
+    def __init__(self, model, batch, max_len):
+        self.model, self.batch, self.max_len = model, batch, max_len
+
+    @torch.no_grad()
+    def prefill(self, ids, mask=None):
+        self.cache = KVCache.for_model(self.model, self.batch, self.max_len)
+        return self.model(ids, cache=self.cache)[:, -1]
+
+    @torch.no_grad()
+    def decode(self, token):
+        return self.model(token[:, None], cache=self.cache)[:, -1]
+
+
+def _events_ms(fn) -> float:
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end)
+
+
+def bytes_per_step(model, runner) -> int:
+    cfg = model.config
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())  # shared (tied) tensors once
+    weights -= cfg.vocab_size * cfg.hidden_size * 2 if not cfg.tie_word_embeddings else 0  # embedding: rows only
+    cache = runner.cache if isinstance(runner, DecodeEngine) else None
+    kv = cache.nbytes() if cache is not None else 0
+    return weights + kv
+
+
+def measure_point(model, batch: int, length: int, engine: str) -> dict:
+    device = model.model.embed_tokens.weight.device
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    max_len = 2 * length
+    if engine == "plain":
+        runner = PlainRunner(model, batch, max_len)
+    else:
+        runner = DecodeEngine(model, batch, max_len, use_graph=True, compile=engine == "compile")
+    gen = torch.Generator(device=device).manual_seed(1)
+    ids = torch.randint(0, model.config.vocab_size, (batch, length), device=device, generator=gen)
+
+    def decode_all(record=None):
+        token = runner.prefill(ids).argmax(-1)
+        steps = length - 1
+        done = 0
+        while done < steps:
+            n = min(CHUNK, steps - done)
+
+            def chunk(n=n):
+                nonlocal token
+                for _ in range(n):
+                    token = runner.decode(token).argmax(-1)
+
+            ms = _events_ms(chunk)
+            if record is not None and n == CHUNK:
+                record.append(ms / n)
+            done += n
+
+    compile_start = time.perf_counter()
+    decode_all()  # warm-up: graph capture (and compilation) happen here
+    warmup_s = time.perf_counter() - compile_start
+    per_token: list[float] = []
+    decode_all(per_token)
+    if not per_token:
+        raise ValueError(f"length {length} is too short to time a chunk of {CHUNK} decode steps")
+    prefill_ms = statistics.median(_events_ms(lambda: runner.prefill(ids)) for _ in range(3))
+    peak = torch.cuda.max_memory_allocated()
+    decode_ms = statistics.median(per_token)
+    nbytes = bytes_per_step(model, runner)
+    del runner
+    return {
+        "batch": batch, "length": length, "decode_ms_per_token": decode_ms,
+        "decode_ms_min": min(per_token), "decode_ms_max": max(per_token), "prefill_ms": prefill_ms,
+        "latency_s": (prefill_ms + decode_ms * length) / 1000.0, "peak_memory_bytes": peak,
+        "peak_memory_gib": peak / 2**30, "bytes_per_step": nbytes,
+        "achieved_bandwidth_tb_s": nbytes / (decode_ms / 1000.0) / 1e12, "warmup_s": warmup_s,
+    }
+
+
+@torch.no_grad()
+def kernel_report(model, batch: int, length: int, top: int = 12) -> list[dict]:
+    """CUDA kernels of one eager (uncaptured) static decode step, heaviest first."""
+    from torch.profiler import ProfilerActivity, profile
+
+    engine = DecodeEngine(model, batch, 2 * length, use_graph=False)
+    ids = torch.randint(0, model.config.vocab_size, (batch, length), device="cuda")
+    token = engine.prefill(ids).argmax(-1)
+    for _ in range(3):
+        token = engine.decode(token).argmax(-1)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        engine.decode(token)
+        torch.cuda.synchronize()
+    rows = []
+    for evt in prof.key_averages():
+        total = getattr(evt, "device_time_total", None) or getattr(evt, "cuda_time_total", 0)
+        if total > 0:
+            rows.append({"kernel": evt.key[:120], "calls": evt.count, "total_us": total})
+    rows.sort(key=lambda r: -r["total_us"])
+    return rows[:top]
+
+
+def environment() -> dict:
+    props = torch.cuda.get_device_properties(0)
+    try:
+        import subprocess
+
+        driver = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                capture_output=True, text=True, timeout=20).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        driver = None
+    return {"gpu": torch.cuda.get_device_name(0), "gpu_memory_gib": props.total_memory / 2**30, "driver": driver,
+            "torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),
+            "date": time.strftime("%Y-%m-%d"), "command": " ".join(["parscale", *sys.argv[1:]])}
+
+
+def write_json_atomic(obj, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as fh:
+        json.dump(obj, fh, indent=1)
+    os.replace(tmp, path)
+
+
+def run(shapes, streams, batches, lengths, engine: str, out: Path, kernels: bool = False) -> dict:
+    if not torch.cuda.is_available():
+        raise ValueError("parscale bench measures a CUDA GPU and none is available")
+    result = {"environment": environment(), "engine": engine, "dtype": "bfloat16", "points": [], "kernels": []}
+    total = len(shapes) * len(streams) * len(batches) * len(lengths)
+    start, done = time.perf_counter(), 0
+    for shape in shapes:
+        for p in streams:
+            model = random_model(shape, p)
+            counts = model.config.param_counts()
+            if kernels:
+                for b in sorted({1, max(batches)}):
+                    result["kernels"].append({"shape": shape, "P": p, "batch": b, "length": 64,
+                                              "top": kernel_report(model, b, 64)})
+            for b in batches:
+                for length in lengths:
+                    point = {"shape": shape, "P": p, "non_embedding_params": counts["non_embedding"],
+                             **measure_point(model, b, length, engine)}
+                    result["points"].append(point)
+                    done += 1
+                    elapsed = time.perf_counter() - start
+                    eta = elapsed / done * (total - done)
+                    print(f"[{done}/{total}] {shape} P={p} B={b} L={length}: "
+                          f"{point['decode_ms_per_token']:.3f} ms/token, prefill {point['prefill_ms']:.1f} ms, "
+                          f"{point['peak_memory_gib']:.3f} GiB, {point['achieved_bandwidth_tb_s']:.2f} TB/s "
+                          f"(elapsed {elapsed:.0f}s, ETA {eta:.0f}s)", file=sys.stderr, flush=True)
+                    write_json_atomic(result, out)
+            del model
+            torch.cuda.empty_cache()
+    return result
