@@ -131,7 +131,6 @@ def measure_point(model, batch: int, length: int, engine: str) -> dict:
     peak = torch.cuda.max_memory_allocated()
     decode_ms = statistics.median(per_token)
     nbytes = bytes_per_step(model, runner)
-    del runner
     return {
         "batch": batch, "length": length, "decode_ms_per_token": decode_ms,
         "decode_ms_min": min(per_token), "decode_ms_max": max(per_token), "prefill_ms": prefill_ms,
