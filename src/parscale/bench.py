@@ -103,9 +103,8 @@ def measure_point(model, batch: int, length: int, engine: str) -> dict:
     gen = torch.Generator(device=device).manual_seed(1)
     ids = torch.randint(0, model.config.vocab_size, (batch, length), device=device, generator=gen)
 
-    def decode_all(record=None):
+    def decode_all(record=None, steps=length - 1):
         token = runner.prefill(ids).argmax(-1)
-        steps = length - 1
         done = 0
         while done < steps:
             n = min(CHUNK, steps - done)
@@ -121,7 +120,7 @@ def measure_point(model, batch: int, length: int, engine: str) -> dict:
             done += n
 
     compile_start = time.perf_counter()
-    decode_all()  # warm-up: graph capture (and compilation) happen here
+    decode_all(steps=2 * CHUNK)  # warm-up: graph capture (and compilation) happen here
     warmup_s = time.perf_counter() - compile_start
     per_token: list[float] = []
     decode_all(per_token)
@@ -213,5 +212,6 @@ def run(shapes, streams, batches, lengths, engine: str, out: Path, kernels: bool
                           f"(elapsed {elapsed:.0f}s, ETA {eta:.0f}s)", file=sys.stderr, flush=True)
                     write_json_atomic(result, out)
             del model
+            torch._dynamo.reset()  # compiled steps hold the old model alive otherwise
             torch.cuda.empty_cache()
     return result

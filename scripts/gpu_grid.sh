@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# The benchmark grid of benchmarks/README.md, in the parts that fit one 10-minute command each.
+#   bash scripts/gpu_grid.sh small    1.6B and 2.8B, every P, batch, length (graph engine)
+#   bash scripts/gpu_grid.sh large    4.4B (graph engine), then the compiled engine at batch 1
+set -uo pipefail
+export PYTHONPATH=src PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/out}
+bench() { timeout "$1" python3 -m parscale.cli bench "${@:2}"; }
+case "${1:-small}" in
+  small)
+    bench 560 --shapes paper-1.6b,paper-2.8b --engine graph --kernels --out "$OUT/grid_graph_small.json" ;;
+  large)
+    bench 300 --shapes paper-4.4b --engine graph --out "$OUT/grid_graph_large.json"
+    bench 260 --shapes paper-1.6b --streams 1,2,4,8 --batches 1 --lengths 64,128 --engine compile \
+        --out "$OUT/grid_compile_b1.json" ;;
+esac
