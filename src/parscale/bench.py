@@ -20,6 +20,7 @@ Progress and an ETA go to stderr; the JSON is rewritten after every point, atomi
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import platform
@@ -198,10 +199,12 @@ def run(shapes, streams, batches, lengths, engine: str, out: Path, kernels: bool
                 for b in sorted({1, max(batches)}):
                     result["kernels"].append({"shape": shape, "P": p, "batch": b, "length": 64,
                                               "top": kernel_report(model, b, 64)})
+                gc.collect()
             for b in batches:
                 for length in lengths:
                     point = {"shape": shape, "P": p, "non_embedding_params": counts["non_embedding"],
                              **measure_point(model, b, length, engine)}
+                    gc.collect()  # engines sit in reference cycles: free their caches and graphs now
                     result["points"].append(point)
                     done += 1
                     elapsed = time.perf_counter() - start
@@ -212,6 +215,7 @@ def run(shapes, streams, batches, lengths, engine: str, out: Path, kernels: bool
                           f"(elapsed {elapsed:.0f}s, ETA {eta:.0f}s)", file=sys.stderr, flush=True)
                     write_json_atomic(result, out)
             del model
+            gc.collect()
             torch._dynamo.reset()  # compiled steps hold the old model alive otherwise
             torch.cuda.empty_cache()
     return result
