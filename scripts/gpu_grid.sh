@@ -2,6 +2,7 @@
 # The benchmark grid of benchmarks/README.md, in the parts that fit one 10-minute command each.
 #   bash scripts/gpu_grid.sh small    1.6B and 2.8B, every P, batch, length (graph engine)
 #   bash scripts/gpu_grid.sh large    4.4B (graph engine), then the compiled engine at batch 1
+#   bash scripts/gpu_grid.sh memory   peak memory of every point, one process per (shape, P)
 set -uo pipefail
 export PYTHONPATH=src PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}
@@ -13,4 +14,13 @@ case "${1:-small}" in
     bench 300 --shapes paper-4.4b --engine graph --out "$OUT/grid_graph_large.json"
     bench 260 --shapes paper-1.6b --streams 1,2,4,8 --batches 1 --lengths 64,128 --engine compile \
         --out "$OUT/grid_compile_b1.json" ;;
+  memory)
+    # Peak memory with a fresh process per (shape, P): nothing of an earlier model can linger.
+    mkdir -p /tmp/mem
+    for shape in paper-1.6b paper-2.8b paper-4.4b; do for p in 1 2 4 8; do
+      bench 120 --shapes $shape --streams $p --engine graph --memory-only --out /tmp/mem/$shape-P$p.json
+    done; done
+    python3 -c "import json,glob,sys; parts=[json.load(open(f)) for f in sorted(glob.glob('/tmp/mem/*.json'))]; \
+m=parts[0]; m['points']=[q for d in parts for q in d['points']]; m['environment']['command']=sys.argv[1]; \
+json.dump(m, open('$OUT/memory_fresh.json','w'), indent=1)" "bash scripts/gpu_grid.sh memory" ;;
 esac

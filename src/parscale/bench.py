@@ -13,6 +13,8 @@ tokens are decoded greedily (input = output length, as in the paper's Figure 4).
   prefill and decode, with the cache sized to the run (length + length tokens);
 - bytes per step: every weight once (embedding rows aside; a tied LM head counted once) plus the KV
   cache buffer the step reads, and the achieved bandwidth = bytes / decode time.
+With --memory-only the decode is cut to 32 steps (the cache is preallocated at its full size, so the
+peak is reached by then) and run in a fresh process per (shape, P), see scripts/gpu_grid.sh.
 Engines: `graph` (static cache, eager kernels, one CUDA graph per step), `compile` (the same step
 compiled by torch.compile, then captured), `plain` (eager, growing cache: the naive baseline).
 Progress and an ETA go to stderr; the JSON is rewritten after every point, atomically.
@@ -92,7 +94,7 @@ def bytes_per_step(model, runner) -> int:
     return weights + kv
 
 
-def measure_point(model, batch: int, length: int, engine: str) -> dict:
+def measure_point(model, batch: int, length: int, engine: str, memory_only: bool = False) -> dict:
     device = model.model.embed_tokens.weight.device
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
@@ -124,7 +126,7 @@ def measure_point(model, batch: int, length: int, engine: str) -> dict:
     decode_all(steps=2 * CHUNK)  # warm-up: graph capture (and compilation) happen here
     warmup_s = time.perf_counter() - compile_start
     per_token: list[float] = []
-    decode_all(per_token)
+    decode_all(per_token, steps=2 * CHUNK if memory_only else length - 1)
     if not per_token:
         raise ValueError(f"length {length} is too short to time a chunk of {CHUNK} decode steps")
     prefill_ms = statistics.median(_events_ms(lambda: runner.prefill(ids)) for _ in range(3))
@@ -185,10 +187,12 @@ def write_json_atomic(obj, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def run(shapes, streams, batches, lengths, engine: str, out: Path, kernels: bool = False) -> dict:
+def run(shapes, streams, batches, lengths, engine: str, out: Path, kernels: bool = False,
+        memory_only: bool = False) -> dict:
     if not torch.cuda.is_available():
         raise ValueError("parscale bench measures a CUDA GPU and none is available")
-    result = {"environment": environment(), "engine": engine, "dtype": "bfloat16", "points": [], "kernels": []}
+    result = {"environment": environment(), "engine": engine, "dtype": "bfloat16", "memory_only": memory_only,
+              "points": [], "kernels": []}
     total = len(shapes) * len(streams) * len(batches) * len(lengths)
     start, done = time.perf_counter(), 0
     for shape in shapes:
@@ -203,7 +207,7 @@ def run(shapes, streams, batches, lengths, engine: str, out: Path, kernels: bool
             for b in batches:
                 for length in lengths:
                     point = {"shape": shape, "P": p, "non_embedding_params": counts["non_embedding"],
-                             **measure_point(model, b, length, engine)}
+                             **measure_point(model, b, length, engine, memory_only)}
                     gc.collect()  # engines sit in reference cycles: free their caches and graphs now
                     result["points"].append(point)
                     done += 1

@@ -161,7 +161,7 @@ def cmd_bench(args):
         return [int(x) for x in text.split(",")]
 
     run(args.shapes.split(","), ints(args.streams), ints(args.batches), ints(args.lengths), args.engine,
-        Path(args.out), kernels=args.kernels)
+        Path(args.out), kernels=args.kernels, memory_only=args.memory_only)
     print(f"wrote {args.out}")
 
 
@@ -213,6 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lengths", default="64,128,256,512", help="input = output lengths")
     p.add_argument("--engine", default="graph", choices=["graph", "compile", "plain"])
     p.add_argument("--kernels", action="store_true", help="also record the kernels of one decode step")
+    p.add_argument("--memory-only", action="store_true", help="peak memory only (short decode)")
     p.add_argument("--out", required=True)
     return ap
 
