@@ -20,7 +20,7 @@ COMMANDS = {}
 
 
 def command(fn):
-    COMMANDS[fn.__name__.removeprefix("cmd_")] = fn
+    COMMANDS[fn.__name__.removeprefix("cmd_").replace("_", "-")] = fn
     return fn
 
 
@@ -165,6 +165,19 @@ def cmd_bench(args):
     print(f"wrote {args.out}")
 
 
+@command
+def cmd_bench_report(args):
+    """Summarise benchmark JSON: the Figure 4 plot and the paper-style headline ratios."""
+    from parscale.bench_report import report
+
+    summary = report(args.latency, args.memory, Path(args.out))
+    for batch, row in summary["headline"].items():
+        for metric, v in row.items():
+            print(f"{batch:9s} {metric:11s} P1 {v['P1']:.4f}  P8 {v['P8']:.4f}  equal-loss P1 {v['equal_loss_P1']:.4f}"
+                  f"  ratio {v['ratio']:.2f}x")
+    print(f"wrote {args.out}/summary.json and {args.out}/figure4_measured.png")
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="parscale", description="Parallel scaling (ParScale) for language models.")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -215,6 +228,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kernels", action="store_true", help="also record the kernels of one decode step")
     p.add_argument("--memory-only", action="store_true", help="peak memory only (short decode)")
     p.add_argument("--out", required=True)
+    p = sub.add_parser("bench-report", help=cmd_bench_report.__doc__)
+    p.add_argument("--latency", nargs="+", required=True, help="bench JSON files with timings")
+    p.add_argument("--memory", nargs="+", required=True, help="bench JSON files with peak memory")
+    p.add_argument("--out", default="benchmarks")
     return ap
 
 

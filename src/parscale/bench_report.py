@@ -1,0 +1,128 @@
+"""Turn measured benchmark JSON into the paper's Figure 4 comparison, plots and a summary.
+
+    parscale bench-report --latency benchmarks/raw/grid_graph_*.json --memory benchmarks/raw/memory_fresh.json \
+        --out benchmarks
+
+Per (shape, P, batch) the memory is the peak GiB and the latency the end-to-end seconds
+(prefill + decode ms/token × output tokens), each averaged over the input = output lengths, as the
+paper's Figure 4 does. The headline follows the paper's method on these measurements: the cost
+increase of the 1.6B model going from P = 1 to P = 8, against the increase of the P = 1 model of
+equal loss (the paper's Stack-V2-Python losses, interpolated linearly in loss along the P = 1 curve
+1.6B → 2.8B → 4.4B), at batch 1 and with costs first averaged over the batch sizes.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+
+# Final Stack-V2-Python training losses of the paper (paper.md §5), by shape and P.
+PAPER_LOSS = {
+    "paper-1.6b": {1: 1.0817, 2: 1.0623, 4: 1.0490, 8: 1.0383},
+    "paper-2.8b": {1: 1.0451, 2: 1.0244, 4: 1.0126, 8: 1.0016},
+    "paper-4.4b": {1: 1.0213, 2: 1.0025, 4: 0.9906, 8: 0.9794},
+}
+
+
+def _points(files) -> list[dict]:
+    out = []
+    for f in files:
+        out.extend(json.loads(Path(f).read_text())["points"])
+    return out
+
+
+def aggregate(latency_files, memory_files) -> dict:
+    """{(shape, P, batch): {'latency_s', 'memory_gib', 'decode_ms'}} averaged over lengths."""
+    acc = defaultdict(lambda: defaultdict(list))
+    for p in _points(latency_files):
+        key = (p["shape"], p["P"], p["batch"])
+        acc[key]["latency_s"].append(p["latency_s"])
+        acc[key]["decode_ms"].append(p["decode_ms_per_token"])
+    for p in _points(memory_files):
+        acc[(p["shape"], p["P"], p["batch"])]["memory_gib"].append(p["peak_memory_gib"])
+    return {k: {m: sum(v) / len(v) for m, v in d.items()} for k, d in acc.items()}
+
+
+def _equal_loss_cost(costs: dict, metric: str, batch, target: float) -> float:
+    """Cost of the P = 1 model whose loss equals `target`, interpolated linearly in loss."""
+    curve = sorted(((PAPER_LOSS[s][1], cost_of(costs, s, 1, batch, metric)) for s in PAPER_LOSS), reverse=True)
+    for (l_hi, c_hi), (l_lo, c_lo) in zip(curve[:-1], curve[1:], strict=True):
+        if l_lo <= target <= l_hi:
+            return c_hi + (c_lo - c_hi) * (l_hi - target) / (l_hi - l_lo)
+    raise ValueError(f"loss {target} is outside the P = 1 curve")
+
+
+def cost_of(costs: dict, shape: str, p: int, batch, metric: str) -> float:
+    if batch == "avg":
+        values = [v[metric] for (s, pp, _), v in costs.items() if s == shape and pp == p]
+        return sum(values) / len(values)
+    return costs[(shape, p, batch)][metric]
+
+
+def headline(costs: dict, batches=(1, "avg")) -> dict:
+    base, streams = "paper-1.6b", 8
+    out = {}
+    for batch in batches:
+        row = {}
+        for metric in ("memory_gib", "latency_s"):
+            p1 = cost_of(costs, base, 1, batch, metric)
+            p8 = cost_of(costs, base, streams, batch, metric)
+            eq = _equal_loss_cost(costs, metric, batch, PAPER_LOSS[base][streams])
+            row[metric] = {"P1": p1, "P8": p8, "equal_loss_P1": eq, "parscale_increase": p8 - p1,
+                           "parameter_increase": eq - p1, "ratio": (eq - p1) / (p8 - p1)}
+        out[f"batch_{batch}"] = row
+    return out
+
+
+def plot_figure4(costs: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    batches = sorted({b for (_, _, b) in costs})
+    fig, axes = plt.subplots(2, len(batches), figsize=(4 * len(batches), 7), squeeze=False)
+    markers = {"paper-1.6b": "o", "paper-2.8b": "s", "paper-4.4b": "^"}
+    colors = {1: "tab:blue", 2: "tab:orange", 4: "tab:green", 8: "tab:red"}
+    for col, batch in enumerate(batches):
+        for row, (metric, label) in enumerate((("memory_gib", "peak memory (GiB)"), ("latency_s", "latency (s)"))):
+            ax = axes[row][col]
+            for shape, marker in markers.items():
+                xs = [costs[(shape, p, batch)][metric] for p in (1, 2, 4, 8) if (shape, p, batch) in costs]
+                ys = [PAPER_LOSS[shape][p] for p in (1, 2, 4, 8) if (shape, p, batch) in costs]
+                ax.plot(xs, ys, color="gray", lw=0.8, zorder=1)
+                for p in (1, 2, 4, 8):
+                    if (shape, p, batch) in costs:
+                        ax.scatter(costs[(shape, p, batch)][metric], PAPER_LOSS[shape][p], marker=marker,
+                                   color=colors[p], zorder=2, label=f"{shape[6:]} P={p}" if col == 0 else None)
+            p1 = [costs[(s, 1, batch)][metric] for s in markers if (s, 1, batch) in costs]
+            ax.plot(p1, [PAPER_LOSS[s][1] for s in markers if (s, 1, batch) in costs], "k--", lw=1)
+            ax.set_xlabel(label)
+            ax.set_title(f"batch {batch}")
+            if col == 0:
+                ax.set_ylabel("Stack-V2-Python loss (paper)")
+    axes[0][0].legend(fontsize=6, ncol=2)
+    fig.suptitle("Measured cost vs loss (H100, bf16, mean over input = output length 64..512)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def markdown_table(costs: dict) -> str:
+    lines = ["| shape | P | batch | decode ms/token | latency s | peak GiB |", "|---|---|---|---|---|---|"]
+    for (shape, p, b), v in sorted(costs.items()):
+        lines.append(f"| {shape[6:]} | {p} | {b} | {v.get('decode_ms', float('nan')):.2f} | "
+                     f"{v.get('latency_s', float('nan')):.3f} | {v.get('memory_gib', float('nan')):.3f} |")
+    return "\n".join(lines)
+
+
+def report(latency_files, memory_files, out_dir: Path) -> dict:
+    costs = aggregate(latency_files, memory_files)
+    summary = {"headline": headline(costs), "costs": [{"shape": s, "P": p, "batch": b, **v}
+                                                      for (s, p, b), v in sorted(costs.items())],
+               "sources": {"latency": [str(f) for f in latency_files], "memory": [str(f) for f in memory_files]}}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    plot_figure4(costs, out_dir / "figure4_measured.png")
+    return summary
