@@ -178,6 +178,126 @@ def cmd_bench_report(args):
     print(f"wrote {args.out}/summary.json and {args.out}/figure4_measured.png")
 
 
+def _law_points(args):
+    from parscale.scaling_law import paper_points, read_points
+
+    if (args.csv is None) == (args.paper is None):
+        raise ValueError("give either a CSV file (params,P,loss) or --paper stack|pile")
+    return paper_points(args.paper) if args.paper else read_points(args.csv)
+
+
+@command
+def cmd_fit(args):
+    """Fit the parallel scaling law (Eq. 5 and the ρ form, Eq. 4) to params,P,loss points."""
+    from parscale.scaling_law import bootstrap, fit
+
+    points = _law_points(args)
+    eq5, eq4 = fit(points, "eq5"), fit(points, "eq4")
+    result = {**eq5.as_dict(), "eq5": eq5.as_dict(), "eq4": eq4.as_dict(), "n_points": len(points)}
+    if args.bootstrap > 0:
+        result["eq5"]["ci95"] = bootstrap(points, eq5, n=args.bootstrap, seed=args.seed)
+    pred = eq5.predict(points.params, points.P)
+    result["table"] = [{"params": int(n), "P": int(p), "loss": float(y), "pred": float(q), "error": float(q - y)}
+                       for n, p, y, q in zip(points.params, points.P, points.loss, pred, strict=True)]
+    if args.plot:
+        from parscale.plots import plot_contours, plot_law
+
+        stem = Path(args.plot)
+        stem.parent.mkdir(parents=True, exist_ok=True)
+        plot_law(points, eq5, stem.with_name(stem.name + "_law.png"))
+        plot_contours(eq5, stem.with_name(stem.name + "_contours.png"),
+                      n_range=(points.params.min() / 2, points.params.max() * 2))
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    if args.json:
+        print(json.dumps(result))
+        return
+    for name, f in (("Eq. 5", eq5), ("Eq. 4", eq4)):
+        extra = "k" if f.form == "eq5" else "rho"
+        print(f"{name}: E={f.E:.4f}  A={f.A:.4g}  alpha={f.alpha:.4f}  {extra}={f.shape:.4f}  R2={f.r2:.4f}")
+    if "ci95" in result["eq5"]:
+        ci = result["eq5"]["ci95"]
+        print(f"  95% bootstrap intervals ({ci['n']} resamples): " + ", ".join(
+            f"{k} [{ci[k][0]:.4g}, {ci[k][1]:.4g}]" for k in ("E", "A", "alpha", "k")))
+    print(f"{'params':>14} {'P':>3} {'loss':>8} {'pred':>8} {'error':>8}")
+    for r in result["table"]:
+        print(f"{r['params']:>14,} {r['P']:>3} {r['loss']:>8.4f} {r['pred']:>8.4f} {r['error']:>+8.4f}")
+
+
+def _load_fit(args):
+    from parscale.scaling_law import Fit, fit
+
+    if args.law:
+        d = json.loads(Path(args.law).read_text())
+        d = d.get("eq5", d)
+        return Fit("eq5", d["E"], d["A"], d["alpha"], d["k"], d.get("r2", float("nan")), 0.0)
+    return fit(_law_points(args), "eq5")
+
+
+@command
+def cmd_predict(args):
+    """Predicted loss at (N, P), the multiplier k·ln P + 1, the equal-loss P=1 size, the P for a target."""
+    from parscale.scaling_law import equivalent_params, multiplier, smallest_P
+
+    if args.params <= 0 or args.streams < 1:
+        raise ValueError("--params must be > 0 and --streams >= 1")
+    f = _load_fit(args)
+    out = {"params": args.params, "P": args.streams, "loss": float(f.predict(args.params, args.streams)),
+           "multiplier": multiplier(f.shape, args.streams),
+           "equivalent_P1_params": equivalent_params(f, args.params, args.streams)}
+    if args.target is not None:
+        out["target_loss"] = args.target
+        out["smallest_P_for_target"] = smallest_P(f, args.params, args.target)
+    print(json.dumps(out, indent=1))
+
+
+@command
+def cmd_plan(args):
+    """Candidates (N, P) that fit a GPU's memory and a per-token latency budget, best predicted loss first."""
+    from parscale.config import PRESETS, ModelConfig
+    from parscale.cost import predict
+
+    f = _load_fit(args)
+    rows = []
+    for name in sorted(k for k in PRESETS if k.startswith("paper-")):
+        for p in (1, 2, 4, 8):
+            cfg = ModelConfig.preset(name, parscale_n=p)
+            cost = predict(cfg, args.batch, args.input_len, args.output_len, args.gpu, args.engine)
+            n = cfg.param_counts()["non_embedding"]
+            fits = cost["memory_gib"] <= args.memory_gib and cost["decode_ms_per_token"] <= args.latency_ms
+            rows.append({"shape": name, "P": p, "params": n, "loss": float(f.predict(n, p)),
+                         "memory_gib": cost["memory_gib"], "decode_ms_per_token": cost["decode_ms_per_token"],
+                         "fits": fits})
+    ok = sorted((r for r in rows if r["fits"]), key=lambda r: r["loss"])
+    if args.json:
+        print(json.dumps({"best": ok[0] if ok else None, "candidates": ok, "all": rows}, indent=1))
+        return
+    print(f"budget: {args.memory_gib} GiB, {args.latency_ms} ms/token on {args.gpu} ({args.engine} engine), "
+          f"batch {args.batch}, {args.input_len}+{args.output_len} tokens")
+    print(f"{'shape':>12} {'P':>2} {'N':>14} {'loss':>7} {'GiB':>7} {'ms/tok':>7}")
+    for r in ok:
+        print(f"{r['shape']:>12} {r['P']:>2} {r['params']:>14,} {r['loss']:>7.4f} {r['memory_gib']:>7.2f} "
+              f"{r['decode_ms_per_token']:>7.2f}")
+    print(f"best: {ok[0]['shape']} P={ok[0]['P']} (predicted loss {ok[0]['loss']:.4f})" if ok
+          else "no candidate fits the budget")
+
+
+@command
+def cmd_cost(args):
+    """Predicted memory and latency (analytic model); --validate compares it with measured JSON."""
+    from parscale.config import ModelConfig
+    from parscale.cost import predict, validate
+
+    if args.validate_latency or args.validate_memory:
+        v = validate(args.validate_latency or [], args.validate_memory or [], args.gpu, args.engine)
+        if args.out:
+            Path(args.out).write_text(json.dumps(v, indent=1) + "\n")
+        print(json.dumps(v["summary"], indent=1))
+        return
+    cfg = ModelConfig.preset(args.shape, parscale_n=args.streams)
+    print(json.dumps(predict(cfg, args.batch, args.input_len, args.output_len, args.gpu, args.engine), indent=1))
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="parscale", description="Parallel scaling (ParScale) for language models.")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -232,6 +352,47 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--latency", nargs="+", required=True, help="bench JSON files with timings")
     p.add_argument("--memory", nargs="+", required=True, help="bench JSON files with peak memory")
     p.add_argument("--out", default="benchmarks")
+    def law_inputs(p):
+        p.add_argument("csv", nargs="?", default=None, help="CSV with columns params,P,loss")
+        p.add_argument("--paper", choices=["stack", "pile"], default=None, help="the paper's 24 points")
+
+    p = sub.add_parser("fit", help=cmd_fit.__doc__)
+    law_inputs(p)
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--bootstrap", type=int, default=200, help="resamples for confidence intervals (0: none)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--plot", default=None, help="file stem: writes STEM_law.png and STEM_contours.png")
+    p.add_argument("--out", default=None, help="also write the JSON here")
+
+    for name, fn in (("predict", cmd_predict), ("plan", cmd_plan)):
+        p = sub.add_parser(name, help=fn.__doc__)
+        law_inputs(p)
+        p.add_argument("--law", default=None, help="a JSON written by `parscale fit --out`")
+        if name == "predict":
+            p.add_argument("--params", type=float, required=True, help="non-embedding parameters N")
+            p.add_argument("--streams", type=int, required=True, help="P")
+            p.add_argument("--target", type=float, default=None, help="a target loss")
+        else:
+            p.add_argument("--gpu", default="h100", choices=["h100", "h200", "a100"])
+            p.add_argument("--engine", default="graph", choices=["graph", "compile"])
+            p.add_argument("--memory-gib", type=float, required=True)
+            p.add_argument("--latency-ms", type=float, required=True, help="decode budget per token")
+            p.add_argument("--batch", type=int, default=1)
+            p.add_argument("--input-len", type=int, default=64)
+            p.add_argument("--output-len", type=int, default=128)
+            p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("cost", help=cmd_cost.__doc__)
+    p.add_argument("--shape", default="paper-1.6b")
+    p.add_argument("--streams", type=int, default=1)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--input-len", type=int, default=64)
+    p.add_argument("--output-len", type=int, default=128)
+    p.add_argument("--gpu", default="h100", choices=["h100", "h200", "a100"])
+    p.add_argument("--engine", default="graph", choices=["graph", "compile"])
+    p.add_argument("--validate-latency", nargs="*", default=None, help="measured bench JSON (timings)")
+    p.add_argument("--validate-memory", nargs="*", default=None, help="measured bench JSON (peak memory)")
+    p.add_argument("--out", default=None)
     return ap
 
 

@@ -1,0 +1,48 @@
+"""The analytic cost model and the benchmark report (on the committed measurements)."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from parscale.bench_report import aggregate, headline
+from parscale.config import ModelConfig
+from parscale.cost import predict, validate
+from parscale.memory import kv_cache_bytes
+
+RAW = Path(__file__).parent.parent / "benchmarks" / "raw"
+
+
+def test_cost_grows_with_size_streams_and_batch():
+    small = predict(ModelConfig.preset("paper-1.6b"), 1, 64, 64)
+    assert predict(ModelConfig.preset("paper-4.4b"), 1, 64, 64)["memory_gib"] > small["memory_gib"]
+    p8 = predict(ModelConfig.preset("paper-1.6b", parscale_n=8), 1, 64, 64)
+    assert small["latency_s"] < p8["latency_s"] and small["memory_gib"] < p8["memory_gib"]
+    assert predict(ModelConfig.preset("paper-1.6b"), 8, 64, 64, gpu="a100")["decode_ms_per_token"] > \
+        predict(ModelConfig.preset("paper-1.6b"), 8, 64, 64, gpu="h100")["decode_ms_per_token"]
+
+
+def test_kv_cache_bytes_of_paper_shape():
+    # measurements.md: 27.6 KB per token per stream for the 1.6B shape in bf16
+    cfg = ModelConfig.preset("paper-1.6b", parscale_n=8)
+    assert kv_cache_bytes(cfg, 1, 1) - kv_cache_bytes(cfg, 1, 0) == 8 * 27_648
+
+
+@pytest.mark.skipif(not (RAW / "memory_fresh.json").exists(), reason="no committed measurements")
+def test_cost_model_against_measurements():
+    v = validate([RAW / "grid_graph_small.json", RAW / "grid_graph_large.json"], [RAW / "memory_fresh.json"])
+    assert v["summary"]["memory_gib"]["points"] == 192
+    assert v["summary"]["memory_gib"]["mean_abs_error"] < 0.15
+    assert v["summary"]["decode_ms_per_token"]["mean_abs_error"] < 0.15
+
+
+@pytest.mark.skipif(not (RAW / "memory_fresh.json").exists(), reason="no committed measurements")
+def test_headline_follows_the_paper_method():
+    costs = aggregate([RAW / "grid_graph_small.json", RAW / "grid_graph_large.json"], [RAW / "memory_fresh.json"])
+    h = headline(costs)
+    for row in h.values():
+        for v in row.values():
+            assert v["P1"] < v["P8"] < v["equal_loss_P1"]  # P = 8 costs less than the equal-loss model
+            assert v["ratio"] == pytest.approx(v["parameter_increase"] / v["parscale_increase"])
+    committed = json.loads((RAW.parent / "summary.json").read_text())["headline"]
+    assert committed["batch_1"]["memory_gib"]["ratio"] == pytest.approx(h["batch_1"]["memory_gib"]["ratio"])

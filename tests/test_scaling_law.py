@@ -1,0 +1,93 @@
+"""The scaling-law toolkit: the paper's fits, a planted law, predictions, bad input, the CLI."""
+
+import json
+
+import numpy as np
+import pytest
+
+from parscale.cli import main
+from parscale.scaling_law import (
+    LawDataError,
+    Points,
+    bootstrap,
+    equivalent_params,
+    fit,
+    multiplier,
+    paper_points,
+    predict_eq5,
+    read_points,
+    smallest_P,
+)
+
+PAPER = {  # paper.md §5
+    "stack": dict(E=0.6912, A=1.131e7, k=0.3935, alpha=0.1894, r2=0.9978),
+    "pile": dict(E=1.2888, A=1.974e8, k=0.3345, alpha=0.1963, r2=0.9987),
+}
+
+
+@pytest.mark.parametrize("name", ["stack", "pile"])
+def test_paper_fits_reproduce(name):
+    f = fit(paper_points(name)).as_dict()
+    for key, value in PAPER[name].items():
+        assert abs(f[key] - value) / value < 0.005, (key, f[key], value)
+
+
+def test_planted_law_is_recovered():
+    rng = np.random.default_rng(0)
+    N = np.repeat(np.geomspace(2e6, 3e7, 6), 4)
+    P = np.tile([1, 2, 4, 8], 6)
+    truth = dict(E=1.7, A=4.0e5, alpha=0.3, k=0.5)
+    loss = predict_eq5(N, P, truth["E"], truth["A"], truth["alpha"], truth["k"]) * np.exp(rng.normal(0, 1e-4, 24))
+    f = fit(Points(N, P.astype(float), loss)).as_dict()
+    for key, value in truth.items():
+        assert abs(f[key] - value) / value < 0.05, (key, f[key], value)
+
+
+def test_bootstrap_interval_contains_fit():
+    pts = paper_points("stack")
+    f = fit(pts)
+    ci = bootstrap(pts, f, n=40)
+    assert ci["n"] >= 35
+    assert ci["k"][0] <= f.shape <= ci["k"][1] and ci["k"][0] < ci["k"][1]
+
+
+def test_predictions_are_consistent():
+    f = fit(paper_points("stack"))
+    assert multiplier(f.shape, 1) == 1.0
+    eq = equivalent_params(f, 1.6e9, 8)
+    assert f.predict(eq, 1) == pytest.approx(f.predict(1.6e9, 8), rel=1e-9)
+    target = float(f.predict(1.6e9, 5))
+    assert smallest_P(f, 1.6e9, target + 1e-12) == 5
+    assert smallest_P(f, 1.6e9, f.E - 0.01) is None
+
+
+@pytest.mark.parametrize("text,message", [
+    ("params,loss\n1,2\n", "missing column"),
+    ("params,P,loss\n1e9,1,abc\n", "not a number"),
+    ("params,P,loss\n1e9,0,1.2\n", "P must be >= 1"),
+    ("params,P,loss\n-5,1,1.2\n", "must be > 0"),
+    ("params,P,loss\n1e9,1,1.2\n2e9,1,1.1\n", "at least 5"),
+])
+def test_bad_input(tmp_path, text, message):
+    path = tmp_path / "d.csv"
+    path.write_text(text)
+    with pytest.raises(LawDataError, match=message):
+        fit(read_points(path))
+
+
+def test_cli_fit_json_and_plots(tmp_path, capsys):
+    assert main(["fit", "--paper", "pile", "--json", "--bootstrap", "0", "--plot", str(tmp_path / "pile")]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert abs(out["k"] - 0.3345) < 0.002 and out["eq5"]["A"] == out["A"] and "rho" in out["eq4"]
+    assert (tmp_path / "pile_law.png").stat().st_size > 10_000
+    assert (tmp_path / "pile_contours.png").stat().st_size > 10_000
+    assert main(["fit", str(tmp_path / "missing.csv")]) == 2
+    assert "no such file" in capsys.readouterr().err
+
+
+def test_cli_plan_picks_lowest_loss_within_budget(capsys):
+    assert main(["plan", "--paper", "stack", "--memory-gib", "8", "--latency-ms", "7", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["candidates"] and all(c["memory_gib"] <= 8 and c["decode_ms_per_token"] <= 7 for c in out["candidates"])
+    assert out["best"]["loss"] == min(c["loss"] for c in out["candidates"])
+    assert any(not r["fits"] for r in out["all"])
