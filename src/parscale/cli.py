@@ -298,6 +298,29 @@ def cmd_cost(args):
     print(json.dumps(predict(cfg, args.batch, args.input_len, args.output_len, args.gpu, args.engine), indent=1))
 
 
+@command
+def cmd_eval(args):
+    """Held-out loss, perplexity and bits per byte on text files, JSONL or token shards."""
+    import parscale
+    from parscale.evaluate import evaluate
+
+    model = parscale.load(args.model, dtype=args.dtype, device=args.device)
+    tokenizer = parscale.load_tokenizer(args.model) if not str(args.data).endswith(".bin") else None
+    result = evaluate(model, tokenizer, args.data, max_length=args.max_length, stride=args.stride,
+                      batch_size=args.batch_size, glob=args.glob, text_field=args.text_field,
+                      token_dtype=args.token_dtype)
+    result["model"] = str(args.model)
+    if args.out:
+        from parscale.bench import write_json_atomic
+
+        write_json_atomic(result, Path(args.out))
+    bpb = f", {result['bits_per_byte']:.4f} bits/byte" if result["bits_per_byte"] is not None else ""
+    print(f"loss {result['loss']:.4f}, perplexity {result['perplexity']:.3f}{bpb} over {result['tokens']:,} tokens "
+          f"(window {result['max_length']}, stride {result['stride']})")
+    for name, d in result["domains"].items():
+        print(f"  {name}: loss {d['loss']:.4f} over {d['tokens']:,} tokens")
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="parscale", description="Parallel scaling (ParScale) for language models.")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -352,6 +375,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--latency", nargs="+", required=True, help="bench JSON files with timings")
     p.add_argument("--memory", nargs="+", required=True, help="bench JSON files with peak memory")
     p.add_argument("--out", default="benchmarks")
+    p = sub.add_parser("eval", help=cmd_eval.__doc__)
+    p.add_argument("--model", required=True)
+    p.add_argument("--data", required=True, help="text file, folder, JSONL or *.bin token shard")
+    p.add_argument("--max-length", type=int, default=None, help="window (default: the model's positions)")
+    p.add_argument("--stride", type=int, default=None, help="window step (default: half the window)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--glob", default="**/*.txt", help="files to read in a folder")
+    p.add_argument("--text-field", default="text")
+    p.add_argument("--token-dtype", default="uint16", choices=["uint16", "uint32"])
+    p.add_argument("--dtype", default=None)
+    p.add_argument("--device", default=None)
+    p.add_argument("--out", default=None, help="write the JSON result here")
+
     def law_inputs(p):
         p.add_argument("csv", nargs="?", default=None, help="CSV with columns params,P,loss")
         p.add_argument("--paper", choices=["stack", "pile"], default=None, help="the paper's 24 points")
@@ -402,7 +438,7 @@ def main(argv=None) -> int:
 
     try:
         COMMANDS[args.command](args)
-    except (CheckpointError, ValueError) as e:
+    except (CheckpointError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -1,0 +1,172 @@
+"""Held-out loss, perplexity and bits per byte of a model on text files or token shards.
+
+    parscale eval --model DIR --data PATH [--max-length 1024 --stride 512] [--out result.json]
+
+PATH is a text file, a folder (files matching --glob, recursively), a JSONL file (one document per
+line, text in --text-field; an optional "domain" field groups results), or a token shard `*.bin`
+(raw uint16/uint32 ids, --token-dtype). Each document is tokenised with the checkpoint's tokenizer.json
+and preceded by the EOS id when the tokenizer has one, so its first token is predicted too.
+
+Long documents are scored with sliding windows of `max_length` tokens moved by `stride` (default
+max_length / 2): every token is predicted exactly once, each with at least `max_length − stride`
+tokens of context once the first window is full (the Hugging Face perplexity recipe). Loss is
+summed only over real target tokens, never padding.
+Results: overall, per domain (the JSONL field, else the first folder level) and per source file;
+bits per byte = total NLL / ln 2 / UTF-8 bytes of the scored text (not defined for token shards).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+class EvalDataError(ValueError):
+    """Bad evaluation input: the message names the problem."""
+
+
+@dataclass
+class Document:
+    source: str
+    domain: str
+    ids: list[int]
+    n_bytes: int | None
+
+
+def iter_documents(path, tokenizer, glob: str = "**/*.txt", text_field: str = "text",
+                   token_dtype: str = "uint16") -> Iterator[Document]:
+    path = Path(path)
+    if not path.exists():
+        raise EvalDataError(f"evaluation data {str(path)!r} does not exist")
+    eos = tokenizer.token_to_id("<|endoftext|>") if tokenizer is not None else None
+    prefix = [eos] if eos is not None else []
+
+    def encode(text):
+        return prefix + tokenizer.encode(text).ids
+
+    if path.is_dir():
+        files = sorted(p for p in path.glob(glob) if p.is_file())
+        if not files:
+            raise EvalDataError(f"no files match {glob!r} under {str(path)!r}")
+        for f in files:
+            rel = f.relative_to(path)
+            text = f.read_text(encoding="utf-8", errors="replace")
+            if text:
+                yield Document(str(rel), rel.parts[0] if len(rel.parts) > 1 else ".", encode(text),
+                               len(text.encode("utf-8")))
+    elif path.suffix == ".jsonl":
+        with open(path, encoding="utf-8") as fh:
+            for n, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise EvalDataError(f"{path}, line {n}: not JSON ({e})") from None
+                if text_field not in row:
+                    raise EvalDataError(f"{path}, line {n}: no field {text_field!r}")
+                text = row[text_field]
+                if text:
+                    yield Document(f"{path.name}:{n}", str(row.get("domain", path.stem)), encode(text),
+                                   len(text.encode("utf-8")))
+    elif path.suffix == ".bin":
+        ids = np.fromfile(path, dtype=np.dtype(token_dtype))
+        yield Document(path.name, path.stem, ids.astype(np.int64).tolist(), None)
+    else:
+        text = path.read_text(encoding="utf-8", errors="replace")
+        yield Document(path.name, path.stem, encode(text), len(text.encode("utf-8")))
+
+
+def windows(n_tokens: int, max_length: int, stride: int) -> list[tuple[int, int, int]]:
+    """(begin, end, n_targets): window [begin, end) scores its last n_targets positions.
+
+    The first window scores every position it can; each later one scores the next `stride` tokens
+    with the window extended left to max_length tokens. Token 0 has no context and is never scored.
+    """
+    out, prev_end = [], 1
+    while prev_end < n_tokens:
+        end = min(max_length if not out else prev_end + stride, n_tokens)
+        begin = max(0, end - max_length)
+        out.append((begin, end, end - prev_end))
+        prev_end = end
+    return out
+
+
+@torch.no_grad()
+def score_windows(model, chunks: list[tuple[list[int], int]], device) -> list[float]:
+    """Summed NLL (nats) of the last n_targets tokens of each id list, batched with right padding."""
+    width = max(len(ids) for ids, _ in chunks)
+    batch = torch.zeros(len(chunks), width, dtype=torch.long)
+    for i, (ids, _) in enumerate(chunks):
+        batch[i, : len(ids)] = torch.tensor(ids)
+    # Right padding needs no mask: causal attention never lets a real token see the padding after it.
+    logits = model(batch.to(device)).float()
+    out = []
+    for i, (ids, n_targets) in enumerate(chunks):
+        t = len(ids)
+        pred = logits[i, t - 1 - n_targets : t - 1]
+        target = batch[i, t - n_targets : t].to(device)
+        out.append(float(F.cross_entropy(pred, target, reduction="sum")))
+    return out
+
+
+def evaluate(model, tokenizer, data, max_length: int | None = None, stride: int | None = None,
+             batch_size: int = 8, glob: str = "**/*.txt", text_field: str = "text", token_dtype: str = "uint16",
+             progress: bool = True) -> dict:
+    cfg = model.config
+    max_length = min(max_length or cfg.max_position_embeddings, cfg.max_position_embeddings)
+    stride = stride or max_length // 2
+    if not 0 < stride < max_length:
+        raise EvalDataError(f"stride must be in (0, max_length={max_length}), got {stride}")
+    device = model.model.embed_tokens.weight.device
+    docs = list(iter_documents(data, tokenizer, glob, text_field, token_dtype))
+    if not docs or all(len(d.ids) < 2 for d in docs):
+        raise EvalDataError(f"evaluation data {str(data)!r} holds no text to score")
+    for d in docs:
+        bad = [t for t in d.ids if not 0 <= t < cfg.vocab_size]
+        if bad:
+            raise EvalDataError(f"{d.source}: token id {bad[0]} is outside the vocabulary [0, {cfg.vocab_size})")
+    jobs = [(d_i, d.ids[b:e], n) for d_i, d in enumerate(docs) for b, e, n in windows(len(d.ids), max_length, stride)]
+    jobs.sort(key=lambda j: len(j[1]))  # similar lengths share a batch: less padding
+    nll = defaultdict(float)
+    total_targets = sum(n for _, _, n in jobs)
+    done, start = 0, time.perf_counter()
+    for i in range(0, len(jobs), batch_size):
+        part = jobs[i : i + batch_size]
+        for (d_i, _, n), value in zip(part, score_windows(model, [(ids, n) for _, ids, n in part], device),
+                                      strict=True):
+            nll[d_i] += value
+            done += n
+        if progress:
+            rate = done / max(time.perf_counter() - start, 1e-9)
+            eta = (total_targets - done) / max(rate, 1e-9)
+            print(f"\r[eval] {done}/{total_targets} tokens, {rate:.0f} tokens/s, ETA {eta:.0f}s", end="",
+                  file=sys.stderr, flush=True)
+    if progress:
+        print(file=sys.stderr)
+
+    def summary(indices) -> dict:
+        loss_sum = sum(nll[i] for i in indices)
+        tokens = sum(len(docs[i].ids) - 1 for i in indices)
+        nbytes = [docs[i].n_bytes for i in indices]
+        out = {"tokens": tokens, "loss": loss_sum / tokens, "perplexity": math.exp(loss_sum / tokens)}
+        out["bits_per_byte"] = (loss_sum / math.log(2) / sum(nbytes)) if None not in nbytes else None
+        return out
+
+    by_domain = defaultdict(list)
+    for i, d in enumerate(docs):
+        by_domain[d.domain].append(i)
+    return {"data": str(data), "max_length": max_length, "stride": stride, "eos_prefix": tokenizer is not None
+            and tokenizer.token_to_id("<|endoftext|>") is not None, **summary(range(len(docs))),
+            "domains": {k: summary(v) for k, v in sorted(by_domain.items())},
+            "files": {d.source: summary([i]) for i, d in enumerate(docs)}}

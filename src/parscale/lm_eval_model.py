@@ -1,0 +1,135 @@
+"""parscale models inside lm-evaluation-harness (optional extra: `pip install parscale[eval]`).
+
+Registers the model name `parscale` with lm-eval's registry when imported. The stock `lm_eval`
+command imports only its own models, so run it through `parscale-lm-eval`, which imports this module
+and then hands every argument to lm-eval's own command line:
+
+    parscale-lm-eval --model parscale --model_args pretrained=DIR,dtype=bfloat16 \
+        --tasks parscale_ppl_example --include_path examples/lm_eval_tasks
+
+Scoring follows lm-eval's `hf` model so numbers are comparable: a context's trailing spaces move
+to the continuation; an empty context is replaced by the EOS token; continuations are scored
+given at most `max_length` tokens; rolling log-likelihoods use lm-eval's own disjoint windows with
+the EOS token as prefix. Requests are batched longest-first with right padding (causal attention
+never lets a real token see the padding after it).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from lm_eval.api.model import LM
+from lm_eval.api.registry import register_model
+from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+from tqdm import tqdm
+
+import parscale
+
+from .checkpoint import parse_dtype
+
+
+@register_model("parscale")
+class ParScaleLM(LM):
+    def __init__(self, pretrained: str, dtype=None, device: str | None = None, batch_size: int | str = 8,
+                 max_length: int | None = None, max_gen_toks: int = 256, **_ignored):
+        super().__init__()
+        if device is None or (str(device).startswith("cuda") and not torch.cuda.is_available()):
+            device = "cuda" if torch.cuda.is_available() else "cpu"  # lm-eval's command line defaults to cuda
+        self.model = parscale.load(pretrained, dtype=parse_dtype(dtype), device=device)
+        self.tokenizer = parscale.load_tokenizer(pretrained)
+        self._torch_device = torch.device(device)
+        self.batch_size = int(batch_size) if str(batch_size).isdigit() else 8
+        self.max_length = int(max_length or self.model.config.max_position_embeddings)
+        self.max_gen_toks = int(max_gen_toks)
+        eos = self.model.config.eos_token_id
+        eos = eos[0] if isinstance(eos, list) else eos
+        self.eot_token_id = eos if eos is not None else self.tokenizer.token_to_id("<|endoftext|>")
+        if self.eot_token_id is None:
+            raise ValueError(f"{pretrained}: neither config.json nor the tokenizer names an EOS token")
+
+    # ------------------------------------------------------------------------------------------
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text).ids
+
+    def _encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+        n_spaces = len(context) - len(context.rstrip())
+        if n_spaces:
+            continuation = context[-n_spaces:] + continuation
+            context = context[:-n_spaces]
+        if not context:
+            return [self.eot_token_id], self.encode(continuation)
+        whole = self.encode(context + continuation)
+        context_ids = self.encode(context)
+        return context_ids, whole[len(context_ids):]
+
+    @torch.no_grad()
+    def _score(self, pairs: list[tuple[list[int], list[int]]], desc: str) -> list[tuple[float, bool]]:
+        """Log-probability of each continuation given its context, and whether it is the greedy one."""
+        order = sorted(range(len(pairs)), key=lambda i: -(len(pairs[i][0]) + len(pairs[i][1])))
+        results: list[tuple[float, bool] | None] = [None] * len(pairs)
+        for start in tqdm(range(0, len(order), self.batch_size), desc=desc, disable=len(order) < 2 * self.batch_size):
+            idx = order[start : start + self.batch_size]
+            inputs = []
+            for i in idx:
+                ctx, cont = pairs[i]
+                inputs.append((ctx + cont)[-(self.max_length + 1):][:-1])
+            width = max(len(x) for x in inputs)
+            batch = torch.zeros(len(idx), width, dtype=torch.long)
+            for row, x in enumerate(inputs):
+                batch[row, : len(x)] = torch.tensor(x)
+            logprobs = F.log_softmax(self.model(batch.to(self._torch_device)).float(), dim=-1)
+            for row, i in enumerate(idx):
+                cont = torch.tensor(pairs[i][1], device=self._torch_device)
+                n, t = len(cont), len(inputs[row])
+                lp = logprobs[row, t - n : t]
+                results[i] = (float(lp.gather(-1, cont[:, None]).sum()), bool((lp.argmax(-1) == cont).all()))
+        return results
+
+    def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        pairs = [self._encode_pair(*req.args) for req in requests]
+        return self._score(pairs, "loglikelihood")
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        out = []
+        for req in requests:
+            (text,) = req.args
+            wins = [make_disjoint_window(w) for w in get_rolling_token_windows(
+                token_list=self.encode(text), prefix_token=self.eot_token_id, max_seq_len=self.max_length,
+                context_len=1)]
+            out.append(sum(ll for ll, _ in self._score(wins, "rolling")))
+        return out
+
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        out = []
+        for req in tqdm(requests, desc="generate_until", disable=disable_tqdm or len(requests) < 4):
+            context, gen_kwargs = req.args
+            gen_kwargs = dict(gen_kwargs or {})
+            until = gen_kwargs.pop("until", None) or []
+            until = [until] if isinstance(until, str) else list(until)
+            max_new = int(gen_kwargs.pop("max_gen_toks", self.max_gen_toks))
+            temperature = float(gen_kwargs.pop("temperature", 0.0))
+            ids = self.encode(context) or [self.eot_token_id]
+            ids = ids[-max(1, self.max_length - max_new):]
+            max_new = min(max_new, self.model.config.max_position_embeddings - len(ids))
+            new = parscale.generate(self.model, torch.tensor([ids]), max_new_tokens=max_new,
+                                    do_sample=temperature > 0, temperature=temperature or 1.0,
+                                    eos_token_id=self.eot_token_id, seed=0)[0].tolist()
+            if self.eot_token_id in new:
+                new = new[: new.index(self.eot_token_id)]
+            text = self.tokenizer.decode(new)
+            for stop in until:
+                if stop and stop in text:
+                    text = text[: text.index(stop)]
+            out.append(text)
+        return out
+
+
+def main() -> None:
+    """`parscale-lm-eval`: lm-eval's own command line with the `parscale` model registered."""
+    from lm_eval.__main__ import cli_evaluate
+
+    cli_evaluate()
+
+
+if __name__ == "__main__":
+    main()

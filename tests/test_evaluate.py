@@ -1,0 +1,144 @@
+"""`parscale eval` (held-out loss, perplexity, bits per byte) and the lm-evaluation-harness model."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_model
+
+import parscale
+from parscale.cli import main
+from parscale.evaluate import EvalDataError, evaluate, windows
+from parscale.tokenizer import byte_tokenizer
+
+ROOT = Path(__file__).parent.parent
+
+
+@pytest.mark.parametrize("n,max_length,stride", [(2, 8, 4), (50, 8, 4), (51, 16, 3), (9, 8, 7), (1000, 64, 32)])
+def test_windows_score_every_token_once_with_context(n, max_length, stride):
+    scored = []
+    for begin, end, n_targets in windows(n, max_length, stride):
+        assert end - begin <= max_length and n_targets <= end - begin - 1
+        first = end - n_targets
+        scored.extend(range(first, end))
+        if begin > 0:
+            assert first - begin >= max_length - stride
+    assert scored == list(range(1, n))
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("m")
+    model = tiny_model(streams=2)
+    tmp = tmp_path_factory.mktemp("tok")
+    byte_tokenizer().save(str(tmp / "tokenizer.json"))
+    parscale.save(model, folder / "ckpt", tokenizer_from=tmp)
+    return folder / "ckpt"
+
+
+def test_loss_equals_direct_computation(checkpoint, tmp_path):
+    text = "def f(x):\n    return x * 2\n" * 3
+    (tmp_path / "a.txt").write_text(text)
+    model, tok = parscale.load(checkpoint), parscale.load_tokenizer(checkpoint)
+    result = evaluate(model, tok, tmp_path / "a.txt", progress=False)
+    ids = torch.tensor([[256] + tok.encode(text).ids])
+    logits = model(ids)[0, :-1]
+    expected = torch.nn.functional.cross_entropy(logits, ids[0, 1:]).item()
+    assert result["loss"] == pytest.approx(expected, rel=1e-5)
+    assert result["tokens"] == ids.shape[1] - 1
+    assert result["bits_per_byte"] == pytest.approx(expected * result["tokens"] / math.log(2) / len(text.encode()))
+
+
+def test_sliding_windows_close_to_full_context(checkpoint, tmp_path):
+    (tmp_path / "long.txt").write_text("import os\nprint(os.getcwd())\n" * 20)
+    model, tok = parscale.load(checkpoint), parscale.load_tokenizer(checkpoint)
+    full = evaluate(model, tok, tmp_path / "long.txt", max_length=512, progress=False)
+    slid = evaluate(model, tok, tmp_path / "long.txt", max_length=128, stride=64, progress=False)
+    assert slid["tokens"] == full["tokens"]
+    assert slid["loss"] == pytest.approx(full["loss"], rel=0.02)
+
+
+def test_domains_and_files(checkpoint, tmp_path):
+    for domain in ("code", "prose"):
+        (tmp_path / domain).mkdir()
+        (tmp_path / domain / "x.txt").write_text(f"{domain} text " * 10)
+    out = tmp_path / "r.json"
+    assert main(["eval", "--model", str(checkpoint), "--data", str(tmp_path), "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert set(result["domains"]) == {"code", "prose"} and len(result["files"]) == 2
+    assert result["tokens"] == sum(d["tokens"] for d in result["domains"].values())
+
+
+def test_bad_input(checkpoint, tmp_path, capsys):
+    model, tok = parscale.load(checkpoint), parscale.load_tokenizer(checkpoint)
+    with pytest.raises(EvalDataError, match="does not exist"):
+        evaluate(model, tok, tmp_path / "nope.txt", progress=False)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(EvalDataError, match="no files match"):
+        evaluate(model, tok, tmp_path / "empty", progress=False)
+    (tmp_path / "bad.jsonl").write_text('{"body": "x"}\n')
+    with pytest.raises(EvalDataError, match="no field 'text'"):
+        evaluate(model, tok, tmp_path / "bad.jsonl", progress=False)
+    (tmp_path / "blank.txt").write_text("")
+    with pytest.raises(EvalDataError, match="no text to score"):
+        evaluate(model, tok, tmp_path / "blank.txt", progress=False)
+    assert main(["eval", "--model", str(tmp_path), "--data", str(tmp_path / "bad.jsonl")]) == 2
+    assert "no config.json" in capsys.readouterr().err
+
+
+lm_eval = pytest.importorskip("lm_eval")
+
+
+def test_lm_eval_tasks_end_to_end(checkpoint, monkeypatch):
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    from parscale.lm_eval_model import ParScaleLM
+
+    monkeypatch.chdir(ROOT)  # the example tasks name their data relative to the repository root
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    lm = ParScaleLM(pretrained=str(checkpoint), batch_size=4)
+    out = simple_evaluate(model=lm, tasks=["parscale_ppl_example", "parscale_mc_example"],
+                          task_manager=TaskManager(include_path=str(ROOT / "examples" / "lm_eval_tasks")))
+    ppl = out["results"]["parscale_ppl_example"]
+    mc = out["results"]["parscale_mc_example"]
+    assert math.isfinite(ppl["word_perplexity,none"]) and ppl["bits_per_byte,none"] > 0
+    assert 0.0 <= mc["acc,none"] <= 1.0
+    # the rolling log-likelihood agrees with parscale eval on the same documents
+    result = evaluate(lm.model, lm.tokenizer, ROOT / "examples" / "lm_eval_tasks" / "ppl_example.jsonl",
+                      progress=False)
+    assert ppl["bits_per_byte,none"] == pytest.approx(result["bits_per_byte"], rel=1e-4)
+
+
+def test_registered_name():
+    from lm_eval.api.registry import get_model
+
+    import parscale.lm_eval_model  # noqa: F401  (registers the name)
+
+    assert get_model("parscale").__name__ == "ParScaleLM"
+
+
+@pytest.mark.parametrize("variant", ["qwen2", "llama"])
+def test_agrees_with_lm_eval_hf_model(variant, tmp_path):
+    pytest.importorskip("accelerate")
+    from hf_oracle import make_hf_model
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+    from transformers import PreTrainedTokenizerFast
+
+    from parscale.lm_eval_model import ParScaleLM
+
+    hf = make_hf_model(variant, tmp_path)
+    byte_tokenizer().save(str(tmp_path / "tokenizer.json"))
+    tok = PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "tokenizer.json"), eos_token="<|endoftext|>")
+    ours = ParScaleLM(pretrained=str(tmp_path), batch_size=3, max_length=64)
+    ours.eot_token_id = 256  # the HF config names a different EOS id than the byte tokenizer
+    ref = HFLM(pretrained=hf, tokenizer=tok, batch_size=3, max_length=64)
+    pairs = [("hello", " world"), ("", "abc"), ("def f(x):", "\n    return x "), ("a" * 100, "bc")]
+    reqs = [Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)]
+    for (a, ga), (b, gb) in zip(ours.loglikelihood(reqs), ref.loglikelihood(reqs), strict=True):
+        assert a == pytest.approx(b, abs=1e-4) and ga == gb
+    rolling = [Instance("loglikelihood_rolling", {}, ("some text " * 20,), 0)]
+    assert ours.loglikelihood_rolling(rolling)[0] == pytest.approx(ref.loglikelihood_rolling(rolling)[0], abs=1e-3)
