@@ -1,0 +1,180 @@
+"""Text sources → token shards (memory-mapped uint16/uint32) + a manifest; a resumable batch loader.
+
+    manifest = build_shards(["/usr/lib/python3.11"], "runs/data", tokenizer, glob="**/*.py")
+    loader = TokenLoader("runs/data", "train", batch_size=8, seq_len=256, seed=0)
+    x, y = loader.next_batch()          # [B, T] inputs and next-token targets
+    state = loader.state_dict()         # the exact position, stored in checkpoints
+
+Sources are files, folders (with a glob) or JSONL files (one document per line, text in a field).
+Documents are split into train / validation deterministically by a hash of their path inside the
+source (and line),
+so a file never straddles the split. Each split is one flat token stream in which every document is
+followed by the EOS id (packing with EOS separators) and written as `{split}.bin` with `manifest.json`
+(source files with sha256, token counts, dtype, tokenizer). Files are written to temporary names and
+renamed, so an interrupted build leaves no half shard.
+
+The loader cuts the stream into consecutive windows of seq_len + 1 tokens and visits them in a seeded
+random order, epoch after epoch; its state is (epoch, index) and resuming continues with exactly the
+batch that would have come next.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+class DataError(ValueError):
+    """Bad data input: the message names the problem."""
+
+
+def _documents(sources, glob: str, text_field: str) -> Iterator[tuple[str, str, str]]:
+    """(document id, source file, text) for every document of the sources, in a stable order."""
+    for src in sources:
+        path = Path(src)
+        if not path.exists():
+            raise DataError(f"data source {str(path)!r} does not exist")
+        files = sorted(p for p in path.glob(glob) if p.is_file()) if path.is_dir() else [path]
+        if path.is_dir() and not files:
+            raise DataError(f"no files match {glob!r} under {str(path)!r}")
+        for f in files:
+            # The split depends on the path inside the source, not on where the source lies.
+            key = str(f.relative_to(path)) if path.is_dir() else f.name
+            if f.suffix == ".jsonl":
+                with open(f, encoding="utf-8") as fh:
+                    for n, line in enumerate(fh, 1):
+                        if line.strip():
+                            row = json.loads(line)
+                            if text_field not in row:
+                                raise DataError(f"{f}, line {n}: no field {text_field!r}")
+                            yield f"{key}:{n}", str(f), row[text_field]
+            else:
+                yield key, str(f), f.read_text(encoding="utf-8", errors="replace")
+
+
+def split_of(doc_id: str, val_fraction: float) -> str:
+    h = int.from_bytes(hashlib.sha256(doc_id.encode()).digest()[:8], "little") / 2**64
+    return "val" if h < val_fraction else "train"
+
+
+def iter_texts(sources, glob: str = "**/*.txt", text_field: str = "text", max_chars: int = 1 << 20):
+    """Document texts cut into pieces of at most max_chars (for tokenizer training)."""
+    for _, _, text in _documents(sources, glob, text_field):
+        for i in range(0, len(text), max_chars):
+            yield text[i : i + max_chars]
+
+
+def build_shards(sources, out_dir, tokenizer, glob: str = "**/*.txt", text_field: str = "text",
+                 val_fraction: float = 0.05, eos_id: int | None = None, progress: bool = True) -> dict:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    eos = eos_id if eos_id is not None else tokenizer.token_to_id("<|endoftext|>")
+    if eos is None:
+        raise DataError("the tokenizer has no <|endoftext|> token; pass eos_id")
+    vocab = tokenizer.get_vocab_size()
+    dtype = np.uint16 if vocab <= 2**16 else np.uint32
+    tokens = {"train": [], "val": []}
+    files: dict[str, dict] = {}
+    start, n_tok = time.perf_counter(), 0
+    for doc_id, source, text in _documents(sources, glob, text_field):
+        if source not in files:
+            files[source] = {"path": source, "sha256": hashlib.sha256(Path(source).read_bytes()).hexdigest(),
+                             "tokens": 0, "split": None}
+        if not text:
+            continue
+        ids = tokenizer.encode(text).ids + [eos]
+        split = split_of(doc_id, val_fraction)
+        tokens[split].append(np.asarray(ids, dtype=dtype))
+        files[source]["tokens"] += len(ids)
+        files[source]["split"] = split if files[source]["split"] in (None, split) else "mixed"
+        n_tok += len(ids)
+        if progress and len(files) % 200 == 0:
+            rate = n_tok / (time.perf_counter() - start)
+            print(f"\r[data] {len(files)} files, {n_tok:,} tokens, {rate:,.0f} tokens/s", end="", file=sys.stderr)
+    if progress:
+        print(file=sys.stderr)
+    if not tokens["train"]:
+        raise DataError("no training text found in the sources")
+    if not tokens["val"]:  # a tiny corpus: hold out the last training document
+        tokens["val"].append(tokens["train"].pop())
+    manifest = {"dtype": np.dtype(dtype).name, "eos_id": eos, "vocab_size": vocab, "val_fraction": val_fraction,
+                "tokenizer_sha256": hashlib.sha256(tokenizer.to_str().encode()).hexdigest(),
+                "files": sorted(files.values(), key=lambda f: f["path"])}
+    for split, parts in tokens.items():
+        arr = np.concatenate(parts)
+        _atomic_write(out / f"{split}.bin", arr.tobytes())
+        manifest[f"{split}_tokens"] = int(arr.size)
+        manifest[f"{split}_documents"] = len(parts)
+    _atomic_write(out / "tokenizer.json", tokenizer.to_str().encode())
+    _atomic_write(out / "manifest.json", (json.dumps(manifest, indent=1) + "\n").encode())
+    return manifest
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data)
+    os.replace(tmp, path)
+
+
+class TokenLoader:
+    """Seeded, resumable batches of consecutive windows from one split's token stream."""
+
+    def __init__(self, data_dir, split: str, batch_size: int, seq_len: int, seed: int = 0):
+        folder = Path(data_dir)
+        manifest_file = folder / "manifest.json"
+        if not manifest_file.is_file():
+            raise DataError(f"{str(folder)!r} has no manifest.json: build it with `parscale data`")
+        self.manifest = json.loads(manifest_file.read_text())
+        self.tokens = np.memmap(folder / f"{split}.bin", dtype=self.manifest["dtype"], mode="r")
+        self.batch_size, self.seq_len, self.seed = batch_size, seq_len, seed
+        self.n_windows = (len(self.tokens) - 1) // seq_len
+        if self.n_windows < batch_size:
+            raise DataError(f"the {split} split has {len(self.tokens):,} tokens: too few for {batch_size} "
+                            f"windows of {seq_len}")
+        self.epoch, self.index = 0, 0
+        self._order = self._permutation(0)
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, epoch]).permutation(self.n_windows)
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = []
+        for _ in range(self.batch_size):
+            if self.index == self.n_windows:
+                self.epoch, self.index = self.epoch + 1, 0
+                self._order = self._permutation(self.epoch)
+            start = int(self._order[self.index]) * self.seq_len
+            rows.append(np.asarray(self.tokens[start : start + self.seq_len + 1], dtype=np.int64))
+            self.index += 1
+        batch = torch.from_numpy(np.stack(rows))
+        return batch[:, :-1], batch[:, 1:]
+
+    def windows(self, limit: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Every window in stream order (for evaluation), batched; the loader state is untouched."""
+        n = self.n_windows if limit is None else min(limit, self.n_windows)
+        for i in range(0, n, self.batch_size):
+            idx = range(i, min(i + self.batch_size, n))
+            batch = torch.from_numpy(np.stack([np.asarray(self.tokens[j * self.seq_len : (j + 1) * self.seq_len + 1],
+                                                          dtype=np.int64) for j in idx]))
+            yield batch[:, :-1], batch[:, 1:]
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "index": self.index, "seed": self.seed, "seq_len": self.seq_len,
+                "batch_size": self.batch_size}
+
+    def load_state_dict(self, state: dict) -> None:
+        for key in ("seed", "seq_len", "batch_size"):
+            if state[key] != getattr(self, key):
+                raise DataError(f"the checkpoint's data loader has {key}={state[key]}, this run {getattr(self, key)}")
+        self.epoch, self.index = state["epoch"], state["index"]
+        self._order = self._permutation(self.epoch)

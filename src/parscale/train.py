@@ -1,0 +1,246 @@
+"""The training loop: AdamW, warm-up + cosine / WSD schedules, evaluation, atomic resumable checkpoints.
+
+    cfg = TrainConfig(model="tiny", streams=4, data="runs/data", out="runs/p4", steps=200)
+    train(cfg)                        # or: parscale train --model tiny --streams 4 --data runs/data ...
+
+- The model is a preset (built from scratch with the data's vocabulary) or a checkpoint folder; a
+  P = 1 folder with --streams P > 1 gets fresh prefixes and aggregator (convert.add_streams).
+- AdamW (fused on CUDA) with weight decay on matrices only (not on norms, biases or prefixes),
+  linear warm-up then cosine to min_lr_ratio·lr, or warm-up-stable-decay (last 20% linear decay);
+  gradient clipping; gradient accumulation; bf16 autocast on CUDA, fp32 on CPU.
+- Every step appends one JSON line to {out}/metrics.jsonl: loss, lr, grad norm, tokens, tokens/s, and
+  for P > 1 the mean aggregation weight per stream and its entropy (load balance).
+- {out}/checkpoint holds the model (Hugging Face format) and trainer.pt (optimizer, scheduler, RNG,
+  data position, step, config). It is written to a temporary folder and renamed, so a process killed
+  while saving leaves the previous checkpoint usable. `resume=True` continues from it and reproduces the
+  loss trace of an uninterrupted run.
+- A NaN or inf loss stops training with TrainingDiverged; the last good checkpoint stays.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import random
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .checkpoint import load, replace_dir, save
+from .config import PRESETS, ModelConfig
+from .convert import add_streams
+from .data import TokenLoader
+from .model import build_model
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite."""
+
+
+@dataclass
+class TrainConfig:
+    model: str = "tiny"
+    """A preset name (built from scratch) or a checkpoint folder to start from."""
+    streams: int = 1
+    n_tokens: int | None = None
+    smooth: float = 0.1
+    data: str = "runs/data"
+    out: str = "runs/train"
+    steps: int = 200
+    batch_size: int = 8
+    seq_len: int = 128
+    grad_accum: int = 1
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup: int = 20
+    schedule: str = "cosine"
+    """'cosine' or 'wsd' (warm-up, stable, then linear decay over the last 20% of steps)."""
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    eval_every: int = 50
+    eval_batches: int = 16
+    save_every: int = 100
+    seed: int = 0
+    device: str | None = None
+    progress: bool = True
+
+
+def lr_factor(cfg: TrainConfig, step: int) -> float:
+    if step < cfg.warmup:
+        return (step + 1) / cfg.warmup
+    if cfg.schedule == "wsd":
+        decay_start = int(cfg.steps * 0.8)
+        if step < decay_start:
+            return 1.0
+        frac = (step - decay_start) / max(1, cfg.steps - decay_start)
+        return 1.0 - (1.0 - cfg.min_lr_ratio) * frac
+    frac = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0)))
+
+
+def build_optimizer(model, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (decay if p.dim() >= 2 and "prefix" not in name else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), fused=device.type == "cuda")
+
+
+def _initial_model(cfg: TrainConfig, vocab_size: int, eos_id: int):
+    if cfg.model in PRESETS:
+        overrides = {"parscale_n": cfg.streams, "vocab_size": vocab_size, "eos_token_id": eos_id,
+                     "parscale_attn_smooth": cfg.smooth}
+        if cfg.n_tokens is not None:
+            overrides["parscale_n_tokens"] = cfg.n_tokens
+        return build_model(ModelConfig.preset(cfg.model, **overrides), seed=cfg.seed)
+    model = load(cfg.model, dtype=torch.float32)
+    if model.config.vocab_size < vocab_size:
+        raise ValueError(f"{cfg.model} has {model.config.vocab_size} token ids but the data uses {vocab_size}")
+    if cfg.streams > 1 and model.config.parscale_n == 1:
+        model = add_streams(model, cfg.streams, n_tokens=cfg.n_tokens or 48, smooth=cfg.smooth, seed=cfg.seed)
+    elif cfg.streams != model.config.parscale_n:
+        raise ValueError(f"{cfg.model} has P={model.config.parscale_n}; --streams {cfg.streams} cannot be applied")
+    return model
+
+
+def _loss_and_weights(model, x, y, autocast: bool):
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+        hidden, weights = model.forward_hidden(x)
+        logits = model.lm_head(hidden)
+    return F.cross_entropy(logits.float().flatten(0, 1), y.flatten()), weights
+
+
+@torch.no_grad()
+def evaluate_loss(model, loader: TokenLoader, batches: int, device, autocast: bool) -> float:
+    model.eval()
+    total, n = 0.0, 0
+    for x, y in loader.windows(limit=batches * loader.batch_size):
+        loss, _ = _loss_and_weights(model, x.to(device), y.to(device), autocast)
+        total += float(loss) * x.numel()
+        n += x.numel()
+    model.train()
+    return total / n
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(folder: Path, model, optimizer, scheduler, loader, step: int, cfg: TrainConfig, tokenizer_dir):
+    """Model + trainer state into one folder, atomically (temporary folder, then rename)."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+    try:
+        save(model, tmp / "model", tokenizer_from=tokenizer_dir)
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
+                    "loader": loader.state_dict(), "rng": _rng_state(), "config": dataclasses.asdict(cfg)},
+                   tmp / "trainer.pt")
+        replace_dir(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None) -> dict:
+    """Run (or resume) training; returns a summary. stop_after ends early after that step (for tests)."""
+    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    autocast = device.type == "cuda"
+    out = Path(cfg.out)
+    ckpt = out / "checkpoint"
+    torch.manual_seed(cfg.seed)
+    loader = TokenLoader(cfg.data, "train", cfg.batch_size, cfg.seq_len, seed=cfg.seed)
+    val = TokenLoader(cfg.data, "val", cfg.batch_size, cfg.seq_len, seed=cfg.seed)
+    start_step = 0
+    if resume and (ckpt / "trainer.pt").is_file():
+        model = load(ckpt / "model", dtype=torch.float32).to(device)
+        state = torch.load(ckpt / "trainer.pt", weights_only=False)
+        start_step = state["step"]
+    else:
+        if resume:
+            print(f"[train] no checkpoint in {ckpt}; starting from scratch", file=sys.stderr)
+        model = _initial_model(cfg, loader.manifest["vocab_size"], loader.manifest["eos_id"]).to(device)
+        state = None
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "metrics.jsonl").write_text("")
+    model.train()
+    optimizer = build_optimizer(model, cfg, device)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(cfg, s))
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        loader.load_state_dict(state["loader"])
+        _set_rng_state(state["rng"])
+    p = model.config.parscale_n
+    tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum
+    metrics_file = open(out / "metrics.jsonl", "a")
+    t0, last_eval = time.perf_counter(), None
+    step = start_step
+    try:
+        for step in range(start_step, cfg.steps):
+            t_step = time.perf_counter()
+            optimizer.zero_grad(set_to_none=True)
+            loss_sum, weights_sum = 0.0, None
+            for _ in range(cfg.grad_accum):
+                x, y = loader.next_batch()
+                loss, weights = _loss_and_weights(model, x.to(device), y.to(device), autocast)
+                (loss / cfg.grad_accum).backward()
+                loss_sum += float(loss.detach()) / cfg.grad_accum
+                if weights is not None:
+                    w = weights.detach().float().flatten(0, 1)
+                    weights_sum = w if weights_sum is None else torch.cat([weights_sum, w])
+            if not math.isfinite(loss_sum):
+                raise TrainingDiverged(f"loss became {loss_sum} at step {step + 1}; the last good checkpoint "
+                                       f"is kept in {ckpt}")
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
+            optimizer.step()
+            scheduler.step()
+            elapsed = time.perf_counter() - t_step
+            record = {"step": step + 1, "loss": loss_sum, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+                      "tokens": (step + 1) * tokens_per_step, "tokens_per_s": tokens_per_step / elapsed}
+            if weights_sum is not None:
+                record["stream_weight_mean"] = weights_sum.mean(0).tolist()
+                record["stream_weight_entropy"] = float(-(weights_sum * weights_sum.clamp_min(1e-12).log())
+                                                        .sum(-1).mean())
+            if cfg.eval_every and (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
+                last_eval = evaluate_loss(model, val, cfg.eval_batches, device, autocast)
+                record["val_loss"] = last_eval
+            metrics_file.write(json.dumps(record) + "\n")
+            metrics_file.flush()
+            if cfg.progress:
+                done = step + 1 - start_step
+                eta = (time.perf_counter() - t0) / done * (cfg.steps - step - 1)
+                val_text = f" val {last_eval:.4f}" if last_eval is not None else ""
+                print(f"\r[train P={p}] step {step + 1}/{cfg.steps} loss {loss_sum:.4f}{val_text} "
+                      f"{record['tokens_per_s']:,.0f} tok/s ETA {eta:.0f}s", end="", file=sys.stderr, flush=True)
+            if (cfg.save_every and (step + 1) % cfg.save_every == 0) or step + 1 == cfg.steps \
+                    or (stop_after is not None and step + 1 == stop_after):
+                save_checkpoint(ckpt, model, optimizer, scheduler, loader, step + 1, cfg, cfg.data)
+            if stop_after is not None and step + 1 == stop_after:
+                break
+    finally:
+        metrics_file.close()
+        if cfg.progress:
+            print(file=sys.stderr)
+    return {"steps": step + 1, "val_loss": last_eval, "parscale_n": p, "tokens": (step + 1) * tokens_per_step,
+            "seconds": time.perf_counter() - t0, "checkpoint": str(ckpt)}
