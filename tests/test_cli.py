@@ -32,3 +32,20 @@ def test_errors_are_one_line(tmp_path, capsys):
                  "--streams", "2"]) == 2
     assert "already has parscale_n=2" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_demo_data_train_end_to_end(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--steps", "3", "--corpus-mb", "1", "--vocab-size", "400"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert set(report["runs"]) == {"P=1", "P=4"}
+    assert all(r["val_loss"] > 0 and r["tokens"] == 3 * 16 * 128 for r in report["runs"].values())
+    assert (out / "loss.png").stat().st_size > 5_000
+    # the CLI pieces on their own: data from the demo corpus with its tokenizer, then a resumed run
+    assert main(["data", str(out / "corpus"), "--glob", "*.py", "--out", str(tmp_path / "d"),
+                 "--tokenizer", str(out / "data")]) == 0
+    args = ["train", "--data", str(tmp_path / "d"), "--out", str(tmp_path / "t"), "--steps", "2",
+            "--batch-size", "2", "--seq-len", "16", "--streams", "2", "--n-tokens", "4"]
+    assert main(args) == 0
+    assert main(args[:-6] + ["--steps", "3", "--batch-size", "2", "--seq-len", "16", "--resume"]) == 0
+    assert len((tmp_path / "t" / "metrics.jsonl").read_text().splitlines()) == 3

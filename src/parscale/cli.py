@@ -1,6 +1,8 @@
 """The `parscale` command: one sub-command per job.
 
-    parscale demo                                   build a tiny P=4 model, save it, generate from it
+    parscale demo                                   the built-in default: train tiny P=1 and P=4 models on the stdlib
+    parscale data SOURCES --out DIR                     token shards + manifest (and a BPE tokenizer)
+    parscale train --data DIR --out DIR [--streams P]   train, resumable
     parscale new --preset tiny --streams 4 --out DIR    a freshly initialised model folder
     parscale info --model DIR [--batch B --length T]    config, parameter counts, memory
     parscale generate --model DIR --prompt "..."        streamed text
@@ -141,15 +143,127 @@ def cmd_convert(args):
 
 
 @command
+def cmd_data(args):
+    """Tokenise text sources into shards + manifest (training a BPE tokenizer unless one is given)."""
+    from parscale.data import build_shards, iter_texts
+    from parscale.tokenizer import train_bpe
+
+    if args.tokenizer:
+        import parscale
+
+        tok = parscale.load_tokenizer(args.tokenizer)
+    else:
+        print(f"[data] training a {args.vocab_size}-token byte-level BPE", file=sys.stderr)
+        tok = train_bpe(iter_texts(args.sources, glob=args.glob, text_field=args.text_field), args.vocab_size)
+    m = build_shards(args.sources, args.out, tok, glob=args.glob, text_field=args.text_field,
+                     val_fraction=args.val_fraction)
+    print(f"wrote {args.out}: {m['train_tokens']:,} train / {m['val_tokens']:,} validation tokens "
+          f"({m['train_documents']} / {m['val_documents']} documents, {m['dtype']})")
+
+
+def _train_config(args):
+    from parscale.train import TrainConfig
+
+    fields = {f for f in TrainConfig.__dataclass_fields__}
+    return TrainConfig(**{k: v for k, v in vars(args).items() if k in fields and v is not None})
+
+
+@command
+def cmd_train(args):
+    """Train a model (preset from scratch, or a checkpoint; P streams) on token shards."""
+    from parscale.train import train
+
+    result = train(_train_config(args), resume=args.resume)
+    print(json.dumps(result, indent=1))
+
+
+def _stdlib_sources(limit_bytes: int) -> list[Path]:
+    """Python files of the running interpreter's standard library (no tests), up to limit_bytes."""
+    import sysconfig
+
+    root = Path(sysconfig.get_paths()["stdlib"])
+    chosen, total = [], 0
+    for f in sorted(root.rglob("*.py")):
+        rel = f.relative_to(root).parts
+        # Tests, vendored packages and generated tables (codec maps, pydoc topics) are left out.
+        if any(part in ("test", "tests", "idle_test", "site-packages", "encodings", "pydoc_data", "lib2to3")
+               for part in rel):
+            continue
+        size = f.stat().st_size
+        if total + size > limit_bytes:
+            continue
+        chosen.append(f)
+        total += size
+    return chosen
+
+
+@command
 def cmd_demo(args):
-    """Build a tiny P=4 model on the fly, save it, reload it and generate (random weights)."""
+    """The built-in default: stdlib corpus -> BPE -> shards -> train P=1 and P=4 alike -> losses, samples, report."""
+    import shutil
+
+    import torch
+
+    import parscale
+    from parscale.data import build_shards
+    from parscale.tokenizer import train_bpe
+    from parscale.train import TrainConfig, train
+
     out = Path(args.out)
-    print(f"[demo] building a tiny P=4 model in {out}")
-    cmd_new(argparse.Namespace(preset="tiny", streams=4, n_tokens=None, seed=0, out=out, dtype=None))
-    cmd_info(argparse.Namespace(model=out, batch=1, length=64, dtype="float32", json=False))
-    print("[demo] generating 32 tokens (random weights, so the text is noise):")
-    cmd_generate(argparse.Namespace(model=out, prompt="def hello():", max_new_tokens=32, temperature=0.0,
-                                    top_k=None, top_p=None, seed=0, dtype=None, device=None))
+    corpus = out / "corpus"
+    if corpus.exists():
+        shutil.rmtree(corpus)
+    corpus.mkdir(parents=True)
+    files = _stdlib_sources(args.corpus_mb * 2**20)
+    for f in files:  # one flat folder of the chosen files, named by their path in the stdlib
+        (corpus / "__".join(f.parts[-3:])).write_text(f.read_text(encoding="utf-8", errors="replace"))
+    print(f"[demo] corpus: {len(files)} standard-library files of Python {sys.version.split()[0]} in {corpus}")
+    texts = [p.read_text() for p in sorted(corpus.glob("*.py"))]
+    tok = train_bpe(texts, args.vocab_size)
+    manifest = build_shards([corpus], out / "data", tok, glob="*.py", val_fraction=0.1)
+    print(f"[demo] {manifest['train_tokens']:,} training / {manifest['val_tokens']:,} validation tokens")
+    report = {"corpus_files": len(files), "train_tokens": manifest["train_tokens"],
+              "val_tokens": manifest["val_tokens"], "vocab_size": tok.get_vocab_size(), "runs": {}}
+    prompt = "def "
+    for p in (1, 4):
+        cfg = TrainConfig(model="demo", streams=p, data=str(out / "data"), out=str(out / f"p{p}"), steps=args.steps,
+                          batch_size=16, seq_len=128, lr=3e-3, warmup=20, eval_every=max(1, args.steps // 5),
+                          eval_batches=8, save_every=0, seed=0)
+        result = train(cfg)
+        model = parscale.load(out / f"p{p}" / "checkpoint" / "model")
+        ids = torch.tensor([tok.encode(prompt).ids])
+        new = parscale.generate(model, ids, max_new_tokens=48, eos_token_id=manifest["eos_id"])
+        sample = tok.decode(new[0].tolist())
+        counts = model.config.param_counts()
+        report["runs"][f"P={p}"] = {"val_loss": result["val_loss"], "seconds": result["seconds"],
+                                    "tokens": result["tokens"], "params_non_embedding": counts["non_embedding"],
+                                    "sample": prompt + sample}
+        print(f"[demo] P={p}: held-out loss {result['val_loss']:.4f} after {result['tokens']:,} tokens "
+              f"({result['seconds']:.0f} s); sample:\n{prompt}{sample}\n")
+    _demo_plot(out, report)
+    (out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
+    print(f"[demo] report: {out / 'report.json'}, plot: {out / 'loss.png'}")
+
+
+def _demo_plot(out: Path, report: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name in report["runs"]:
+        rows = [json.loads(line) for line in (out / f"p{name[2:]}" / "metrics.jsonl").read_text().splitlines()]
+        ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], lw=0.8, label=f"{name} train")
+        ev = [r for r in rows if "val_loss" in r]
+        ax.plot([r["step"] for r in ev], [r["val_loss"] for r in ev], "o--", label=f"{name} held-out")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out / "loss.png", dpi=110)
+    plt.close(fig)
 
 
 @command
@@ -327,6 +441,32 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help=cmd_demo.__doc__)
     p.add_argument("--out", default="runs/demo", help="folder for the demo's outputs")
+    p.add_argument("--steps", type=int, default=200, help="training steps per model")
+    p.add_argument("--corpus-mb", type=int, default=4, help="standard-library source to use (MiB)")
+    p.add_argument("--vocab-size", type=int, default=4096)
+
+    p = sub.add_parser("data", help=cmd_data.__doc__)
+    p.add_argument("sources", nargs="+", help="files, folders or JSONL files")
+    p.add_argument("--out", required=True)
+    p.add_argument("--glob", default="**/*.txt")
+    p.add_argument("--text-field", default="text")
+    p.add_argument("--tokenizer", default=None, help="a tokenizer.json (or a folder holding one)")
+    p.add_argument("--vocab-size", type=int, default=8192)
+    p.add_argument("--val-fraction", type=float, default=0.05)
+
+    p = sub.add_parser("train", help=cmd_train.__doc__)
+    p.add_argument("--model", default="tiny", help="preset name or checkpoint folder")
+    p.add_argument("--streams", type=int, default=None)
+    p.add_argument("--n-tokens", dest="n_tokens", type=int, default=None)
+    p.add_argument("--data", required=True)
+    p.add_argument("--out", required=True)
+    for name, typ in (("steps", int), ("batch_size", int), ("seq_len", int), ("grad_accum", int), ("lr", float),
+                      ("warmup", int), ("weight_decay", float), ("grad_clip", float), ("eval_every", int),
+                      ("save_every", int), ("seed", int)):
+        p.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, default=None)
+    p.add_argument("--schedule", choices=["cosine", "wsd"], default=None)
+    p.add_argument("--device", default=None)
+    p.add_argument("--resume", action="store_true")
 
     p = sub.add_parser("new", help=cmd_new.__doc__)
     p.add_argument("--preset", default="tiny")

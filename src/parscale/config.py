@@ -221,6 +221,8 @@ PRESETS: dict[str, dict] = {
     "tiny-qwen3": dict(family="qwen3", vocab_size=512, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
                        num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=512,
                        parscale_n_tokens=8),
+    "demo": dict(family="qwen2", vocab_size=4096, hidden_size=128, intermediate_size=352, num_hidden_layers=4,
+                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, parscale_n_tokens=8),
     "small": dict(family="qwen2", vocab_size=8192, hidden_size=256, intermediate_size=704, num_hidden_layers=6,
                   num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=1024, parscale_n_tokens=16),
 }
