@@ -1,6 +1,7 @@
 """Data shards and the training loop: determinism, resume = uninterrupted, divergence, loss trace."""
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -114,3 +115,51 @@ def test_loss_trace_is_reproduced(data_dir, tmp_path):
     assert TRACE.exists(), f"missing {TRACE}: write it from a trusted run ('step loss' per line)"
     expected = [float(line.split()[1]) for line in TRACE.read_text().splitlines()]
     assert losses == pytest.approx(expected, abs=2e-4)
+
+
+def test_frozen_backbone_adapters_switch_p(data_dir, tmp_path):
+    from parscale.adapter import backbone_checksum, load_adapter
+
+    train(_cfg(data_dir, tmp_path / "base", streams=1, steps=6))
+    base_dir = tmp_path / "base" / "checkpoint" / "model"
+    for p in (2, 4):
+        train(_cfg(data_dir, tmp_path / f"a{p}", model=str(base_dir), streams=p, trainable="parscale", steps=6))
+        files = sorted(f.name for f in (tmp_path / f"a{p}" / "adapter").iterdir())
+        assert files == ["adapter.safetensors", "adapter_config.json"]
+    backbone = parscale.load(base_dir)
+    before = {k: v.clone() for k, v in backbone.state_dict().items()}
+    ids = torch.randint(0, backbone.config.vocab_size, (2, 9))
+    plain = backbone(ids)
+    models = {p: load_adapter(backbone, tmp_path / f"a{p}" / "adapter") for p in (2, 4)}
+    for p, m in models.items():
+        assert m.config.parscale_n == p
+        assert m.model.embed_tokens.weight.data_ptr() == backbone.model.embed_tokens.weight.data_ptr()  # shared
+        full = parscale.load(tmp_path / f"a{p}" / "checkpoint" / "model")
+        torch.testing.assert_close(m(ids), full(ids))
+        assert backbone_checksum(full) == backbone_checksum(backbone)  # training left the backbone untouched
+    assert all(torch.equal(v, before[k]) for k, v in backbone.state_dict().items())
+    assert torch.equal(backbone(ids), plain)  # P = 1 is the plain backbone under every adapter
+    assert not torch.allclose(models[2](ids), models[4](ids))
+
+
+def test_adapter_refuses_another_backbone(data_dir, tmp_path):
+    from parscale.adapter import load_adapter
+    from parscale.checkpoint import CheckpointError
+
+    train(_cfg(data_dir, tmp_path / "base", streams=1, steps=3))
+    base_dir = tmp_path / "base" / "checkpoint" / "model"
+    train(_cfg(data_dir, tmp_path / "a2", model=str(base_dir), streams=2, trainable="parscale", steps=3))
+    other = parscale.load(base_dir)
+    with torch.no_grad():
+        other.model.norm.weight.add_(1.0)
+    with pytest.raises(CheckpointError, match="another backbone"):
+        load_adapter(other, tmp_path / "a2" / "adapter")
+
+
+def test_two_stage_from_p1_checkpoint(data_dir, tmp_path):
+    train(_cfg(data_dir, tmp_path / "s1", streams=1, steps=6))
+    result = train(_cfg(data_dir, tmp_path / "s2", model=str(tmp_path / "s1" / "checkpoint" / "model"), streams=4,
+                        steps=4))
+    assert result["parscale_n"] == 4
+    rec = [json.loads(line) for line in (tmp_path / "s2" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rec[-1]["stream_weight_mean"]) == 4 and all(math.isfinite(r["loss"]) for r in rec)

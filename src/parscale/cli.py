@@ -102,6 +102,10 @@ def cmd_generate(args):
     from parscale.tokenizer import eos_id
 
     model = parscale.load(args.model, dtype=args.dtype, device=args.device)
+    if args.adapter:
+        from parscale.adapter import load_adapter
+
+        model = load_adapter(model, args.adapter)
     tok = parscale.load_tokenizer(args.model)
     if not args.prompt:
         raise SystemExit("error: the prompt is empty")
@@ -465,6 +469,8 @@ def build_parser() -> argparse.ArgumentParser:
                       ("save_every", int), ("seed", int)):
         p.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, default=None)
     p.add_argument("--schedule", choices=["cosine", "wsd"], default=None)
+    p.add_argument("--trainable", choices=["all", "parscale"], default=None,
+                   help="parscale: frozen backbone, train prefixes + aggregator only (writes OUT/adapter)")
     p.add_argument("--device", default=None)
     p.add_argument("--resume", action="store_true")
 
@@ -486,6 +492,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help=cmd_generate.__doc__)
     p.add_argument("--model", required=True)
     p.add_argument("--prompt", required=True)
+    p.add_argument("--adapter", default=None, help="a frozen-backbone adapter folder to put on --model")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=None)

@@ -4,7 +4,10 @@
     train(cfg)                        # or: parscale train --model tiny --streams 4 --data runs/data ...
 
 - The model is a preset (built from scratch with the data's vocabulary) or a checkpoint folder; a
-  P = 1 folder with --streams P > 1 gets fresh prefixes and aggregator (convert.add_streams).
+  P = 1 folder with --streams P > 1 gets fresh prefixes and aggregator (convert.add_streams): the
+  second stage of the two-stage recipe, all parameters training under the run's own warm-up.
+- trainable='parscale' freezes the backbone (adapter.mark_only_parscale_trainable): only prefixes and
+  aggregator train, and {out}/adapter holds just those tensors plus the backbone's checksum.
 - AdamW (fused on CUDA) with weight decay on matrices only (not on norms, biases or prefixes),
   linear warm-up then cosine to min_lr_ratio·lr, or warm-up-stable-decay (last 20% linear decay);
   gradient clipping; gradient accumulation; bf16 autocast on CUDA, fp32 on CPU.
@@ -34,6 +37,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .adapter import mark_only_parscale_trainable, save_adapter
 from .checkpoint import load, replace_dir, save
 from .config import PRESETS, ModelConfig
 from .convert import add_streams
@@ -50,6 +54,8 @@ class TrainConfig:
     model: str = "tiny"
     """A preset name (built from scratch) or a checkpoint folder to start from."""
     streams: int = 1
+    trainable: str = "all"
+    """'all', or 'parscale': a frozen backbone, only prefixes and aggregator train (saved as an adapter)."""
     n_tokens: int | None = None
     smooth: float = 0.1
     data: str = "runs/data"
@@ -183,6 +189,10 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None)
         state = None
         out.mkdir(parents=True, exist_ok=True)
         (out / "metrics.jsonl").write_text("")
+    if cfg.trainable == "parscale":
+        mark_only_parscale_trainable(model)
+    elif cfg.trainable != "all":
+        raise ValueError(f"trainable must be 'all' or 'parscale', got {cfg.trainable!r}")
     model.train()
     optimizer = build_optimizer(model, cfg, device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(cfg, s))
@@ -236,6 +246,8 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None)
             if (cfg.save_every and (step + 1) % cfg.save_every == 0) or step + 1 == cfg.steps \
                     or (stop_after is not None and step + 1 == stop_after):
                 save_checkpoint(ckpt, model, optimizer, scheduler, loader, step + 1, cfg, cfg.data)
+            if cfg.trainable == "parscale" and step + 1 == cfg.steps:
+                save_adapter(model, out / "adapter", backbone=cfg.model)
             if stop_after is not None and step + 1 == stop_after:
                 break
     finally:
