@@ -163,3 +163,17 @@ def test_two_stage_from_p1_checkpoint(data_dir, tmp_path):
     assert result["parscale_n"] == 4
     rec = [json.loads(line) for line in (tmp_path / "s2" / "metrics.jsonl").read_text().splitlines()]
     assert len(rec[-1]["stream_weight_mean"]) == 4 and all(math.isfinite(r["loss"]) for r in rec)
+
+
+def test_prefix_reparam_trains_merges_and_resumes(data_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    cfg = dict(streams=2, prefix_reparam=True, reparam_latent=8, reparam_hidden=16)
+    train(_cfg(data_dir, tmp_path / "full", **cfg))
+    train(_cfg(data_dir, tmp_path / "part", **cfg), stop_after=5)
+    train(_cfg(data_dir, tmp_path / "part", **cfg), resume=True)
+    assert _losses(tmp_path / "part") == pytest.approx(_losses(tmp_path / "full"), abs=1e-6)
+    keys = load_file(str(tmp_path / "full" / "checkpoint" / "model" / "model.safetensors")).keys()
+    assert not any("parametrizations" in k for k in keys) and "model.layers.0.self_attn.prefix_k" in keys
+    model = parscale.load(tmp_path / "full" / "checkpoint" / "model")
+    assert torch.isfinite(model(torch.ones(1, 5, dtype=torch.long))).all()

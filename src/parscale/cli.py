@@ -469,6 +469,8 @@ def build_parser() -> argparse.ArgumentParser:
                       ("save_every", int), ("seed", int)):
         p.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, default=None)
     p.add_argument("--schedule", choices=["cosine", "wsd"], default=None)
+    p.add_argument("--prefix-reparam", dest="prefix_reparam", action="store_true", default=None,
+                   help="train prefixes through an MLP from per-stream latents (merged when saving)")
     p.add_argument("--trainable", choices=["all", "parscale"], default=None,
                    help="parscale: frozen backbone, train prefixes + aggregator only (writes OUT/adapter)")
     p.add_argument("--device", default=None)

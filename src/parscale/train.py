@@ -17,6 +17,8 @@
   data position, step, config). It is written to a temporary folder and renamed, so a process killed
   while saving leaves the previous checkpoint usable. `resume=True` continues from it and reproduces the
   loss trace of an uninterrupted run.
+- prefix_reparam=True trains the prefixes through a small MLP (reparam.py); checkpoints hold the
+  merged prefixes (released format) and trainer.pt the MLP, so resuming continues the reparameterisation.
 - A NaN or inf loss stops training with TrainingDiverged; the last good checkpoint stays.
 """
 
@@ -43,6 +45,7 @@ from .config import PRESETS, ModelConfig
 from .convert import add_streams
 from .data import TokenLoader
 from .model import build_model
+from .reparam import enable_prefix_reparam, load_reparam_state, merged_copy, reparam_state
 
 
 class TrainingDiverged(RuntimeError):
@@ -58,6 +61,10 @@ class TrainConfig:
     """'all', or 'parscale': a frozen backbone, only prefixes and aggregator train (saved as an adapter)."""
     n_tokens: int | None = None
     smooth: float = 0.1
+    prefix_reparam: bool = False
+    """Produce the prefixes by a small MLP from per-stream latents while training (reparam.py)."""
+    reparam_latent: int = 64
+    reparam_hidden: int = 256
     data: str = "runs/data"
     out: str = "runs/train"
     steps: int = 200
@@ -158,10 +165,10 @@ def save_checkpoint(folder: Path, model, optimizer, scheduler, loader, step: int
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
     try:
-        save(model, tmp / "model", tokenizer_from=tokenizer_dir)
+        save(merged_copy(model), tmp / "model", tokenizer_from=tokenizer_dir)
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
-                    "loader": loader.state_dict(), "rng": _rng_state(), "config": dataclasses.asdict(cfg)},
-                   tmp / "trainer.pt")
+                    "loader": loader.state_dict(), "rng": _rng_state(), "config": dataclasses.asdict(cfg),
+                    "reparam": reparam_state(model)}, tmp / "trainer.pt")
         replace_dir(tmp, folder)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -189,6 +196,10 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None)
         state = None
         out.mkdir(parents=True, exist_ok=True)
         (out / "metrics.jsonl").write_text("")
+    if cfg.prefix_reparam:
+        enable_prefix_reparam(model, cfg.reparam_latent, cfg.reparam_hidden, seed=cfg.seed)
+        if state is not None:
+            load_reparam_state(model, state["reparam"])
     if cfg.trainable == "parscale":
         mark_only_parscale_trainable(model)
     elif cfg.trainable != "all":
@@ -247,7 +258,7 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None)
                     or (stop_after is not None and step + 1 == stop_after):
                 save_checkpoint(ckpt, model, optimizer, scheduler, loader, step + 1, cfg, cfg.data)
             if cfg.trainable == "parscale" and step + 1 == cfg.steps:
-                save_adapter(model, out / "adapter", backbone=cfg.model)
+                save_adapter(merged_copy(model), out / "adapter", backbone=cfg.model)
             if stop_after is not None and step + 1 == stop_after:
                 break
     finally:

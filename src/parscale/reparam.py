@@ -1,0 +1,87 @@
+"""Prefix reparameterisation for training: each stream's prefixes produced by a small MLP.
+
+The released checkpoints hold merged prefixes; the authors trained them through a reparameterisation
+(their issue #1), which also avoids the unstable raw-prefix training users reported (issue #2). Here
+every attention layer's `prefix_k` and `prefix_v` becomes, through `torch.nn.utils.parametrize`,
+
+    prefix = Linear(hidden → kv_heads·head_dim)(tanh(Linear(d_latent → hidden)(latent)))
+
+with a learned latent [P, n_tokens, d_latent] per layer and tensor. The model's code is unchanged
+(a parametrization is applied from outside), and `merged_copy(model)` returns the model with plain
+prefix parameters again, which is what checkpoints and adapters store. The last layer is scaled at
+start so the produced prefixes have the standard deviation the plain prefixes had.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+
+class PrefixMLP(nn.Module):
+    def __init__(self, prefix: torch.Tensor, d_latent: int = 64, hidden: int = 256, seed: int = 0):
+        super().__init__()
+        p, kv, n, hd = prefix.shape
+        self.shape = (p, kv, n, hd)
+        gen = torch.Generator().manual_seed(seed)
+        self.latent = nn.Parameter(torch.randn(p, n, d_latent, generator=gen))
+        self.up = nn.Linear(d_latent, hidden)
+        self.out = nn.Linear(hidden, kv * hd)
+        with torch.no_grad():
+            for layer in (self.up, self.out):
+                layer.weight.copy_(torch.randn(layer.weight.shape, generator=gen) / layer.weight.shape[1] ** 0.5)
+                layer.bias.zero_()
+            target = prefix.detach().float().std().clamp_min(1e-6)
+            self.out.weight.mul_(target / self._produce().std())
+        self.to(device=prefix.device, dtype=prefix.dtype)
+
+    def _produce(self) -> torch.Tensor:
+        p, kv, n, hd = self.shape
+        return self.out(torch.tanh(self.up(self.latent))).view(p, n, kv, hd).transpose(1, 2)
+
+    def forward(self, _stored: torch.Tensor) -> torch.Tensor:
+        return self._produce()
+
+
+def enable_prefix_reparam(model, d_latent: int = 64, hidden: int = 256, seed: int = 0) -> None:
+    if model.config.parscale_n == 1:
+        raise ValueError("prefix reparameterisation needs P > 1")
+    for i, layer in enumerate(model.model.layers):
+        attn = layer.self_attn
+        for j, name in enumerate(("prefix_k", "prefix_v")):
+            mlp = PrefixMLP(getattr(attn, name), d_latent, hidden, seed=seed * 1000 + 2 * i + j)
+            parametrize.register_parametrization(attn, name, mlp)
+
+
+def has_prefix_reparam(model) -> bool:
+    return any(parametrize.is_parametrized(layer.self_attn) for layer in model.model.layers)
+
+
+def merged_copy(model):
+    """A copy of the model with the produced prefixes stored as plain parameters (released format)."""
+    if not has_prefix_reparam(model):
+        return model
+    merged = copy.deepcopy(model)
+    for layer in merged.model.layers:
+        for name in ("prefix_k", "prefix_v"):
+            parametrize.remove_parametrizations(layer.self_attn, name, leave_parametrized=True)
+    return merged
+
+
+def reparam_state(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if ".parametrizations." in k
+            and not k.endswith(".original")}
+
+
+def load_reparam_state(model, state: dict[str, torch.Tensor]) -> None:
+    own = {k: v for k, v in model.state_dict(keep_vars=True).items() if ".parametrizations." in k
+           and not k.endswith(".original")}
+    if set(own) != set(state):
+        raise ValueError(f"reparameterisation state does not match the model: missing {sorted(set(own) - set(state))}, "
+                         f"unexpected {sorted(set(state) - set(own))}")
+    with torch.no_grad():
+        for k, v in state.items():
+            own[k].copy_(v)
