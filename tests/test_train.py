@@ -92,16 +92,16 @@ def test_resume_equals_uninterrupted(data_dir, tmp_path):
 
 
 def test_divergence_stops_and_keeps_checkpoint(data_dir, tmp_path, monkeypatch):
-    import parscale.train as train_module
+    from parscale.distributed import LossModule
 
-    real, calls = train_module._loss_and_weights, []
+    real, calls = LossModule.forward, []
 
-    def poisoned(model, x, y, autocast):
-        loss, weights = real(model, x, y, autocast)
+    def poisoned(self, x, y):
+        loss, weights = real(self, x, y)
         calls.append(1)
         return (loss * float("nan") if len(calls) == 7 else loss), weights
 
-    monkeypatch.setattr(train_module, "_loss_and_weights", poisoned)
+    monkeypatch.setattr(LossModule, "forward", poisoned)
     with pytest.raises(TrainingDiverged, match="loss became nan at step"):
         train(_cfg(data_dir, tmp_path / "run", save_every=2, eval_every=0))
     state = torch.load(tmp_path / "run" / "checkpoint" / "trainer.pt", weights_only=False)
@@ -177,3 +177,28 @@ def test_prefix_reparam_trains_merges_and_resumes(data_dir, tmp_path):
     assert not any("parametrizations" in k for k in keys) and "model.layers.0.self_attn.prefix_k" in keys
     model = parscale.load(tmp_path / "full" / "checkpoint" / "model")
     assert torch.isfinite(model(torch.ones(1, 5, dtype=torch.long))).all()
+
+
+def test_torchrun_two_processes_match_one(data_dir, tmp_path):
+    """DDP over gloo with 2 processes and the same global batch gives the single-process losses."""
+    import os
+    import subprocess
+    import sys
+
+    args = ["train", "--model", "tiny", "--streams", "2", "--n-tokens", "4", "--data", str(data_dir), "--steps", "4",
+            "--batch-size", "4", "--seq-len", "32", "--eval-every", "0", "--save-every", "0"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, "-m", "parscale.cli", *args, "--out", str(tmp_path / "one")], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "-m", "parscale.cli", *args, "--out", str(tmp_path / "two")], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-2000:]
+    assert _losses(tmp_path / "two") == pytest.approx(_losses(tmp_path / "one"), abs=1e-5)
+    # a checkpoint written by 2 processes resumes in 1
+    cont = subprocess.run([sys.executable, "-m", "parscale.cli", *args[:-6], "--steps", "6", "--seq-len", "32",
+                           "--eval-every", "0", "--save-every", "0", "--out", str(tmp_path / "two"), "--resume"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert cont.returncode == 0, cont.stderr[-2000:]
+    assert len(_losses(tmp_path / "two")) == 6

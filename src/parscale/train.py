@@ -19,6 +19,7 @@
   loss trace of an uninterrupted run.
 - prefix_reparam=True trains the prefixes through a small MLP (reparam.py); checkpoints hold the
   merged prefixes (released format) and trainer.pt the MLP, so resuming continues the reparameterisation.
+- Under torchrun the same entry point trains with DDP (distributed.py); --batch-size is global.
 - A NaN or inf loss stops training with TrainingDiverged; the last good checkpoint stays.
 """
 
@@ -37,13 +38,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .adapter import mark_only_parscale_trainable, save_adapter
 from .checkpoint import load, replace_dir, save
 from .config import PRESETS, ModelConfig
 from .convert import add_streams
 from .data import TokenLoader
+from .distributed import LossModule, barrier, mean_across_ranks, setup
 from .model import build_model
 from .reparam import enable_prefix_reparam, load_reparam_state, merged_copy, reparam_state
 
@@ -126,19 +127,12 @@ def _initial_model(cfg: TrainConfig, vocab_size: int, eos_id: int):
     return model
 
 
-def _loss_and_weights(model, x, y, autocast: bool):
-    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
-        hidden, weights = model.forward_hidden(x)
-        logits = model.lm_head(hidden)
-    return F.cross_entropy(logits.float().flatten(0, 1), y.flatten()), weights
-
-
 @torch.no_grad()
 def evaluate_loss(model, loader: TokenLoader, batches: int, device, autocast: bool) -> float:
     model.eval()
     total, n = 0.0, 0
     for x, y in loader.windows(limit=batches * loader.batch_size):
-        loss, _ = _loss_and_weights(model, x.to(device), y.to(device), autocast)
+        loss, _ = LossModule(model, autocast)(x.to(device), y.to(device))
         total += float(loss) * x.numel()
         n += x.numel()
     model.train()
@@ -177,8 +171,14 @@ def save_checkpoint(folder: Path, model, optimizer, scheduler, loader, step: int
 
 def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None) -> dict:
     """Run (or resume) training; returns a summary. stop_after ends early after that step (for tests)."""
-    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    rank, world, local_rank = setup()
+    device = torch.device(cfg.device or (f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     autocast = device.type == "cuda"
+    if cfg.batch_size % world:
+        raise ValueError(f"--batch-size {cfg.batch_size} (global) is not divisible by {world} processes")
+    local = cfg.batch_size // world
     out = Path(cfg.out)
     ckpt = out / "checkpoint"
     torch.manual_seed(cfg.seed)
@@ -194,8 +194,10 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None)
             print(f"[train] no checkpoint in {ckpt}; starting from scratch", file=sys.stderr)
         model = _initial_model(cfg, loader.manifest["vocab_size"], loader.manifest["eos_id"]).to(device)
         state = None
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "metrics.jsonl").write_text("")
+        if rank == 0:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "metrics.jsonl").write_text("")
+        barrier(world)
     if cfg.prefix_reparam:
         enable_prefix_reparam(model, cfg.reparam_latent, cfg.reparam_hidden, seed=cfg.seed)
         if state is not None:
@@ -213,8 +215,12 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None)
         loader.load_state_dict(state["loader"])
         _set_rng_state(state["rng"])
     p = model.config.parscale_n
+    step_fn = LossModule(model, autocast)
+    if world > 1:
+        step_fn = torch.nn.parallel.DistributedDataParallel(step_fn, device_ids=[device] if device.type == "cuda"
+                                                            else None)
     tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum
-    metrics_file = open(out / "metrics.jsonl", "a")
+    metrics_file = open(out / "metrics.jsonl", "a") if rank == 0 else None
     t0, last_eval = time.perf_counter(), None
     step = start_step
     try:
@@ -223,13 +229,15 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None)
             optimizer.zero_grad(set_to_none=True)
             loss_sum, weights_sum = 0.0, None
             for _ in range(cfg.grad_accum):
-                x, y = loader.next_batch()
-                loss, weights = _loss_and_weights(model, x.to(device), y.to(device), autocast)
+                x, y = loader.next_batch()  # the global batch; this rank keeps its slice
+                x, y = x[rank * local : (rank + 1) * local], y[rank * local : (rank + 1) * local]
+                loss, weights = step_fn(x.to(device), y.to(device))
                 (loss / cfg.grad_accum).backward()
                 loss_sum += float(loss.detach()) / cfg.grad_accum
                 if weights is not None:
                     w = weights.detach().float().flatten(0, 1)
                     weights_sum = w if weights_sum is None else torch.cat([weights_sum, w])
+            loss_sum = mean_across_ranks(loss_sum, world, device)
             if not math.isfinite(loss_sum):
                 raise TrainingDiverged(f"loss became {loss_sum} at step {step + 1}; the last good checkpoint "
                                        f"is kept in {ckpt}")
@@ -246,9 +254,10 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None)
             if cfg.eval_every and (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
                 last_eval = evaluate_loss(model, val, cfg.eval_batches, device, autocast)
                 record["val_loss"] = last_eval
-            metrics_file.write(json.dumps(record) + "\n")
-            metrics_file.flush()
-            if cfg.progress:
+            if rank == 0:
+                metrics_file.write(json.dumps(record) + "\n")
+                metrics_file.flush()
+            if cfg.progress and rank == 0:
                 done = step + 1 - start_step
                 eta = (time.perf_counter() - t0) / done * (cfg.steps - step - 1)
                 val_text = f" val {last_eval:.4f}" if last_eval is not None else ""
@@ -256,14 +265,17 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None)
                       f"{record['tokens_per_s']:,.0f} tok/s ETA {eta:.0f}s", end="", file=sys.stderr, flush=True)
             if (cfg.save_every and (step + 1) % cfg.save_every == 0) or step + 1 == cfg.steps \
                     or (stop_after is not None and step + 1 == stop_after):
-                save_checkpoint(ckpt, model, optimizer, scheduler, loader, step + 1, cfg, cfg.data)
-            if cfg.trainable == "parscale" and step + 1 == cfg.steps:
+                if rank == 0:
+                    save_checkpoint(ckpt, model, optimizer, scheduler, loader, step + 1, cfg, cfg.data)
+                barrier(world)
+            if cfg.trainable == "parscale" and step + 1 == cfg.steps and rank == 0:
                 save_adapter(merged_copy(model), out / "adapter", backbone=cfg.model)
             if stop_after is not None and step + 1 == stop_after:
                 break
     finally:
-        metrics_file.close()
-        if cfg.progress:
+        if metrics_file is not None:
+            metrics_file.close()
+        if cfg.progress and rank == 0:
             print(file=sys.stderr)
     return {"steps": step + 1, "val_loss": last_eval, "parscale_n": p, "tokens": (step + 1) * tokens_per_step,
             "seconds": time.perf_counter() - t0, "checkpoint": str(ckpt)}

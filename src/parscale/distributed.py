@@ -1,0 +1,56 @@
+"""Data-parallel training under torchrun: process-group set-up and the module DDP wraps.
+
+    torchrun --nproc_per_node=2 -m parscale.cli train --data DIR --out DIR --batch-size 16 ...
+
+`--batch-size` is the global batch: every rank draws the same global batch from the seeded loader and
+keeps its own slice, so the loader position stored in a checkpoint means the same thing for any number
+of processes and a run can resume on a different world size. Rank 0 writes metrics and checkpoints.
+The model stays a plain single-device module; DDP wraps `LossModule` (model + loss) from outside.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+
+def setup() -> tuple[int, int, int]:
+    """(rank, world size, local rank); initialises the process group when started by torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend)
+    if world > 1:
+        return dist.get_rank(), world, int(os.environ.get("LOCAL_RANK", "0"))
+    return 0, 1, 0
+
+
+def mean_across_ranks(value: float, world: int, device) -> float:
+    if world == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return float(t) / world
+
+
+def barrier(world: int) -> None:
+    if world > 1:
+        dist.barrier()
+
+
+class LossModule(nn.Module):
+    """Model + next-token loss in one forward, so DDP sees (and synchronises) the whole step."""
+
+    def __init__(self, model, autocast: bool):
+        super().__init__()
+        self.model, self.autocast = model, autocast
+
+    def forward(self, x, y):
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
+            hidden, weights = self.model.forward_hidden(x)
+            logits = self.model.lm_head(hidden)
+        return F.cross_entropy(logits.float().flatten(0, 1), y.flatten()), weights
