@@ -202,3 +202,27 @@ def test_torchrun_two_processes_match_one(data_dir, tmp_path):
                           env=env, capture_output=True, text=True, timeout=300)
     assert cont.returncode == 0, cont.stderr[-2000:]
     assert len(_losses(tmp_path / "two")) == 6
+
+
+def test_toml_config_with_overrides_and_activation_checkpointing(data_dir, tmp_path):
+    from parscale.cli import main
+
+    (tmp_path / "run.toml").write_text(f'model = "tiny"\nstreams = 2\nn_tokens = 4\ndata = "{data_dir}"\n'
+                                       'steps = 4\nbatch_size = 4\nseq_len = 32\neval_every = 0\nsave_every = 0\n')
+    assert main(["train", "--config", str(tmp_path / "run.toml"), "--out", str(tmp_path / "a"), "--steps", "3"]) == 0
+    saved = json.loads((tmp_path / "a" / "checkpoint" / "train_config.json").read_text())
+    assert saved["steps"] == 3 and saved["streams"] == 2
+    assert main(["train", "--config", str(tmp_path / "run.toml"), "--out", str(tmp_path / "b"), "--steps", "3",
+                 "--activation-checkpointing"]) == 0
+    assert _losses(tmp_path / "b") == pytest.approx(_losses(tmp_path / "a"), abs=1e-6)
+    (tmp_path / "bad.toml").write_text("stepz = 3\n")
+    assert main(["train", "--config", str(tmp_path / "bad.toml")]) == 2
+
+
+def test_mfu_counts_the_p_fold_backbone():
+    from parscale.config import ModelConfig
+    from parscale.train import flops_per_token
+
+    one = flops_per_token(ModelConfig.preset("125m", parscale_n=1), 512)
+    four = flops_per_token(ModelConfig.preset("125m", parscale_n=4), 512)
+    assert 3.5 < four / one < 4.0  # the LM head is shared, the backbone runs 4 times

@@ -166,10 +166,11 @@ def cmd_data(args):
 
 
 def _train_config(args):
-    from parscale.train import TrainConfig
+    from parscale.train import TrainConfig, load_config_file
 
     fields = {f for f in TrainConfig.__dataclass_fields__}
-    return TrainConfig(**{k: v for k, v in vars(args).items() if k in fields and v is not None})
+    base = load_config_file(args.config) if args.config else {}
+    return TrainConfig(**{**base, **{k: v for k, v in vars(args).items() if k in fields and v is not None}})
 
 
 @command
@@ -459,11 +460,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-fraction", type=float, default=0.05)
 
     p = sub.add_parser("train", help=cmd_train.__doc__)
-    p.add_argument("--model", default="tiny", help="preset name or checkpoint folder")
+    p.add_argument("--config", default=None, help="a TOML file of TrainConfig fields; flags override it")
+    p.add_argument("--model", default=None, help="preset name or checkpoint folder (default tiny)")
     p.add_argument("--streams", type=int, default=None)
     p.add_argument("--n-tokens", dest="n_tokens", type=int, default=None)
-    p.add_argument("--data", required=True)
-    p.add_argument("--out", required=True)
+    p.add_argument("--data", default=None)
+    p.add_argument("--out", default=None)
+    p.add_argument("--compile", action="store_true", default=None)
+    p.add_argument("--activation-checkpointing", dest="activation_checkpointing", action="store_true", default=None)
     for name, typ in (("steps", int), ("batch_size", int), ("seq_len", int), ("grad_accum", int), ("lr", float),
                       ("warmup", int), ("weight_decay", float), ("grad_clip", float), ("eval_every", int),
                       ("save_every", int), ("seed", int)):

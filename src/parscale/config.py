@@ -223,6 +223,9 @@ PRESETS: dict[str, dict] = {
                        parscale_n_tokens=8),
     "demo": dict(family="qwen2", vocab_size=4096, hidden_size=128, intermediate_size=352, num_hidden_layers=4,
                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, parscale_n_tokens=8),
+    # GPT-2-small-like width and depth (113M non-embedding parameters), for training-speed measurements.
+    "125m": dict(family="qwen2", vocab_size=4096, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                 num_attention_heads=12, num_key_value_heads=12, max_position_embeddings=2048, parscale_n_tokens=48),
     "small": dict(family="qwen2", vocab_size=8192, hidden_size=256, intermediate_size=704, num_hidden_layers=6,
                   num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=1024, parscale_n_tokens=16),
 }

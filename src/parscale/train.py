@@ -84,7 +84,46 @@ class TrainConfig:
     save_every: int = 100
     seed: int = 0
     device: str | None = None
+    compile: bool = False
+    """torch.compile the training step (applied from outside the model)."""
+    activation_checkpointing: bool = False
+    """Recompute each decoder layer in the backward pass instead of storing its activations."""
     progress: bool = True
+
+
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs per token: 6 × (P × backbone matmul parameters + LM head + aggregator) + attention,
+    i.e. the P-fold backbone work counted, as MFU for ParScale should."""
+    counts = cfg.param_counts()
+    backbone = counts["non_embedding"] - counts["parscale"]
+    lm_head = cfg.vocab_size * cfg.hidden_size
+    aggregator = cfg.parscale_n * cfg.hidden_size * cfg.hidden_size if cfg.parscale_n > 1 else 0
+    attention = 12 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * (seq_len + cfg.prefix_len)
+    return 6 * (cfg.parscale_n * backbone + lm_head + aggregator) + cfg.parscale_n * attention
+
+
+def apply_activation_checkpointing(model) -> None:
+    """Wrap every decoder layer's forward in torch.utils.checkpoint (non-reentrant)."""
+    from torch.utils.checkpoint import checkpoint
+
+    for layer in model.model.layers:
+        inner = layer.forward
+        layer.forward = lambda *a, _f=inner, **k: checkpoint(_f, *a, use_reentrant=False, **k)
+
+
+def load_config_file(path) -> dict:
+    """TrainConfig fields from a TOML file (command-line flags override them)."""
+    import tomllib
+
+    data = tomllib.loads(Path(path).read_text())
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"{path}: unknown training settings {', '.join(unknown)}")
+    return data
 
 
 def lr_factor(cfg: TrainConfig, step: int) -> float:
@@ -160,6 +199,7 @@ def save_checkpoint(folder: Path, model, optimizer, scheduler, loader, step: int
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
     try:
         save(merged_copy(model), tmp / "model", tokenizer_from=tokenizer_dir)
+        (tmp / "train_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1) + "\n")
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
                     "loader": loader.state_dict(), "rng": _rng_state(), "config": dataclasses.asdict(cfg),
                     "reparam": reparam_state(model)}, tmp / "trainer.pt")
@@ -215,11 +255,18 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None)
         loader.load_state_dict(state["loader"])
         _set_rng_state(state["rng"])
     p = model.config.parscale_n
+    if cfg.activation_checkpointing:
+        apply_activation_checkpointing(model)
     step_fn = LossModule(model, autocast)
+    if cfg.compile:
+        step_fn = torch.compile(step_fn)
     if world > 1:
         step_fn = torch.nn.parallel.DistributedDataParallel(step_fn, device_ids=[device] if device.type == "cuda"
                                                             else None)
     tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum
+    token_flops = flops_per_token(model.config, cfg.seq_len)
+    peak = next((v for k, v in PEAK_BF16_FLOPS.items() if device.type == "cuda"
+                 and k in torch.cuda.get_device_name(device)), None)
     metrics_file = open(out / "metrics.jsonl", "a") if rank == 0 else None
     t0, last_eval = time.perf_counter(), None
     step = start_step
@@ -247,6 +294,8 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None)
             elapsed = time.perf_counter() - t_step
             record = {"step": step + 1, "loss": loss_sum, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
                       "tokens": (step + 1) * tokens_per_step, "tokens_per_s": tokens_per_step / elapsed}
+            if peak:
+                record["mfu"] = record["tokens_per_s"] * token_flops / (peak * world)
             if weights_sum is not None:
                 record["stream_weight_mean"] = weights_sum.mean(0).tolist()
                 record["stream_weight_entropy"] = float(-(weights_sum * weights_sum.clamp_min(1e-12).log())

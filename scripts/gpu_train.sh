@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Training speed and multi-GPU checks (benchmarks/README.md, "Training").
+#   bash scripts/gpu_train.sh speed   125M model, P=1 and P=4, with and without torch.compile, one GPU
+#   bash scripts/gpu_train.sh ddp     the same P=4 run on 1 GPU and under torchrun on 2 GPUs
+# Data: the demo's token shards in runs/demo/data (`parscale demo` writes them).
+set -uo pipefail
+export PYTHONPATH=src PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/out}
+common="--model 125m --data runs/demo/data --seq-len 512 --eval-every 0 --save-every 0 --lr 1e-3 --warmup 5"
+summarise() {  # $1 = label, $2 = run folder
+  python3 - "$1" "$2" <<'PY' >> "$OUT/train_runs.jsonl"
+import json, statistics, sys, torch
+rows = [json.loads(l) for l in open(sys.argv[2] + "/metrics.jsonl")][5:]  # skip warm-up / compilation steps
+print(json.dumps({"run": sys.argv[1], "gpu": torch.cuda.get_device_name(0), "torch": torch.__version__,
+                  "steps_measured": len(rows), "tokens_per_s": statistics.median(r["tokens_per_s"] for r in rows),
+                  "mfu": statistics.median(r["mfu"] for r in rows) if "mfu" in rows[0] else None,
+                  "losses": [round(r["loss"], 5) for r in rows]}))
+PY
+}
+case "${1:-speed}" in
+  speed)
+    for p in 1 4; do for c in "" "--compile"; do
+      name="p${p}${c:+_compile}"
+      timeout 280 python3 -m parscale.cli train $common --streams $p --steps 30 --batch-size 16 $c \
+          --out /tmp/$name > "$OUT/$name.log" 2>&1 && summarise "$name" /tmp/$name
+    done; done ;;
+  ddp)
+    timeout 200 python3 -m parscale.cli train $common --streams 4 --steps 20 --batch-size 16 --out /tmp/one \
+        > "$OUT/ddp_one.log" 2>&1 && summarise "1gpu_p4" /tmp/one
+    timeout 200 torchrun --standalone --nproc_per_node=2 -m parscale.cli train $common --streams 4 --steps 20 \
+        --batch-size 16 --out /tmp/two > "$OUT/ddp_two.log" 2>&1 && summarise "2gpu_p4" /tmp/two ;;
+esac
+cat "$OUT/train_runs.jsonl"
