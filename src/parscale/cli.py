@@ -176,10 +176,16 @@ def _train_config(args):
 @command
 def cmd_train(args):
     """Train a model (preset from scratch, or a checkpoint; P streams) on token shards."""
+    import torch.distributed as dist
+
     from parscale.train import train
 
     result = train(_train_config(args), resume=args.resume)
-    print(json.dumps(result, indent=1))
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    if rank == 0:
+        print(json.dumps(result, indent=1))
 
 
 def _stdlib_sources(limit_bytes: int) -> list[Path]:
