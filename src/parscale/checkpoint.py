@@ -28,7 +28,7 @@ import torch
 from safetensors.torch import save_file
 
 from .config import ModelConfig
-from .model import ParScaleForCausalLM, rope_inv_freq
+from .model import ParScaleForCausalLM
 
 SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -171,15 +171,7 @@ def load(path, dtype=None, device=None) -> ParScaleForCausalLM:
     stored = tensors["model.embed_tokens.weight"].dtype
     target = dtype or stored
     state = {k: v.to(device=device, dtype=target if v.is_floating_point() else v.dtype) for k, v in tensors.items()}
-    with torch.device("meta"):
-        model = ParScaleForCausalLM(config)
-    if config.tie_word_embeddings:
-        state["lm_head.weight"] = state["model.embed_tokens.weight"]
-    model.load_state_dict(state, strict=True, assign=True)
-    if config.tie_word_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight
-    model.model.rope_inv_freq = rope_inv_freq(config).to(device)
-    return model.eval()
+    return ParScaleForCausalLM.from_state_dict(config, state, device).eval()
 
 
 def load_tokenizer(path):

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from .config import ModelConfig
-from .model import ParScaleForCausalLM, rope_inv_freq
+from .model import ParScaleForCausalLM
 
 
 def add_streams(model: ParScaleForCausalLM, parscale_n: int, n_tokens: int = 48, smooth: float = 0.1,
@@ -31,9 +31,6 @@ def add_streams(model: ParScaleForCausalLM, parscale_n: int, n_tokens: int = 48,
     for name, param in new.state_dict().items():
         if name not in state:  # a ParScale parameter: materialise, then initialise below
             state[name] = torch.zeros(param.shape, dtype=ref.dtype, device=ref.device)
-    new.load_state_dict(state, strict=True, assign=True)
-    if cfg.tie_word_embeddings:
-        new.lm_head.weight = new.model.embed_tokens.weight
-    new.model.rope_inv_freq = rope_inv_freq(cfg).to(ref.device)
+    new = ParScaleForCausalLM.from_state_dict(cfg, state, ref.device)
     new.init_parscale_parameters(torch.Generator(device="cpu").manual_seed(seed))
     return new.train(model.training)

@@ -209,6 +209,20 @@ class ParScaleForCausalLM(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
+    @classmethod
+    def from_state_dict(cls, config: ModelConfig, state: dict, device=None) -> ParScaleForCausalLM:
+        """A model whose parameters are the given tensors (no copy, no random init); strict."""
+        with torch.device("meta"):
+            model = cls(config)
+        state = dict(state)
+        if config.tie_word_embeddings:
+            state["lm_head.weight"] = state["model.embed_tokens.weight"]
+        model.load_state_dict(state, strict=True, assign=True)
+        if config.tie_word_embeddings:
+            model.lm_head.weight = model.model.embed_tokens.weight
+        model.model.rope_inv_freq = rope_inv_freq(config).to(device or state["model.embed_tokens.weight"].device)
+        return model
+
     # ------------------------------------------------------------------------------------------
     @torch.no_grad()
     def init_weights(self, seed: int | None = None) -> ParScaleForCausalLM:
