@@ -179,8 +179,10 @@ def test_prefix_reparam_trains_merges_and_resumes(data_dir, tmp_path):
     assert torch.isfinite(model(torch.ones(1, 5, dtype=torch.long))).all()
 
 
-def test_torchrun_two_processes_match_one(data_dir, tmp_path):
-    """DDP over gloo with 2 processes and the same global batch gives the single-process losses."""
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_torchrun_two_processes_match_one(data_dir, tmp_path, mode):
+    """DDP / FSDP2 over gloo with 2 processes and the same global batch give the single-process losses,
+    and their checkpoint resumes in one process."""
     import os
     import subprocess
     import sys
@@ -191,8 +193,9 @@ def test_torchrun_two_processes_match_one(data_dir, tmp_path):
     one = subprocess.run([sys.executable, "-m", "parscale.cli", *args, "--out", str(tmp_path / "one")], env=env,
                          capture_output=True, text=True, timeout=300)
     assert one.returncode == 0, one.stderr[-2000:]
+    flags = ["--fsdp"] if mode == "fsdp" else []
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          "-m", "parscale.cli", *args, "--out", str(tmp_path / "two")], env=env,
+                          "-m", "parscale.cli", *args, *flags, "--out", str(tmp_path / "two")], env=env,
                          capture_output=True, text=True, timeout=300)
     assert two.returncode == 0, two.stderr[-2000:]
     assert _losses(tmp_path / "two") == pytest.approx(_losses(tmp_path / "one"), abs=1e-5)
@@ -226,3 +229,20 @@ def test_mfu_counts_the_p_fold_backbone():
     one = flops_per_token(ModelConfig.preset("125m", parscale_n=1), 512)
     four = flops_per_token(ModelConfig.preset("125m", parscale_n=4), 512)
     assert 3.5 < four / one < 4.0  # the LM head is shared, the backbone runs 4 times
+
+
+def test_tensorboard_logging(data_dir, tmp_path):
+    pytest.importorskip("tensorboard")
+    train(_cfg(data_dir, tmp_path / "tb", steps=2, tensorboard=True))
+    assert any((tmp_path / "tb" / "tensorboard").iterdir())
+
+
+def test_adapter_generates_from_the_cli(data_dir, tmp_path, capsys):
+    from parscale.cli import main
+
+    train(_cfg(data_dir, tmp_path / "base", streams=1, steps=2))
+    base = tmp_path / "base" / "checkpoint" / "model"
+    train(_cfg(data_dir, tmp_path / "a", model=str(base), streams=2, trainable="parscale", steps=2))
+    assert main(["generate", "--model", str(base), "--adapter", str(tmp_path / "a" / "adapter"), "--prompt", "def",
+                 "--max-new-tokens", "4"]) == 0
+    assert capsys.readouterr().out.startswith("def")

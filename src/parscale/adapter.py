@@ -38,7 +38,7 @@ def mark_only_parscale_trainable(model) -> list[str]:
     """requires_grad only on prefixes and aggregator; returns the trainable names."""
     names = []
     for name, p in model.named_parameters():
-        p.requires_grad_(is_parscale_parameter(name))
+        p.requires_grad_(is_parscale_parameter(name) and not name.endswith(".original"))
         if p.requires_grad:
             names.append(name)
     if not names:

@@ -473,6 +473,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default=None)
     p.add_argument("--out", default=None)
     p.add_argument("--compile", action="store_true", default=None)
+    p.add_argument("--fsdp", action="store_true", default=None, help="under torchrun: FSDP2 instead of DDP")
+    p.add_argument("--tensorboard", action="store_true", default=None, help="also log to OUT/tensorboard")
     p.add_argument("--activation-checkpointing", dest="activation_checkpointing", action="store_true", default=None)
     for name, typ in (("steps", int), ("batch_size", int), ("seq_len", int), ("grad_accum", int), ("lr", float),
                       ("warmup", int), ("weight_decay", float), ("grad_clip", float), ("eval_every", int),

@@ -54,3 +54,42 @@ class LossModule(nn.Module):
             hidden, weights = self.model.forward_hidden(x)
             logits = self.model.lm_head(hidden)
         return F.cross_entropy(logits.float().flatten(0, 1), y.flatten()), weights
+
+
+def shard_fsdp(loss_module: LossModule, world: int, device: torch.device) -> None:
+    """FSDP2: shard every decoder layer, then the root (embedding, tied LM head, final norm and the
+    aggregator stay together in the root group, so a tied embedding is one sharded tensor)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(device.type, (world,))
+    for layer in loss_module.model.model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(loss_module, mesh=mesh)
+
+
+def _options():
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def full_model_state(loss_module: LossModule) -> dict[str, torch.Tensor]:
+    """The whole model's tensors on the CPU (gathered from every rank under FSDP; call on all ranks)."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    state = get_model_state_dict(loss_module, options=_options())
+    return {k.removeprefix("model."): v for k, v in state.items()}
+
+
+def optimizer_state(loss_module: LossModule, optimizer) -> dict:
+    """Optimizer state keyed by parameter names: the same for 1 process, DDP or FSDP (call on all ranks)."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    return get_optimizer_state_dict(loss_module, optimizer, options=_options())
+
+
+def load_optimizer_state(loss_module: LossModule, optimizer, state: dict) -> None:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(loss_module, optimizer, state, options=StateDictOptions(full_state_dict=True))

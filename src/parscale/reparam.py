@@ -54,6 +54,8 @@ def enable_prefix_reparam(model, d_latent: int = 64, hidden: int = 256, seed: in
         for j, name in enumerate(("prefix_k", "prefix_v")):
             mlp = PrefixMLP(getattr(attn, name), d_latent, hidden, seed=seed * 1000 + 2 * i + j)
             parametrize.register_parametrization(attn, name, mlp)
+            # The stored tensor is ignored while the MLP produces the prefix: it must not train.
+            attn.parametrizations[name].original.requires_grad_(False)
 
 
 def has_prefix_reparam(model) -> bool:

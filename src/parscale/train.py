@@ -19,7 +19,9 @@
   loss trace of an uninterrupted run.
 - prefix_reparam=True trains the prefixes through a small MLP (reparam.py); checkpoints hold the
   merged prefixes (released format) and trainer.pt the MLP, so resuming continues the reparameterisation.
-- Under torchrun the same entry point trains with DDP (distributed.py); --batch-size is global.
+- Under torchrun the same entry point trains with DDP, or FSDP2 with fsdp=True (distributed.py);
+  --batch-size is global and checkpoints (full model, optimizer state keyed by parameter name) do
+  not depend on the number of processes.
 - A NaN or inf loss stops training with TrainingDiverged; the last good checkpoint stays.
 """
 
@@ -44,7 +46,16 @@ from .checkpoint import load, replace_dir, save
 from .config import PRESETS, ModelConfig
 from .convert import add_streams
 from .data import TokenLoader
-from .distributed import LossModule, barrier, mean_across_ranks, setup
+from .distributed import (
+    LossModule,
+    barrier,
+    full_model_state,
+    load_optimizer_state,
+    mean_across_ranks,
+    optimizer_state,
+    setup,
+    shard_fsdp,
+)
 from .model import build_model
 from .reparam import enable_prefix_reparam, load_reparam_state, merged_copy, reparam_state
 
@@ -84,10 +95,14 @@ class TrainConfig:
     save_every: int = 100
     seed: int = 0
     device: str | None = None
+    fsdp: bool = False
+    """Under torchrun, shard parameters, gradients and optimizer state with FSDP2 instead of DDP."""
     compile: bool = False
     """torch.compile the training step (applied from outside the model)."""
     activation_checkpointing: bool = False
     """Recompute each decoder layer in the backward pass instead of storing its activations."""
+    tensorboard: bool = False
+    """Also write the per-step scalars to {out}/tensorboard (needs the tensorboard package)."""
     progress: bool = True
 
 
@@ -139,14 +154,14 @@ def lr_factor(cfg: TrainConfig, step: int) -> float:
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0)))
 
 
-def build_optimizer(model, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+def build_optimizer(model, cfg: TrainConfig, device: torch.device, fused: bool = False) -> torch.optim.AdamW:
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         (decay if p.dim() >= 2 and "prefix" not in name else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), fused=device.type == "cuda")
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), fused=fused)
 
 
 def _initial_model(cfg: TrainConfig, vocab_size: int, eos_id: int):
@@ -167,14 +182,14 @@ def _initial_model(cfg: TrainConfig, vocab_size: int, eos_id: int):
 
 
 @torch.no_grad()
-def evaluate_loss(model, loader: TokenLoader, batches: int, device, autocast: bool) -> float:
-    model.eval()
+def evaluate_loss(loss_module: LossModule, loader: TokenLoader, batches: int, device) -> float:
+    loss_module.eval()
     total, n = 0.0, 0
     for x, y in loader.windows(limit=batches * loader.batch_size):
-        loss, _ = LossModule(model, autocast)(x.to(device), y.to(device))
+        loss, _ = loss_module(x.to(device), y.to(device))
         total += float(loss) * x.numel()
         n += x.numel()
-    model.train()
+    loss_module.train()
     return total / n
 
 
@@ -193,20 +208,31 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(folder: Path, model, optimizer, scheduler, loader, step: int, cfg: TrainConfig, tokenizer_dir):
-    """Model + trainer state into one folder, atomically (temporary folder, then rename)."""
+def save_checkpoint(folder: Path, model, optim_state: dict, scheduler, loader, step: int, cfg: TrainConfig,
+                    tokenizer_dir, reparam: dict):
+    """Model (plain, released format) + trainer state into one folder, atomically (temporary folder, then rename)."""
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
     try:
-        save(merged_copy(model), tmp / "model", tokenizer_from=tokenizer_dir)
+        save(model, tmp / "model", tokenizer_from=tokenizer_dir)
         (tmp / "train_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1) + "\n")
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
+        torch.save({"optimizer": optim_state, "scheduler": scheduler.state_dict(), "step": step,
                     "loader": loader.state_dict(), "rng": _rng_state(), "config": dataclasses.asdict(cfg),
-                    "reparam": reparam_state(model)}, tmp / "trainer.pt")
+                    "reparam": reparam}, tmp / "trainer.pt")
         replace_dir(tmp, folder)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _plain_model(model, loss_module, fsdp: bool):
+    """The model as one plain module with merged prefixes (gathered from the shards under FSDP)."""
+    if not fsdp:
+        return merged_copy(model)
+    from .model import ParScaleForCausalLM
+
+    state = full_model_state(loss_module)  # filled on rank 0 only
+    return ParScaleForCausalLM.from_state_dict(model.config, state, "cpu") if state else None
 
 
 def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None) -> dict:
@@ -246,21 +272,25 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None)
         mark_only_parscale_trainable(model)
     elif cfg.trainable != "all":
         raise ValueError(f"trainable must be 'all' or 'parscale', got {cfg.trainable!r}")
+    if cfg.activation_checkpointing:
+        apply_activation_checkpointing(model)
     model.train()
-    optimizer = build_optimizer(model, cfg, device)
+    loss_module = LossModule(model, autocast)
+    fsdp = cfg.fsdp and world > 1
+    if fsdp:
+        if cfg.prefix_reparam:
+            raise ValueError("--fsdp with --prefix-reparam is not supported")
+        shard_fsdp(loss_module, world, device)
+    optimizer = build_optimizer(model, cfg, device, fused=device.type == "cuda" and not fsdp)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(cfg, s))
     if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
+        load_optimizer_state(loss_module, optimizer, state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         loader.load_state_dict(state["loader"])
         _set_rng_state(state["rng"])
     p = model.config.parscale_n
-    if cfg.activation_checkpointing:
-        apply_activation_checkpointing(model)
-    step_fn = LossModule(model, autocast)
-    if cfg.compile:
-        step_fn = torch.compile(step_fn)
-    if world > 1:
+    step_fn = torch.compile(loss_module) if cfg.compile else loss_module
+    if world > 1 and not fsdp:
         step_fn = torch.nn.parallel.DistributedDataParallel(step_fn, device_ids=[device] if device.type == "cuda"
                                                             else None)
     tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum
@@ -268,6 +298,13 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None)
     peak = next((v for k, v in PEAK_BF16_FLOPS.items() if device.type == "cuda"
                  and k in torch.cuda.get_device_name(device)), None)
     metrics_file = open(out / "metrics.jsonl", "a") if rank == 0 else None
+    board = None
+    if cfg.tensorboard and rank == 0:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise ValueError("--tensorboard needs the tensorboard package (pip install tensorboard)") from None
+        board = SummaryWriter(str(out / "tensorboard"))
     t0, last_eval = time.perf_counter(), None
     step = start_step
     try:
@@ -301,11 +338,15 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None)
                 record["stream_weight_entropy"] = float(-(weights_sum * weights_sum.clamp_min(1e-12).log())
                                                         .sum(-1).mean())
             if cfg.eval_every and (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
-                last_eval = evaluate_loss(model, val, cfg.eval_batches, device, autocast)
+                last_eval = evaluate_loss(loss_module, val, cfg.eval_batches, device)
                 record["val_loss"] = last_eval
             if rank == 0:
                 metrics_file.write(json.dumps(record) + "\n")
                 metrics_file.flush()
+            if board is not None:
+                for key, value in record.items():
+                    if isinstance(value, float):
+                        board.add_scalar(key, value, step + 1)
             if cfg.progress and rank == 0:
                 done = step + 1 - start_step
                 eta = (time.perf_counter() - t0) / done * (cfg.steps - step - 1)
@@ -314,16 +355,21 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None)
                       f"{record['tokens_per_s']:,.0f} tok/s ETA {eta:.0f}s", end="", file=sys.stderr, flush=True)
             if (cfg.save_every and (step + 1) % cfg.save_every == 0) or step + 1 == cfg.steps \
                     or (stop_after is not None and step + 1 == stop_after):
+                plain = _plain_model(model, loss_module, fsdp)  # gathering is collective: every rank
+                optim_state = optimizer_state(loss_module, optimizer)
                 if rank == 0:
-                    save_checkpoint(ckpt, model, optimizer, scheduler, loader, step + 1, cfg, cfg.data)
+                    save_checkpoint(ckpt, plain, optim_state, scheduler, loader, step + 1, cfg, cfg.data,
+                                    reparam_state(model))
+                    if cfg.trainable == "parscale" and step + 1 == cfg.steps:
+                        save_adapter(plain, out / "adapter", backbone=cfg.model)
                 barrier(world)
-            if cfg.trainable == "parscale" and step + 1 == cfg.steps and rank == 0:
-                save_adapter(merged_copy(model), out / "adapter", backbone=cfg.model)
             if stop_after is not None and step + 1 == stop_after:
                 break
     finally:
         if metrics_file is not None:
             metrics_file.close()
+        if board is not None:
+            board.close()
         if cfg.progress and rank == 0:
             print(file=sys.stderr)
     return {"steps": step + 1, "val_loss": last_eval, "parscale_n": p, "tokens": (step + 1) * tokens_per_step,
