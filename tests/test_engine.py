@@ -63,3 +63,18 @@ def test_cuda_graph_engine_matches_plain(streams):
     plain = parscale.generate(model, ids, attention_mask=mask, max_new_tokens=20, use_engine=False)
     fast = parscale.generate(model, ids, attention_mask=mask, max_new_tokens=20, use_engine=True)
     assert torch.equal(plain, fast)
+
+
+def test_engine_registry_does_not_keep_models_alive():
+    import gc
+    import weakref
+
+    model = tiny_model(streams=2)
+    parscale.generate(model, torch.randint(0, 512, (1, 4)), max_new_tokens=3, use_engine=True)
+    from parscale.engine import engine_for
+
+    engine_for(model, 1, 7)
+    ref = weakref.ref(model)
+    del model
+    gc.collect()
+    assert ref() is None

@@ -28,7 +28,8 @@ from .cache import StaticKVCache
 
 class DecodeEngine:
     def __init__(self, model, batch_size: int, max_len: int, use_graph: bool | None = None, compile: bool = False):
-        self.model = model
+        # A weak reference: the per-model engine registry below must not keep the model alive.
+        self._model = weakref.ref(model)
         device = model.model.embed_tokens.weight.device
         self.batch_size, self.max_len = batch_size, max_len
         self.cache = StaticKVCache.for_model(model, batch_size, max_len)
@@ -39,6 +40,13 @@ class DecodeEngine:
         self.graph: torch.cuda.CUDAGraph | None = None
         self.graph_logits: torch.Tensor | None = None
         self.written = 0  # tokens in the cache, counted on the host (no device sync)
+
+    @property
+    def model(self):
+        model = self._model()
+        if model is None:
+            raise RuntimeError("the engine's model no longer exists")
+        return model
 
     @torch.no_grad()
     def _step(self) -> torch.Tensor:
