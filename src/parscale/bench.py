@@ -24,17 +24,16 @@ from __future__ import annotations
 
 import gc
 import json
-import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
 from .cache import KVCache
+from .checkpoint import atomic_write
 from .config import ModelConfig
 from .engine import DecodeEngine
 from .model import ParScaleForCausalLM, rope_inv_freq
@@ -180,11 +179,7 @@ def environment() -> dict:
 
 
 def write_json_atomic(obj, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as fh:
-        json.dump(obj, fh, indent=1)
-    os.replace(tmp, path)
+    atomic_write(path, (json.dumps(obj, indent=1) + "\n").encode())
 
 
 def run(shapes, streams, batches, lengths, engine: str, out: Path, kernels: bool = False,

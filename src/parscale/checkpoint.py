@@ -249,6 +249,20 @@ def _write_weights(state: dict[str, torch.Tensor], folder: Path, max_shard_bytes
     (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
+def atomic_write(path, data: bytes) -> None:
+    """Write a file through a temporary name in the same folder, then rename it into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 def replace_dir(tmp: Path, target: Path) -> None:
     """Move a finished folder into place; an existing target is swapped out, then removed."""
     if target.exists():

@@ -22,15 +22,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from .checkpoint import atomic_write
 
 
 class DataError(ValueError):
@@ -111,19 +111,12 @@ def build_shards(sources, out_dir, tokenizer, glob: str = "**/*.txt", text_field
                 "files": sorted(files.values(), key=lambda f: f["path"])}
     for split, parts in tokens.items():
         arr = np.concatenate(parts)
-        _atomic_write(out / f"{split}.bin", arr.tobytes())
+        atomic_write(out / f"{split}.bin", arr.tobytes())
         manifest[f"{split}_tokens"] = int(arr.size)
         manifest[f"{split}_documents"] = len(parts)
-    _atomic_write(out / "tokenizer.json", tokenizer.to_str().encode())
-    _atomic_write(out / "manifest.json", (json.dumps(manifest, indent=1) + "\n").encode())
+    atomic_write(out / "tokenizer.json", tokenizer.to_str().encode())
+    atomic_write(out / "manifest.json", (json.dumps(manifest, indent=1) + "\n").encode())
     return manifest
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(data)
-    os.replace(tmp, path)
 
 
 class TokenLoader:
