@@ -147,6 +147,22 @@ def cmd_convert(args):
 
 
 @command
+def cmd_corpus(args):
+    """Build a filtered, deduplicated Python-code corpus (JSONL + manifest), validation held out by package."""
+    import sysconfig
+
+    from parscale.corpus import python_corpus
+
+    roots, stdlib = list(args.roots), list(args.stdlib)
+    if args.this_python:
+        paths = sysconfig.get_paths()
+        stdlib.append(paths["stdlib"])
+        roots.extend(dict.fromkeys(p for p in (paths["purelib"], paths["platlib"]) if Path(p).is_dir()))
+    totals = python_corpus(roots, args.out, val_fraction=args.val_fraction, stdlib_roots=stdlib)
+    print(json.dumps({k: v for k, v in totals.items() if k != "val_packages"}, indent=1))
+
+
+@command
 def cmd_data(args):
     """Tokenise text sources into shards + manifest (training a BPE tokenizer unless one is given)."""
     from parscale.data import build_shards, iter_texts
@@ -157,10 +173,13 @@ def cmd_data(args):
 
         tok = parscale.load_tokenizer(args.tokenizer)
     else:
-        print(f"[data] training a {args.vocab_size}-token byte-level BPE", file=sys.stderr)
-        tok = train_bpe(iter_texts(args.sources, glob=args.glob, text_field=args.text_field), args.vocab_size)
+        print(f"[data] training a {args.vocab_size}-token byte-level BPE on the training documents"
+              + (f" ({args.bpe_sample:.0%} sample)" if args.bpe_sample < 1 else ""), file=sys.stderr)
+        texts = iter_texts(args.sources, glob=args.glob, text_field=args.text_field, split_field=args.split_field,
+                           sample=args.bpe_sample, val_fraction=None if args.split_field else args.val_fraction)
+        tok = train_bpe(texts, args.vocab_size)
     m = build_shards(args.sources, args.out, tok, glob=args.glob, text_field=args.text_field,
-                     val_fraction=args.val_fraction)
+                     val_fraction=args.val_fraction, split_field=args.split_field)
     print(f"wrote {args.out}: {m['train_tokens']:,} train / {m['val_tokens']:,} validation tokens "
           f"({m['train_documents']} / {m['val_documents']} documents, {m['dtype']})")
 
@@ -456,6 +475,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--corpus-mb", type=int, default=4, help="standard-library source to use (MiB)")
     p.add_argument("--vocab-size", type=int, default=4096)
 
+    p = sub.add_parser("corpus", help=cmd_corpus.__doc__)
+    p.add_argument("roots", nargs="*", help="folders of installed packages (site-packages)")
+    p.add_argument("--stdlib", action="append", default=[], help="a standard-library folder (packages get 'stdlib:')")
+    p.add_argument("--this-python", action="store_true",
+                   help="add the running interpreter's standard library and site-packages")
+    p.add_argument("--out", required=True, help="the corpus JSONL to write (manifest beside it)")
+    p.add_argument("--val-fraction", type=float, default=0.02, help="share of bytes held out, whole packages")
+
     p = sub.add_parser("data", help=cmd_data.__doc__)
     p.add_argument("sources", nargs="+", help="files, folders or JSONL files")
     p.add_argument("--out", required=True)
@@ -464,6 +491,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", default=None, help="a tokenizer.json (or a folder holding one)")
     p.add_argument("--vocab-size", type=int, default=8192)
     p.add_argument("--val-fraction", type=float, default=0.05)
+    p.add_argument("--split-field", default=None,
+                   help="JSONL field that names each document's split ('train'/'val') instead of hashing")
+    p.add_argument("--bpe-sample", type=float, default=1.0,
+                   help="share of training documents the BPE is trained on (hash-chosen)")
 
     p = sub.add_parser("train", help=cmd_train.__doc__)
     p.add_argument("--config", default=None, help="a TOML file of TrainConfig fields; flags override it")

@@ -5,11 +5,13 @@
     x, y = loader.next_batch()          # [B, T] inputs and next-token targets
     state = loader.state_dict()         # the exact position, stored in checkpoints
 
-Sources are files, folders (with a glob) or JSONL files (one document per line, text in a field).
-Documents are split into train / validation deterministically by a hash of their path inside the
-source (and line),
-so a file never straddles the split. Each split is one flat token stream in which every document is
-followed by the EOS id (packing with EOS separators) and written as `{split}.bin` with `manifest.json`
+Sources are files, folders (with a glob) or JSONL files (one document per line, text in a field;
+`.jsonl.gz` / `.jsonl.xz` are read compressed). Documents are split into train / validation
+deterministically by a hash of their path inside the source (and line), so a file never straddles the
+split; a JSONL corpus that decides its own split (held out by package, say) names it in a field
+(`split_field`, values "train" / "val"). Documents are tokenised in batches on all cores. Each split is
+one flat token stream in which every document is followed by the EOS id (packing with EOS separators)
+and written as `{split}.bin` with `manifest.json`
 (source files with sha256, token counts, dtype, tokenizer). Files are written to temporary names and
 renamed, so an interrupted build leaves no half shard.
 
@@ -20,8 +22,10 @@ batch that would have come next.
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
+import lzma
 import sys
 import time
 from collections.abc import Iterator
@@ -37,8 +41,18 @@ class DataError(ValueError):
     """Bad data input: the message names the problem."""
 
 
-def _documents(sources, glob: str, text_field: str) -> Iterator[tuple[str, str, str]]:
-    """(document id, source file, text) for every document of the sources, in a stable order."""
+def _is_jsonl(path: Path) -> bool:
+    return path.name.endswith((".jsonl", ".jsonl.gz", ".jsonl.xz"))
+
+
+def _open_text(path: Path):
+    opener = {".gz": gzip.open, ".xz": lzma.open}.get(path.suffix, open)
+    return opener(path, "rt", encoding="utf-8")
+
+
+def _documents(sources, glob: str, text_field: str, split_field: str | None = None
+               ) -> Iterator[tuple[str, str, str, str | None]]:
+    """(document id, source file, text, split or None) for every document of the sources, in a stable order."""
     for src in sources:
         path = Path(src)
         if not path.exists():
@@ -49,16 +63,24 @@ def _documents(sources, glob: str, text_field: str) -> Iterator[tuple[str, str, 
         for f in files:
             # The split depends on the path inside the source, not on where the source lies.
             key = str(f.relative_to(path)) if path.is_dir() else f.name
-            if f.suffix == ".jsonl":
-                with open(f, encoding="utf-8") as fh:
+            if _is_jsonl(f):
+                with _open_text(f) as fh:
                     for n, line in enumerate(fh, 1):
                         if line.strip():
                             row = json.loads(line)
                             if text_field not in row:
                                 raise DataError(f"{f}, line {n}: no field {text_field!r}")
-                            yield f"{key}:{n}", str(f), row[text_field]
+                            split = None
+                            if split_field is not None:
+                                split = row.get(split_field)
+                                if split not in ("train", "val"):
+                                    raise DataError(f"{f}, line {n}: field {split_field!r} is {split!r}, "
+                                                    f"not 'train' or 'val'")
+                            yield f"{key}:{n}", str(f), row[text_field], split
             else:
-                yield key, str(f), f.read_text(encoding="utf-8", errors="replace")
+                if split_field is not None:
+                    raise DataError(f"split_field needs JSONL sources; {str(f)!r} is not one")
+                yield key, str(f), f.read_text(encoding="utf-8", errors="replace"), None
 
 
 def split_of(doc_id: str, val_fraction: float) -> str:
@@ -66,15 +88,37 @@ def split_of(doc_id: str, val_fraction: float) -> str:
     return "val" if h < val_fraction else "train"
 
 
-def iter_texts(sources, glob: str = "**/*.txt", text_field: str = "text", max_chars: int = 1 << 20):
-    """Document texts cut into pieces of at most max_chars (for tokenizer training)."""
-    for _, _, text in _documents(sources, glob, text_field):
+def iter_texts(sources, glob: str = "**/*.txt", text_field: str = "text", max_chars: int = 1 << 20,
+               split_field: str | None = None, sample: float = 1.0, val_fraction: float | None = None):
+    """Document texts cut into pieces of at most max_chars (for tokenizer training).
+
+    With split_field or val_fraction given, held-out documents are skipped (the tokenizer never sees
+    validation text); sample < 1 keeps that share of documents, chosen by a hash of their id."""
+    for doc_id, _, text, split in _documents(sources, glob, text_field, split_field):
+        if split is None and val_fraction is not None:
+            split = split_of(doc_id, val_fraction)
+        if split == "val" or (sample < 1.0 and split_of("sample:" + doc_id, sample) != "val"):
+            continue
         for i in range(0, len(text), max_chars):
             yield text[i : i + max_chars]
 
 
+def _batches(documents, max_chars: int = 8 << 20, max_docs: int = 4096):
+    """Group documents into lists of about max_chars characters (for batched, multi-threaded encoding)."""
+    batch, size = [], 0
+    for doc in documents:
+        batch.append(doc)
+        size += len(doc[2])
+        if size >= max_chars or len(batch) >= max_docs:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
+
+
 def build_shards(sources, out_dir, tokenizer, glob: str = "**/*.txt", text_field: str = "text",
-                 val_fraction: float = 0.05, eos_id: int | None = None, progress: bool = True) -> dict:
+                 val_fraction: float = 0.05, eos_id: int | None = None, progress: bool = True,
+                 split_field: str | None = None) -> dict:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     eos = eos_id if eos_id is not None else tokenizer.token_to_id("<|endoftext|>")
@@ -85,19 +129,21 @@ def build_shards(sources, out_dir, tokenizer, glob: str = "**/*.txt", text_field
     tokens = {"train": [], "val": []}
     files: dict[str, dict] = {}
     start, n_tok = time.perf_counter(), 0
-    for doc_id, source, text in _documents(sources, glob, text_field):
-        if source not in files:
-            files[source] = {"path": source, "sha256": hashlib.sha256(Path(source).read_bytes()).hexdigest(),
-                             "tokens": 0, "split": None}
-        if not text:
-            continue
-        ids = tokenizer.encode(text).ids + [eos]
-        split = split_of(doc_id, val_fraction)
-        tokens[split].append(np.asarray(ids, dtype=dtype))
-        files[source]["tokens"] += len(ids)
-        files[source]["split"] = split if files[source]["split"] in (None, split) else "mixed"
-        n_tok += len(ids)
-        if progress and len(files) % 200 == 0:
+    hashes: dict[str, str] = {}
+    for batch in _batches(d for d in _documents(sources, glob, text_field, split_field) if d[2]):
+        encoded = tokenizer.encode_batch([text for _, _, text, _ in batch])  # parallel in the Rust library
+        for (doc_id, source, _, given_split), enc in zip(batch, encoded, strict=True):
+            if source not in files:
+                if source not in hashes:
+                    hashes[source] = hashlib.sha256(Path(source).read_bytes()).hexdigest()
+                files[source] = {"path": source, "sha256": hashes[source], "tokens": 0, "split": None}
+            ids = enc.ids + [eos]
+            split = given_split or split_of(doc_id, val_fraction)
+            tokens[split].append(np.asarray(ids, dtype=dtype))
+            files[source]["tokens"] += len(ids)
+            files[source]["split"] = split if files[source]["split"] in (None, split) else "mixed"
+            n_tok += len(ids)
+        if progress:
             rate = n_tok / (time.perf_counter() - start)
             print(f"\r[data] {len(files)} files, {n_tok:,} tokens, {rate:,.0f} tokens/s", end="", file=sys.stderr)
     if progress:
@@ -106,7 +152,8 @@ def build_shards(sources, out_dir, tokenizer, glob: str = "**/*.txt", text_field
         raise DataError("no training text found in the sources")
     if not tokens["val"]:  # a tiny corpus: hold out the last training document
         tokens["val"].append(tokens["train"].pop())
-    manifest = {"dtype": np.dtype(dtype).name, "eos_id": eos, "vocab_size": vocab, "val_fraction": val_fraction,
+    manifest = {"dtype": np.dtype(dtype).name, "eos_id": eos, "vocab_size": vocab,
+                "val_fraction": None if split_field else val_fraction, "split_field": split_field,
                 "tokenizer_sha256": hashlib.sha256(tokenizer.to_str().encode()).hexdigest(),
                 "files": sorted(files.values(), key=lambda f: f["path"])}
     for split, parts in tokens.items():
@@ -140,6 +187,12 @@ class TokenLoader:
     def _permutation(self, epoch: int) -> np.ndarray:
         return np.random.default_rng([self.seed, epoch]).permutation(self.n_windows)
 
+    def skip(self, windows: int) -> None:
+        """Move past `windows` windows of the seeded order (continue where an earlier run stopped)."""
+        position = self.epoch * self.n_windows + self.index + windows
+        self.epoch, self.index = divmod(position, self.n_windows)
+        self._order = self._permutation(self.epoch)
+
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         rows = []
         for _ in range(self.batch_size):
@@ -153,12 +206,14 @@ class TokenLoader:
         return batch[:, :-1], batch[:, 1:]
 
     def windows(self, limit: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Every window in stream order (for evaluation), batched; the loader state is untouched."""
+        """Windows in stream order (for evaluation), batched; the loader state is untouched. With a limit,
+        that many windows evenly spaced over the whole split, so a partial evaluation samples every part
+        of it (documents are stored in path order)."""
         n = self.n_windows if limit is None else min(limit, self.n_windows)
+        starts = [i * self.n_windows // n for i in range(n)]
         for i in range(0, n, self.batch_size):
-            idx = range(i, min(i + self.batch_size, n))
             batch = torch.from_numpy(np.stack([np.asarray(self.tokens[j * self.seq_len : (j + 1) * self.seq_len + 1],
-                                                          dtype=np.int64) for j in idx]))
+                                                          dtype=np.int64) for j in starts[i : i + self.batch_size]]))
             yield batch[:, :-1], batch[:, 1:]
 
     def state_dict(self) -> dict:

@@ -68,6 +68,8 @@ class TrainingDiverged(RuntimeError):
 class TrainConfig:
     model: str = "tiny"
     """A preset name (built from scratch) or a checkpoint folder to start from."""
+    model_overrides: dict | None = None
+    """ModelConfig fields replacing the preset's (a TOML table `[model_overrides]`: hidden_size = 192, ...)."""
     streams: int = 1
     trainable: str = "all"
     """'all', or 'parscale': a frozen backbone, only prefixes and aggregator train (saved as an adapter)."""
@@ -94,6 +96,9 @@ class TrainConfig:
     eval_batches: int = 16
     save_every: int = 100
     seed: int = 0
+    data_start: int = 0
+    """Training windows (of seq_len + 1 tokens) of the seeded order to skip first: a second stage sets it to
+    steps × batch_size × grad_accum of the first, with the same seed, so it continues on unseen data."""
     device: str | None = None
     fsdp: bool = False
     """Under torchrun, shard parameters, gradients and optimizer state with FSDP2 instead of DDP."""
@@ -165,8 +170,15 @@ def build_optimizer(model, cfg: TrainConfig, device: torch.device, fused: bool =
 
 
 def _initial_model(cfg: TrainConfig, vocab_size: int, eos_id: int):
+    if cfg.model_overrides and cfg.model not in PRESETS:
+        raise ValueError(f"model_overrides apply to a preset; {cfg.model!r} is not one")
     if cfg.model in PRESETS:
-        overrides = {"parscale_n": cfg.streams, "vocab_size": vocab_size, "eos_token_id": eos_id,
+        shape = dict(cfg.model_overrides or {})
+        known = {f.name for f in dataclasses.fields(ModelConfig)}
+        unknown = sorted(set(shape) - known)
+        if unknown:
+            raise ValueError(f"model_overrides: unknown model settings {', '.join(unknown)}")
+        overrides = {**shape, "parscale_n": cfg.streams, "vocab_size": vocab_size, "eos_token_id": eos_id,
                      "parscale_attn_smooth": cfg.smooth}
         if cfg.n_tokens is not None:
             overrides["parscale_n_tokens"] = cfg.n_tokens
@@ -260,6 +272,7 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None)
             print(f"[train] no checkpoint in {ckpt}; starting from scratch", file=sys.stderr)
         model = _initial_model(cfg, loader.manifest["vocab_size"], loader.manifest["eos_id"]).to(device)
         state = None
+        loader.skip(cfg.data_start)
         if rank == 0:
             out.mkdir(parents=True, exist_ok=True)
             (out / "metrics.jsonl").write_text("")
