@@ -42,7 +42,10 @@ else
 fi
 while [ $(( $(date +%s) - t0 )) -lt "$WAIT" ] && kill -0 "$(cat "$W/runner.pid")" 2>/dev/null; do sleep 5; done
 nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader
-tail -n 30 "$W/runner.log"
+tail -n 40 "$W/runner.log"
+for m in "$W"/runs/*/metrics.jsonl; do  # the latest step of every run (progress, tokens/s, MFU)
+    [ -s "$m" ] && echo "$(basename "$(dirname "$m")"): $(tail -n 1 "$m" | cut -c1-200)"
+done
 cp "$W/code/data/tokenizer.json" "$PACK/code-tokenizer.json" 2>/dev/null
 for c in code english; do cp "$W/$c/data/manifest.json" "$PACK/$c-data-manifest.json" 2>/dev/null; done
 xz -T0 -c "$W/code/corpus.jsonl.manifest.json" > "$PACK/code-corpus-manifest.json.xz" 2>/dev/null
