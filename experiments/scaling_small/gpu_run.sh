@@ -35,9 +35,19 @@ if [ -f "$W/runner.pid" ] && kill -0 "$(cat "$W/runner.pid")" 2>/dev/null; then
     echo "runner already running (pid $(cat "$W/runner.pid"))"
 else
     build_data || { echo "data build failed"; exit 1; }
+    # The code corpus is read from this machine's Python: it must be the one the committed results used.
+    if [ -f $X/data/code-corpus-manifest.json.xz ]; then
+        python3 - "$W/code/corpus.jsonl.manifest.json" $X/data/code-corpus-manifest.json.xz <<'PY' || exit 1
+import json, lzma, sys
+new, old = json.load(open(sys.argv[1])), json.load(lzma.open(sys.argv[2]))
+if new["corpus_sha256"] != old["corpus_sha256"]:
+    sys.exit(f"code corpus differs from the committed one: {new['corpus_sha256']} vs {old['corpus_sha256']}")
+print("code corpus sha256 matches the committed manifest")
+PY
+    fi
     echo "data ready after $(( $(date +%s) - t0 )) s"
     setsid nohup python3 $X/grid.py run --corpus code english --data-root "$W" --runs-dir "$W/runs" \
-        --results "$W/results" --per-gpu "${PER_GPU:-4}" > "$W/runner.log" 2>&1 < /dev/null &
+        --results "$W/results" --per-gpu "${PER_GPU:-6}" > "$W/runner.log" 2>&1 < /dev/null &
     echo $! > "$W/runner.pid"
 fi
 while [ $(( $(date +%s) - t0 )) -lt "$WAIT" ] && kill -0 "$(cat "$W/runner.pid")" 2>/dev/null; do sleep 5; done

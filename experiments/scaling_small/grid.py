@@ -12,7 +12,8 @@ Runs (one TOML each, all fields of `parscale train`):
              windows that follow the base run's in the same seeded order (unseen data);
 - frozen:    adapters for P ∈ {2, 4, 8} on the frozen code-h192-p1 backbone, on a quarter of the grid's
              tokens (the same windows for every P, following the base run's);
-- nosmooth:  {corpus}-h192-p8 without attention smoothing (ε = 0), against the ε = 0.1 default.
+- nosmooth:  code-h192-p8 without attention smoothing (ε = 0), against the ε = 0.1 default;
+- seeds:     code-h192-p1 and -p4 with seeds 1 and 2 (initialisation and data order), for the run-to-run spread.
 `run` starts each run as its own `parscale train` process, `per_gpu` at a time on every visible GPU,
 longest first and after the runs it starts from, skipping runs whose result file exists; then writes
 results/{run}.json: settings, parameter counts, held-out loss (last evaluation), final training loss
@@ -94,6 +95,12 @@ def runs() -> dict[str, dict]:
                               "n_tokens": 8, "data_start": STEPS * BATCH,
                               "warmup": steps // 20, "eval_every": steps // 8, "compile": False}}
             grid8 = out[f"{corpus}-h{BASE_WIDTH}-p8"]
+            for p, seeds in ((1, (1, 2)), (4, (1, 2))):
+                for seed in seeds:
+                    grid_run = out[f"{corpus}-h{BASE_WIDTH}-p{p}"]
+                    out[f"{corpus}-h{BASE_WIDTH}-p{p}-seed{seed}"] = {
+                        **grid_run, "kind": "seed", "cost": p * BASE_WIDTH**2 * STEPS,
+                        "train": {**grid_run["train"], "seed": seed}}
             out[f"{corpus}-h{BASE_WIDTH}-p8-nosmooth"] = {
                 **grid8, "kind": "ablation", "train": {**grid8["train"], "smooth": 0.0}}
     return out
@@ -150,9 +157,9 @@ def summarize(name: str, run: dict, out_dir: Path, seconds: float, gpu: str) -> 
 
 
 def _launch(name: str, run: dict, data: Path, runs_dir: Path, gpu: int) -> subprocess.Popen:
-    config = CONFIGS / f"{name}.toml"
+    config = CONFIGS / f"{run.get('config', name)}.toml"
     cmd = [sys.executable, "-m", "parscale.cli", "train", "--config", str(config), "--data", str(data),
-           "--out", str(runs_dir / name)]
+           "--out", str(runs_dir / run.get("out", name))]
     if run["after"]:
         cmd += ["--model", str(runs_dir / run["after"] / "checkpoint" / "model")]
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": str(gpu)}
@@ -168,7 +175,18 @@ def run_all(corpora: list[str], data_root: Path, runs_dir: Path, gpus: list[int]
     results.mkdir(parents=True, exist_ok=True)
     runs_dir.mkdir(parents=True, exist_ok=True)
     done = {n for n in todo if (RESULTS / f"{n}.json").exists() or (results / f"{n}.json").exists()}
-    pending = sorted((n for n in todo if n not in done), key=lambda n: -todo[n]["cost"])
+    # A dependent run whose base finished on another machine needs the base's checkpoint: train the base
+    # again (same settings and seed) into its folder; its result is kept as {base}-rerun, which also
+    # shows how reproducible a run is.
+    for base in sorted({todo[n]["after"] for n in todo if n not in done and todo[n]["after"]}):
+        if base in done and not (runs_dir / base / "checkpoint" / "model").is_dir():
+            todo[f"{base}-rerun"] = {**todo[base], "config": base, "out": base, "kind": "rerun"}
+    order = {"rerun": 0, "grid": 1, "ablation": 1, "two-stage": 2, "frozen": 2, "seed": 3}
+
+    def priority(n):  # bases first, then the grid (largest first), then runs that start from a base, then seeds
+        return -1 if todo[n]["cost"] == float("inf") else order[todo[n]["kind"]], -todo[n]["cost"]
+
+    pending = sorted((n for n in todo if n not in done and not (results / f"{n}.json").exists()), key=priority)
     active: dict[str, tuple] = {}
     failed = 0
     print(f"[grid] {len(pending)} runs to do on GPUs {gpus}, {per_gpu} per GPU", flush=True)
@@ -182,7 +200,8 @@ def run_all(corpora: list[str], data_root: Path, runs_dir: Path, gpus: list[int]
                 failed += 1
                 print(f"[grid] FAILED {name} (exit {proc.returncode}); see {runs_dir / name}.log", flush=True)
                 continue
-            result = summarize(name, todo[name], runs_dir / name, seconds, torch.cuda.get_device_name(gpu))
+            result = summarize(name, todo[name], runs_dir / todo[name].get("out", name), seconds,
+                               torch.cuda.get_device_name(gpu))
             (results / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
             print(f"[grid] done {name}: held-out {result['val_loss']:.4f}, train {result['train_loss_final']:.4f}, "
                   f"{seconds:.0f} s, {result['tokens_per_s_median']:,.0f} tok/s", flush=True)
@@ -190,7 +209,7 @@ def run_all(corpora: list[str], data_root: Path, runs_dir: Path, gpus: list[int]
         for name in list(pending):
             after = todo[name]["after"]
             if after and not (runs_dir / after / "checkpoint" / "model").is_dir():
-                if after not in pending and after not in active:
+                if not ({after, f"{after}-rerun"} & (set(pending) | set(active))):
                     print(f"[grid] skipping {name}: its base run {after} is not here", flush=True)
                     pending.remove(name)
                 continue
