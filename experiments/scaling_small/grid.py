@@ -13,7 +13,8 @@ Runs (one TOML each, all fields of `parscale train`):
 - frozen:    adapters for P ∈ {2, 4, 8} on the frozen code-h192-p1 backbone, on a quarter of the grid's
              tokens (the same windows for every P, following the base run's);
 - nosmooth:  code-h192-p8 without attention smoothing (ε = 0), against the ε = 0.1 default;
-- seeds:     code-h192-p1 and -p4 with seeds 1 and 2 (initialisation and data order), for the run-to-run spread.
+- seeds:     the whole code grid again with seed 1 (initialisation and data order), and code-h192-p1 / -p4
+             with seed 2: the run-to-run spread, and a second sample of every code point.
 `run` starts each run as its own `parscale train` process, `per_gpu` at a time on every visible GPU,
 longest first and after the runs it starts from, skipping runs whose result file exists; then writes
 results/{run}.json: settings, parameter counts, held-out loss (last evaluation), final training loss
@@ -95,12 +96,11 @@ def runs() -> dict[str, dict]:
                               "n_tokens": 8, "data_start": STEPS * BATCH,
                               "warmup": steps // 20, "eval_every": steps // 8, "compile": False}}
             grid8 = out[f"{corpus}-h{BASE_WIDTH}-p8"]
-            for p, seeds in ((1, (1, 2)), (4, (1, 2))):
-                for seed in seeds:
-                    grid_run = out[f"{corpus}-h{BASE_WIDTH}-p{p}"]
-                    out[f"{corpus}-h{BASE_WIDTH}-p{p}-seed{seed}"] = {
-                        **grid_run, "kind": "seed", "cost": p * BASE_WIDTH**2 * STEPS,
-                        "train": {**grid_run["train"], "seed": seed}}
+            replicas = [(w, p, 1) for w in WIDTHS for p in STREAMS] + [(BASE_WIDTH, 1, 2), (BASE_WIDTH, 4, 2)]
+            for width, p, seed in replicas:
+                grid_run = out[f"{corpus}-h{width}-p{p}"]
+                out[f"{corpus}-h{width}-p{p}-seed{seed}"] = {
+                    **grid_run, "kind": "seed", "cost": p * width**2 * STEPS, "train": {**grid_run["train"], "seed": seed}}
             out[f"{corpus}-h{BASE_WIDTH}-p8-nosmooth"] = {
                 **grid8, "kind": "ablation", "train": {**grid8["train"], "smooth": 0.0}}
     return out
