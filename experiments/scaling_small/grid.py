@@ -100,7 +100,8 @@ def runs() -> dict[str, dict]:
             for width, p, seed in replicas:
                 grid_run = out[f"{corpus}-h{width}-p{p}"]
                 out[f"{corpus}-h{width}-p{p}-seed{seed}"] = {
-                    **grid_run, "kind": "seed", "cost": p * width**2 * STEPS, "train": {**grid_run["train"], "seed": seed}}
+                    **grid_run, "kind": "seed", "cost": p * width**2 * STEPS,
+                    "train": {**grid_run["train"], "seed": seed}}
             out[f"{corpus}-h{BASE_WIDTH}-p8-nosmooth"] = {
                 **grid8, "kind": "ablation", "train": {**grid8["train"], "smooth": 0.0}}
     return out
