@@ -166,7 +166,9 @@ def fit(points: Points, form: str = "eq5", starts=None) -> Fit:
 def bootstrap(points: Points, best: Fit, n: int = 200, seed: int = 0, level: float = 0.95) -> dict:
     """Percentile intervals of every parameter from refits on resampled points."""
     rng = np.random.default_rng(seed)
-    x0 = [[best.E, best.A / A_UNIT, best.alpha, best.shape]]
+    # Each resample starts from the best fit and from it with every starting shape value: a best fit at a
+    # bound (k = 0, say) would otherwise keep every refit there and give a falsely narrow interval.
+    x0 = [[best.E, best.A / A_UNIT, best.alpha, s] for s in (best.shape, *FORMS[best.form][2])]
     draws = []
     for _ in range(n):
         idx = rng.integers(0, len(points), len(points))
