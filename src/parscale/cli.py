@@ -509,7 +509,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--activation-checkpointing", dest="activation_checkpointing", action="store_true", default=None)
     for name, typ in (("steps", int), ("batch_size", int), ("seq_len", int), ("grad_accum", int), ("lr", float),
                       ("warmup", int), ("weight_decay", float), ("grad_clip", float), ("eval_every", int),
-                      ("save_every", int), ("seed", int)):
+                      ("save_every", int), ("seed", int), ("data_start", int), ("smooth", float),
+                      ("min_lr_ratio", float), ("eval_batches", int)):
         p.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, default=None)
     p.add_argument("--schedule", choices=["cosine", "wsd"], default=None)
     p.add_argument("--prefix-reparam", dest="prefix_reparam", action="store_true", default=None,
