@@ -95,6 +95,14 @@ def runs() -> dict[str, dict]:
                     "train": {"model": "@checkpoint", "streams": p, "steps": steps, **TRAIN, "trainable": "parscale",
                               "n_tokens": 8, "data_start": STEPS * BATCH,
                               "warmup": steps // 20, "eval_every": steps // 8, "compile": False}}
+        if corpus == "english":  # a second seed for the three smaller widths (the fourth did not fit the GPU time)
+            for width in (96, 128, 192):
+                for p in STREAMS:
+                    grid_run = out[f"{corpus}-h{width}-p{p}"]
+                    out[f"{corpus}-h{width}-p{p}-seed1"] = {
+                        **grid_run, "kind": "seed", "cost": p * width**2 * STEPS,
+                        "train": {**grid_run["train"], "seed": 1}}
+        if corpus == "code":
             grid8 = out[f"{corpus}-h{BASE_WIDTH}-p8"]
             replicas = [(w, p, 1) for w in WIDTHS for p in STREAMS] + [(BASE_WIDTH, 1, 2), (BASE_WIDTH, 4, 2)]
             for width, p, seed in replicas:
