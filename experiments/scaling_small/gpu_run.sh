@@ -18,14 +18,15 @@ mkdir -p "$W" "$PACK"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, tokenizers; print('torch', torch.__version__, 'tokenizers', tokenizers.__version__)"
 
+CORPORA=${CORPORA:-code english}   # which corpora to build and run
 build_data() {
-    if [ ! -f "$W/code/data/manifest.json" ]; then
+    if [[ " $CORPORA " == *" code "* ]] && [ ! -f "$W/code/data/manifest.json" ]; then
         python3 -m parscale.cli corpus --this-python --out "$W/code/corpus.jsonl" --val-fraction 0.02 || return 1
         if [ -f $X/data/code-tokenizer.json ]; then tok=(--tokenizer $X/data/code-tokenizer.json)
         else tok=(--vocab-size 16384 --bpe-sample 0.25); fi
         python3 -m parscale.cli data "$W/code/corpus.jsonl" --split-field split "${tok[@]}" --out "$W/code/data" || return 1
     fi
-    if [ ! -f "$W/english/data/manifest.json" ]; then
+    if [[ " $CORPORA " == *" english "* ]] && [ ! -f "$W/english/data/manifest.json" ]; then
         python3 -m parscale.cli data runs/english/english.jsonl.xz --tokenizer $X/data/english-tokenizer.json \
             --val-fraction 0.03 --out "$W/english/data" || return 1
     fi
@@ -36,7 +37,7 @@ if [ -f "$W/runner.pid" ] && kill -0 "$(cat "$W/runner.pid")" 2>/dev/null; then
 else
     build_data || { echo "data build failed"; exit 1; }
     # The code corpus is read from this machine's Python: it must be the one the committed results used.
-    if [ -f $X/data/code-corpus-manifest.json.xz ]; then
+    if [ -f "$W/code/corpus.jsonl.manifest.json" ] && [ -f $X/data/code-corpus-manifest.json.xz ]; then
         python3 - "$W/code/corpus.jsonl.manifest.json" $X/data/code-corpus-manifest.json.xz <<'PY' || exit 1
 import json, lzma, sys
 new, old = json.load(open(sys.argv[1])), json.load(lzma.open(sys.argv[2]))
@@ -46,7 +47,7 @@ print("code corpus sha256 matches the committed manifest")
 PY
     fi
     echo "data ready after $(( $(date +%s) - t0 )) s"
-    setsid nohup python3 $X/grid.py run --corpus code english --data-root "$W" --runs-dir "$W/runs" \
+    setsid nohup python3 $X/grid.py run --corpus $CORPORA --data-root "$W" --runs-dir "$W/runs" \
         --results "$W/results" --per-gpu "${PER_GPU:-6}" > "$W/runner.log" 2>&1 < /dev/null &
     echo $! > "$W/runner.pid"
 fi
