@@ -4,7 +4,7 @@
 
 Reads results/*.json and writes into analysis/:
 - points_{corpus}_{val|train}.csv: params (non-embedding, ParScale parameters included, as the paper
-  counts them), P, loss, one row per run (code: seeds 0 and 1, so each (N, P) appears twice);
+  counts them), P, loss, one row per run (seeds 0 and 1 where both exist);
 - fit_{corpus}_{metric}.json / _law.png / _contours.png: `parscale fit` (Eq. 5 and Eq. 4, 1000
   bootstrap resamples of the runs);
 - two_stage.png (held-out loss after switching P on), weights.png (aggregation-weight entropy over
@@ -87,24 +87,27 @@ def seed_spread(res) -> dict:
         a, b = res[f"{corpus}-h192-p1"], res.get(f"{corpus}-h192-p1-rerun")
         if b:
             out[f"{corpus}-h192-p1 rerun (same seed)"] = [round(a["val_loss"], 4), round(b["val_loss"], 4)]
-    # All paired seed-0 / seed-1 differences of the code grid.
-    diffs = [res[f"code-h{w}-p{p}"]["val_loss"] - res[f"code-h{w}-p{p}-seed1"]["val_loss"]
-             for w in WIDTHS for p in STREAMS if f"code-h{w}-p{p}-seed1" in res]
-    out["code grid: std of seed0 - seed1 over 16 points / sqrt(2)"] = round(
-        math.sqrt(sum(d * d for d in diffs) / len(diffs)) / math.sqrt(2), 4)
+    # All paired seed-0 / seed-1 differences of each grid: the per-run standard deviation.
+    for corpus in ("code", "english"):
+        diffs = [res[f"{corpus}-h{w}-p{p}"]["val_loss"] - res[f"{corpus}-h{w}-p{p}-seed1"]["val_loss"]
+                 for w in WIDTHS for p in STREAMS if f"{corpus}-h{w}-p{p}-seed1" in res]
+        out[f"{corpus} run std (from {len(diffs)} seed pairs)"] = round(
+            math.sqrt(sum(d * d for d in diffs) / len(diffs)) / math.sqrt(2), 4)
     return out
 
 
 def p_effect(summary) -> dict:
-    """Model-free: the mean over the four sizes of L(P=1) − L(P), with a standard error from the run-to-run
-    spread of the code grid (seed pairs), assumed alike for English (one seed there)."""
-    sigma = summary["seed_spread"]["code grid: std of seed0 - seed1 over 16 points / sqrt(2)"]
-    out = {"sigma_run": sigma}
-    for corpus, seeds in (("code", 2), ("english", 1)):
+    """Model-free: the mean over the four sizes of L(P=1) − L(P) (seed means), with a standard error from
+    the corpus's own run-to-run spread (seed pairs) and the number of seeds at each point."""
+    out = {}
+    for corpus in ("code", "english"):
+        sigma = next(v for k, v in summary["seed_spread"].items() if k.startswith(f"{corpus} run std"))
         rows = summary["grid"][corpus]
-        se = sigma * math.sqrt(2 / seeds) / math.sqrt(len(rows))
-        out[corpus] = {f"P{p}": {"gain": round(mean([r["P1"]["val_mean"] - r[f"P{p}"]["val_mean"] for r in rows]), 4),
-                                 "se": round(se, 4)} for p in STREAMS[1:]}
+        out[corpus] = {"sigma_run": sigma}
+        for p in STREAMS[1:]:
+            gains = [r["P1"]["val_mean"] - r[f"P{p}"]["val_mean"] for r in rows]
+            var = sum(sigma**2 * (1 / len(r["P1"]["val"]) + 1 / len(r[f"P{p}"]["val"])) for r in rows)
+            out[corpus][f"P{p}"] = {"gain": round(mean(gains), 4), "se": round(math.sqrt(var) / len(rows), 4)}
     return out
 
 
