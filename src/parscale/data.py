@@ -129,14 +129,12 @@ def build_shards(sources, out_dir, tokenizer, glob: str = "**/*.txt", text_field
     tokens = {"train": [], "val": []}
     files: dict[str, dict] = {}
     start, n_tok = time.perf_counter(), 0
-    hashes: dict[str, str] = {}
     for batch in _batches(d for d in _documents(sources, glob, text_field, split_field) if d[2]):
         encoded = tokenizer.encode_batch([text for _, _, text, _ in batch])  # parallel in the Rust library
         for (doc_id, source, _, given_split), enc in zip(batch, encoded, strict=True):
             if source not in files:
-                if source not in hashes:
-                    hashes[source] = hashlib.sha256(Path(source).read_bytes()).hexdigest()
-                files[source] = {"path": source, "sha256": hashes[source], "tokens": 0, "split": None}
+                files[source] = {"path": source, "sha256": hashlib.sha256(Path(source).read_bytes()).hexdigest(),
+                                 "tokens": 0, "split": None}
             ids = enc.ids + [eos]
             split = given_split or split_of(doc_id, val_fraction)
             tokens[split].append(np.asarray(ids, dtype=dtype))
