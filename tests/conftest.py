@@ -28,3 +28,32 @@ def tiny_model(streams=1, family="qwen2", seed=0, **overrides):
             if "aggregate_layer" in name:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.3)
     return model
+
+
+WORDS = ("def", "return", "if", "else", "for", "in", "range", "x", "y", "self", "print", "import", "os", "(", ")",
+         ":", "=", "+", "1", "0", "None", "True", "class", "while", "lambda", "yield", "with", "as", "len", "data")
+
+
+def synthetic_corpus(folder: Path, files: int = 12, lines: int = 60) -> None:
+    """A fixed pseudo-code corpus (seeded), so the loss trace does not depend on the Python version."""
+    import random
+
+    rng = random.Random(0)
+    for i in range(files):
+        text = "\n".join("    " * rng.randint(0, 2) + " ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 9)))
+                         for _ in range(lines))
+        (folder / f"f{i:02d}.py").write_text(text + "\n")
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+    """A small fixed corpus and a 512-token BPE trained on it."""
+    from parscale.data import build_shards, iter_texts
+    from parscale.tokenizer import train_bpe
+
+    src = tmp_path_factory.mktemp("src")
+    synthetic_corpus(src)
+    tok = train_bpe(iter_texts([src], glob="*.py"), vocab_size=512)
+    out = tmp_path_factory.mktemp("data")
+    build_shards([src], out, tok, glob="*.py", val_fraction=0.2, progress=False)
+    return out

@@ -157,3 +157,115 @@ def test_convert_keeps_backbone_and_adds_streams(tmp_path):
     assert _same_state(new, parscale.load(tmp_path / "c"))
     with pytest.raises(ValueError, match="already has parscale_n=4"):
         add_streams(new, 2)
+
+
+@pytest.mark.parametrize("variant", ["qwen2", "llama", "qwen3"])
+def test_missing_tie_key_means_untied(tmp_path, variant):
+    """transformers' families default to untied: a config.json without the key keeps its lm_head.weight."""
+    from hf_oracle import make_hf_model
+
+    hf = make_hf_model("llama" if variant == "llama" else variant, tmp_path / "hf")
+    cfg_file = tmp_path / "hf" / "config.json"
+    cfg = json.loads(cfg_file.read_text())
+    if cfg.get("tie_word_embeddings", True):  # make the checkpoint untied, with a head unlike the embedding
+        hf.config.tie_word_embeddings = False
+        hf.lm_head.weight = torch.nn.Parameter(torch.randn_like(hf.lm_head.weight) * 0.1)
+        hf.save_pretrained(tmp_path / "hf")
+        cfg = json.loads(cfg_file.read_text())
+    cfg.pop("tie_word_embeddings", None)
+    cfg_file.write_text(json.dumps(cfg))
+    assert "lm_head.weight" in load_file(tmp_path / "hf" / "model.safetensors")
+    model = parscale.load(tmp_path / "hf")
+    assert not model.config.tie_word_embeddings
+    ids = torch.randint(0, 300, (1, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), hf(ids).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_saved_config_names_one_dtype(tmp_path):
+    src = tmp_path / "src"
+    parscale.save(tiny_model(streams=2), src)
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["dtype"] = "float32"  # as transformers 5 writes it
+    (src / "config.json").write_text(json.dumps(cfg))
+    parscale.save(parscale.load(src), tmp_path / "out", dtype="bfloat16")
+    saved = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert saved["dtype"] == saved["torch_dtype"] == "bfloat16"
+
+
+@pytest.mark.parametrize("damage", ["truncate", "offsets", "short_header"])
+def test_corrupt_safetensors_is_named(tmp_path, damage):
+    parscale.save(tiny_model(streams=2), tmp_path / "m")
+    file = tmp_path / "m" / "model.safetensors"
+    data = file.read_bytes()
+    if damage == "truncate":
+        file.write_bytes(data[: len(data) - 1000])
+        match = "model.safetensors is truncated: tensor"
+    elif damage == "offsets":
+        n = int.from_bytes(data[:8], "little")
+        header = json.loads(data[8 : 8 + n])
+        name = next(k for k in header if k != "__metadata__")
+        header[name]["data_offsets"][1] -= 4
+        raw = json.dumps(header, separators=(",", ":")).encode().ljust(n)
+        file.write_bytes(data[:8] + raw[:n] + data[8 + n :])
+        match = f"tensor {name} of shape"
+    else:
+        file.write_bytes(data[:5])
+        match = "not a safetensors file"
+    with pytest.raises(CheckpointError, match=match):
+        parscale.load(tmp_path / "m")
+
+
+def test_save_never_deletes_files_it_did_not_write(tmp_path):
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("my notes")
+    (folder / "data").mkdir()
+    with pytest.raises(ValueError, match="holds files parscale did not write \\(data, notes.txt\\)"):
+        parscale.save(tiny_model(streams=2), folder)
+    assert sorted(p.name for p in folder.iterdir()) == ["data", "notes.txt"]
+    parscale.save(tiny_model(streams=2), folder, overwrite=True)  # replaces only the model's files
+    assert (folder / "notes.txt").read_text() == "my notes" and (folder / "data").is_dir()
+    assert _same_state(tiny_model(streams=2), parscale.load(folder))
+    parscale.save(tiny_model(streams=1), folder, overwrite=True, max_shard_bytes=50_000)  # sharded now
+    assert not (folder / "model.safetensors").exists()  # the stale single file of the old model is gone
+    assert (folder / "notes.txt").read_text() == "my notes"
+    # A folder that holds only a model written before is replaced as a whole.
+    parscale.save(tiny_model(streams=2), tmp_path / "m")
+    parscale.save(tiny_model(streams=4), tmp_path / "m")
+    assert parscale.load(tmp_path / "m").config.parscale_n == 4
+
+
+def test_cli_new_and_convert_refuse_a_users_folder(tmp_path, capsys):
+    from parscale.cli import main
+
+    (tmp_path / "work").mkdir()
+    (tmp_path / "work" / "thesis.tex").write_text("x")
+    assert main(["new", "--preset", "tiny", "--out", str(tmp_path / "work")]) == 2
+    assert "holds files parscale did not write (thesis.tex)" in capsys.readouterr().err
+    assert main(["new", "--preset", "tiny", "--out", str(tmp_path / "p1")]) == 0
+    assert main(["convert", "--model", str(tmp_path / "p1"), "--streams", "2", "--out", str(tmp_path / "work")]) == 2
+    assert main(["convert", "--model", str(tmp_path / "p1"), "--streams", "2", "--out", str(tmp_path / "work"),
+                 "--overwrite"]) == 0
+    assert (tmp_path / "work" / "thesis.tex").read_text() == "x"
+
+
+def test_interrupted_swap_puts_the_old_folder_back(tmp_path, monkeypatch):
+    import os
+
+    parscale.save(tiny_model(streams=2), tmp_path / "m")
+    before = (tmp_path / "m" / "model.safetensors").read_bytes()
+    real, calls = os.replace, []
+
+    def interrupted(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:  # between moving the old folder away and moving the new one in
+            raise KeyboardInterrupt
+        return real(src, dst)
+
+    monkeypatch.setattr(os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        parscale.save(tiny_model(streams=2, seed=5), tmp_path / "m")
+    monkeypatch.setattr(os, "replace", real)
+    assert (tmp_path / "m" / "model.safetensors").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]

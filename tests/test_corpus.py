@@ -124,7 +124,7 @@ def test_model_overrides_and_data_start(tmp_path, jsonl_xz):
                data=str(tmp_path / "data"), steps=2, batch_size=2, seq_len=16, eval_every=2, eval_batches=1,
                save_every=0, progress=False)
     train(TrainConfig(**cfg, out=str(tmp_path / "a")))
-    saved = json.loads((tmp_path / "a/checkpoint/model/config.json").read_text())
+    saved = json.loads((tmp_path / "a/checkpoints/latest/model/config.json").read_text())
     assert saved["hidden_size"] == 48 and saved["intermediate_size"] == 96 and saved["parscale_n"] == 2
     with pytest.raises(ValueError, match="unknown model settings hidden_sise"):
         train(TrainConfig(**{**cfg, "model_overrides": {"hidden_sise": 48}}, out=str(tmp_path / "b")))

@@ -5,7 +5,7 @@ import torch
 from conftest import tiny_model
 
 import parscale
-from parscale.engine import DecodeEngine
+from parscale.engine import DecodeEngine, engine_for
 
 
 @pytest.mark.parametrize("family,streams", [("qwen2", 1), ("qwen2", 4), ("llama", 2), ("qwen3", 3)])
@@ -44,12 +44,73 @@ def test_engine_is_reusable_and_bounded():
     ids = torch.randint(0, 512, (1, 4))
     first = engine.prefill(ids)
     engine.decode(first.argmax(-1))
-    again = engine.prefill(ids)  # a new request resets the cache; the prefix slots stay
+    again = engine.prefill(ids)  # a new request resets the cache
     torch.testing.assert_close(first, again)
-    engine.decode(again.argmax(-1))
-    engine.decode(again.argmax(-1))
+    for _ in range(engine.max_len - 4):
+        engine.decode(again.argmax(-1))
     with pytest.raises(ValueError, match="cache is full"):
         engine.decode(again.argmax(-1))
+
+
+def _engine_vs_plain(model, ids, new=6):
+    plain = parscale.generate(model, ids, max_new_tokens=new, use_engine=False)
+    fast = parscale.generate(model, ids, max_new_tokens=new, use_engine=True)
+    return plain, fast
+
+
+@pytest.mark.parametrize("change", ["copy_", "optimizer", "load_state_dict", "assign"])
+def test_engine_sees_parameter_changes(change):
+    """The engine must decode with the prefixes the model has now, not those of its first request."""
+    model = tiny_model(streams=2)
+    ids = torch.randint(0, 512, (1, 5))
+    parscale.generate(model, ids, max_new_tokens=4, use_engine=True)  # the engine and its cache exist now
+    new_state = {k: v + 0.5 * torch.randn_like(v) if "prefix" in k else v for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        if change == "copy_":
+            model.model.layers[0].self_attn.prefix_k.copy_(new_state["model.layers.0.self_attn.prefix_k"])
+            model.model.layers[1].self_attn.prefix_v.copy_(new_state["model.layers.1.self_attn.prefix_v"])
+        elif change == "load_state_dict":
+            model.load_state_dict(new_state)
+        elif change == "assign":
+            model.load_state_dict(new_state, assign=True)
+    if change == "optimizer":
+        opt = torch.optim.SGD([p for n, p in model.named_parameters() if "prefix" in n], lr=10.0)
+        model(ids).logsumexp(-1).sum().backward()
+        opt.step()
+    engine = engine_for(model)
+    logits = engine.prefill(ids, max_new_tokens=2)
+    torch.testing.assert_close(logits, model(ids)[:, -1], atol=1e-5, rtol=1e-5)
+    plain, fast = _engine_vs_plain(model, ids)
+    assert torch.equal(plain, fast)
+
+
+def test_engine_follows_dtype_change():
+    model = tiny_model(streams=2)
+    ids = torch.randint(0, 512, (1, 5))
+    parscale.generate(model, ids, max_new_tokens=4, use_engine=True)
+    model.to(torch.bfloat16)
+    engine = engine_for(model)
+    logits = engine.prefill(ids, max_new_tokens=3)
+    assert logits.dtype == torch.bfloat16
+    torch.testing.assert_close(logits, model(ids)[:, -1], atol=0, rtol=0)
+    nxt = logits.argmax(-1)
+    step = engine.decode(nxt)
+    ref = model(torch.cat([ids, nxt[:, None]], 1))[:, -1]
+    torch.testing.assert_close(step.float(), ref.float(), atol=3e-2, rtol=3e-2)
+
+
+def test_one_cache_serves_every_prompt_length():
+    model = tiny_model(streams=2)
+    caches = set()
+    for t in range(3, 13):
+        ids = torch.randint(0, 512, (1, t))
+        plain, fast = _engine_vs_plain(model, ids, new=5)
+        assert torch.equal(plain, fast)
+        caches.add(id(engine_for(model).cache))
+    assert len(caches) == 1
+    assert model.setup_cache(1, 17) is engine_for(model).cache
+    assert model.setup_cache(1, 1000).max_len >= 1000  # grows when asked for more
+    assert model.setup_cache(1, 17).max_len >= 1000  # and never shrinks
 
 
 @pytest.mark.gpu
@@ -65,15 +126,41 @@ def test_cuda_graph_engine_matches_plain(streams):
     assert torch.equal(plain, fast)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graph_is_captured_once_and_follows_the_model():
+    model = tiny_model(streams=4).cuda()
+    for t in range(3, 13):  # ten prompt lengths, one graph
+        ids = torch.randint(0, 512, (1, t), device="cuda")
+        plain, fast = _engine_vs_plain(model, ids, new=5)
+        assert torch.equal(plain, fast)
+    assert engine_for(model).captures == 1
+    with torch.no_grad():  # in place: the same graph must see it
+        model.model.layers[0].self_attn.prefix_k.add_(torch.randn_like(model.model.layers[0].self_attn.prefix_k))
+    plain, fast = _engine_vs_plain(model, ids)
+    assert torch.equal(plain, fast)
+    assert engine_for(model).captures == 1
+    state = {k: v.clone() + 0.3 * torch.randn_like(v) for k, v in model.state_dict().items()}
+    model.load_state_dict(state, assign=True)  # new tensors: the graph must be captured again
+    plain, fast = _engine_vs_plain(model, ids)
+    assert torch.equal(plain, fast)
+    assert engine_for(model).captures == 2
+    model.to(torch.bfloat16)
+    engine = engine_for(model)
+    logits = engine.prefill(ids, max_new_tokens=2)
+    nxt = logits.argmax(-1)
+    step = engine.decode(nxt)
+    ref = model(torch.cat([ids, nxt[:, None]], 1))[:, -1]
+    torch.testing.assert_close(step.float(), ref.float(), atol=5e-2, rtol=5e-2)
+
+
 def test_engine_registry_does_not_keep_models_alive():
     import gc
     import weakref
 
     model = tiny_model(streams=2)
     parscale.generate(model, torch.randint(0, 512, (1, 4)), max_new_tokens=3, use_engine=True)
-    from parscale.engine import engine_for
-
-    engine_for(model, 1, 7)
+    engine_for(model)
     ref = weakref.ref(model)
     del model
     gc.collect()

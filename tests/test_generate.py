@@ -63,3 +63,12 @@ def test_greedy_matches_argmax_of_recompute(model):
 def test_bad_requests(model, ids, kwargs, message):
     with pytest.raises(ValueError, match=message):
         parscale.generate(model, ids, **kwargs)
+
+
+def test_unseeded_sampling_leaves_the_global_rng_alone(model):
+    ids = torch.randint(0, 512, (1, 4))
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    parscale.generate(model, ids, max_new_tokens=4, do_sample=True, seed=None)
+    assert torch.equal(torch.rand(3), expected)

@@ -25,16 +25,40 @@ def test_p1_parscale_type_equals_plain_model():
 
 @pytest.mark.parametrize("streams", [2, 4])
 def test_streams_see_only_their_own_prefix(streams):
-    """Changing stream 0's prefix changes the output; a stream-major layout bug would leak across rows."""
+    """Changing stream 0's prefix moves stream 0 only; a stream-major layout bug would leak across rows."""
     model = tiny_model(streams=streams)
     ids = torch.randint(0, 512, (3, 9))
+    before = model.forward_streams(ids)
+    assert before.shape == (streams, 3, 9, 64)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.prefix_k[0].add_(1.0)
+            layer.self_attn.prefix_v[0].mul_(-2.0)
+    after = model.forward_streams(ids)
+    assert (after[0] - before[0]).abs().amin(-1).gt(0).all()  # every token of stream 0 moved
+    torch.testing.assert_close(after[1:], before[1:], atol=0, rtol=0)  # no other stream did
+    # Row b of the batch equals that sequence computed alone.
     hidden, weights = model.forward_hidden(ids)
-    assert weights.shape == (3, 9, streams)
     torch.testing.assert_close(weights.sum(-1), torch.ones(3, 9))
-    # Row b of the batch must equal that sequence computed alone.
     for b in range(3):
         alone, _ = model.forward_hidden(ids[b : b + 1])
         torch.testing.assert_close(alone[0], hidden[b], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("how", ["build_model", "to", "load"])
+def test_rope_frequencies_stay_fp32(how, tmp_path):
+    cfg = ModelConfig.preset("tiny", parscale_n=2, max_position_embeddings=8192)
+    if how == "build_model":
+        model = parscale.build_model(cfg, dtype=torch.bfloat16)
+    elif how == "to":
+        model = parscale.build_model(cfg).to(torch.bfloat16)
+    else:
+        parscale.save(parscale.build_model(cfg), tmp_path / "m")
+        model = parscale.load(tmp_path / "m", dtype="bfloat16")
+    from parscale.model import rope_inv_freq
+
+    assert model.model.rope_inv_freq.dtype == torch.float32
+    assert torch.equal(model.model.rope_inv_freq, rope_inv_freq(cfg))
 
 
 def test_prefix_is_used():

@@ -8,37 +8,10 @@ import pytest
 import torch
 
 import parscale
-from parscale.data import DataError, TokenLoader, build_shards, iter_texts
-from parscale.tokenizer import train_bpe
+from parscale.data import DataError, TokenLoader, iter_texts
 from parscale.train import TrainConfig, TrainingDiverged, train
 
 TRACE = Path(__file__).parent / "fixtures" / "loss_trace_tiny.txt"
-
-
-WORDS = ("def", "return", "if", "else", "for", "in", "range", "x", "y", "self", "print", "import", "os", "(", ")",
-         ":", "=", "+", "1", "0", "None", "True", "class", "while", "lambda", "yield", "with", "as", "len", "data")
-
-
-def synthetic_corpus(folder: Path, files: int = 12, lines: int = 60) -> None:
-    """A fixed pseudo-code corpus (seeded), so the loss trace does not depend on the Python version."""
-    import random
-
-    rng = random.Random(0)
-    for i in range(files):
-        text = "\n".join("    " * rng.randint(0, 2) + " ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 9)))
-                         for _ in range(lines))
-        (folder / f"f{i:02d}.py").write_text(text + "\n")
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    """A small fixed corpus and a 512-token BPE trained on it."""
-    src = tmp_path_factory.mktemp("src")
-    synthetic_corpus(src)
-    tok = train_bpe(iter_texts([src], glob="*.py"), vocab_size=512)
-    out = tmp_path_factory.mktemp("data")
-    build_shards([src], out, tok, glob="*.py", val_fraction=0.2, progress=False)
-    return out
 
 
 def test_shards_and_manifest(data_dir):
@@ -85,7 +58,7 @@ def test_resume_equals_uninterrupted(data_dir, tmp_path):
     assert len(_losses(tmp_path / "part")) == 5
     train(_cfg(data_dir, tmp_path / "part"), resume=True)
     assert _losses(tmp_path / "part") == _losses(tmp_path / "full")
-    model = parscale.load(tmp_path / "part" / "checkpoint" / "model")
+    model = parscale.load(tmp_path / "part" / "checkpoints" / "latest" / "model")
     assert model.config.parscale_n == 2
     rec = json.loads((tmp_path / "full" / "metrics.jsonl").read_text().splitlines()[-1])
     assert len(rec["stream_weight_mean"]) == 2 and "val_loss" in rec and rec["loss"] < _losses(tmp_path / "full")[0]
@@ -104,9 +77,10 @@ def test_divergence_stops_and_keeps_checkpoint(data_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(LossModule, "forward", poisoned)
     with pytest.raises(TrainingDiverged, match="loss became nan at step"):
         train(_cfg(data_dir, tmp_path / "run", save_every=2, eval_every=0))
-    state = torch.load(tmp_path / "run" / "checkpoint" / "trainer.pt", weights_only=False)
+    state = torch.load(tmp_path / "run" / "checkpoints" / "latest" / "trainer.pt", weights_only=False)
     assert state["step"] == 6  # the last checkpoint before the bad step, intact and loadable
-    assert torch.isfinite(parscale.load(tmp_path / "run" / "checkpoint" / "model")(torch.ones(1, 4).long())).all()
+    model = parscale.load(tmp_path / "run")  # a run folder loads as its latest checkpoint
+    assert torch.isfinite(model(torch.ones(1, 4).long())).all()
 
 
 def test_loss_trace_is_reproduced(data_dir, tmp_path):
@@ -121,7 +95,7 @@ def test_frozen_backbone_adapters_switch_p(data_dir, tmp_path):
     from parscale.adapter import backbone_checksum, load_adapter
 
     train(_cfg(data_dir, tmp_path / "base", streams=1, steps=6))
-    base_dir = tmp_path / "base" / "checkpoint" / "model"
+    base_dir = tmp_path / "base" / "checkpoints" / "latest" / "model"
     for p in (2, 4):
         train(_cfg(data_dir, tmp_path / f"a{p}", model=str(base_dir), streams=p, trainable="parscale", steps=6))
         files = sorted(f.name for f in (tmp_path / f"a{p}" / "adapter").iterdir())
@@ -134,7 +108,7 @@ def test_frozen_backbone_adapters_switch_p(data_dir, tmp_path):
     for p, m in models.items():
         assert m.config.parscale_n == p
         assert m.model.embed_tokens.weight.data_ptr() == backbone.model.embed_tokens.weight.data_ptr()  # shared
-        full = parscale.load(tmp_path / f"a{p}" / "checkpoint" / "model")
+        full = parscale.load(tmp_path / f"a{p}" / "checkpoints" / "latest" / "model")
         torch.testing.assert_close(m(ids), full(ids))
         assert backbone_checksum(full) == backbone_checksum(backbone)  # training left the backbone untouched
     assert all(torch.equal(v, before[k]) for k, v in backbone.state_dict().items())
@@ -147,7 +121,7 @@ def test_adapter_refuses_another_backbone(data_dir, tmp_path):
     from parscale.checkpoint import CheckpointError
 
     train(_cfg(data_dir, tmp_path / "base", streams=1, steps=3))
-    base_dir = tmp_path / "base" / "checkpoint" / "model"
+    base_dir = tmp_path / "base" / "checkpoints" / "latest" / "model"
     train(_cfg(data_dir, tmp_path / "a2", model=str(base_dir), streams=2, trainable="parscale", steps=3))
     other = parscale.load(base_dir)
     with torch.no_grad():
@@ -158,8 +132,8 @@ def test_adapter_refuses_another_backbone(data_dir, tmp_path):
 
 def test_two_stage_from_p1_checkpoint(data_dir, tmp_path):
     train(_cfg(data_dir, tmp_path / "s1", streams=1, steps=6))
-    result = train(_cfg(data_dir, tmp_path / "s2", model=str(tmp_path / "s1" / "checkpoint" / "model"), streams=4,
-                        steps=4))
+    result = train(_cfg(data_dir, tmp_path / "s2", model=str(tmp_path / "s1" / "checkpoints" / "latest" / "model"),
+                        streams=4, steps=4))
     assert result["parscale_n"] == 4
     rec = [json.loads(line) for line in (tmp_path / "s2" / "metrics.jsonl").read_text().splitlines()]
     assert len(rec[-1]["stream_weight_mean"]) == 4 and all(math.isfinite(r["loss"]) for r in rec)
@@ -173,9 +147,9 @@ def test_prefix_reparam_trains_merges_and_resumes(data_dir, tmp_path):
     train(_cfg(data_dir, tmp_path / "part", **cfg), stop_after=5)
     train(_cfg(data_dir, tmp_path / "part", **cfg), resume=True)
     assert _losses(tmp_path / "part") == pytest.approx(_losses(tmp_path / "full"), abs=1e-6)
-    keys = load_file(str(tmp_path / "full" / "checkpoint" / "model" / "model.safetensors")).keys()
+    keys = load_file(str(tmp_path / "full" / "checkpoints" / "latest" / "model" / "model.safetensors")).keys()
     assert not any("parametrizations" in k for k in keys) and "model.layers.0.self_attn.prefix_k" in keys
-    model = parscale.load(tmp_path / "full" / "checkpoint" / "model")
+    model = parscale.load(tmp_path / "full" / "checkpoints" / "latest" / "model")
     assert torch.isfinite(model(torch.ones(1, 5, dtype=torch.long))).all()
 
 
@@ -213,7 +187,7 @@ def test_toml_config_with_overrides_and_activation_checkpointing(data_dir, tmp_p
     (tmp_path / "run.toml").write_text(f'model = "tiny"\nstreams = 2\nn_tokens = 4\ndata = "{data_dir}"\n'
                                        'steps = 4\nbatch_size = 4\nseq_len = 32\neval_every = 0\nsave_every = 0\n')
     assert main(["train", "--config", str(tmp_path / "run.toml"), "--out", str(tmp_path / "a"), "--steps", "3"]) == 0
-    saved = json.loads((tmp_path / "a" / "checkpoint" / "train_config.json").read_text())
+    saved = json.loads((tmp_path / "a" / "checkpoints" / "latest" / "train_config.json").read_text())
     assert saved["steps"] == 3 and saved["streams"] == 2
     assert main(["train", "--config", str(tmp_path / "run.toml"), "--out", str(tmp_path / "b"), "--steps", "3",
                  "--activation-checkpointing"]) == 0
@@ -232,7 +206,6 @@ def test_mfu_counts_the_p_fold_backbone():
 
 
 def test_tensorboard_logging(data_dir, tmp_path):
-    pytest.importorskip("tensorboard")
     train(_cfg(data_dir, tmp_path / "tb", steps=2, tensorboard=True))
     assert any((tmp_path / "tb" / "tensorboard").iterdir())
 
@@ -241,8 +214,32 @@ def test_adapter_generates_from_the_cli(data_dir, tmp_path, capsys):
     from parscale.cli import main
 
     train(_cfg(data_dir, tmp_path / "base", streams=1, steps=2))
-    base = tmp_path / "base" / "checkpoint" / "model"
+    base = tmp_path / "base" / "checkpoints" / "latest" / "model"
     train(_cfg(data_dir, tmp_path / "a", model=str(base), streams=2, trainable="parscale", steps=2))
     assert main(["generate", "--model", str(base), "--adapter", str(tmp_path / "a" / "adapter"), "--prompt", "def",
                  "--max-new-tokens", "4"]) == 0
     assert capsys.readouterr().out.startswith("def")
+
+
+def test_adapter_identity_does_not_depend_on_dtype(data_dir, tmp_path, capsys):
+    """An adapter trained (in fp32) on a bf16 checkpoint loads back on it in bf16, fp16 and fp32."""
+    from parscale.adapter import load_adapter
+    from parscale.checkpoint import CheckpointError
+    from parscale.cli import main
+
+    train(_cfg(data_dir, tmp_path / "base", streams=1, steps=2))
+    bf16 = tmp_path / "base_bf16"
+    parscale.save(parscale.load(tmp_path / "base"), bf16, tokenizer_from=tmp_path / "base" / "checkpoints" / "latest"
+                  / "model", dtype="bfloat16")
+    train(_cfg(data_dir, tmp_path / "a", model=str(bf16), streams=2, trainable="parscale", steps=2))
+    for dtype in ("bfloat16", "float16", "float32"):
+        model = load_adapter(parscale.load(bf16, dtype=dtype), tmp_path / "a" / "adapter")
+        assert model.config.parscale_n == 2
+        assert model.model.embed_tokens.weight.dtype == parscale.checkpoint.parse_dtype(dtype)
+    assert main(["generate", "--model", str(bf16), "--adapter", str(tmp_path / "a" / "adapter"), "--prompt", "def",
+                 "--max-new-tokens", "2", "--dtype", "bfloat16"]) == 0
+    changed = parscale.load(bf16)
+    with torch.no_grad():
+        changed.model.layers[0].mlp.up_proj.weight[0, 0] += 0.5
+    with pytest.raises(CheckpointError, match="trained on another backbone"):
+        load_adapter(changed, tmp_path / "a" / "adapter")

@@ -144,7 +144,7 @@ def summarize(name: str, run: dict, out_dir: Path, seconds: float, gpu: str) -> 
     metrics = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines() if line]
     if not metrics:
         raise RuntimeError(f"{name}: no metrics were written")
-    config = json.loads((out_dir / "checkpoint/model/config.json").read_text())
+    config = json.loads((out_dir / "checkpoints/latest/model/config.json").read_text())
     counts = ModelConfig.from_hf_dict(config).param_counts()
     tail = metrics[-max(1, len(metrics) // 20):]
     steady = [m["tokens_per_s"] for m in metrics[len(metrics) // 10:]] or [metrics[-1]["tokens_per_s"]]
@@ -170,7 +170,7 @@ def _launch(name: str, run: dict, data: Path, runs_dir: Path, gpu: int) -> subpr
     cmd = [sys.executable, "-m", "parscale.cli", "train", "--config", str(config), "--data", str(data),
            "--out", str(runs_dir / run.get("out", name))]
     if run["after"]:
-        cmd += ["--model", str(runs_dir / run["after"] / "checkpoint" / "model")]
+        cmd += ["--model", str(runs_dir / run["after"] / "checkpoints" / "latest" / "model")]
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": str(gpu)}
     log = open(runs_dir / f"{name}.log", "w")
     return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -188,7 +188,7 @@ def run_all(corpora: list[str], data_root: Path, runs_dir: Path, gpus: list[int]
     # again (same settings and seed) into its folder; its result is kept as {base}-rerun, which also
     # shows how reproducible a run is.
     for base in sorted({todo[n]["after"] for n in todo if n not in done and todo[n]["after"]}):
-        if base in done and not (runs_dir / base / "checkpoint" / "model").is_dir():
+        if base in done and not (runs_dir / base / "checkpoints" / "latest" / "model").is_dir():
             todo[f"{base}-rerun"] = {**todo[base], "config": base, "out": base, "kind": "rerun"}
     order = {"rerun": 0, "grid": 1, "ablation": 1, "two-stage": 2, "frozen": 2, "seed": 3}
 
@@ -217,7 +217,7 @@ def run_all(corpora: list[str], data_root: Path, runs_dir: Path, gpus: list[int]
         busy = {g: sum(1 for _, gg, _ in active.values() if gg == g) for g in gpus}
         for name in list(pending):
             after = todo[name]["after"]
-            if after and not (runs_dir / after / "checkpoint" / "model").is_dir():
+            if after and not (runs_dir / after / "checkpoints" / "latest" / "model").is_dir():
                 if not ({after, f"{after}-rerun"} & (set(pending) | set(active))):
                     print(f"[grid] skipping {name}: its base run {after} is not here", flush=True)
                     pending.remove(name)

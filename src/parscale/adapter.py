@@ -7,10 +7,10 @@
 
 An adapter folder holds `adapter.safetensors` (the released key names of the ParScale tensors:
 `model.layers.{i}.self_attn.prefix_k|prefix_v`, `model.aggregate_layer.{0,2}.weight|bias`) and
-`adapter_config.json` (P, n_tokens, ε, the backbone folder it was trained on and a sha256 over the
-backbone's tensors). Loading checks the checksum, so an adapter is never silently put on another
-backbone. Several adapters on one backbone object share its tensors: switching P costs only the
-adapter's memory (dynamic parallel scaling).
+`adapter_config.json` (P, n_tokens, ε, the backbone folder it was trained on and its identity: a sha256
+over the backbone's tensors rounded to bfloat16, so it holds in any dtype). Loading checks the identity,
+so an adapter is never silently put on another backbone. Several adapters on one backbone object share
+its tensors: switching P costs only the adapter's memory (dynamic parallel scaling).
 """
 
 from __future__ import annotations
@@ -18,16 +18,17 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from .checkpoint import CheckpointError, load, replace_dir
+from .checkpoint import CheckpointError, load
 from .convert import add_streams
+from .files import check_writable, publish_folder, temporary_folder
 
 ADAPTER_WEIGHTS, ADAPTER_CONFIG = "adapter.safetensors", "adapter_config.json"
+ADAPTER_FILES = (ADAPTER_WEIGHTS, ADAPTER_CONFIG)
 
 
 def is_parscale_parameter(name: str) -> bool:
@@ -47,38 +48,47 @@ def mark_only_parscale_trainable(model) -> list[str]:
 
 
 def backbone_checksum(model) -> str:
-    """sha256 over every backbone tensor (names, dtypes, shapes and bytes), in name order."""
-    h = hashlib.sha256()
+    """sha256 over every backbone tensor's name, shape and values rounded to bfloat16, in name order.
+
+    The identity does not depend on the dtype the backbone is held in: a released bf16 checkpoint,
+    the same weights upcast to fp32 for training, or cast to fp16 for inference hash alike, while any
+    change of a weight larger than bfloat16 rounding changes it. Magnitudes below 2^-14 (fp16's
+    smallest normal number, under which fp16 keeps fewer bits than bf16) count as zero.
+    """
+    h = hashlib.sha256(b"parscale-backbone-v2")
     state = model.state_dict()
     for name in sorted(k for k in state if not is_parscale_parameter(k)):
         if name == "lm_head.weight" and model.config.tie_word_embeddings:
             continue
-        t = state[name].detach().to("cpu").contiguous()
-        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        t = state[name].detach().to("cpu")
+        if t.is_floating_point():
+            t = t.to(torch.bfloat16)
+            t = torch.where(t.abs() < 2**-14, torch.zeros_like(t), t) + 0.0  # + 0.0 turns -0 into 0
+        t = t.contiguous()
+        h.update(f"{name}:{tuple(t.shape)}".encode())
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
 
 
-def save_adapter(model, path, backbone: str | None = None) -> Path:
+def save_adapter(model, path, backbone: str | None = None, overwrite: bool = False) -> Path:
     cfg = model.config
     if cfg.parscale_n == 1:
         raise ValueError("a P = 1 model has no adapter")
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
+    check_writable(target, ADAPTER_FILES, overwrite)
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()
                if is_parscale_parameter(k)}
     meta = {"parscale_n": cfg.parscale_n, "parscale_n_tokens": cfg.parscale_n_tokens,
             "parscale_attn_smooth": cfg.parscale_attn_smooth, "backbone": str(backbone) if backbone else None,
-            "backbone_sha256": backbone_checksum(model)}
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+            "backbone_id": backbone_checksum(model), "backbone_id_version": 2}
+    tmp = temporary_folder(target)
     try:
         save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(meta, indent=1) + "\n")
-        replace_dir(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return target
+    return publish_folder(tmp, target, ADAPTER_FILES, overwrite)
 
 
 def load_adapter(backbone, path):
@@ -91,10 +101,13 @@ def load_adapter(backbone, path):
         backbone = load(backbone)
     if backbone.config.parscale_n != 1:
         raise CheckpointError(f"adapters go on a P = 1 backbone; this one has P = {backbone.config.parscale_n}")
+    if "backbone_id" not in meta:
+        raise CheckpointError(f"adapter {str(folder)!r} has no backbone_id in {ADAPTER_CONFIG} (written by an "
+                              f"older parscale, whose identity depended on the dtype): save it again")
     checksum = backbone_checksum(backbone)
-    if meta.get("backbone_sha256") not in (None, checksum):
+    if meta["backbone_id"] != checksum:
         raise CheckpointError(f"adapter {str(folder)!r} was trained on another backbone ({meta.get('backbone')}, "
-                              f"sha256 {meta['backbone_sha256'][:12]}…; this one {checksum[:12]}…)")
+                              f"id {meta['backbone_id'][:12]}…; this one {checksum[:12]}…)")
     model = add_streams(backbone, meta["parscale_n"], n_tokens=meta["parscale_n_tokens"],
                         smooth=meta["parscale_attn_smooth"])
     ref = backbone.model.embed_tokens.weight

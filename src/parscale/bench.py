@@ -23,7 +23,6 @@ Progress and an ETA go to stderr; the JSON is rewritten after every point, atomi
 from __future__ import annotations
 
 import gc
-import json
 import platform
 import statistics
 import sys
@@ -33,9 +32,9 @@ from pathlib import Path
 import torch
 
 from .cache import KVCache
-from .checkpoint import atomic_write
 from .config import ModelConfig
 from .engine import DecodeEngine
+from .files import write_json_atomic
 from .model import ParScaleForCausalLM, rope_inv_freq
 
 CHUNK = 16
@@ -176,10 +175,6 @@ def environment() -> dict:
     return {"gpu": torch.cuda.get_device_name(0), "gpu_memory_gib": props.total_memory / 2**30, "driver": driver,
             "torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),
             "date": time.strftime("%Y-%m-%d"), "command": " ".join(["parscale", *sys.argv[1:]])}
-
-
-def write_json_atomic(obj, path: Path) -> None:
-    atomic_write(path, (json.dumps(obj, indent=1) + "\n").encode())
 
 
 def run(shapes, streams, batches, lengths, engine: str, out: Path, kernels: bool = False,

@@ -1,11 +1,19 @@
-"""A preallocated KV cache whose first n_tokens slots of every stream hold that stream's prefix.
+"""KV caches whose first n_tokens slots of every stream hold that stream's prefix.
 
 Buffers have shape [layers, P·B, kv_heads, n_tokens + max_len, head_dim] (row `p·B + b`, as in
-model.py). The prefixes are written once, when the cache is made; real tokens go to slots
-n_tokens + position. `length` counts real (and padding) tokens stored so far, excluding the prefix,
-so positions seen by the model are the same as for a plain P = 1 model.
+model.py). Real tokens go to slots n_tokens + position. `length` counts real (and padding) tokens
+stored so far, excluding the prefix, so positions seen by the model are those of a plain P = 1 model.
 
-Usage:
+Two kinds:
+- `KVCache`: the reference path. Made for one request (`KVCache.for_model`), its prefix slots are
+  copied from the model's parameters when it is made.
+- `StaticKVCache`: the decode cache a model owns (`model.setup_cache(batch, max_len)`), reused across
+  requests and by the CUDA-graph engine. `reset(model)` starts a request and rewrites the prefix
+  slots from the model's *current* parameters, so an optimizer step, `load_state_dict` or `copy_`
+  between two requests is always seen (a cache that copied the prefixes once would silently decode
+  with stale ones).
+
+Usage (reference path):
     cache = KVCache.for_model(model, batch_size=2, max_len=prompt_len + max_new_tokens)
     logits = model(prompt_ids, attention_mask=mask, cache=cache)   # prefill
     logits = model(next_ids, attention_mask=mask_plus_one, cache=cache)  # one decode step
@@ -17,30 +25,35 @@ import torch
 
 
 class KVCache:
-    def __init__(self, n_layers, rows, n_kv, prefix_len, max_len, head_dim, dtype, device):
-        shape = (n_layers, rows, n_kv, prefix_len + max_len, head_dim)
+    def __init__(self, n_layers, batch_size, parscale_n, n_kv, prefix_len, max_len, head_dim, dtype, device):
+        shape = (n_layers, parscale_n * batch_size, n_kv, prefix_len + max_len, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.prefix_len = prefix_len
         self.max_len = max_len
+        self.batch_size = batch_size
         self.length = 0
 
     @classmethod
-    @torch.no_grad()
     def for_model(cls, model, batch_size: int, max_len: int, dtype=None, device=None) -> KVCache:
         cfg = model.config
         ref = model.model.embed_tokens.weight
         dtype, device = dtype or ref.dtype, device or ref.device
-        p = cfg.parscale_n
-        cache = cls(cfg.num_hidden_layers, p * batch_size, cfg.num_key_value_heads, cfg.prefix_len, max_len,
-                    cfg.head_dim, dtype, device)
-        if p > 1:
-            n = cfg.prefix_len
-            for i, layer in enumerate(model.model.layers):
-                attn = layer.self_attn
-                cache.k[i, :, :, :n] = attn.prefix_k.to(dtype).repeat_interleave(batch_size, dim=0)
-                cache.v[i, :, :, :n] = attn.prefix_v.to(dtype).repeat_interleave(batch_size, dim=0)
+        cache = cls(cfg.num_hidden_layers, batch_size, cfg.parscale_n, cfg.num_key_value_heads, cfg.prefix_len,
+                    max_len, cfg.head_dim, dtype, device)
+        cache.write_prefixes(model)
         return cache
+
+    @torch.no_grad()
+    def write_prefixes(self, model) -> None:
+        """Copy every layer's prefix_k / prefix_v (as they are now) into the prefix slots."""
+        if model.config.parscale_n == 1:
+            return
+        n, b = self.prefix_len, self.batch_size
+        for i, layer in enumerate(model.model.layers):
+            attn = layer.self_attn
+            self.k[i, :, :, :n].copy_(attn.prefix_k.to(self.k.dtype).repeat_interleave(b, dim=0))
+            self.v[i, :, :, :n].copy_(attn.prefix_v.to(self.v.dtype).repeat_interleave(b, dim=0))
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         """Store new keys/values of one layer; return this layer's prefix + every stored token."""
@@ -67,20 +80,27 @@ class StaticKVCache(KVCache):
     mode: the write slot is the device tensor `pos`, keys are read over the whole buffer, and
     `key_valid` [B, max_len] says which slots hold real tokens (left padding and unwritten slots are
     hidden). Nothing in a decode step depends on a host value, so one captured step replays for
-    every position. `reset()` empties it for the next request; the prefix slots stay as written.
+    every position and every prompt length up to max_len.
     """
 
     @classmethod
     def for_model(cls, model, batch_size: int, max_len: int, dtype=None, device=None) -> StaticKVCache:
         cache = super().for_model(model, batch_size, max_len, dtype, device)
-        cache.batch_size, cache.decoding = batch_size, False
+        cache.decoding = False
         cache.pos = torch.zeros(1, dtype=torch.long, device=cache.k.device)
         cache.key_valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=cache.k.device)
         return cache
 
-    def reset(self) -> None:
+    def fits(self, batch_size: int, max_len: int, dtype: torch.dtype, device: torch.device) -> bool:
+        """Whether this cache can serve a request of that shape for a model with that dtype and device."""
+        return (self.batch_size == batch_size and self.max_len >= max_len and self.k.dtype == dtype
+                and self.k.device == torch.device(device))
+
+    def reset(self, model) -> None:
+        """Empty it for the next request and rewrite the prefix slots from the model's live parameters."""
         self.length, self.decoding = 0, False
         self.key_valid.zero_()
+        self.write_prefixes(model)
 
     def start_decoding(self, attention_mask: torch.Tensor | None) -> None:
         t = self.length

@@ -18,16 +18,17 @@ the target, which is then renamed into place.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import struct
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
 from .config import ModelConfig
+from .files import check_writable, publish_folder, temporary_folder
 from .model import ParScaleForCausalLM
 
 SAFETENSORS_DTYPES = {
@@ -56,10 +57,22 @@ def parse_dtype(dtype) -> torch.dtype | None:
 
 # ----------------------------------------------------------------------------------------------
 # Reading
-def read_config(path: str | os.PathLike) -> ModelConfig:
+def model_folder(path: str | os.PathLike) -> Path:
+    """The model folder a path names: a model folder itself, or a training run's latest checkpoint."""
+    from .run_folder import latest_checkpoint
+
     folder = Path(path)
     if not folder.is_dir():
         raise CheckpointError(f"checkpoint folder {str(folder)!r} does not exist")
+    if not (folder / "config.json").is_file():
+        ckpt = latest_checkpoint(folder)
+        if ckpt is not None:
+            return ckpt / "model"
+    return folder
+
+
+def read_config(path: str | os.PathLike) -> ModelConfig:
+    folder = model_folder(path)
     cfg_file = folder / "config.json"
     if not cfg_file.is_file():
         raise CheckpointError(f"{str(folder)!r} is not a checkpoint: it has no config.json")
@@ -88,21 +101,64 @@ def _weight_files(folder: Path) -> list[Path]:
     raise CheckpointError(f"{str(folder)!r} has no model.safetensors and no model.safetensors.index.json")
 
 
-def mmap_safetensors(file: Path) -> dict[str, torch.Tensor]:
-    """Tensors of one safetensors file as views of a private memory map of it (no copy)."""
+def read_safetensors_header(file: Path) -> tuple[dict, int]:
+    """The validated header of a safetensors file and the offset of its data.
+
+    Every tensor's dtype must be known, its shape non-negative integers, its byte range inside the
+    file and exactly as long as dtype × shape, and no two ranges may overlap: a truncated or
+    corrupt file gets one error naming the file and the tensor, never a raw runtime error later.
+    """
     size = file.stat().st_size
     with open(file, "rb") as fh:
-        (header_len,) = struct.unpack("<Q", fh.read(8))
+        head = fh.read(8)
+        if len(head) < 8:
+            raise CheckpointError(f"{file} is not a safetensors file (only {size} bytes)")
+        (header_len,) = struct.unpack("<Q", head)
         if header_len > size - 8:
-            raise CheckpointError(f"{file} is not a safetensors file (bad header length)")
-        header = json.loads(fh.read(header_len))
+            raise CheckpointError(f"{file} is truncated or not a safetensors file (header of {header_len} bytes "
+                                  f"in a file of {size})")
+        try:
+            header = json.loads(fh.read(header_len))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{file} has a corrupt safetensors header: {e}") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{file} has a corrupt safetensors header (not a JSON object)")
     header.pop("__metadata__", None)
+    base, data_len = 8 + header_len, size - 8 - header_len
+    ranges = []
+    for name, info in header.items():
+        try:
+            dtype_name, shape, (start, end) = info["dtype"], list(info["shape"]), info["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{file}: tensor {name} has a corrupt header entry {info!r}") from None
+        if dtype_name not in SAFETENSORS_DTYPES:
+            raise CheckpointError(f"{file}: tensor {name} has unsupported dtype {dtype_name}")
+        if not all(isinstance(d, int) and d >= 0 for d in shape):
+            raise CheckpointError(f"{file}: tensor {name} has an invalid shape {shape}")
+        nbytes = math.prod(shape) * SAFETENSORS_DTYPES[dtype_name].itemsize
+        if not (isinstance(start, int) and isinstance(end, int) and 0 <= start <= end):
+            raise CheckpointError(f"{file}: tensor {name} has invalid data offsets {[start, end]}")
+        if end > data_len:
+            raise CheckpointError(f"{file} is truncated: tensor {name} needs bytes {start}..{end} of the data "
+                                  f"but the file holds {data_len}")
+        if end - start != nbytes:
+            raise CheckpointError(f"{file}: tensor {name} of shape {shape} ({dtype_name}) needs {nbytes} bytes, "
+                                  f"its offsets give {end - start}")
+        ranges.append((start, end, name))
+    ranges.sort()
+    for (_, end_a, a), (start_b, _, b) in zip(ranges, ranges[1:], strict=False):
+        if start_b < end_a:
+            raise CheckpointError(f"{file}: tensors {a} and {b} overlap")
+    return header, base
+
+
+def mmap_safetensors(file: Path) -> dict[str, torch.Tensor]:
+    """Tensors of one safetensors file as views of a private memory map of it (no copy)."""
+    header, base = read_safetensors_header(file)
+    size = file.stat().st_size
     raw = torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage.from_file(str(file), False, size))
-    base = 8 + header_len
     out = {}
     for name, info in header.items():
-        if info["dtype"] not in SAFETENSORS_DTYPES:
-            raise CheckpointError(f"{file}: tensor {name} has unsupported dtype {info['dtype']}")
         dtype = SAFETENSORS_DTYPES[info["dtype"]]
         start, end = info["data_offsets"]
         chunk = raw[base + start : base + end]
@@ -151,12 +207,12 @@ def _check_tensors(config: ModelConfig, tensors: dict[str, torch.Tensor], folder
 
 
 def load(path, dtype=None, device=None) -> ParScaleForCausalLM:
-    """Load a Hugging Face folder as a ParScaleForCausalLM in eval mode.
+    """Load a Hugging Face folder (or a training run folder's latest checkpoint) as a model in eval mode.
 
     dtype: None keeps the stored dtype; 'bfloat16' / torch.float16 / ... casts while loading.
     device: where the parameters end up (default CPU).
     """
-    folder = Path(path)
+    folder = model_folder(path)
     config = read_config(folder)
     dtype = parse_dtype(dtype)
     tensors: dict[str, torch.Tensor] = {}
@@ -179,6 +235,8 @@ def load_tokenizer(path):
     from tokenizers import Tokenizer
 
     p = Path(path)
+    if p.is_dir():
+        p = model_folder(p)
     file = p / "tokenizer.json" if p.is_dir() else p
     if not file.is_file():
         raise CheckpointError(f"no tokenizer.json at {str(p)!r}")
@@ -200,15 +258,26 @@ def state_for_saving(model: ParScaleForCausalLM, dtype=None) -> dict[str, torch.
     return state
 
 
-def save(model: ParScaleForCausalLM, path, tokenizer_from=None, dtype=None, max_shard_bytes: int = 5 * 2**30):
-    """Write model (and tokenizer files copied from `tokenizer_from`, a folder) as a HF folder, atomically."""
+# What a model folder written by parscale holds; `save` replaces these and nothing else.
+MODEL_FILES = ("config.json", "model.safetensors", "model-*-of-*.safetensors", "model.safetensors.index.json",
+               *TOKENIZER_FILES)
+
+
+def save(model: ParScaleForCausalLM, path, tokenizer_from=None, dtype=None, max_shard_bytes: int = 5 * 2**30,
+         overwrite: bool = False):
+    """Write model (and tokenizer files copied from `tokenizer_from`, a folder) as a HF folder, atomically.
+
+    The folder is written beside the target and renamed into place. A target that holds other files
+    than a model folder's is refused unless overwrite=True, which replaces only the model's files.
+    """
     target = Path(path)
+    check_writable(target, MODEL_FILES, overwrite)
     state = state_for_saving(model, dtype)
     stored = state["model.embed_tokens.weight"].dtype
     hf = model.config.to_hf_dict()
-    hf["torch_dtype"] = DTYPE_NAMES.get(stored, str(stored).removeprefix("torch."))
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    # transformers 4 reads `torch_dtype`, transformers 5 `dtype`: both name the stored dtype, never two.
+    hf["torch_dtype"] = hf["dtype"] = DTYPE_NAMES.get(stored, str(stored).removeprefix("torch."))
+    tmp = temporary_folder(target)
     try:
         (tmp / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
         _write_weights(state, tmp, max_shard_bytes)
@@ -217,11 +286,10 @@ def save(model: ParScaleForCausalLM, path, tokenizer_from=None, dtype=None, max_
                 src = Path(tokenizer_from) / name
                 if src.is_file():
                     shutil.copy2(src, tmp / name)
-        replace_dir(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return target
+    return publish_folder(tmp, target, MODEL_FILES, overwrite)
 
 
 def _write_weights(state: dict[str, torch.Tensor], folder: Path, max_shard_bytes: int) -> None:
@@ -247,29 +315,3 @@ def _write_weights(state: dict[str, torch.Tensor], folder: Path, max_shard_bytes
             total += v.numel() * v.element_size()
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-
-
-def atomic_write(path, data: bytes) -> None:
-    """Write a file through a temporary name in the same folder, then rename it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def replace_dir(tmp: Path, target: Path) -> None:
-    """Move a finished folder into place; an existing target is swapped out, then removed."""
-    if target.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-        old.rmdir()
-        os.replace(target, old)
-        os.replace(tmp, target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, target)

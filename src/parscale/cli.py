@@ -44,11 +44,11 @@ def cmd_new(args):
     if tok is not None:
         cfg = cfg.replace(eos_token_id=256)
     model = parscale.build_model(cfg, seed=args.seed)
-    _save_with_tokenizer(model, args.out, tok, args.dtype)
+    _save_with_tokenizer(model, args.out, tok, args.dtype, args.overwrite)
     print(f"wrote {args.out} ({cfg.model_type}, P={cfg.parscale_n}, {cfg.param_counts()['total']:,} parameters)")
 
 
-def _save_with_tokenizer(model, out, tokenizer, dtype=None):
+def _save_with_tokenizer(model, out, tokenizer, dtype=None, overwrite=False):
     import tempfile
 
     import parscale
@@ -56,7 +56,8 @@ def _save_with_tokenizer(model, out, tokenizer, dtype=None):
     with tempfile.TemporaryDirectory() as tmp:
         if tokenizer is not None:
             tokenizer.save(str(Path(tmp) / "tokenizer.json"))
-        parscale.save(model, out, tokenizer_from=tmp if tokenizer is not None else None, dtype=dtype)
+        parscale.save(model, out, tokenizer_from=tmp if tokenizer is not None else None, dtype=dtype,
+                      overwrite=overwrite)
 
 
 @command
@@ -140,7 +141,7 @@ def cmd_convert(args):
 
     model = parscale.load(args.model)
     new = add_streams(model, args.streams, n_tokens=args.n_tokens, smooth=args.smooth, seed=args.seed)
-    parscale.save(new, args.out, tokenizer_from=args.model, dtype=args.dtype)
+    parscale.save(new, args.out, tokenizer_from=args.model, dtype=args.dtype, overwrite=args.overwrite)
     c = new.config.param_counts()
     print(f"wrote {args.out}: {new.config.model_type}, P={args.streams}, n_tokens={args.n_tokens}, "
           f"+{c['parscale']:,} ParScale parameters")
@@ -185,11 +186,21 @@ def cmd_data(args):
 
 
 def _train_config(args):
+    """TrainConfig from (on --resume) the checkpoint's saved settings, then --config, then explicit flags."""
+    from parscale.run_folder import latest_checkpoint
     from parscale.train import TrainConfig, load_config_file
 
     fields = {f for f in TrainConfig.__dataclass_fields__}
-    base = load_config_file(args.config) if args.config else {}
-    return TrainConfig(**{**base, **{k: v for k, v in vars(args).items() if k in fields and v is not None}})
+    file_settings = load_config_file(args.config) if args.config else {}
+    flags = {k: v for k, v in vars(args).items() if k in fields and v is not None}
+    saved = {}
+    if args.resume:
+        out = flags.get("out", file_settings.get("out", TrainConfig.out))
+        ckpt = latest_checkpoint(out)
+        if ckpt is None:
+            raise ValueError(f"--resume: {str(out)!r} holds no checkpoint to resume from (check --out)")
+        saved = {k: v for k, v in json.loads((ckpt / "train_config.json").read_text()).items() if k in fields}
+    return TrainConfig(**{**saved, **file_settings, **flags})
 
 
 @command
@@ -199,7 +210,7 @@ def cmd_train(args):
 
     from parscale.train import train
 
-    result = train(_train_config(args), resume=args.resume)
+    result = train(_train_config(args), resume=args.resume, overwrite=args.overwrite)
     rank = dist.get_rank() if dist.is_initialized() else 0
     if dist.is_initialized():
         dist.destroy_process_group()
@@ -240,6 +251,11 @@ def cmd_demo(args):
     from parscale.train import TrainConfig, train
 
     out = Path(args.out)
+    marker = out / ".parscale-demo"
+    if out.is_dir() and any(out.iterdir()) and not marker.is_file():
+        raise ValueError(f"{str(out)!r} is not empty and was not written by `parscale demo`; choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    marker.write_text("written by parscale demo; its corpus/, data/, p1/, p4/ are replaced on every run\n")
     corpus = out / "corpus"
     if corpus.exists():
         shutil.rmtree(corpus)
@@ -259,8 +275,8 @@ def cmd_demo(args):
         cfg = TrainConfig(model="demo", streams=p, data=str(out / "data"), out=str(out / f"p{p}"), steps=args.steps,
                           batch_size=16, seq_len=128, lr=3e-3, warmup=20, eval_every=max(1, args.steps // 5),
                           eval_batches=8, save_every=0, seed=0)
-        result = train(cfg)
-        model = parscale.load(out / f"p{p}" / "checkpoint" / "model")
+        result = train(cfg, overwrite=True)
+        model = parscale.load(result["checkpoint"])
         ids = torch.tensor([tok.encode(prompt).ids])
         new = parscale.generate(model, ids, max_new_tokens=48, eos_token_id=manifest["eos_id"])
         sample = tok.decode(new[0].tolist())
@@ -455,7 +471,7 @@ def cmd_eval(args):
                       token_dtype=args.token_dtype)
     result["model"] = str(args.model)
     if args.out:
-        from parscale.bench import write_json_atomic
+        from parscale.files import write_json_atomic
 
         write_json_atomic(result, Path(args.out))
     bpb = f", {result['bits_per_byte']:.4f} bits/byte" if result["bits_per_byte"] is not None else ""
@@ -518,7 +534,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trainable", choices=["all", "parscale"], default=None,
                    help="parscale: frozen backbone, train prefixes + aggregator only (writes OUT/adapter)")
     p.add_argument("--device", default=None)
-    p.add_argument("--resume", action="store_true")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its latest checkpoint, with its saved settings")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start over in an --out that holds a run (removes its checkpoints and metrics only)")
 
     p = sub.add_parser("new", help=cmd_new.__doc__)
     p.add_argument("--preset", default="tiny")
@@ -527,6 +546,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default=None)
     p.add_argument("--out", required=True)
+    p.add_argument("--overwrite", action="store_true",
+                   help="write into a folder holding other files (only the model's own files are replaced)")
 
     p = sub.add_parser("info", help=cmd_info.__doc__)
     p.add_argument("--model", required=True)
@@ -555,6 +576,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--smooth", type=float, default=0.1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default=None)
+    p.add_argument("--overwrite", action="store_true",
+                   help="write into a folder holding other files (only the model's own files are replaced)")
     p = sub.add_parser("bench", help=cmd_bench.__doc__)
     p.add_argument("--shapes", default="paper-1.6b,paper-2.8b,paper-4.4b", help="comma-separated presets")
     p.add_argument("--streams", default="1,2,4,8")

@@ -155,6 +155,10 @@ class ModelConfig:
             raise ValueError("mlp_bias=true is not supported")
         known = {f.name for f in dataclasses.fields(cls)} - {"family", "extra"}
         kwargs = {k: d[k] for k in known if k in d and d[k] is not None}
+        # A config.json without the key means untied in every supported family (transformers' Qwen2, Llama
+        # and Qwen3 configs and the official Qwen2ParScale config all default to False); reading it as tied
+        # would silently drop a stored lm_head.weight.
+        kwargs.setdefault("tie_word_embeddings", False)
         # Released configs carry parscale_n; a plain model is P = 1 whatever its config says.
         if not model_type.endswith("_parscale"):
             for k in ("parscale_n", "parscale_n_tokens", "parscale_attn_smooth"):

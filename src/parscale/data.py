@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoint import atomic_write
+from .files import atomic_write
 
 
 class DataError(ValueError):

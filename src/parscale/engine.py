@@ -1,4 +1,4 @@
-"""The fast decode engine: a static KV cache and one fixed-shape decode step, replayed as a CUDA graph.
+"""The fast decode engine: the model's static KV cache and one fixed-shape decode step, replayed as a CUDA graph.
 
 Small-batch decoding is bound by kernel launches long before it is bound by memory bandwidth
 (the official implementation runs at ~100 ms/token on an H100 whatever P is). The engine removes
@@ -9,9 +9,16 @@ step is first compiled by `torch.compile` (fusing the small element-wise kernels
 Prefill runs eagerly through the flash path. Sampling stays on the device; nothing in the loop
 waits for the host.
 
-    engine = DecodeEngine(model, batch_size=1, max_len=prompt_len + new_tokens)
-    logits = engine.prefill(input_ids, attention_mask)      # [B, vocab]
-    logits = engine.decode(next_token)                      # [B, vocab], one step
+    engine = engine_for(model)                                # one engine per model, reused
+    logits = engine.prefill(input_ids, attention_mask, max_new_tokens=64)   # [B, vocab]
+    logits = engine.decode(next_token)                        # [B, vocab], one step
+
+State lives in one place. The cache is the model's own (`model.setup_cache`): it grows only, so
+prompts of every length share it and share one captured graph, and each request rewrites its
+prefix slots from the live parameters. A captured graph reads fixed addresses, so it is dropped
+and captured again whenever the cache or any parameter or buffer of the model was replaced
+(`load_state_dict(assign=True)`, `.to(dtype)`, moving devices); in-place updates (an optimizer step,
+`copy_`) need nothing, since the graph reads the same memory.
 
 On CPU (or with use_graph=False) the same static step runs without a graph, which is how the
 tests check it against the plain path.
@@ -23,23 +30,21 @@ import weakref
 
 import torch
 
-from .cache import StaticKVCache
-
 
 class DecodeEngine:
-    def __init__(self, model, batch_size: int, max_len: int, use_graph: bool | None = None, compile: bool = False):
+    def __init__(self, model, batch_size: int = 1, max_len: int = 256, use_graph: bool | None = None,
+                 compile: bool = False):
         # A weak reference: the per-model engine registry below must not keep the model alive.
         self._model = weakref.ref(model)
         device = model.model.embed_tokens.weight.device
-        self.batch_size, self.max_len = batch_size, max_len
-        self.cache = StaticKVCache.for_model(model, batch_size, max_len)
-        self.tokens = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
-        self.positions = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
         self.use_graph = device.type == "cuda" if use_graph is None else use_graph
         self.step_fn = torch.compile(self._step, fullgraph=True, dynamic=False) if compile else self._step
         self.graph: torch.cuda.CUDAGraph | None = None
         self.graph_logits: torch.Tensor | None = None
-        self.written = 0  # tokens in the cache, counted on the host (no device sync)
+        self.captures = 0  # how many times a graph was captured (tests and benchmarks read it)
+        self._captured_for: tuple | None = None
+        self.cache = None
+        self.reserve(batch_size, max_len)
 
     @property
     def model(self):
@@ -48,6 +53,31 @@ class DecodeEngine:
             raise RuntimeError("the engine's model no longer exists")
         return model
 
+    @property
+    def batch_size(self) -> int:
+        return self.cache.batch_size
+
+    @property
+    def max_len(self) -> int:
+        return self.cache.max_len
+
+    def reserve(self, batch_size: int, max_len: int) -> None:
+        """Make room for a request of batch_size rows and max_len tokens (prompt + new)."""
+        cache = self.model.setup_cache(batch_size, max_len)
+        if cache is not self.cache:
+            self.cache = cache
+            device = cache.k.device
+            self.tokens = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
+            self.positions = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
+            self.graph, self.graph_logits = None, None
+        self.written = 0  # tokens in the cache, counted on the host (no device sync)
+
+    def _fingerprint(self) -> tuple:
+        """Addresses a captured graph depends on: the cache's and every parameter's and buffer's."""
+        model = self.model
+        return (id(self.cache), tuple(t.data_ptr() for t in model.parameters()),
+                tuple(t.data_ptr() for t in model.buffers()))
+
     @torch.no_grad()
     def _step(self) -> torch.Tensor:
         logits = self.model(self.tokens, position_ids=self.positions, cache=self.cache)[:, -1]
@@ -55,19 +85,23 @@ class DecodeEngine:
         return logits
 
     @torch.no_grad()
-    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                max_new_tokens: int = 0) -> torch.Tensor:
+        """Start a request: reset the cache (prefixes from the live parameters), run the prompt."""
         b, t = input_ids.shape
-        if b != self.batch_size:
-            raise ValueError(f"engine was built for batch {self.batch_size}, got {b}")
+        self.reserve(b, t + max_new_tokens)
         if t > self.max_len:
             raise ValueError(f"prompt of {t} tokens exceeds the engine's max_len {self.max_len}")
-        self.cache.reset()
-        logits = self.model(input_ids, attention_mask=attention_mask, cache=self.cache)[:, -1]
+        model = self.model
+        self.cache.reset(model)
+        logits = model(input_ids, attention_mask=attention_mask, cache=self.cache)[:, -1]
         self.cache.start_decoding(attention_mask)
         real = attention_mask.long().sum(1, keepdim=True) if attention_mask is not None else torch.full_like(
             self.positions, t)
         self.positions.copy_(real)
         self.written = t
+        if self.graph is not None and self._captured_for != self._fingerprint():
+            self.graph, self.graph_logits = None, None  # parameters or buffers were replaced: capture again
         return logits
 
     @torch.no_grad()
@@ -86,6 +120,8 @@ class DecodeEngine:
 
     def _capture(self) -> None:
         cache = self.cache
+        # Warm-up and capture run the step for real; the key/value slot they write is written again by
+        # the first replay, so restoring the position counters is enough.
         saved = (cache.pos.clone(), cache.key_valid.clone(), self.positions.clone())
 
         def restore():
@@ -104,15 +140,17 @@ class DecodeEngine:
         with torch.cuda.graph(self.graph):
             self.graph_logits = self.step_fn()
         restore()
+        self._captured_for = self._fingerprint()
+        self.captures += 1
 
 
 _ENGINES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def engine_for(model, batch_size: int, max_len: int) -> DecodeEngine:
-    """The model's engine for this shape, reused across calls (one kept per model)."""
+def engine_for(model) -> DecodeEngine:
+    """The model's engine, reused across calls and prompt lengths (one per model, held weakly)."""
     engine = _ENGINES.get(model)
-    if engine is None or (engine.batch_size, engine.max_len) != (batch_size, max_len):
-        engine = DecodeEngine(model, batch_size, max_len)
+    if engine is None:
+        engine = DecodeEngine(model)
         _ENGINES[model] = engine
     return engine

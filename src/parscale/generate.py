@@ -102,14 +102,17 @@ def generate(
     generator = None
     if do_sample:
         generator = torch.Generator(device=device)
-        generator.manual_seed(seed if seed is not None else torch.seed())
+        if seed is None:
+            generator.seed()  # a fresh seed for this generator only; the global RNG is left alone
+        else:
+            generator.manual_seed(seed)
     mask = (attention_mask.to(device=device, dtype=torch.long) if attention_mask is not None
             else torch.ones(b, t, dtype=torch.long, device=device))
     if use_engine is None:
         use_engine = device.type == "cuda"
     if use_engine:
-        engine = engine_for(model, b, t + max_new_tokens)
-        logits = engine.prefill(input_ids, mask if attention_mask is not None else None)
+        engine = engine_for(model)
+        logits = engine.prefill(input_ids, mask if attention_mask is not None else None, max_new_tokens)
     else:
         cache = KVCache.for_model(model, b, t + max_new_tokens)
         logits = model(input_ids, attention_mask=mask, cache=cache)[:, -1]

@@ -197,6 +197,13 @@ class Backbone(nn.Module):
             self.aggregate_layer = nn.Sequential(nn.Linear(p * h, h), nn.SiLU(), nn.Linear(h, p))
         self.register_buffer("rope_inv_freq", rope_inv_freq(config), persistent=False)
 
+    def _apply(self, fn, *args, **kwargs):
+        # `.to(bfloat16)` would round the RoPE frequencies (a 0.7 rad phase error at position 4000): they
+        # follow the device only and are recomputed in fp32 from the config.
+        super()._apply(fn, *args, **kwargs)
+        self.rope_inv_freq = rope_inv_freq(self.config).to(self.rope_inv_freq.device)
+        return self
+
 
 class ParScaleForCausalLM(nn.Module):
     """A causal LM with P parallel streams. `model(input_ids, attention_mask)` → logits [B, T, vocab]."""
@@ -270,12 +277,43 @@ class ParScaleForCausalLM(nn.Module):
         agg[2].bias.zero_()
 
     # ------------------------------------------------------------------------------------------
+    def setup_cache(self, batch_size: int, max_len: int):
+        """The model's own decode cache (cache.StaticKVCache) for batch_size rows and >= max_len tokens.
+
+        Reused while it fits: it only grows (lengths rounded up to a multiple of 256, so prompts of any
+        length share one cache and one captured decode graph) and is made anew when the batch size, the
+        model's dtype or its device changed. Its prefix slots are rewritten from the live parameters
+        at every `reset`, so it never holds stale prefixes. `release_cache()` frees it.
+        """
+        from .cache import StaticKVCache
+
+        ref = self.model.embed_tokens.weight
+        cache = self.__dict__.get("_decode_cache")
+        if cache is None or not cache.fits(batch_size, max_len, ref.dtype, ref.device):
+            size = -(-max_len // 256) * 256
+            if cache is not None and cache.batch_size == batch_size:
+                size = max(size, cache.max_len)
+            self.__dict__["_decode_cache"] = None  # free the old buffers before allocating the new ones
+            cache = StaticKVCache.for_model(self, batch_size, size)
+            self.__dict__["_decode_cache"] = cache
+        return cache
+
+    def release_cache(self) -> None:
+        self.__dict__.pop("_decode_cache", None)
+
     def forward(self, input_ids, attention_mask=None, position_ids=None, cache=None):
         hidden, _ = self.forward_hidden(input_ids, attention_mask, position_ids, cache)
         return self.lm_head(hidden)
 
     def forward_hidden(self, input_ids, attention_mask=None, position_ids=None, cache=None):
-        """Aggregated final hidden states [B, T, H] and the stream weights [B, T, P] (None if P = 1).
+        """Aggregated final hidden states [B, T, H] and the stream weights [B, T, P] (None if P = 1)."""
+        streams = self.forward_streams(input_ids, attention_mask, position_ids, cache)
+        if self.config.parscale_n == 1:
+            return streams[0], None
+        return self.aggregate(streams)
+
+    def forward_streams(self, input_ids, attention_mask=None, position_ids=None, cache=None):
+        """Every stream's final-normed hidden states [P, B, T, H], before aggregation.
 
         attention_mask: [B, past + T] with 1 for real tokens and 0 for (left) padding, covering the
         cached past as well as the new tokens (Hugging Face convention). position_ids default to
@@ -314,18 +352,17 @@ class ParScaleForCausalLM(nn.Module):
         if cache is not None:
             cache.advance(t)
         x = self.model.norm(x)
-        if p == 1:
-            return x, None
-        return self._aggregate(x, b)
+        return x.view(p, b, t, x.shape[-1])
 
-    def _aggregate(self, x: torch.Tensor, b: int):
-        p, eps = self.config.parscale_n, self.config.parscale_attn_smooth
-        streams = x.view(p, b, x.shape[1], x.shape[2])  # [P, B, T, H]
-        interleaved = streams.permute(1, 2, 3, 0).reshape(b, x.shape[1], -1)  # feature h·P + p
+    def aggregate(self, streams: torch.Tensor):
+        """Mix stream hidden states [P, B, T, H] into [B, T, H]; also return the weights [B, T, P]."""
+        p, b, t, h = streams.shape
+        eps = self.config.parscale_attn_smooth
+        interleaved = streams.permute(1, 2, 3, 0).reshape(b, t, h * p)  # feature h·P + p
         weights = torch.softmax(self.model.aggregate_layer(interleaved).float(), dim=-1)  # [B, T, P]
         if eps != 0.0:
             weights = weights * (1 - eps) + eps / p
-        mixed = (streams.permute(1, 2, 0, 3) * weights.unsqueeze(-1)).sum(dim=2).to(x.dtype)
+        mixed = (streams.permute(1, 2, 0, 3) * weights.unsqueeze(-1)).sum(dim=2).to(streams.dtype)
         return mixed, weights
 
     def _rope(self, position_ids, dtype):

@@ -13,27 +13,29 @@
   gradient clipping; gradient accumulation; bf16 autocast on CUDA, fp32 on CPU.
 - Every step appends one JSON line to {out}/metrics.jsonl: loss, lr, grad norm, tokens, tokens/s, and
   for P > 1 the mean aggregation weight per stream and its entropy (load balance).
-- {out}/checkpoint holds the model (Hugging Face format) and trainer.pt (optimizer, scheduler, RNG,
-  data position, step, config). It is written to a temporary folder and renamed, so a process killed
-  while saving leaves the previous checkpoint usable. `resume=True` continues from it and reproduces the
-  loss trace of an uninterrupted run.
+- {out}/checkpoints/step-N holds the model (Hugging Face format) and trainer.pt (optimizer, scheduler,
+  RNG, data position, step, config); {out}/checkpoints/latest points at the newest (run_folder.py: a
+  process killed at any moment leaves a loadable latest checkpoint). `resume=True` continues from it,
+  reproduces the loss trace of an uninterrupted run, cuts metrics.jsonl back to the checkpoint's step,
+  and refuses a changed setup (model, P, trainable, data, batch, lr, ...: RESUME_MAY_CHANGE lists what
+  may change). A fresh run refuses a folder that holds a run unless overwrite=True; a lock keeps a
+  second process out of a folder being trained into.
 - prefix_reparam=True trains the prefixes through a small MLP (reparam.py); checkpoints hold the
   merged prefixes (released format) and trainer.pt the MLP, so resuming continues the reparameterisation.
 - Under torchrun the same entry point trains with DDP, or FSDP2 with fsdp=True (distributed.py);
   --batch-size is global and checkpoints (full model, optimizer state keyed by parameter name) do
   not depend on the number of processes.
-- A NaN or inf loss stops training with TrainingDiverged; the last good checkpoint stays.
+- A NaN or inf loss stops training with TrainingDiverged, naming the last good checkpoint if there is one.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
 import random
-import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,7 +44,7 @@ import numpy as np
 import torch
 
 from .adapter import mark_only_parscale_trainable, save_adapter
-from .checkpoint import load, replace_dir, save
+from .checkpoint import load, save
 from .config import PRESETS, ModelConfig
 from .convert import add_streams
 from .data import TokenLoader
@@ -56,8 +58,10 @@ from .distributed import (
     setup,
     shard_fsdp,
 )
+from .files import RunLock
 from .model import build_model
 from .reparam import enable_prefix_reparam, load_reparam_state, merged_copy, reparam_state
+from .run_folder import clean_interrupted, cut_metrics, latest_checkpoint, start_fresh, write_checkpoint
 
 
 class TrainingDiverged(RuntimeError):
@@ -95,6 +99,8 @@ class TrainConfig:
     eval_every: int = 50
     eval_batches: int = 16
     save_every: int = 100
+    keep_checkpoints: int = 2
+    """Checkpoint folders kept in {out}/checkpoints (the newest ones; 0 keeps all)."""
     seed: int = 0
     data_start: int = 0
     """Training windows (of seq_len + 1 tokens) of the seeded order to skip first: a second stage sets it to
@@ -220,21 +226,37 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(folder: Path, model, optim_state: dict, scheduler, loader, step: int, cfg: TrainConfig,
-                    tokenizer_dir, reparam: dict):
-    """Model (plain, released format) + trainer state into one folder, atomically (temporary folder, then rename)."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
-    try:
-        save(model, tmp / "model", tokenizer_from=tokenizer_dir)
-        (tmp / "train_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1) + "\n")
+# Settings that may differ between a run and its resumption; any other difference is refused.
+RESUME_MAY_CHANGE = frozenset({"out", "data", "steps", "eval_every", "eval_batches", "save_every", "keep_checkpoints",
+                               "device", "fsdp", "compile", "activation_checkpointing", "tensorboard", "progress"})
+
+
+def check_resume_config(saved: dict, cfg: TrainConfig) -> None:
+    """One error listing every run-defining setting that differs from the checkpoint's."""
+    current = dataclasses.asdict(cfg)
+    diffs = [f"{k}: checkpoint {saved[k]!r}, now {current[k]!r}" for k in current
+             if k not in RESUME_MAY_CHANGE and k in saved and saved[k] != current[k]]
+    if diffs:
+        raise ValueError("--resume continues the run as it was set up; these settings differ from its "
+                         "checkpoint (start a new run with another --out to change them):\n  " + "\n  ".join(diffs))
+
+
+def _data_identity(manifest: dict) -> dict:
+    return {k: manifest.get(k) for k in ("tokenizer_sha256", "train_tokens", "val_tokens", "vocab_size", "eos_id")}
+
+
+def save_checkpoint(out: Path, model, optim_state: dict, scheduler, loader, step: int, cfg: TrainConfig,
+                    tokenizer_dir, reparam: dict) -> Path:
+    """Model (plain, released format) + trainer state as checkpoints/step-N (run_folder.write_checkpoint)."""
+
+    def write(folder: Path) -> None:
+        save(model, folder / "model", tokenizer_from=tokenizer_dir)
+        (folder / "train_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1) + "\n")
         torch.save({"optimizer": optim_state, "scheduler": scheduler.state_dict(), "step": step,
                     "loader": loader.state_dict(), "rng": _rng_state(), "config": dataclasses.asdict(cfg),
-                    "reparam": reparam}, tmp / "trainer.pt")
-        replace_dir(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+                    "data": _data_identity(loader.manifest), "reparam": reparam}, folder / "trainer.pt")
+
+    return write_checkpoint(out, step, write, keep=cfg.keep_checkpoints)
 
 
 def _plain_model(model, loss_module, fsdp: bool):
@@ -247,9 +269,20 @@ def _plain_model(model, loss_module, fsdp: bool):
     return ParScaleForCausalLM.from_state_dict(model.config, state, "cpu") if state else None
 
 
-def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None) -> dict:
-    """Run (or resume) training; returns a summary. stop_after ends early after that step (for tests)."""
+def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None, overwrite: bool = False) -> dict:
+    """Run (or resume) training; returns a summary. stop_after ends early after that step (for tests).
+
+    overwrite: a fresh run into a folder that already holds one removes that run's checkpoints and
+    metrics (other files in the folder are kept); without it such a folder is refused.
+    """
     rank, world, local_rank = setup()
+    lock = RunLock(Path(cfg.out)) if rank == 0 else contextlib.nullcontext()
+    with lock:
+        return _train(cfg, resume, stop_after, overwrite, rank, world, local_rank)
+
+
+def _train(cfg: TrainConfig, resume: bool, stop_after: int | None, overwrite: bool, rank: int, world: int,
+           local_rank: int) -> dict:
     device = torch.device(cfg.device or (f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -258,25 +291,32 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None)
         raise ValueError(f"--batch-size {cfg.batch_size} (global) is not divisible by {world} processes")
     local = cfg.batch_size // world
     out = Path(cfg.out)
-    ckpt = out / "checkpoint"
     torch.manual_seed(cfg.seed)
     loader = TokenLoader(cfg.data, "train", cfg.batch_size, cfg.seq_len, seed=cfg.seed)
     val = TokenLoader(cfg.data, "val", cfg.batch_size, cfg.seq_len, seed=cfg.seed)
     start_step = 0
-    if resume and (ckpt / "trainer.pt").is_file():
-        model = load(ckpt / "model", dtype=torch.float32).to(device)
+    if resume:
+        ckpt = latest_checkpoint(out)
+        if ckpt is None:
+            raise ValueError(f"--resume: {str(out)!r} holds no checkpoint to resume from (check --out)")
         state = torch.load(ckpt / "trainer.pt", weights_only=False)
+        check_resume_config(state["config"], cfg)
+        if "data" in state and state["data"] != _data_identity(loader.manifest):
+            raise ValueError(f"--resume: the data in {cfg.data!r} is not the data the run was trained on "
+                             f"(checkpoint {state['data']}, now {_data_identity(loader.manifest)})")
+        model = load(ckpt / "model", dtype=torch.float32).to(device)
         start_step = state["step"]
-    else:
-        if resume:
-            print(f"[train] no checkpoint in {ckpt}; starting from scratch", file=sys.stderr)
-        model = _initial_model(cfg, loader.manifest["vocab_size"], loader.manifest["eos_id"]).to(device)
-        state = None
-        loader.skip(cfg.data_start)
         if rank == 0:
-            out.mkdir(parents=True, exist_ok=True)
-            (out / "metrics.jsonl").write_text("")
+            clean_interrupted(out)
+            cut_metrics(out, start_step)
         barrier(world)
+    else:
+        state = None
+        if rank == 0:
+            start_fresh(out, overwrite)
+        barrier(world)
+        model = _initial_model(cfg, loader.manifest["vocab_size"], loader.manifest["eos_id"]).to(device)
+        loader.skip(cfg.data_start)
     if cfg.prefix_reparam:
         enable_prefix_reparam(model, cfg.reparam_latent, cfg.reparam_hidden, seed=cfg.seed)
         if state is not None:
@@ -320,29 +360,35 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None)
         board = SummaryWriter(str(out / "tensorboard"))
     t0, last_eval = time.perf_counter(), None
     step = start_step
+    last_saved = latest_checkpoint(out) if resume else None
     try:
         for step in range(start_step, cfg.steps):
             t_step = time.perf_counter()
             optimizer.zero_grad(set_to_none=True)
             loss_sum, weights_sum = 0.0, None
-            for _ in range(cfg.grad_accum):
+            lr = optimizer.param_groups[0]["lr"]  # the rate this step uses
+            for micro in range(cfg.grad_accum):
                 x, y = loader.next_batch()  # the global batch; this rank keeps its slice
                 x, y = x[rank * local : (rank + 1) * local], y[rank * local : (rank + 1) * local]
-                loss, weights = step_fn(x.to(device), y.to(device))
-                (loss / cfg.grad_accum).backward()
+                # DDP all-reduces gradients on the last micro-step only.
+                sync = micro == cfg.grad_accum - 1 or not hasattr(step_fn, "no_sync")
+                with contextlib.nullcontext() if sync else step_fn.no_sync():
+                    loss, weights = step_fn(x.to(device), y.to(device))
+                    (loss / cfg.grad_accum).backward()
                 loss_sum += float(loss.detach()) / cfg.grad_accum
                 if weights is not None:
                     w = weights.detach().float().flatten(0, 1)
                     weights_sum = w if weights_sum is None else torch.cat([weights_sum, w])
             loss_sum = mean_across_ranks(loss_sum, world, device)
             if not math.isfinite(loss_sum):
-                raise TrainingDiverged(f"loss became {loss_sum} at step {step + 1}; the last good checkpoint "
-                                       f"is kept in {ckpt}")
+                kept = (f"the last good checkpoint is {last_saved}" if last_saved is not None
+                        else "no checkpoint was written before it")
+                raise TrainingDiverged(f"loss became {loss_sum} at step {step + 1}; {kept}")
             grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
             optimizer.step()
             scheduler.step()
             elapsed = time.perf_counter() - t_step
-            record = {"step": step + 1, "loss": loss_sum, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+            record = {"step": step + 1, "loss": loss_sum, "lr": lr, "grad_norm": grad_norm,
                       "tokens": (step + 1) * tokens_per_step, "tokens_per_s": tokens_per_step / elapsed}
             if peak:
                 record["mfu"] = record["tokens_per_s"] * token_flops / (peak * world)
@@ -371,10 +417,10 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None)
                 plain = _plain_model(model, loss_module, fsdp)  # gathering is collective: every rank
                 optim_state = optimizer_state(loss_module, optimizer)
                 if rank == 0:
-                    save_checkpoint(ckpt, plain, optim_state, scheduler, loader, step + 1, cfg, cfg.data,
-                                    reparam_state(model))
+                    last_saved = save_checkpoint(out, plain, optim_state, scheduler, loader, step + 1, cfg, cfg.data,
+                                                 reparam_state(model))
                     if cfg.trainable == "parscale" and step + 1 == cfg.steps:
-                        save_adapter(plain, out / "adapter", backbone=cfg.model)
+                        save_adapter(plain, out / "adapter", backbone=cfg.model, overwrite=True)
                 barrier(world)
             if stop_after is not None and step + 1 == stop_after:
                 break
@@ -386,4 +432,4 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None)
         if cfg.progress and rank == 0:
             print(file=sys.stderr)
     return {"steps": step + 1, "val_loss": last_eval, "parscale_n": p, "tokens": (step + 1) * tokens_per_step,
-            "seconds": time.perf_counter() - t0, "checkpoint": str(ckpt)}
+            "seconds": time.perf_counter() - t0, "checkpoint": str(last_saved / "model") if last_saved else None}

@@ -1,0 +1,124 @@
+"""A training run's folder: one writer at a time, versioned checkpoints, metrics that match them.
+
+    out/
+      metrics.jsonl                 one JSON line per step, never ahead of a resumed checkpoint
+      checkpoints/step-00000200/    model/ (released format), trainer.pt, train_config.json
+      checkpoints/latest -> step-00000200
+      adapter/                      frozen-backbone runs only
+      .lock                         held by the process that trains into out
+
+A checkpoint folder is written under a temporary name and renamed when complete, so every
+`step-*` folder is whole; `latest` is then re-pointed with one rename (a new symbolic link replacing
+the old), and only after that are folders beyond the newest `keep` removed. A process killed at any
+moment therefore leaves the previous checkpoint (or the new one) loadable, and `latest_checkpoint`
+finds the newest complete folder even if the kill came between the rename and the re-pointing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+from .files import FolderInUseError, atomic_write
+
+RUN_ENTRIES = ("metrics.jsonl", "checkpoints", "adapter", "tensorboard")
+_STEP = re.compile(r"^step-(\d+)$")
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def _complete(folder: Path) -> bool:
+    return (folder / "trainer.pt").is_file() and (folder / "model" / "config.json").is_file()
+
+
+def latest_checkpoint(out) -> Path | None:
+    """The newest complete checkpoint folder of a run (via `latest`, else by scanning), or None."""
+    ckdir = Path(out) / "checkpoints"
+    link = ckdir / "latest"
+    if link.is_symlink() and _complete(link.resolve()):
+        return link.resolve()
+    steps = sorted((int(m.group(1)), p) for p in ckdir.glob("step-*") if (m := _STEP.match(p.name)) and _complete(p))
+    return steps[-1][1] if steps else None
+
+
+def clean_interrupted(out) -> None:
+    """Remove what killed saves left behind (temporary checkpoint folders and links)."""
+    ckdir = Path(out) / "checkpoints"
+    if ckdir.is_dir():
+        for p in ckdir.glob(".*.tmp-*"):
+            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+
+
+def write_checkpoint(out, step: int, write, keep: int = 2) -> Path:
+    """Write one checkpoint with write(folder) into checkpoints/step-N, point `latest` at it, prune."""
+    ckdir = Path(out) / "checkpoints"
+    ckdir.mkdir(parents=True, exist_ok=True)
+    final = ckdir / checkpoint_name(step)
+    if not _complete(final):
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=ckdir))
+        try:
+            write(tmp)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        if final.exists():  # an incomplete folder of that name cannot come from here, but never trust it
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    link_tmp = ckdir / f".latest.tmp-{os.getpid()}"
+    link_tmp.unlink(missing_ok=True)
+    os.symlink(final.name, link_tmp)
+    os.replace(link_tmp, ckdir / "latest")
+    if keep > 0:
+        steps = sorted((int(m.group(1)), p) for p in ckdir.glob("step-*") if (m := _STEP.match(p.name)))
+        for _, p in steps[:-keep]:
+            if p != final:
+                shutil.rmtree(p, ignore_errors=True)
+    return final
+
+
+def has_run(out) -> bool:
+    out = Path(out)
+    metrics = out / "metrics.jsonl"
+    return latest_checkpoint(out) is not None or (metrics.is_file() and metrics.stat().st_size > 0)
+
+
+def start_fresh(out, overwrite: bool) -> None:
+    """Prepare out for a new run: refuse one that holds a run unless overwrite (then remove only the run's files)."""
+    out = Path(out)
+    if has_run(out) and not overwrite:
+        raise FolderInUseError(f"{str(out)!r} already holds a training run; continue it with --resume, or "
+                               f"start over with --overwrite (removes its checkpoints and metrics), or choose "
+                               f"another --out")
+    for name in RUN_ENTRIES:
+        p = out / name
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        elif p.exists() or p.is_symlink():
+            p.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.jsonl").write_text("")
+
+
+def cut_metrics(out, step: int) -> None:
+    """Drop the metrics lines of steps after `step` (written before a crash, about to be redone)."""
+    path = Path(out) / "metrics.jsonl"
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                keep.append(line)
+        except (json.JSONDecodeError, KeyError, TypeError):
+            break  # a line cut short by the crash: nothing after it is kept
+    atomic_write(path, ("\n".join(keep) + "\n" if keep else "").encode())
+
+
+__all__ = ["FolderInUseError", "checkpoint_name", "clean_interrupted", "cut_metrics", "has_run", "latest_checkpoint",
+           "start_fresh", "write_checkpoint"]
