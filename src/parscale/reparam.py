@@ -34,8 +34,9 @@ class PrefixMLP(nn.Module):
             for layer in (self.up, self.out):
                 layer.weight.copy_(torch.randn(layer.weight.shape, generator=gen) / layer.weight.shape[1] ** 0.5)
                 layer.bias.zero_()
-            target = prefix.detach().float().std().clamp_min(1e-6)
-            self.out.weight.mul_(target / self._produce().std())
+            # Built on the CPU (seeded), scaled with host numbers, then moved: the prefix may live on a GPU.
+            target = max(float(prefix.detach().float().std()), 1e-6)
+            self.out.weight.mul_(target / float(self._produce().std()))
         self.to(device=prefix.device, dtype=prefix.dtype)
 
     def _produce(self) -> torch.Tensor:
