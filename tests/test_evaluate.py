@@ -142,3 +142,32 @@ def test_agrees_with_lm_eval_hf_model(variant, tmp_path):
         assert a == pytest.approx(b, abs=1e-4) and ga == gb
     rolling = [Instance("loglikelihood_rolling", {}, ("some text " * 20,), 0)]
     assert ours.loglikelihood_rolling(rolling)[0] == pytest.approx(ref.loglikelihood_rolling(rolling)[0], abs=1e-3)
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".jsonl.gz", ".jsonl.xz"])
+def test_compressed_jsonl_is_read_as_text(checkpoint, tmp_path, suffix):
+    """The same rows give the same result whether the JSONL is plain, gzip or xz (as `parscale data` reads them)."""
+    import gzip
+    import lzma
+
+    rows = [{"text": "def f(x):\n    return x\n", "domain": "code"}, {"text": "Hello there. " * 5, "domain": "prose"}]
+    data = ("\n".join(json.dumps(r) for r in rows) + "\n").encode()
+    path = tmp_path / f"d{suffix}"
+    path.write_bytes({".jsonl": lambda b: b, ".jsonl.gz": gzip.compress, ".jsonl.xz": lzma.compress}[suffix](data))
+    (tmp_path / "plain.jsonl").write_bytes(data)
+    model, tok = parscale.load(checkpoint), parscale.load_tokenizer(checkpoint)
+    got = evaluate(model, tok, path, progress=False)
+    ref = evaluate(model, tok, tmp_path / "plain.jsonl", progress=False)
+    assert set(got["domains"]) == {"code", "prose"}
+    assert got["loss"] == ref["loss"] and got["tokens"] == ref["tokens"]
+    assert got["bits_per_byte"] == ref["bits_per_byte"]
+
+
+def test_bad_jsonl_rows_name_file_and_line(checkpoint, tmp_path):
+    model, tok = parscale.load(checkpoint), parscale.load_tokenizer(checkpoint)
+    for body, match in (('{"text": "ok"}\n{"text": 3}\n', "line 2: field 'text' must be a string, got int"),
+                        ('{"text": "ok"}\n{oops\n', "line 2: not valid JSON"),
+                        ('["a"]\n', "line 1: expected a JSON object")):
+        (tmp_path / "bad.jsonl").write_text(body)
+        with pytest.raises(EvalDataError, match=match):
+            evaluate(model, tok, tmp_path / "bad.jsonl", progress=False)

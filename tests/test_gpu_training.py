@@ -42,5 +42,5 @@ def test_frozen_backbone_adapter_on_cuda(data_dir, tmp_path):
     before = parscale.load(base, device="cuda")
     model = load_adapter(before, tmp_path / "a" / "adapter")
     after = parscale.load(tmp_path / "a", device="cuda")
-    ids = torch.randint(0, 512, (2, 6), device="cuda")
+    ids = torch.randint(0, after.config.vocab_size, (2, 6), device="cuda")
     torch.testing.assert_close(model(ids), after(ids))

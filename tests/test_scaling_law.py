@@ -91,3 +91,19 @@ def test_cli_plan_picks_lowest_loss_within_budget(capsys):
     assert out["candidates"] and all(c["memory_gib"] <= 8 and c["decode_ms_per_token"] <= 7 for c in out["candidates"])
     assert out["best"]["loss"] == min(c["loss"] for c in out["candidates"])
     assert any(not r["fits"] for r in out["all"])
+
+
+def test_smallest_p_out_of_reach_is_none_not_an_overflow(capsys):
+    f = fit(paper_points("stack"), "eq5")
+    reachable = f.predict(1e6, 1 << 20)
+    target = f.E + (reachable - f.E) * 0.5  # above E, below anything P <= 2^20 reaches
+    assert smallest_P(f, 1e6, target) is None
+    assert smallest_P(f.__class__(**{**f.__dict__, "shape": 0.0}), 1e6, target) is None  # k = 0: P never helps
+    assert main(["predict", "--paper", "stack", "--params", "1e6", "--streams", "2", "--target", str(target)]) == 0
+    assert json.loads(capsys.readouterr().out)["smallest_P_for_target"] is None
+
+
+def test_constant_losses_get_one_error():
+    pts = Points(np.array([1e6, 2e6, 4e6, 8e6, 1.6e7, 3.2e7]), np.array([1, 1, 2, 2, 4, 4]), np.full(6, 2.5))
+    with pytest.raises(LawDataError, match="every loss is 2.5"):
+        fit(pts, "eq5")

@@ -243,3 +243,33 @@ def test_adapter_identity_does_not_depend_on_dtype(data_dir, tmp_path, capsys):
         changed.model.layers[0].mlp.up_proj.weight[0, 0] += 0.5
     with pytest.raises(CheckpointError, match="trained on another backbone"):
         load_adapter(changed, tmp_path / "a" / "adapter")
+
+
+def test_merged_copy_leaves_the_reparameterised_model_intact():
+    from conftest import tiny_model
+
+    from parscale.reparam import enable_prefix_reparam, has_prefix_reparam, merged_copy
+
+    model = tiny_model(streams=2)
+    enable_prefix_reparam(model, 8, 16)
+    ids = torch.randint(0, 512, (2, 7))
+    merged = merged_copy(model)
+    assert has_prefix_reparam(model) and not has_prefix_reparam(merged)
+    assert torch.equal(merged(ids), model(ids))
+    model(ids).sum().backward()  # the original still trains through its MLPs
+    assert model.model.layers[0].self_attn.parametrizations.prefix_k[0].latent.grad is not None
+
+
+def test_one_document_corpus_holds_out_its_tail(tmp_path):
+    from parscale.data import build_shards
+    from parscale.tokenizer import byte_tokenizer
+
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "only.txt").write_text("to be or not to be, that is the question. " * 50)
+    m = build_shards([tmp_path / "src"], tmp_path / "d", byte_tokenizer(), val_fraction=0.1, progress=False)
+    assert m["train_tokens"] > 0 and m["val_tokens"] > 0 and "only document" in m["val_held_out_from"]
+    assert m["train_tokens"] + m["val_tokens"] == len("to be or not to be, that is the question. " * 50) + 1
+    (tmp_path / "tiny").mkdir()
+    (tmp_path / "tiny" / "t.txt").write_text("ab")
+    with pytest.raises(DataError, match="too short to hold any of it out"):
+        build_shards([tmp_path / "tiny"], tmp_path / "d2", byte_tokenizer(), progress=False)

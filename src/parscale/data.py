@@ -22,10 +22,8 @@ batch that would have come next.
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import json
-import lzma
 import sys
 import time
 from collections.abc import Iterator
@@ -34,53 +32,26 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .documents import DocumentError, is_jsonl, read_documents
 from .files import atomic_write
 
-
-class DataError(ValueError):
-    """Bad data input: the message names the problem."""
-
-
-def _is_jsonl(path: Path) -> bool:
-    return path.name.endswith((".jsonl", ".jsonl.gz", ".jsonl.xz"))
-
-
-def _open_text(path: Path):
-    opener = {".gz": gzip.open, ".xz": lzma.open}.get(path.suffix, open)
-    return opener(path, "rt", encoding="utf-8")
+DataError = DocumentError  # bad data input: one error type for every reader of documents
 
 
 def _documents(sources, glob: str, text_field: str, split_field: str | None = None
                ) -> Iterator[tuple[str, str, str, str | None]]:
     """(document id, source file, text, split or None) for every document of the sources, in a stable order."""
-    for src in sources:
-        path = Path(src)
-        if not path.exists():
-            raise DataError(f"data source {str(path)!r} does not exist")
-        files = sorted(p for p in path.glob(glob) if p.is_file()) if path.is_dir() else [path]
-        if path.is_dir() and not files:
-            raise DataError(f"no files match {glob!r} under {str(path)!r}")
-        for f in files:
-            # The split depends on the path inside the source, not on where the source lies.
-            key = str(f.relative_to(path)) if path.is_dir() else f.name
-            if _is_jsonl(f):
-                with _open_text(f) as fh:
-                    for n, line in enumerate(fh, 1):
-                        if line.strip():
-                            row = json.loads(line)
-                            if text_field not in row:
-                                raise DataError(f"{f}, line {n}: no field {text_field!r}")
-                            split = None
-                            if split_field is not None:
-                                split = row.get(split_field)
-                                if split not in ("train", "val"):
-                                    raise DataError(f"{f}, line {n}: field {split_field!r} is {split!r}, "
-                                                    f"not 'train' or 'val'")
-                            yield f"{key}:{n}", str(f), row[text_field], split
-            else:
-                if split_field is not None:
-                    raise DataError(f"split_field needs JSONL sources; {str(f)!r} is not one")
-                yield key, str(f), f.read_text(encoding="utf-8", errors="replace"), None
+    for doc in read_documents(sources, glob, text_field):
+        split = None
+        if split_field is not None:
+            if not is_jsonl(Path(doc.source)):
+                raise DataError(f"split_field needs JSONL sources; {doc.source!r} is not one")
+            split = doc.fields.get(split_field)
+            if split not in ("train", "val"):
+                shown = repr(split) if len(repr(split)) < 60 else repr(split)[:57] + "..."
+                raise DataError(f"{doc.source}, line {doc.line}: field {split_field!r} is {shown}, "
+                                f"not 'train' or 'val'")
+        yield doc.doc_id, doc.source, doc.text, split
 
 
 def split_of(doc_id: str, val_fraction: float) -> str:
@@ -148,20 +119,38 @@ def build_shards(sources, out_dir, tokenizer, glob: str = "**/*.txt", text_field
         print(file=sys.stderr)
     if not tokens["train"]:
         raise DataError("no training text found in the sources")
-    if not tokens["val"]:  # a tiny corpus: hold out the last training document
-        tokens["val"].append(tokens["train"].pop())
+    held_out_from = None
+    if not tokens["val"]:
+        held_out_from = _hold_out(tokens, val_fraction)
     manifest = {"dtype": np.dtype(dtype).name, "eos_id": eos, "vocab_size": vocab,
                 "val_fraction": None if split_field else val_fraction, "split_field": split_field,
+                "val_held_out_from": held_out_from,
                 "tokenizer_sha256": hashlib.sha256(tokenizer.to_str().encode()).hexdigest(),
                 "files": sorted(files.values(), key=lambda f: f["path"])}
     for split, parts in tokens.items():
-        arr = np.concatenate(parts)
-        atomic_write(out / f"{split}.bin", arr.tobytes())
-        manifest[f"{split}_tokens"] = int(arr.size)
+        # Written part by part: concatenating first would hold the corpus twice in memory.
+        atomic_write(out / f"{split}.bin", (memoryview(part) for part in parts))
+        manifest[f"{split}_tokens"] = int(sum(part.size for part in parts))
         manifest[f"{split}_documents"] = len(parts)
     atomic_write(out / "tokenizer.json", tokenizer.to_str().encode())
     atomic_write(out / "manifest.json", (json.dumps(manifest, indent=1) + "\n").encode())
     return manifest
+
+
+def _hold_out(tokens: dict[str, list[np.ndarray]], val_fraction: float) -> str:
+    """No document fell into validation (a tiny corpus): hold out the last training document, or, when
+    there is only one, its last val_fraction of tokens (at least 2). Returns what was held out."""
+    train = tokens["train"]
+    if len(train) > 1:
+        tokens["val"].append(train.pop())
+        return "the last training document"
+    doc = train[0]
+    k = max(2, round(doc.size * max(val_fraction, 0.01)))
+    if doc.size - k < 2:
+        raise DataError(f"the corpus is one document of {doc.size} tokens: too short to hold any of it out "
+                        f"for validation")
+    train[0], tokens["val"] = doc[:-k], [doc[-k:]]
+    return f"the last {k} tokens of the only document"
 
 
 class TokenLoader:

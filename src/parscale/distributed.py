@@ -18,11 +18,14 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def setup() -> tuple[int, int, int]:
-    """(rank, world size, local rank); initialises the process group when started by torchrun."""
+def setup(device: str | None = None) -> tuple[int, int, int]:
+    """(rank, world size, local rank); initialises the process group when started by torchrun.
+
+    NCCL when the training runs on CUDA GPUs, gloo otherwise (also on a CUDA machine told --device cpu)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        on_cuda = torch.cuda.is_available() and (device is None or torch.device(device).type == "cuda")
+        backend = "nccl" if on_cuda else "gloo"
         dist.init_process_group(backend)
     if world > 1:
         return dist.get_rank(), world, int(os.environ.get("LOCAL_RANK", "0"))

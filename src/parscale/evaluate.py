@@ -2,10 +2,11 @@
 
     parscale eval --model DIR --data PATH [--max-length 1024 --stride 512] [--out result.json]
 
-PATH is a text file, a folder (files matching --glob, recursively), a JSONL file (one document per
-line, text in --text-field; an optional "domain" field groups results), or a token shard `*.bin`
-(raw uint16/uint32 ids, --token-dtype). Each document is tokenised with the checkpoint's tokenizer.json
-and preceded by the EOS id when the tokenizer has one, so its first token is predicted too.
+PATH is a text file, a folder (files matching --glob, recursively), a JSONL file (`.jsonl`, `.jsonl.gz`
+or `.jsonl.xz`; one document per line, text in --text-field; an optional "domain" field groups results),
+or a token shard `*.bin` (raw uint16/uint32 ids, --token-dtype). Each document is tokenised with the
+checkpoint's tokenizer.json and preceded by the EOS id when the tokenizer has one, so its first token is
+predicted too. Files are read by documents.py, the reader `parscale data` uses.
 
 Long documents are scored with sliding windows of `max_length` tokens moved by `stride` (default
 max_length / 2): every token is predicted exactly once, each with at least `max_length − stride`
@@ -17,7 +18,6 @@ bits per byte = total NLL / ln 2 / UTF-8 bytes of the scored text (not defined f
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 import time
@@ -30,61 +30,50 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .documents import JSONL_SUFFIXES, DocumentError, read_documents
 
-class EvalDataError(ValueError):
-    """Bad evaluation input: the message names the problem."""
+EvalDataError = DocumentError  # bad evaluation input: the same error type as every document reader's
 
 
 @dataclass
 class Document:
     source: str
     domain: str
-    ids: list[int]
+    ids: np.ndarray
     n_bytes: int | None
 
 
 def iter_documents(path, tokenizer, glob: str = "**/*.txt", text_field: str = "text",
                    token_dtype: str = "uint16") -> Iterator[Document]:
+    """Tokenised documents of a text file, folder, JSONL (.gz / .xz too) or `*.bin` token shard."""
     path = Path(path)
     if not path.exists():
         raise EvalDataError(f"evaluation data {str(path)!r} does not exist")
+    if path.suffix == ".bin":
+        yield Document(path.name, path.stem, np.fromfile(path, dtype=np.dtype(token_dtype)), None)
+        return
     eos = tokenizer.token_to_id("<|endoftext|>") if tokenizer is not None else None
     prefix = [eos] if eos is not None else []
+    for doc in read_documents([path], glob, text_field):
+        if not doc.text:
+            continue
+        if doc.line is not None:  # a JSONL row: its "domain" field, else the file's name
+            source, domain = f"{Path(doc.source).name}:{doc.line}", str(doc.fields.get("domain", _stem(doc.source)))
+        elif path.is_dir():
+            rel = Path(doc.doc_id)
+            source, domain = doc.doc_id, rel.parts[0] if len(rel.parts) > 1 else "."
+        else:
+            source, domain = path.name, path.stem
+        ids = np.asarray(prefix + tokenizer.encode(doc.text).ids, dtype=np.int64)
+        yield Document(source, domain, ids, len(doc.text.encode("utf-8")))
 
-    def encode(text):
-        return prefix + tokenizer.encode(text).ids
 
-    if path.is_dir():
-        files = sorted(p for p in path.glob(glob) if p.is_file())
-        if not files:
-            raise EvalDataError(f"no files match {glob!r} under {str(path)!r}")
-        for f in files:
-            rel = f.relative_to(path)
-            text = f.read_text(encoding="utf-8", errors="replace")
-            if text:
-                yield Document(str(rel), rel.parts[0] if len(rel.parts) > 1 else ".", encode(text),
-                               len(text.encode("utf-8")))
-    elif path.suffix == ".jsonl":
-        with open(path, encoding="utf-8") as fh:
-            for n, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise EvalDataError(f"{path}, line {n}: not JSON ({e})") from None
-                if text_field not in row:
-                    raise EvalDataError(f"{path}, line {n}: no field {text_field!r}")
-                text = row[text_field]
-                if text:
-                    yield Document(f"{path.name}:{n}", str(row.get("domain", path.stem)), encode(text),
-                                   len(text.encode("utf-8")))
-    elif path.suffix == ".bin":
-        ids = np.fromfile(path, dtype=np.dtype(token_dtype))
-        yield Document(path.name, path.stem, ids.astype(np.int64).tolist(), None)
-    else:
-        text = path.read_text(encoding="utf-8", errors="replace")
-        yield Document(path.name, path.stem, encode(text), len(text.encode("utf-8")))
+def _stem(source: str) -> str:
+    name = Path(source).name
+    for suffix in JSONL_SUFFIXES:
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return Path(name).stem
 
 
 def windows(n_tokens: int, max_length: int, stride: int) -> list[tuple[int, int, int]]:
@@ -108,7 +97,7 @@ def score_windows(model, chunks: list[tuple[list[int], int]], device) -> list[fl
     width = max(len(ids) for ids, _ in chunks)
     batch = torch.zeros(len(chunks), width, dtype=torch.long)
     for i, (ids, _) in enumerate(chunks):
-        batch[i, : len(ids)] = torch.tensor(ids)
+        batch[i, : len(ids)] = torch.as_tensor(ids)
     # Right padding needs no mask: causal attention never lets a real token see the padding after it.
     logits = model(batch.to(device)).float()
     out = []
@@ -133,9 +122,10 @@ def evaluate(model, tokenizer, data, max_length: int | None = None, stride: int 
     if not docs or all(len(d.ids) < 2 for d in docs):
         raise EvalDataError(f"evaluation data {str(data)!r} holds no text to score")
     for d in docs:
-        bad = [t for t in d.ids if not 0 <= t < cfg.vocab_size]
-        if bad:
-            raise EvalDataError(f"{d.source}: token id {bad[0]} is outside the vocabulary [0, {cfg.vocab_size})")
+        bad = (d.ids < 0) | (d.ids >= cfg.vocab_size)
+        if bad.any():
+            raise EvalDataError(f"{d.source}: token id {int(d.ids[bad.argmax()])} is outside the vocabulary "
+                                f"[0, {cfg.vocab_size})")
     jobs = [(d_i, d.ids[b:e], n) for d_i, d in enumerate(docs) for b, e, n in windows(len(d.ids), max_length, stride)]
     jobs.sort(key=lambda j: len(j[1]))  # similar lengths share a batch: less padding
     nll = defaultdict(float)

@@ -25,14 +25,17 @@ class FolderInUseError(ValueError):
     """A folder parscale was asked to write holds files it did not write, or another process holds it."""
 
 
-def atomic_write(path, data: bytes) -> None:
-    """Write a file through a temporary name in the same folder, then rename it into place."""
+def atomic_write(path, data) -> None:
+    """Write a file through a temporary name in the same folder, then rename it into place.
+
+    data: bytes, or an iterable of bytes-like parts written one after another (no joined copy)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
         with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
+            for part in [data] if isinstance(data, (bytes, bytearray, memoryview)) else data:
+                fh.write(part)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -14,8 +14,6 @@ start so the produced prefixes have the standard deviation the plain prefixes ha
 
 from __future__ import annotations
 
-import copy
-
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
@@ -63,15 +61,24 @@ def has_prefix_reparam(model) -> bool:
     return any(parametrize.is_parametrized(layer.self_attn) for layer in model.model.layers)
 
 
+@torch.no_grad()
 def merged_copy(model):
-    """A copy of the model with the produced prefixes stored as plain parameters (released format)."""
+    """A new model whose prefixes are the produced ones, stored as plain parameters (released format).
+
+    The original is left untouched and keeps training through its MLPs. (A deep copy followed by
+    `remove_parametrizations` is not safe: on some torch versions the copy shares the original's
+    generated class, and removing the property from it broke the original model.)
+    """
     if not has_prefix_reparam(model):
         return model
-    merged = copy.deepcopy(model)
-    for layer in merged.model.layers:
+    from .model import ParScaleForCausalLM
+
+    state = {k: v.detach().clone() for k, v in model.state_dict().items() if ".parametrizations." not in k}
+    for i, layer in enumerate(model.model.layers):
         for name in ("prefix_k", "prefix_v"):
-            parametrize.remove_parametrizations(layer.self_attn, name, leave_parametrized=True)
-    return merged
+            state[f"model.layers.{i}.self_attn.{name}"] = getattr(layer.self_attn, name).detach().clone()
+    device = model.model.embed_tokens.weight.device
+    return ParScaleForCausalLM.from_state_dict(model.config, state, device).train(model.training)
 
 
 def reparam_state(model) -> dict[str, torch.Tensor]:

@@ -147,6 +147,8 @@ def fit(points: Points, form: str = "eq5", starts=None) -> Fit:
     validate(points)
     if len(points) <= 4:
         raise LawDataError(f"{len(points)} points cannot determine 4 parameters: need at least 5")
+    if np.ptp(points.loss) == 0:
+        raise LawDataError(f"every loss is {points.loss[0]:g}: a constant cannot determine how loss falls with N and P")
     if starts is None:
         shape0 = FORMS[form][2]
         starts = [[math.exp(e), math.exp(a), al, s] for e in (-1, -0.5, 0) for a in (-4, -2, 0, 2, 4)
@@ -204,6 +206,9 @@ def smallest_P(f: Fit, N: float, target: float, max_P: int = 1 << 20) -> int | N
     needed = f.A / (N * (target - f.E) ** (1 / f.alpha))  # required k·ln P + 1
     if needed <= 1:
         return 1
+    # ln P = (needed − 1) / k; a target the law only reaches beyond max_P (or never, k = 0) is out of reach.
+    if f.shape <= 0 or (needed - 1) / f.shape > math.log(max_P):
+        return None
     P = math.ceil(math.exp((needed - 1) / f.shape) - 1e-9)
     while P > 1 and f.predict(N, P - 1) <= target:  # guard against rounding
         P -= 1

@@ -275,7 +275,7 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None,
     overwrite: a fresh run into a folder that already holds one removes that run's checkpoints and
     metrics (other files in the folder are kept); without it such a folder is refused.
     """
-    rank, world, local_rank = setup()
+    rank, world, local_rank = setup(cfg.device)
     lock = RunLock(Path(cfg.out)) if rank == 0 else contextlib.nullcontext()
     with lock:
         return _train(cfg, resume, stop_after, overwrite, rank, world, local_rank)
@@ -283,7 +283,9 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None,
 
 def _train(cfg: TrainConfig, resume: bool, stop_after: int | None, overwrite: bool, rank: int, world: int,
            local_rank: int) -> dict:
-    device = torch.device(cfg.device or (f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"))
+    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and device.index is None:  # "cuda" means this process's GPU under torchrun
+        device = torch.device("cuda", local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     autocast = device.type == "cuda"
