@@ -157,3 +157,36 @@ def test_config_rejects_bad_values():
         ModelConfig.preset("nope")
     with pytest.raises(ValueError, match="rope_scaling"):
         ModelConfig.preset("tiny", rope_scaling={"rope_type": "yarn", "factor": 2.0})
+
+
+def test_seed_gives_the_same_backbone_for_every_p():
+    """Paired seeds: the backbone of seed s is identical for P = 1, the prefix control and P = 2, 4, 8."""
+    models = [parscale.build_model(ModelConfig.preset("tiny", parscale_n=p), seed=7) for p in (1, 2, 4, 8)]
+    models.append(parscale.build_model(ModelConfig.preset("tiny", parscale_p1_prefix=True), seed=7))
+    ref = models[0].state_dict()
+    for m in models[1:]:
+        state = m.state_dict()
+        for k, v in ref.items():
+            assert torch.equal(state[k], v), (m.config.parscale_n, k)
+    other = parscale.build_model(ModelConfig.preset("tiny", parscale_n=4), seed=8).state_dict()
+    assert not torch.equal(other["model.embed_tokens.weight"], ref["model.embed_tokens.weight"])
+
+
+def test_p1_prefix_control(tmp_path):
+    cfg = ModelConfig.preset("tiny", parscale_p1_prefix=True, parscale_n_tokens=6)
+    model = parscale.build_model(cfg, seed=0).eval()
+    assert model.model.layers[0].self_attn.prefix_k.shape == (1, 2, 6, 16)
+    assert not hasattr(model.model, "aggregate_layer")
+    assert cfg.param_counts()["parscale"] == 2 * 2 * 2 * 6 * 16
+    plain = parscale.build_model(ModelConfig.preset("tiny"), seed=0).eval()
+    ids = torch.randint(0, 512, (2, 9))
+    assert not torch.allclose(model(ids), plain(ids))  # the prefix is attended to
+    cache = KVCache.for_model(model, 2, 12)
+    full = model(ids)
+    step = torch.cat([model(ids[:, :5], cache=cache)[:, -1:], model(ids[:, 5:], cache=cache)], 1)
+    torch.testing.assert_close(step, full[:, 4:], atol=1e-5, rtol=1e-5)  # cached decode = recompute
+    parscale.save(model, tmp_path / "c")
+    again = parscale.load(tmp_path / "c")
+    assert again.config.parscale_p1_prefix and torch.equal(again(ids), model(ids))
+    with pytest.raises(ValueError, match="needs parscale_n = 1"):
+        ModelConfig.preset("tiny", parscale_n=2, parscale_p1_prefix=True)

@@ -47,7 +47,7 @@ class KVCache:
     @torch.no_grad()
     def write_prefixes(self, model) -> None:
         """Copy every layer's prefix_k / prefix_v (as they are now) into the prefix slots."""
-        if model.config.parscale_n == 1:
+        if not model.config.has_prefix:
             return
         n, b = self.prefix_len, self.batch_size
         for i, layer in enumerate(model.model.layers):

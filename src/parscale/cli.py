@@ -529,6 +529,8 @@ def build_parser() -> argparse.ArgumentParser:
                       ("min_lr_ratio", float), ("eval_batches", int)):
         p.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, default=None)
     p.add_argument("--schedule", choices=["cosine", "wsd"], default=None)
+    p.add_argument("--p1-prefix", dest="p1_prefix", action="store_true", default=None,
+                   help="with --streams 1: a learned prefix of --n-tokens, no aggregator (the prefix control)")
     p.add_argument("--prefix-reparam", dest="prefix_reparam", action="store_true", default=None,
                    help="train prefixes through an MLP from per-stream latents (merged when saving)")
     p.add_argument("--trainable", choices=["all", "parscale"], default=None,

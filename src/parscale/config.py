@@ -55,6 +55,9 @@ class ModelConfig:
     """Prefix tokens per stream in every attention layer."""
     parscale_attn_smooth: float = 0.1
     """ε of the aggregation smoothing w·(1−ε) + ε/P (the paper and released checkpoints use 0.1)."""
+    parscale_p1_prefix: bool = False
+    """P = 1 with a learned prefix of parscale_n_tokens in every layer and no aggregator: the control that
+    separates the prefix's own effect from parallel computation (this library's extension)."""
     extra: dict = field(default_factory=dict, repr=False)
     """Other keys of the source config.json, written back unchanged on save."""
 
@@ -79,6 +82,10 @@ class ModelConfig:
             raise ValueError(f"parscale_n must be >= 1, got {self.parscale_n}")
         if self.parscale_n > 1 and self.parscale_n_tokens < 1:
             raise ValueError(f"parscale_n_tokens must be >= 1 when parscale_n > 1, got {self.parscale_n_tokens}")
+        if self.parscale_p1_prefix and self.parscale_n != 1:
+            raise ValueError("parscale_p1_prefix is the P = 1 control; it needs parscale_n = 1")
+        if self.parscale_p1_prefix and self.parscale_n_tokens < 1:
+            raise ValueError(f"parscale_p1_prefix needs parscale_n_tokens >= 1, got {self.parscale_n_tokens}")
         if not 0.0 <= self.parscale_attn_smooth <= 1.0:
             raise ValueError(f"parscale_attn_smooth must be in [0, 1], got {self.parscale_attn_smooth}")
         if self.rope_scaling is not None:
@@ -93,13 +100,18 @@ class ModelConfig:
         return self.family == "qwen3"
 
     @property
+    def has_prefix(self) -> bool:
+        """Every attention layer has learned prefix keys/values (P > 1, or the P = 1 prefix control)."""
+        return self.parscale_n > 1 or self.parscale_p1_prefix
+
+    @property
     def prefix_len(self) -> int:
-        """Cache slots taken by the prefix in every stream (0 when P = 1)."""
-        return self.parscale_n_tokens if self.parscale_n > 1 else 0
+        """Cache slots taken by the prefix in every stream (0 for a plain P = 1 model)."""
+        return self.parscale_n_tokens if self.has_prefix else 0
 
     @property
     def model_type(self) -> str:
-        return f"{self.family}_parscale" if self.parscale_n > 1 else self.family
+        return f"{self.family}_parscale" if self.has_prefix else self.family
 
     def replace(self, **changes) -> ModelConfig:
         return dataclasses.replace(self, **changes)
@@ -119,11 +131,9 @@ class ModelConfig:
         layer = attn + mlp + 2 * h
         backbone = self.num_hidden_layers * layer + h  # + final norm
         p = self.parscale_n
-        parscale = 0
+        parscale = self.num_hidden_layers * 2 * p * kv * self.prefix_len * hd  # prefixes
         if p > 1:
-            prefixes = self.num_hidden_layers * 2 * p * kv * self.parscale_n_tokens * hd
-            aggregator = (p * h * h + h) + (h * p + p)
-            parscale = prefixes + aggregator
+            parscale += (p * h * h + h) + (h * p + p)  # aggregator
         embedding = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
         non_embedding = backbone + parscale
         return {
@@ -161,7 +171,7 @@ class ModelConfig:
         kwargs.setdefault("tie_word_embeddings", False)
         # Released configs carry parscale_n; a plain model is P = 1 whatever its config says.
         if not model_type.endswith("_parscale"):
-            for k in ("parscale_n", "parscale_n_tokens", "parscale_attn_smooth"):
+            for k in ("parscale_n", "parscale_n_tokens", "parscale_attn_smooth", "parscale_p1_prefix"):
                 kwargs.pop(k, None)
         rope_params = d.get("rope_parameters")  # newer transformers spelling
         if "rope_theta" not in kwargs and isinstance(rope_params, dict) and "rope_theta" in rope_params:
@@ -177,14 +187,16 @@ class ModelConfig:
         out = dict(self.extra)
         out.pop("architectures", None)
         arch = {"qwen2": "Qwen2", "llama": "Llama", "qwen3": "Qwen3"}[self.family]
-        out["architectures"] = [f"{arch}ParScaleForCausalLM" if self.parscale_n > 1 else f"{arch}ForCausalLM"]
+        out["architectures"] = [f"{arch}ParScaleForCausalLM" if self.has_prefix else f"{arch}ForCausalLM"]
         out["model_type"] = self.model_type
         for f in dataclasses.fields(self):
             if f.name in ("family", "extra"):
                 continue
             value = getattr(self, f.name)
-            if f.name.startswith("parscale_") and self.parscale_n == 1:
+            if f.name.startswith("parscale_") and not self.has_prefix:
                 continue
+            if f.name == "parscale_p1_prefix" and not value:
+                continue  # the released format has no such key
             if value is None and f.name in ("bos_token_id", "eos_token_id", "rope_scaling"):
                 if f.name == "rope_scaling":
                     out[f.name] = None

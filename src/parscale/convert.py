@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from .config import ModelConfig
-from .model import ParScaleForCausalLM
+from .model import ParScaleForCausalLM, parscale_generator
 
 
 def add_streams(model: ParScaleForCausalLM, parscale_n: int, n_tokens: int = 48, smooth: float = 0.1,
@@ -32,5 +32,5 @@ def add_streams(model: ParScaleForCausalLM, parscale_n: int, n_tokens: int = 48,
         if name not in state:  # a ParScale parameter: materialise, then initialise below
             state[name] = torch.zeros(param.shape, dtype=ref.dtype, device=ref.device)
     new = ParScaleForCausalLM.from_state_dict(cfg, state, ref.device)
-    new.init_parscale_parameters(torch.Generator(device="cpu").manual_seed(seed))
+    new.init_parscale_parameters(parscale_generator(seed))
     return new.train(model.training)

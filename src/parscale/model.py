@@ -94,8 +94,8 @@ class Attention(nn.Module):
         if config.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
-        self.parscale_n = config.parscale_n
-        if config.parscale_n > 1:
+        self.parscale_n, self.has_prefix = config.parscale_n, config.has_prefix
+        if config.has_prefix:
             shape = (config.parscale_n, self.n_kv, config.parscale_n_tokens, self.head_dim)
             self.prefix_k = nn.Parameter(torch.zeros(shape))
             self.prefix_v = nn.Parameter(torch.zeros(shape))
@@ -112,7 +112,7 @@ class Attention(nn.Module):
         if cache is not None:
             # The cache already holds this stream's prefix in its first slots.
             k, v = cache.update(layer_idx, k, v)
-        elif self.parscale_n > 1:
+        elif self.has_prefix:
             b = n // self.parscale_n
             k = torch.cat([self.prefix_k.to(k.dtype).repeat_interleave(b, dim=0), k], dim=2)
             v = torch.cat([self.prefix_v.to(v.dtype).repeat_interleave(b, dim=0), v], dim=2)
@@ -233,42 +233,51 @@ class ParScaleForCausalLM(nn.Module):
     # ------------------------------------------------------------------------------------------
     @torch.no_grad()
     def init_weights(self, seed: int | None = None) -> ParScaleForCausalLM:
-        """Set every parameter explicitly (see the module docstring for the scheme)."""
-        gen = torch.Generator(device="cpu")
-        gen.manual_seed(0 if seed is None else seed)
+        """Set every parameter explicitly (see the module docstring for the scheme).
+
+        Seeds are paired across P: the backbone (embedding, layers, norms, an untied LM head) is drawn
+        from a generator seeded with `seed` alone, in a fixed order that never visits a ParScale
+        parameter, and prefixes and aggregator from a second generator derived from `seed`. So seed s
+        gives the same backbone for P = 1, the P = 1 prefix control and every P > 1.
+        """
+        seed = 0 if seed is None else seed
+        gen = torch.Generator(device="cpu").manual_seed(seed)
         std = self.config.initializer_range
 
         def normal_(t, s):
             t.copy_(torch.randn(t.shape, generator=gen, dtype=torch.float32).mul_(s).to(t.dtype))
 
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
+        seen = set()
+        for name, module in self.named_modules():
+            if name.startswith("model.aggregate_layer"):
+                continue
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                if id(module.weight) in seen:  # the tied LM head is the embedding: drawn once
+                    continue
+                seen.add(id(module.weight))
                 normal_(module.weight, std)
-                if module.bias is not None:
+                if getattr(module, "bias", None) is not None:
                     module.bias.zero_()
-            elif isinstance(module, nn.Embedding):
-                normal_(module.weight, std)
             elif isinstance(module, RMSNorm):
                 module.weight.fill_(1.0)
-        if self.config.parscale_n > 1:
-            self.model.aggregate_layer[2].weight.zero_()
-            self.model.aggregate_layer[2].bias.zero_()
-            self.init_parscale_parameters(gen)
+        self.init_parscale_parameters(parscale_generator(seed))
         self.model.rope_inv_freq.copy_(rope_inv_freq(self.config))
         return self
 
     @torch.no_grad()
     def init_parscale_parameters(self, gen: torch.Generator | None = None) -> None:
         """(Re)initialise prefixes and aggregator only: used when adding streams to a trained model."""
-        if self.config.parscale_n == 1:
+        if not self.config.has_prefix:
             return
-        gen = gen or torch.Generator(device="cpu").manual_seed(0)
+        gen = gen or parscale_generator(0)
         h = self.config.hidden_size
         for layer in self.model.layers:
             attn = layer.self_attn
             for prefix, proj in ((attn.prefix_k, attn.k_proj), (attn.prefix_v, attn.v_proj)):
                 sigma = proj.weight.float().std().item() * math.sqrt(h)
                 prefix.copy_((torch.randn(prefix.shape, generator=gen) * sigma).to(prefix.dtype))
+        if self.config.parscale_n == 1:
+            return
         agg = self.model.aggregate_layer
         agg[0].weight.copy_((torch.randn(agg[0].weight.shape, generator=gen) * self.config.initializer_range)
                             .to(agg[0].weight.dtype))
@@ -391,6 +400,11 @@ class ParScaleForCausalLM(nn.Module):
         if self.config.parscale_n > 1:
             mask = mask.repeat(self.config.parscale_n, 1, 1, 1)
         return AttentionPlan(mask, None, is_causal=False)
+
+
+def parscale_generator(seed: int) -> torch.Generator:
+    """The generator of a model's ParScale parameters: derived from its seed, apart from the backbone's."""
+    return torch.Generator(device="cpu").manual_seed((seed * 0x9E3779B1 + 0x5EED) % (1 << 63))
 
 
 def _default_positions(attention_mask, b, past, t, device):

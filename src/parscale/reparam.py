@@ -46,8 +46,8 @@ class PrefixMLP(nn.Module):
 
 
 def enable_prefix_reparam(model, d_latent: int = 64, hidden: int = 256, seed: int = 0) -> None:
-    if model.config.parscale_n == 1:
-        raise ValueError("prefix reparameterisation needs P > 1")
+    if not model.config.has_prefix:
+        raise ValueError("prefix reparameterisation needs prefixes (P > 1 or the P = 1 prefix control)")
     for i, layer in enumerate(model.model.layers):
         attn = layer.self_attn
         for j, name in enumerate(("prefix_k", "prefix_v")):

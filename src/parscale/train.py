@@ -78,6 +78,8 @@ class TrainConfig:
     trainable: str = "all"
     """'all', or 'parscale': a frozen backbone, only prefixes and aggregator train (saved as an adapter)."""
     n_tokens: int | None = None
+    p1_prefix: bool = False
+    """With streams = 1: give the model a learned prefix of n_tokens (the prefix control, no aggregator)."""
     smooth: float = 0.1
     prefix_reparam: bool = False
     """Produce the prefixes by a small MLP from per-stream latents while training (reparam.py)."""
@@ -185,10 +187,12 @@ def _initial_model(cfg: TrainConfig, vocab_size: int, eos_id: int):
         if unknown:
             raise ValueError(f"model_overrides: unknown model settings {', '.join(unknown)}")
         overrides = {**shape, "parscale_n": cfg.streams, "vocab_size": vocab_size, "eos_token_id": eos_id,
-                     "parscale_attn_smooth": cfg.smooth}
+                     "parscale_attn_smooth": cfg.smooth, "parscale_p1_prefix": cfg.p1_prefix}
         if cfg.n_tokens is not None:
             overrides["parscale_n_tokens"] = cfg.n_tokens
         return build_model(ModelConfig.preset(cfg.model, **overrides), seed=cfg.seed)
+    if cfg.p1_prefix:
+        raise ValueError("p1_prefix builds the prefix control from a preset; it cannot be added to a checkpoint")
     model = load(cfg.model, dtype=torch.float32)
     if model.config.vocab_size < vocab_size:
         raise ValueError(f"{cfg.model} has {model.config.vocab_size} token ids but the data uses {vocab_size}")
