@@ -273,3 +273,18 @@ def test_one_document_corpus_holds_out_its_tail(tmp_path):
     (tmp_path / "tiny" / "t.txt").write_text("ab")
     with pytest.raises(DataError, match="too short to hold any of it out"):
         build_shards([tmp_path / "tiny"], tmp_path / "d2", byte_tokenizer(), progress=False)
+
+
+def test_full_split_evaluations_at_fractions(data_dir, tmp_path):
+    from parscale.data import TokenLoader
+
+    train(_cfg(data_dir, tmp_path / "run", steps=8, eval_at=[0.5, 1.0]))
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "val_loss_full" in r] == [4, 8]
+    model = parscale.load(tmp_path / "run")
+    val = TokenLoader(data_dir, "val", 4, 32)
+    total, n = 0.0, 0
+    for x, y in val.windows():
+        total += torch.nn.functional.cross_entropy(model(x).flatten(0, 1), y.flatten(), reduction="sum").item()
+        n += y.numel()
+    assert rows[-1]["val_loss_full"] == pytest.approx(total / n, rel=1e-5)

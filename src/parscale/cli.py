@@ -481,6 +481,55 @@ def cmd_eval(args):
         print(f"  {name}: loss {d['loss']:.4f} over {d['tokens']:,} tokens")
 
 
+@command
+def cmd_streams(args):
+    """Stream diagnostics on held-out data: each stream alone, the mix, the ensemble, KL, cosine, weights."""
+    import parscale
+    from parscale.files import write_json_atomic
+    from parscale.streams import plot_diagnostics, stream_diagnostics
+
+    model = parscale.load(args.model, dtype=args.dtype, device=args.device)
+    batches = _held_out_windows(args, model)
+    diag = stream_diagnostics(model, batches)
+    diag["model"], diag["data"] = str(args.model), str(args.data)
+    if args.out:
+        write_json_atomic(diag, Path(args.out))
+    if args.plot and diag["parscale_n"] > 1:
+        plot_diagnostics(diag, args.plot)
+    print(f"P={diag['parscale_n']}: loss {diag['loss_mix']:.4f} over {diag['tokens']:,} tokens")
+    if diag["parscale_n"] > 1:
+        print("  each stream alone: " + ", ".join(f"{v:.4f}" for v in diag["loss_stream"]))
+        print(f"  uniform ensemble {diag['loss_ensemble']:.4f}; all streams with stream 0's prefix "
+              f"{diag['loss_shared_prefix']:.4f}")
+        print(f"  KL between streams {diag['kl_mean']:.4f} nats; hidden cosine (last layer) "
+              f"{diag['hidden_cosine'][-1]:.3f}; weight entropy {diag['weight_entropy']:.3f} of "
+              f"{diag['weight_entropy_uniform']:.3f}; at floor {diag['floor_share']:.1%}, "
+              f"at cap {diag['cap_share']:.1%}")
+
+
+def _held_out_windows(args, model):
+    """Batches of (x, y) windows: the validation split of a `parscale data` folder, or any text eval reads."""
+    import numpy as np
+    import torch
+
+    data = Path(args.data)
+    if (data / "manifest.json").is_file():
+        from parscale.data import TokenLoader
+
+        loader = TokenLoader(data, "val", args.batch_size, args.seq_len)
+        return list(loader.windows(limit=args.batches * args.batch_size))
+    import parscale
+    from parscale.evaluate import iter_documents
+
+    ids = np.concatenate([d.ids for d in iter_documents(data, parscale.load_tokenizer(args.model))])
+    n = min(args.batches * args.batch_size, (len(ids) - 1) // args.seq_len)
+    if n == 0:
+        raise ValueError(f"{str(data)!r} holds {len(ids)} tokens: fewer than one window of {args.seq_len + 1}")
+    rows = torch.from_numpy(np.stack([ids[i * args.seq_len : (i + 1) * args.seq_len + 1] for i in range(n)]))
+    return [(rows[i : i + args.batch_size, :-1], rows[i : i + args.batch_size, 1:])
+            for i in range(0, n, args.batch_size)]
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="parscale", description="Parallel scaling (ParScale) for language models.")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -605,6 +654,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default=None)
     p.add_argument("--device", default=None)
     p.add_argument("--out", default=None, help="write the JSON result here")
+
+    p = sub.add_parser("streams", help=cmd_streams.__doc__)
+    p.add_argument("--model", required=True, help="a model folder (reads config.json, weights, tokenizer.json)")
+    p.add_argument("--data", required=True, help="a `parscale data` folder (its validation split) or text/JSONL")
+    p.add_argument("--batches", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--dtype", default=None)
+    p.add_argument("--device", default=None)
+    p.add_argument("--out", default=None, help="write the diagnostics JSON here")
+    p.add_argument("--plot", default=None, help="write a PNG of per-stream loss and hidden cosine here")
 
     def law_inputs(p):
         p.add_argument("csv", nargs="?", default=None, help="CSV with columns params,P,loss")

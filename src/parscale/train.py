@@ -12,7 +12,9 @@
   linear warm-up then cosine to min_lr_ratio·lr, or warm-up-stable-decay (last 20% linear decay);
   gradient clipping; gradient accumulation; bf16 autocast on CUDA, fp32 on CPU.
 - Every step appends one JSON line to {out}/metrics.jsonl: loss, lr, grad norm, tokens, tokens/s, and
-  for P > 1 the mean aggregation weight per stream and its entropy (load balance).
+  for P > 1 the mean aggregation weight per stream and its entropy (load balance); evaluations add the
+  held-out loss and, for P > 1, stream diagnostics ("streams": each stream's loss alone, the ensemble's,
+  KL between streams, hidden cosine, weights at the ε floor / cap; streams.py).
 - {out}/checkpoints/step-N holds the model (Hugging Face format) and trainer.pt (optimizer, scheduler,
   RNG, data position, step, config); {out}/checkpoints/latest points at the newest (run_folder.py: a
   process killed at any moment leaves a loadable latest checkpoint). `resume=True` continues from it,
@@ -60,7 +62,7 @@ from .distributed import (
 )
 from .files import RunLock
 from .model import build_model
-from .reparam import enable_prefix_reparam, load_reparam_state, merged_copy, reparam_state
+from .reparam import enable_prefix_reparam, has_prefix_reparam, load_reparam_state, merged_copy, reparam_state
 from .run_folder import clean_interrupted, cut_metrics, latest_checkpoint, start_fresh, write_checkpoint
 
 
@@ -100,6 +102,11 @@ class TrainConfig:
     grad_clip: float = 1.0
     eval_every: int = 50
     eval_batches: int = 16
+    eval_at: list = dataclasses.field(default_factory=list)
+    """Extra evaluations over the whole held-out split at these fractions of the run (e.g. [0.9, 0.95, 1.0]),
+    logged as val_loss_full; an endpoint that averages them is steadier than one evaluation."""
+    stream_batches: int = 2
+    """Held-out batches for the stream diagnostics logged at every evaluation (streams.py; P > 1; 0: off)."""
     save_every: int = 100
     keep_checkpoints: int = 2
     """Checkpoint folders kept in {out}/checkpoints (the newest ones; 0 keeps all)."""
@@ -204,15 +211,28 @@ def _initial_model(cfg: TrainConfig, vocab_size: int, eos_id: int):
 
 
 @torch.no_grad()
-def evaluate_loss(loss_module: LossModule, loader: TokenLoader, batches: int, device) -> float:
+def evaluate_loss(loss_module: LossModule, loader: TokenLoader, batches: int | None, device) -> float:
+    """Mean loss over `batches` batches of windows evenly spaced over the split (None: every window)."""
     loss_module.eval()
     total, n = 0.0, 0
-    for x, y in loader.windows(limit=batches * loader.batch_size):
+    for x, y in loader.windows(limit=None if batches is None else batches * loader.batch_size):
         loss, _ = loss_module(x.to(device), y.to(device))
         total += float(loss) * x.numel()
         n += x.numel()
     loss_module.train()
     return total / n
+
+
+def _stream_record(model, val: TokenLoader, batches: int, autocast: bool) -> dict:
+    """The compact stream diagnostics logged with an evaluation (see streams.py)."""
+    from .streams import stream_diagnostics
+
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+        d = stream_diagnostics(model, val.windows(limit=batches * val.batch_size), shared_prefix=not
+                               has_prefix_reparam(model))
+    keep = ("loss_mix", "loss_stream", "loss_ensemble", "kl_mean", "weight_mean", "weight_entropy", "floor_share",
+            "cap_share", "loss_shared_prefix")
+    return {k: d[k] for k in keep if k in d} | {"hidden_cosine_last": d["hidden_cosine"][-1]}
 
 
 def _rng_state() -> dict:
@@ -231,8 +251,9 @@ def _set_rng_state(state: dict) -> None:
 
 
 # Settings that may differ between a run and its resumption; any other difference is refused.
-RESUME_MAY_CHANGE = frozenset({"out", "data", "steps", "eval_every", "eval_batches", "save_every", "keep_checkpoints",
-                               "device", "fsdp", "compile", "activation_checkpointing", "tensorboard", "progress"})
+RESUME_MAY_CHANGE = frozenset({"out", "data", "steps", "eval_every", "eval_batches", "eval_at", "stream_batches",
+                               "save_every", "keep_checkpoints", "device", "fsdp", "compile",
+                               "activation_checkpointing", "tensorboard", "progress"})
 
 
 def check_resume_config(saved: dict, cfg: TrainConfig) -> None:
@@ -364,6 +385,9 @@ def _train(cfg: TrainConfig, resume: bool, stop_after: int | None, overwrite: bo
         except ImportError:
             raise ValueError("--tensorboard needs the tensorboard package (pip install tensorboard)") from None
         board = SummaryWriter(str(out / "tensorboard"))
+    if not all(0 < f <= 1 for f in cfg.eval_at):
+        raise ValueError(f"eval_at takes fractions of the run in (0, 1], got {cfg.eval_at}")
+    full_eval_steps = {max(1, round(f * cfg.steps)) for f in cfg.eval_at}
     t0, last_eval = time.perf_counter(), None
     step = start_step
     last_saved = latest_checkpoint(out) if resume else None
@@ -405,6 +429,10 @@ def _train(cfg: TrainConfig, resume: bool, stop_after: int | None, overwrite: bo
             if cfg.eval_every and (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
                 last_eval = evaluate_loss(loss_module, val, cfg.eval_batches, device)
                 record["val_loss"] = last_eval
+                if p > 1 and cfg.stream_batches and not fsdp and rank == 0:
+                    record["streams"] = _stream_record(model, val, cfg.stream_batches, autocast)
+            if step + 1 in full_eval_steps:
+                record["val_loss_full"] = evaluate_loss(loss_module, val, None, device)
             if rank == 0:
                 metrics_file.write(json.dumps(record) + "\n")
                 metrics_file.flush()

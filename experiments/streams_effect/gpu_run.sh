@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Build the code corpus and its token shards on a GPU machine (if not built yet), train the runs whose names
+# match the patterns until BUDGET seconds have passed, and pack the results into $OUT.
+#
+#   BUDGET=540 PER_GPU=5 bash experiments/streams_effect/gpu_run.sh 'd8-*-s0' 'd8-p8-s1'
+#
+# The BPE is trained on the first machine (8,192 entries, a quarter of the training documents) and then
+# committed as data/code-tokenizer-8k.json; later machines use the committed file, so every run of the
+# experiment sees the same tokens. The corpus's sha256 is printed next to the one of the committed
+# scaling_small manifest (the same `--this-python` corpus when the machine image is the same).
+set -uo pipefail
+X=experiments/streams_effect
+W=${STREAMS_WORK:-/tmp/streams_effect}
+OUT=${OUT:-/tmp/out}
+BUDGET=${BUDGET:-540}
+export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+t0=$(date +%s)
+mkdir -p "$W" "$OUT"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python3 -c "import torch; print('torch', torch.__version__)"
+if [ ! -f "$W/data/manifest.json" ]; then
+    python3 -m parscale.cli corpus --this-python --out "$W/corpus.jsonl" --val-fraction 0.02 > "$W/corpus.txt" || exit 1
+    if [ -f $X/data/code-tokenizer-8k.json ]; then tok=(--tokenizer $X/data/code-tokenizer-8k.json)
+    else tok=(--vocab-size 8192 --bpe-sample 0.25); fi
+    python3 -m parscale.cli data "$W/corpus.jsonl" --split-field split "${tok[@]}" --out "$W/data" || exit 1
+fi
+python3 - "$W/corpus.jsonl.manifest.json" experiments/scaling_small/data/code-corpus-manifest.json.xz <<'PY'
+import json, lzma, sys
+new, old = json.load(open(sys.argv[1])), json.load(lzma.open(sys.argv[2]))
+print("corpus sha256", new["corpus_sha256"], "(scaling_small:", old["corpus_sha256"] + ")")
+PY
+echo "data ready after $(( $(date +%s) - t0 )) s"
+cp "$W/data/tokenizer.json" "$OUT/code-tokenizer-8k.json"
+cp "$W/data/manifest.json" "$OUT/code-data-manifest.json"
+left=$(( BUDGET - ($(date +%s) - t0) ))
+timeout "$left" python3 $X/runs.py run --data "$W/data" --work "$W/runs" --only "$@" --per-gpu "${PER_GPU:-5}" \
+    2>&1 | tee "$OUT/runner.log"
+for f in "$W"/runs/*.log; do grep -q "Traceback" "$f" && { echo "== $f"; tail -20 "$f"; }; done
+tar czf "$OUT/results.tgz" -C $X results
+ls -la "$OUT"

@@ -1,0 +1,163 @@
+"""Where does the ParScale gain come from? Paired-seed runs of P = 1, the P = 1 prefix control and P = 2, 4, 8.
+
+    python experiments/streams_effect/runs.py configs                  # (re)write configs/*.toml
+    python experiments/streams_effect/runs.py run --data DIR --work DIR --only 'd8-*-s0' --per-gpu 5
+    python experiments/streams_effect/runs.py list
+
+The recipe is the one under which streams were seen to specialise (depth 8, 48 prefix tokens): the
+code corpus of `parscale corpus --this-python`, an 8,192-entry BPE, hidden 256, 8 layers, 4 heads of 64,
+2 KV heads, SwiGLU 1024, tied embedding, ε = 0.1; batch 32 × 512, 2,400 steps (39.3M tokens), AdamW
+lr 2e-3, 100 warm-up steps, cosine to 0.1×, weight decay 0.1, clip 1, bf16 autocast, compiled.
+
+Arms, each with seeds 0, 1, 2 (a seed fixes the backbone initialisation and the data order for every
+arm: parscale's paired seeds), named d8-{arm}-s{seed}:
+- p1         the plain model;
+- p1prefix   P = 1 with a learned 48-token prefix in every layer and no aggregator (the control: how
+             much of the gain is the prefix itself, as learned memory or attention sink);
+- p2, p4, p8 ParScale with P streams.
+Every run evaluates the whole held-out split at 90, 95 and 100% of training (`eval_at`); the endpoint
+is their mean. After training, `parscale streams` measures the final model's streams on 16 held-out
+batches. `run` starts each run as its own `parscale train` process, `per_gpu` at a time on every
+visible GPU (largest P first), skips runs whose result exists, and writes results/{run}.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+CONFIGS, RESULTS = HERE / "configs", HERE / "results"
+STEPS, BATCH, SEQ = 2400, 32, 512
+SHAPE = {"hidden_size": 256, "intermediate_size": 1024, "num_hidden_layers": 8, "num_attention_heads": 4,
+         "num_key_value_heads": 2, "max_position_embeddings": 1024, "tie_word_embeddings": True}
+TRAIN = {"model": "small", "steps": STEPS, "batch_size": BATCH, "seq_len": SEQ, "lr": 2e-3, "min_lr_ratio": 0.1,
+         "warmup": 100, "schedule": "cosine", "weight_decay": 0.1, "grad_clip": 1.0, "eval_every": 300,
+         "eval_batches": 16, "eval_at": [0.9, 0.95, 1.0], "stream_batches": 2, "save_every": 0, "compile": True,
+         "progress": False, "n_tokens": 48, "smooth": 0.1}
+ARMS = {"p1": {"streams": 1}, "p1prefix": {"streams": 1, "p1_prefix": True}, "p2": {"streams": 2},
+        "p4": {"streams": 4}, "p8": {"streams": 8}}
+SEEDS = (0, 1, 2)
+
+
+def runs() -> dict[str, dict]:
+    out = {}
+    for seed in SEEDS:
+        for arm, fields in ARMS.items():
+            out[f"d8-{arm}-s{seed}"] = {"arm": arm, "seed": seed, "cost": fields["streams"],
+                                        "train": {**TRAIN, **fields, "seed": seed, "model_overrides": SHAPE}}
+    return out
+
+
+def _toml(fields: dict) -> str:
+    def value(v):
+        return ("true" if v else "false") if isinstance(v, bool) else json.dumps(v)
+
+    plain = [f"{k} = {value(v)}" for k, v in fields.items() if not isinstance(v, dict)]
+    tables = [f"\n[{k}]\n" + "\n".join(f"{kk} = {value(vv)}" for kk, vv in v.items())
+              for k, v in fields.items() if isinstance(v, dict)]
+    return "\n".join(plain) + "".join(tables) + "\n"
+
+
+def write_configs() -> None:
+    CONFIGS.mkdir(exist_ok=True)
+    for name, run in runs().items():
+        (CONFIGS / f"{name}.toml").write_text(_toml(run["train"]))
+
+
+def collect(name: str, run: dict, run_dir: Path, wall: float) -> dict:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    full = [(r["step"], r["val_loss_full"]) for r in rows if "val_loss_full" in r]
+    tail = rows[-max(1, len(rows) // 20):]
+    streams_file = run_dir / "streams.json"
+    import torch
+
+    return {
+        "run": name, "arm": run["arm"], "seed": run["seed"], "settings": run["train"],
+        "val_loss_full": dict(full), "endpoint": statistics.fmean(v for _, v in full),
+        "train_loss_final": statistics.fmean(r["loss"] for r in tail),
+        "eval_curve": [{"step": r["step"], "val_loss": r["val_loss"], **({"streams": r["streams"]} if "streams" in r
+                                                                          else {})} for r in rows if "val_loss" in r],
+        "loss_curve": [[r["step"], r["loss"]] for r in rows[::20]],
+        "tokens_per_s_median": statistics.median(r["tokens_per_s"] for r in rows[len(rows) // 10:]),
+        "wall_seconds": wall,
+        "streams_final": json.loads(streams_file.read_text()) if streams_file.is_file() else None,
+        "environment": {"gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+                        "torch": torch.__version__, "python": platform.python_version()},
+    }
+
+
+def run_all(data: Path, work: Path, only: list[str], per_gpu: int) -> None:
+    import torch
+
+    RESULTS.mkdir(exist_ok=True)
+    work.mkdir(parents=True, exist_ok=True)
+    todo = {n: r for n, r in runs().items() if any(fnmatch.fnmatch(n, pat) for pat in only)
+            and not (RESULTS / f"{n}.json").is_file()}
+    queue = sorted(todo, key=lambda n: -todo[n]["cost"])
+    gpus = list(range(max(1, torch.cuda.device_count())))
+    slots = {g: [] for g in gpus}
+    print(f"[runs] {len(queue)} runs on GPUs {gpus}, {per_gpu} per GPU", flush=True)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    while queue or any(slots.values()):
+        for g in gpus:
+            for proc, name, t0 in list(slots[g]):
+                if proc.poll() is None:
+                    continue
+                slots[g].remove((proc, name, t0))
+                run_dir = work / name
+                if proc.returncode != 0:
+                    print(f"[runs] FAILED {name} (exit {proc.returncode}); see {run_dir}.log", flush=True)
+                    continue
+                subprocess.run([sys.executable, "-m", "parscale.cli", "streams", "--model", str(run_dir), "--data",
+                                str(data), "--batches", "16", "--batch-size", "16", "--seq-len", str(SEQ),
+                                "--device", f"cuda:{g}" if torch.cuda.is_available() else "cpu",
+                                "--out", str(run_dir / "streams.json")], env=env, check=False,
+                               stdout=subprocess.DEVNULL)
+                result = collect(name, todo[name], run_dir, time.time() - t0)
+                (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
+                print(f"[runs] done {name}: endpoint {result['endpoint']:.4f}, {result['wall_seconds']:.0f} s, "
+                      f"{result['tokens_per_s_median']:,.0f} tok/s", flush=True)
+            while queue and len(slots[g]) < per_gpu:
+                name = queue.pop(0)
+                cmd = [sys.executable, "-m", "parscale.cli", "train", "--config", str(CONFIGS / f"{name}.toml"),
+                       "--data", str(data), "--out", str(work / name), "--overwrite"]
+                log = open(work / f"{name}.log", "w")
+                proc = subprocess.Popen(cmd, env={**env, "CUDA_VISIBLE_DEVICES": str(g)}, stdout=log,
+                                        stderr=subprocess.STDOUT)
+                slots[g].append((proc, name, time.time()))
+                print(f"[runs] start {name} on GPU {g}", flush=True)
+        time.sleep(2)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("configs")
+    sub.add_parser("list")
+    r = sub.add_parser("run")
+    r.add_argument("--data", required=True, help="a `parscale data` folder of the code corpus")
+    r.add_argument("--work", required=True, help="where run folders and logs go")
+    r.add_argument("--only", nargs="+", default=["*"], help="run-name patterns")
+    r.add_argument("--per-gpu", type=int, default=5)
+    args = ap.parse_args(argv)
+    if args.cmd == "configs":
+        write_configs()
+    elif args.cmd == "list":
+        for name in runs():
+            print(name, "done" if (RESULTS / f"{name}.json").is_file() else "-")
+    else:
+        Path(args.work).mkdir(parents=True, exist_ok=True)
+        run_all(Path(args.data), Path(args.work), args.only, args.per_gpu)
+
+
+if __name__ == "__main__":
+    main()

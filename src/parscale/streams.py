@@ -1,0 +1,154 @@
+"""Stream diagnostics: are the P streams of a model used, and used differently?
+
+    parscale streams --model DIR --data DATA_DIR_OR_TEXT [--batches 8 --seq-len 512] --out streams.json
+
+`stream_diagnostics(model, batches)` measures, token-weighted over held-out windows (x, y):
+- `loss_mix`: the model's loss (the learned aggregation);
+- `loss_stream`: the loss of each stream alone (its final hidden state through the LM head);
+- `loss_ensemble`: the loss of the uniform probability ensemble of the streams — when the learned mix
+  is no better than this, the aggregator adds nothing beyond averaging;
+- `kl_pairwise`: mean KL(p_i ‖ p_j) between the streams' next-token distributions, per pair, and
+  its mean: near 0 means the streams collapsed onto one function;
+- `hidden_cosine`: mean cosine between streams' hidden states after every layer (mean over pairs);
+- `weight_mean`, `weight_entropy` (ln P = uniform), `floor_share` (share of token-stream weights
+  within 5% of the ε/P floor, i.e. streams switched off) and `cap_share` (share of tokens whose
+  largest weight is within 1% of the cap 1 − ε + ε/P, i.e. one stream takes all it can);
+- `loss_shared_prefix`: the loss when every stream is given stream 0's prefix — the cost of
+  removing what distinguishes the streams (same as loss_mix if the prefixes carry nothing).
+For P = 1 (also the prefix control) only `loss_mix` is defined.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from itertools import combinations
+
+import torch
+import torch.nn.functional as F
+
+
+@torch.no_grad()
+def stream_diagnostics(model, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], shared_prefix: bool = True
+                       ) -> dict:
+    """Diagnostics of the model's streams over batches of (inputs, targets) [B, T]; see the module docstring."""
+    cfg = model.config
+    p, eps = cfg.parscale_n, cfg.parscale_attn_smooth
+    device = model.model.embed_tokens.weight.device
+    was_training = model.training
+    model.eval()
+    sums: dict = {}
+    n_tokens = 0
+
+    def add(key, value, weight):
+        sums[key] = sums.get(key, 0.0) + value * weight
+
+    layer_out: list[torch.Tensor] = []
+    hooks = [layer.register_forward_hook(lambda _m, _i, out: layer_out.append(out)) for layer in model.model.layers]
+    try:
+        for x, y in batches:
+            x, y = x.to(device), y.to(device)
+            tokens = y.numel()
+            n_tokens += tokens
+            layer_out.clear()
+            streams = model.forward_streams(x)  # [P, B, T, H]
+            if p == 1:
+                add("loss_mix", F.cross_entropy(model.lm_head(streams[0]).float().flatten(0, 1), y.flatten()).item(),
+                    tokens)
+                continue
+            mixed, w = model.aggregate(streams)
+            add("loss_mix", F.cross_entropy(model.lm_head(mixed).float().flatten(0, 1), y.flatten()).item(), tokens)
+            logp = torch.stack([model.lm_head(streams[i]).float().log_softmax(-1) for i in range(p)])  # [P,B,T,V]
+            target = y[None, ..., None].expand(p, *y.shape, 1)
+            nll = -logp.gather(-1, target).squeeze(-1)  # [P, B, T]
+            for i in range(p):
+                add(f"loss_stream_{i}", nll[i].mean().item(), tokens)
+            ens = torch.logsumexp(-nll, dim=0) - math.log(p)
+            add("loss_ensemble", (-ens).mean().item(), tokens)
+            for i, j in combinations(range(p), 2):
+                kl_ij = (logp[i].exp() * (logp[i] - logp[j])).sum(-1).mean().item()
+                kl_ji = (logp[j].exp() * (logp[j] - logp[i])).sum(-1).mean().item()
+                add(f"kl_{i}_{j}", kl_ij, tokens)
+                add(f"kl_{j}_{i}", kl_ji, tokens)
+            del logp
+            for layer_i, h in enumerate(layer_out):
+                hs = F.normalize(h.float().view(p, *x.shape, -1), dim=-1)
+                cos = [(hs[i] * hs[j]).sum(-1).mean().item() for i, j in combinations(range(p), 2)]
+                add(f"cos_{layer_i}", sum(cos) / len(cos), tokens)
+            wf = w.float()
+            for i in range(p):
+                add(f"w_{i}", wf[..., i].mean().item(), tokens)
+            add("weight_entropy", (-(wf * wf.clamp_min(1e-12).log()).sum(-1)).mean().item(), tokens)
+            floor, cap = eps / p, 1 - eps + eps / p
+            add("floor_share", (wf <= floor * 1.05).float().mean().item(), tokens)
+            add("cap_share", (wf.max(-1).values >= cap * 0.99).float().mean().item(), tokens)
+            if shared_prefix:
+                add("loss_shared_prefix", _loss_with_shared_prefix(model, x, y), tokens)
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    if n_tokens == 0:
+        raise ValueError("stream diagnostics need at least one batch")
+    mean = {k: v / n_tokens for k, v in sums.items()}
+    out = {"parscale_n": p, "tokens": n_tokens, "loss_mix": mean["loss_mix"]}
+    if p == 1:
+        return out
+    out["loss_stream"] = [mean[f"loss_stream_{i}"] for i in range(p)]
+    out["loss_best_stream"] = min(out["loss_stream"])
+    out["loss_ensemble"] = mean["loss_ensemble"]
+    out["kl_pairwise"] = [[0.0 if i == j else mean[f"kl_{i}_{j}"] for j in range(p)] for i in range(p)]
+    out["kl_mean"] = sum(mean[f"kl_{i}_{j}"] for i in range(p) for j in range(p) if i != j) / (p * (p - 1))
+    out["hidden_cosine"] = [mean[f"cos_{i}"] for i in range(cfg.num_hidden_layers)]
+    out["weight_mean"] = [mean[f"w_{i}"] for i in range(p)]
+    for key in ("weight_entropy", "floor_share", "cap_share"):
+        out[key] = mean[key]
+    out["weight_entropy_uniform"] = math.log(p)
+    if shared_prefix:
+        out["loss_shared_prefix"] = mean["loss_shared_prefix"]
+    return out
+
+
+def _loss_with_shared_prefix(model, x, y) -> float:
+    """The model's loss with every stream's prefix replaced by stream 0's (restored afterwards)."""
+    saved = []
+    for layer in model.model.layers:
+        attn = layer.self_attn
+        for prefix in (attn.prefix_k, attn.prefix_v):
+            saved.append((prefix, prefix.detach().clone()))
+            prefix.copy_(prefix[0:1].expand_as(prefix))
+    try:
+        return F.cross_entropy(model(x).float().flatten(0, 1), y.flatten()).item()
+    finally:
+        for prefix, value in saved:
+            prefix.copy_(value)
+
+
+def plot_diagnostics(diag: dict, path) -> None:
+    """Per-stream loss against the mix, ensemble and shared-prefix losses; hidden cosine per layer."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8))
+    p = diag["parscale_n"]
+    a.bar(range(p), diag["loss_stream"], color="0.7", label="stream alone")
+    for key, style in (("loss_mix", "-"), ("loss_ensemble", "--"), ("loss_shared_prefix", ":")):
+        if key in diag:
+            a.axhline(diag[key], ls=style, color="k" if key == "loss_mix" else "C1" if "ens" in key else "C3",
+                      label=key.removeprefix("loss_").replace("_", " "))
+    a.set_xlabel("stream")
+    a.set_ylabel("held-out loss")
+    a.set_ylim(min(diag["loss_mix"], min(diag["loss_stream"])) - 0.1, max(diag["loss_stream"]) + 0.1)
+    a.legend(fontsize=8)
+    b.plot(range(1, len(diag["hidden_cosine"]) + 1), diag["hidden_cosine"], "o-")
+    b.set_xlabel("layer")
+    b.set_ylabel("mean cosine between streams")
+    b.set_ylim(0, 1.02)
+    b.grid(alpha=0.3)
+    fig.suptitle(f"P = {p}: KL between streams {diag['kl_mean']:.3f} nats, weight entropy "
+                 f"{diag['weight_entropy']:.3f} / {diag['weight_entropy_uniform']:.3f}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
