@@ -52,6 +52,11 @@ def test_engine_is_reusable_and_bounded():
         engine.decode(again.argmax(-1))
 
 
+def _relative_error(out, ref) -> float:
+    """‖out − ref‖ / ‖ref‖ in fp32: bf16 paths land between 1e-3 and 1e-2."""
+    return float((out.float() - ref.float()).norm() / ref.float().norm())
+
+
 def _engine_vs_plain(model, ids, new=6):
     plain = parscale.generate(model, ids, max_new_tokens=new, use_engine=False)
     fast = parscale.generate(model, ids, max_new_tokens=new, use_engine=True)
@@ -96,7 +101,7 @@ def test_engine_follows_dtype_change():
     nxt = logits.argmax(-1)
     step = engine.decode(nxt)
     ref = model(torch.cat([ids, nxt[:, None]], 1))[:, -1]
-    torch.testing.assert_close(step.float(), ref.float(), atol=3e-2, rtol=3e-2)
+    assert _relative_error(step, ref) < 1e-2  # bf16 rounding; one perturbed prefix layer moves these by ~4e-2
 
 
 def test_one_cache_serves_every_prompt_length():
@@ -151,7 +156,7 @@ def test_cuda_graph_is_captured_once_and_follows_the_model():
     nxt = logits.argmax(-1)
     step = engine.decode(nxt)
     ref = model(torch.cat([ids, nxt[:, None]], 1))[:, -1]
-    torch.testing.assert_close(step.float(), ref.float(), atol=5e-2, rtol=5e-2)
+    assert _relative_error(step, ref) < 1e-2  # bf16 rounding; one perturbed prefix layer moves these by ~4e-2
 
 
 def test_engine_registry_does_not_keep_models_alive():
