@@ -48,8 +48,8 @@ def synthetic_corpus(folder: Path, files: int = 12, lines: int = 60) -> None:
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory):
     """A small fixed corpus and a 512-token BPE trained on it."""
-    from parscale.data import build_shards, iter_texts
-    from parscale.tokenizer import train_bpe
+    from parscale.training.data import build_shards, iter_texts
+    from parscale.training.tokenizer import train_bpe
 
     src = tmp_path_factory.mktemp("src")
     synthetic_corpus(src)

@@ -9,8 +9,8 @@ from conftest import FIXTURES, tiny_model
 from safetensors.torch import load_file, save_file
 
 import parscale
-from parscale.checkpoint import CheckpointError, mmap_safetensors
-from parscale.convert import add_streams
+from parscale.model.checkpoint import CheckpointError, mmap_safetensors
+from parscale.model.convert import add_streams
 
 
 def _same_state(a, b):
@@ -138,7 +138,7 @@ def test_failed_save_leaves_nothing_and_keeps_old(tmp_path, monkeypatch):
     def boom(*a, **k):
         raise OSError("disk full")
 
-    monkeypatch.setattr("parscale.checkpoint.save_file", boom)
+    monkeypatch.setattr("parscale.model.checkpoint.save_file", boom)
     with pytest.raises(OSError, match="disk full"):
         parscale.save(tiny_model(streams=2, seed=9), tmp_path / "m")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]  # no temporary folder left

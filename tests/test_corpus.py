@@ -8,10 +8,10 @@ import lzma
 import pytest
 import torch
 
-from parscale.corpus import CorpusError, choose_validation_packages, python_corpus, quality_problem
-from parscale.data import DataError, TokenLoader, build_shards, iter_texts
-from parscale.tokenizer import byte_tokenizer
-from parscale.train import TrainConfig, train
+from parscale.training.corpus import CorpusError, choose_validation_packages, python_corpus, quality_problem
+from parscale.training.data import DataError, TokenLoader, build_shards, iter_texts
+from parscale.training.tokenizer import byte_tokenizer
+from parscale.training.train import TrainConfig, train
 
 GOOD = "def f(x):\n    return x + 1\n\n\nclass A:\n    pass\n"
 

@@ -5,10 +5,10 @@ from pathlib import Path
 
 import pytest
 
-from parscale.bench_report import aggregate, headline
-from parscale.config import ModelConfig
-from parscale.cost import predict, validate
-from parscale.memory import kv_cache_bytes
+from parscale.analysis.bench_report import aggregate, headline
+from parscale.analysis.cost import predict, validate
+from parscale.analysis.memory import kv_cache_bytes
+from parscale.model.config import ModelConfig
 
 RAW = Path(__file__).parent.parent / "benchmarks" / "raw"
 

@@ -5,7 +5,7 @@ import torch
 from conftest import tiny_model
 
 import parscale
-from parscale.engine import DecodeEngine, engine_for
+from parscale.inference.engine import DecodeEngine, engine_for
 
 
 @pytest.mark.parametrize("family,streams", [("qwen2", 1), ("qwen2", 4), ("llama", 2), ("qwen3", 3)])

@@ -9,9 +9,9 @@ import torch
 from conftest import tiny_model
 
 import parscale
+from parscale.analysis.evaluate import EvalDataError, evaluate, windows
 from parscale.cli import main
-from parscale.evaluate import EvalDataError, evaluate, windows
-from parscale.tokenizer import byte_tokenizer
+from parscale.training.tokenizer import byte_tokenizer
 
 ROOT = Path(__file__).parent.parent
 
@@ -95,7 +95,7 @@ def test_lm_eval_tasks_end_to_end(checkpoint, monkeypatch):
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
-    from parscale.lm_eval_model import ParScaleLM
+    from parscale.analysis.lm_eval_model import ParScaleLM
 
     monkeypatch.chdir(ROOT)  # the example tasks name their data relative to the repository root
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
@@ -115,7 +115,7 @@ def test_lm_eval_tasks_end_to_end(checkpoint, monkeypatch):
 def test_registered_name():
     from lm_eval.api.registry import get_model
 
-    import parscale.lm_eval_model  # noqa: F401  (registers the name)
+    import parscale.analysis.lm_eval_model  # noqa: F401  (registers the name)
 
     assert get_model("parscale").__name__ == "ParScaleLM"
 
@@ -128,7 +128,7 @@ def test_agrees_with_lm_eval_hf_model(variant, tmp_path):
     from lm_eval.models.huggingface import HFLM
     from transformers import PreTrainedTokenizerFast
 
-    from parscale.lm_eval_model import ParScaleLM
+    from parscale.analysis.lm_eval_model import ParScaleLM
 
     hf = make_hf_model(variant, tmp_path)
     byte_tokenizer().save(str(tmp_path / "tokenizer.json"))

@@ -5,7 +5,7 @@ import torch
 from test_train import _cfg, _losses
 
 import parscale
-from parscale.train import train
+from parscale.training.train import train
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
@@ -37,7 +37,7 @@ def test_frozen_backbone_adapter_on_cuda(data_dir, tmp_path):
     train(_cfg(data_dir, tmp_path / "base", streams=1, steps=2, device="cuda"))
     base = tmp_path / "base" / "checkpoints" / "latest" / "model"
     train(_cfg(data_dir, tmp_path / "a", model=str(base), streams=2, trainable="parscale", steps=3, device="cuda"))
-    from parscale.adapter import load_adapter
+    from parscale.training.adapter import load_adapter
 
     before = parscale.load(base, device="cuda")
     model = load_adapter(before, tmp_path / "a" / "adapter")

@@ -7,7 +7,7 @@ pytest.importorskip("transformers")
 from hf_oracle import VARIANTS, make_hf_model  # noqa: E402
 
 import parscale  # noqa: E402
-from parscale.convert import add_streams  # noqa: E402
+from parscale.model.convert import add_streams  # noqa: E402
 
 
 @pytest.fixture(scope="module", params=sorted(VARIANTS))

@@ -55,7 +55,7 @@ def test_rope_frequencies_stay_fp32(how, tmp_path):
     else:
         parscale.save(parscale.build_model(cfg), tmp_path / "m")
         model = parscale.load(tmp_path / "m", dtype="bfloat16")
-    from parscale.model import rope_inv_freq
+    from parscale.model.transformer import rope_inv_freq
 
     assert model.model.rope_inv_freq.dtype == torch.float32
     assert torch.equal(model.model.rope_inv_freq, rope_inv_freq(cfg))

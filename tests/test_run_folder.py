@@ -12,9 +12,9 @@ import torch
 from test_train import _cfg, _losses
 
 import parscale
-from parscale.files import FolderInUseError, RunLock
-from parscale.run_folder import latest_checkpoint
-from parscale.train import lr_factor, train
+from parscale.io.files import FolderInUseError, RunLock
+from parscale.training.run_folder import latest_checkpoint
+from parscale.training.train import lr_factor, train
 
 
 def _steps(out):
@@ -91,7 +91,7 @@ def test_logged_lr_is_the_rate_the_step_used(data_dir, tmp_path):
 FAULT_SCRIPT = textwrap.dedent("""
     import os, shutil, sys, tempfile, pathlib
     import torch, safetensors.torch
-    import parscale.checkpoint, parscale.files, parscale.run_folder, parscale.train as T
+    import parscale.model.checkpoint, parscale.io.files, parscale.training.run_folder, parscale.training.train as T
     kill_at, counter, inside = int(sys.argv[1]), [0], [False]
 
     def faulty(fn):
@@ -106,7 +106,7 @@ FAULT_SCRIPT = textwrap.dedent("""
     os.replace = faulty(os.replace); os.symlink = faulty(os.symlink); os.rmdir = faulty(os.rmdir)
     shutil.rmtree = faulty(shutil.rmtree); shutil.copy2 = faulty(shutil.copy2)
     torch.save = faulty(torch.save); tempfile.mkdtemp = faulty(tempfile.mkdtemp)
-    parscale.checkpoint.save_file = faulty(parscale.checkpoint.save_file)
+    parscale.model.checkpoint.save_file = faulty(parscale.model.checkpoint.save_file)
     pathlib.Path.write_text = faulty(pathlib.Path.write_text); pathlib.Path.unlink = faulty(pathlib.Path.unlink)
     real_save = T.save_checkpoint
 

@@ -5,8 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from parscale.cli import main
-from parscale.scaling_law import (
+from parscale.analysis.scaling_law import (
     LawDataError,
     Points,
     bootstrap,
@@ -18,6 +17,7 @@ from parscale.scaling_law import (
     read_points,
     smallest_P,
 )
+from parscale.cli import main
 
 PAPER = {  # paper.md §5
     "stack": dict(E=0.6912, A=1.131e7, k=0.3935, alpha=0.1894, r2=0.9978),

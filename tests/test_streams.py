@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from conftest import tiny_model
 
-from parscale.streams import stream_diagnostics
+from parscale.analysis.streams import stream_diagnostics
 
 
 def _batches(seed=0, n=2):
@@ -67,7 +67,7 @@ def test_training_logs_and_cli_writes_diagnostics(data_dir, tmp_path, capsys):
     from test_train import _cfg
 
     from parscale.cli import main
-    from parscale.train import train
+    from parscale.training.train import train
 
     train(_cfg(data_dir, tmp_path / "run", streams=2, steps=4, eval_every=2))
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import parscale
-from parscale.data import DataError, TokenLoader, iter_texts
-from parscale.train import TrainConfig, TrainingDiverged, train
+from parscale.training.data import DataError, TokenLoader, iter_texts
+from parscale.training.train import TrainConfig, TrainingDiverged, train
 
 TRACE = Path(__file__).parent / "fixtures" / "loss_trace_tiny.txt"
 
@@ -65,7 +65,7 @@ def test_resume_equals_uninterrupted(data_dir, tmp_path):
 
 
 def test_divergence_stops_and_keeps_checkpoint(data_dir, tmp_path, monkeypatch):
-    from parscale.distributed import LossModule
+    from parscale.training.distributed import LossModule
 
     real, calls = LossModule.forward, []
 
@@ -92,7 +92,7 @@ def test_loss_trace_is_reproduced(data_dir, tmp_path):
 
 
 def test_frozen_backbone_adapters_switch_p(data_dir, tmp_path):
-    from parscale.adapter import backbone_checksum, load_adapter
+    from parscale.training.adapter import backbone_checksum, load_adapter
 
     train(_cfg(data_dir, tmp_path / "base", streams=1, steps=6))
     base_dir = tmp_path / "base" / "checkpoints" / "latest" / "model"
@@ -117,8 +117,8 @@ def test_frozen_backbone_adapters_switch_p(data_dir, tmp_path):
 
 
 def test_adapter_refuses_another_backbone(data_dir, tmp_path):
-    from parscale.adapter import load_adapter
-    from parscale.checkpoint import CheckpointError
+    from parscale.model.checkpoint import CheckpointError
+    from parscale.training.adapter import load_adapter
 
     train(_cfg(data_dir, tmp_path / "base", streams=1, steps=3))
     base_dir = tmp_path / "base" / "checkpoints" / "latest" / "model"
@@ -197,8 +197,8 @@ def test_toml_config_with_overrides_and_activation_checkpointing(data_dir, tmp_p
 
 
 def test_mfu_counts_the_p_fold_backbone():
-    from parscale.config import ModelConfig
-    from parscale.train import flops_per_token
+    from parscale.model.config import ModelConfig
+    from parscale.training.train import flops_per_token
 
     one = flops_per_token(ModelConfig.preset("125m", parscale_n=1), 512)
     four = flops_per_token(ModelConfig.preset("125m", parscale_n=4), 512)
@@ -223,9 +223,9 @@ def test_adapter_generates_from_the_cli(data_dir, tmp_path, capsys):
 
 def test_adapter_identity_does_not_depend_on_dtype(data_dir, tmp_path, capsys):
     """An adapter trained (in fp32) on a bf16 checkpoint loads back on it in bf16, fp16 and fp32."""
-    from parscale.adapter import load_adapter
-    from parscale.checkpoint import CheckpointError
     from parscale.cli import main
+    from parscale.model.checkpoint import CheckpointError
+    from parscale.training.adapter import load_adapter
 
     train(_cfg(data_dir, tmp_path / "base", streams=1, steps=2))
     bf16 = tmp_path / "base_bf16"
@@ -235,7 +235,7 @@ def test_adapter_identity_does_not_depend_on_dtype(data_dir, tmp_path, capsys):
     for dtype in ("bfloat16", "float16", "float32"):
         model = load_adapter(parscale.load(bf16, dtype=dtype), tmp_path / "a" / "adapter")
         assert model.config.parscale_n == 2
-        assert model.model.embed_tokens.weight.dtype == parscale.checkpoint.parse_dtype(dtype)
+        assert model.model.embed_tokens.weight.dtype == parscale.model.checkpoint.parse_dtype(dtype)
     assert main(["generate", "--model", str(bf16), "--adapter", str(tmp_path / "a" / "adapter"), "--prompt", "def",
                  "--max-new-tokens", "2", "--dtype", "bfloat16"]) == 0
     changed = parscale.load(bf16)
@@ -248,7 +248,7 @@ def test_adapter_identity_does_not_depend_on_dtype(data_dir, tmp_path, capsys):
 def test_merged_copy_leaves_the_reparameterised_model_intact():
     from conftest import tiny_model
 
-    from parscale.reparam import enable_prefix_reparam, has_prefix_reparam, merged_copy
+    from parscale.training.reparam import enable_prefix_reparam, has_prefix_reparam, merged_copy
 
     model = tiny_model(streams=2)
     enable_prefix_reparam(model, 8, 16)
@@ -261,8 +261,8 @@ def test_merged_copy_leaves_the_reparameterised_model_intact():
 
 
 def test_one_document_corpus_holds_out_its_tail(tmp_path):
-    from parscale.data import build_shards
-    from parscale.tokenizer import byte_tokenizer
+    from parscale.training.data import build_shards
+    from parscale.training.tokenizer import byte_tokenizer
 
     (tmp_path / "src").mkdir()
     (tmp_path / "src" / "only.txt").write_text("to be or not to be, that is the question. " * 50)
@@ -276,7 +276,7 @@ def test_one_document_corpus_holds_out_its_tail(tmp_path):
 
 
 def test_full_split_evaluations_at_fractions(data_dir, tmp_path):
-    from parscale.data import TokenLoader
+    from parscale.training.data import TokenLoader
 
     train(_cfg(data_dir, tmp_path / "run", steps=8, eval_at=[0.5, 1.0]))
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]

@@ -139,7 +139,7 @@ def _curves(metrics: list[dict]) -> dict:
 def summarize(name: str, run: dict, out_dir: Path, seconds: float, gpu: str) -> dict:
     import torch
 
-    from parscale.config import ModelConfig
+    from parscale.model.config import ModelConfig
 
     metrics = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines() if line]
     if not metrics:

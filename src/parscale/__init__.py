@@ -6,11 +6,11 @@
     new_ids = parscale.generate(model, input_ids, max_new_tokens=32)
 """
 
-from .cache import KVCache
-from .checkpoint import CheckpointError, load, load_tokenizer, save
-from .config import ModelConfig
-from .generate import generate
-from .model import ParScaleForCausalLM, build_model
+from parscale.inference.cache import KVCache
+from parscale.inference.generate import generate
+from parscale.model.checkpoint import CheckpointError, load, load_tokenizer, save
+from parscale.model.config import ModelConfig
+from parscale.model.transformer import ParScaleForCausalLM, build_model
 
 __version__ = "0.1.0"
 

@@ -34,7 +34,7 @@ def _human(n: float) -> str:
 def cmd_new(args):
     """Write a freshly initialised model (named preset, optional P) with a byte-level tokenizer."""
     import parscale
-    from parscale.tokenizer import byte_tokenizer
+    from parscale.training.tokenizer import byte_tokenizer
 
     overrides = {"parscale_n": args.streams}
     if args.n_tokens is not None:
@@ -65,8 +65,8 @@ def cmd_info(args):
     """Print config, P, parameter counts and memory for weights and KV cache."""
     import torch
 
-    from parscale.checkpoint import read_config
-    from parscale.memory import kv_cache_bytes, weight_bytes
+    from parscale.analysis.memory import kv_cache_bytes, weight_bytes
+    from parscale.model.checkpoint import read_config
 
     cfg = read_config(args.model)
     counts = cfg.param_counts()
@@ -100,11 +100,11 @@ def cmd_generate(args):
     import torch
 
     import parscale
-    from parscale.tokenizer import eos_id
+    from parscale.training.tokenizer import eos_id
 
     model = parscale.load(args.model, dtype=args.dtype, device=args.device)
     if args.adapter:
-        from parscale.adapter import load_adapter
+        from parscale.training.adapter import load_adapter
 
         model = load_adapter(model, args.adapter)
     tok = parscale.load_tokenizer(args.model)
@@ -137,7 +137,7 @@ def cmd_generate(args):
 def cmd_convert(args):
     """Give a P=1 checkpoint P streams with fresh prefixes and aggregator; save in the released format."""
     import parscale
-    from parscale.convert import add_streams
+    from parscale.model.convert import add_streams
 
     model = parscale.load(args.model)
     new = add_streams(model, args.streams, n_tokens=args.n_tokens, smooth=args.smooth, seed=args.seed)
@@ -152,7 +152,7 @@ def cmd_corpus(args):
     """Build a filtered, deduplicated Python-code corpus (JSONL + manifest), validation held out by package."""
     import sysconfig
 
-    from parscale.corpus import python_corpus
+    from parscale.training.corpus import python_corpus
 
     roots, stdlib = list(args.roots), list(args.stdlib)
     if args.this_python:
@@ -166,8 +166,8 @@ def cmd_corpus(args):
 @command
 def cmd_data(args):
     """Tokenise text sources into shards + manifest (training a BPE tokenizer unless one is given)."""
-    from parscale.data import build_shards, iter_texts
-    from parscale.tokenizer import train_bpe
+    from parscale.training.data import build_shards, iter_texts
+    from parscale.training.tokenizer import train_bpe
 
     if args.tokenizer:
         import parscale
@@ -187,8 +187,8 @@ def cmd_data(args):
 
 def _train_config(args):
     """TrainConfig from (on --resume) the checkpoint's saved settings, then --config, then explicit flags."""
-    from parscale.run_folder import latest_checkpoint
-    from parscale.train import TrainConfig, load_config_file
+    from parscale.training.run_folder import latest_checkpoint
+    from parscale.training.train import TrainConfig, load_config_file
 
     fields = {f for f in TrainConfig.__dataclass_fields__}
     file_settings = load_config_file(args.config) if args.config else {}
@@ -208,7 +208,7 @@ def cmd_train(args):
     """Train a model (preset from scratch, or a checkpoint; P streams) on token shards."""
     import torch.distributed as dist
 
-    from parscale.train import train
+    from parscale.training.train import train
 
     result = train(_train_config(args), resume=args.resume, overwrite=args.overwrite)
     rank = dist.get_rank() if dist.is_initialized() else 0
@@ -246,9 +246,9 @@ def cmd_demo(args):
     import torch
 
     import parscale
-    from parscale.data import build_shards
-    from parscale.tokenizer import train_bpe
-    from parscale.train import TrainConfig, train
+    from parscale.training.data import build_shards
+    from parscale.training.tokenizer import train_bpe
+    from parscale.training.train import TrainConfig, train
 
     out = Path(args.out)
     marker = out / ".parscale-demo"
@@ -315,7 +315,7 @@ def _demo_plot(out: Path, report: dict) -> None:
 @command
 def cmd_bench(args):
     """Measure decode ms/token, prefill time and peak memory on the GPU (random bf16 weights)."""
-    from parscale.bench import run
+    from parscale.analysis.bench import run
 
     def ints(text):
         return [int(x) for x in text.split(",")]
@@ -328,7 +328,7 @@ def cmd_bench(args):
 @command
 def cmd_bench_report(args):
     """Summarise benchmark JSON: the Figure 4 plot and the paper-style headline ratios."""
-    from parscale.bench_report import report
+    from parscale.analysis.bench_report import report
 
     summary = report(args.latency, args.memory, Path(args.out))
     for batch, row in summary["headline"].items():
@@ -339,7 +339,7 @@ def cmd_bench_report(args):
 
 
 def _law_points(args):
-    from parscale.scaling_law import paper_points, read_points
+    from parscale.analysis.scaling_law import paper_points, read_points
 
     if (args.csv is None) == (args.paper is None):
         raise ValueError("give either a CSV file (params,P,loss) or --paper stack|pile")
@@ -349,7 +349,7 @@ def _law_points(args):
 @command
 def cmd_fit(args):
     """Fit the parallel scaling law (Eq. 5 and the ρ form, Eq. 4) to params,P,loss points."""
-    from parscale.scaling_law import bootstrap, fit
+    from parscale.analysis.scaling_law import bootstrap, fit
 
     points = _law_points(args)
     eq5, eq4 = fit(points, "eq5"), fit(points, "eq4")
@@ -360,7 +360,7 @@ def cmd_fit(args):
     result["table"] = [{"params": int(n), "P": int(p), "loss": float(y), "pred": float(q), "error": float(q - y)}
                        for n, p, y, q in zip(points.params, points.P, points.loss, pred, strict=True)]
     if args.plot:
-        from parscale.plots import plot_contours, plot_law
+        from parscale.analysis.plots import plot_contours, plot_law
 
         stem = Path(args.plot)
         stem.parent.mkdir(parents=True, exist_ok=True)
@@ -385,7 +385,7 @@ def cmd_fit(args):
 
 
 def _load_fit(args):
-    from parscale.scaling_law import Fit, fit
+    from parscale.analysis.scaling_law import Fit, fit
 
     if args.law:
         d = json.loads(Path(args.law).read_text())
@@ -397,7 +397,7 @@ def _load_fit(args):
 @command
 def cmd_predict(args):
     """Predicted loss at (N, P), the multiplier k·ln P + 1, the equal-loss P=1 size, the P for a target."""
-    from parscale.scaling_law import equivalent_params, multiplier, smallest_P
+    from parscale.analysis.scaling_law import equivalent_params, multiplier, smallest_P
 
     if args.params <= 0 or args.streams < 1:
         raise ValueError("--params must be > 0 and --streams >= 1")
@@ -414,8 +414,8 @@ def cmd_predict(args):
 @command
 def cmd_plan(args):
     """Candidates (N, P) that fit a GPU's memory and a per-token latency budget, best predicted loss first."""
-    from parscale.config import PRESETS, ModelConfig
-    from parscale.cost import predict
+    from parscale.analysis.cost import predict
+    from parscale.model.config import PRESETS, ModelConfig
 
     f = _load_fit(args)
     rows = []
@@ -445,8 +445,8 @@ def cmd_plan(args):
 @command
 def cmd_cost(args):
     """Predicted memory and latency (analytic model); --validate compares it with measured JSON."""
-    from parscale.config import ModelConfig
-    from parscale.cost import predict, validate
+    from parscale.analysis.cost import predict, validate
+    from parscale.model.config import ModelConfig
 
     if args.validate_latency or args.validate_memory:
         v = validate(args.validate_latency or [], args.validate_memory or [], args.gpu, args.engine)
@@ -462,7 +462,7 @@ def cmd_cost(args):
 def cmd_eval(args):
     """Held-out loss, perplexity and bits per byte on text files, JSONL or token shards."""
     import parscale
-    from parscale.evaluate import evaluate
+    from parscale.analysis.evaluate import evaluate
 
     model = parscale.load(args.model, dtype=args.dtype, device=args.device)
     tokenizer = parscale.load_tokenizer(args.model) if not str(args.data).endswith(".bin") else None
@@ -471,7 +471,7 @@ def cmd_eval(args):
                       token_dtype=args.token_dtype)
     result["model"] = str(args.model)
     if args.out:
-        from parscale.files import write_json_atomic
+        from parscale.io.files import write_json_atomic
 
         write_json_atomic(result, Path(args.out))
     bpb = f", {result['bits_per_byte']:.4f} bits/byte" if result["bits_per_byte"] is not None else ""
@@ -485,8 +485,8 @@ def cmd_eval(args):
 def cmd_streams(args):
     """Stream diagnostics on held-out data: each stream alone, the mix, the ensemble, KL, cosine, weights."""
     import parscale
-    from parscale.files import write_json_atomic
-    from parscale.streams import plot_diagnostics, stream_diagnostics
+    from parscale.analysis.streams import plot_diagnostics, stream_diagnostics
+    from parscale.io.files import write_json_atomic
 
     model = parscale.load(args.model, dtype=args.dtype, device=args.device)
     batches = _held_out_windows(args, model)
@@ -514,12 +514,12 @@ def _held_out_windows(args, model):
 
     data = Path(args.data)
     if (data / "manifest.json").is_file():
-        from parscale.data import TokenLoader
+        from parscale.training.data import TokenLoader
 
         loader = TokenLoader(data, "val", args.batch_size, args.seq_len)
         return list(loader.windows(limit=args.batches * args.batch_size))
     import parscale
-    from parscale.evaluate import iter_documents
+    from parscale.analysis.evaluate import iter_documents
 
     ids = np.concatenate([d.ids for d in iter_documents(data, parscale.load_tokenizer(args.model))])
     n = min(args.batches * args.batch_size, (len(ids) - 1) // args.seq_len)
@@ -712,7 +712,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from parscale.checkpoint import CheckpointError
+    from parscale.model.checkpoint import CheckpointError
 
     try:
         COMMANDS[args.command](args)

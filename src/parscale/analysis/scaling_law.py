@@ -82,7 +82,7 @@ def validate(points: Points, where: str = "data") -> Points:
 def paper_points(name: str) -> Points:
     if name not in PAPER_DATASETS:
         raise LawDataError(f"unknown paper data set {name!r}; choose from {', '.join(PAPER_DATASETS)}")
-    text = resources.files("parscale").joinpath("data", PAPER_DATASETS[name])
+    text = resources.files("parscale.analysis").joinpath("paper_data", PAPER_DATASETS[name])
     with resources.as_file(text) as path:
         return read_points(path)
 

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from .config import ModelConfig
-from .model import ParScaleForCausalLM, parscale_generator
+from parscale.model.config import ModelConfig
+from parscale.model.transformer import ParScaleForCausalLM, parscale_generator
 
 
 def add_streams(model: ParScaleForCausalLM, parscale_n: int, n_tokens: int = 48, smooth: float = 0.1,

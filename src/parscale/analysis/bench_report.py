@@ -17,12 +17,20 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
-# Final Stack-V2-Python training losses of the paper (paper.md §5), by shape and P.
-PAPER_LOSS = {
-    "paper-1.6b": {1: 1.0817, 2: 1.0623, 4: 1.0490, 8: 1.0383},
-    "paper-2.8b": {1: 1.0451, 2: 1.0244, 4: 1.0126, 8: 1.0016},
-    "paper-4.4b": {1: 1.0213, 2: 1.0025, 4: 0.9906, 8: 0.9794},
-}
+from parscale.analysis.scaling_law import paper_points
+from parscale.model.config import ModelConfig
+
+
+def _paper_losses() -> dict[str, dict[int, float]]:
+    """Final Stack-V2-Python training losses of the paper by benchmark shape and P, read from the shipped
+    scaling-law points (paper_data/paper_stack.csv) by each preset's non-embedding parameter count."""
+    points = paper_points("stack")
+    by_key = {(int(n), int(p)): float(y) for n, p, y in zip(points.params, points.P, points.loss, strict=True)}
+    return {shape: {p: by_key[(ModelConfig.preset(shape, parscale_n=p).param_counts()["non_embedding"], p)]
+                    for p in (1, 2, 4, 8)} for shape in ("paper-1.6b", "paper-2.8b", "paper-4.4b")}
+
+
+PAPER_LOSS = _paper_losses()
 
 
 def _points(files) -> list[dict]:

@@ -6,7 +6,7 @@ The KV cache holds, per layer and per stream, the n_tokens prefix slots plus one
 
 from __future__ import annotations
 
-from .config import ModelConfig
+from parscale.model.config import ModelConfig
 
 
 def weight_bytes(config: ModelConfig, bytes_per_param: int = 2) -> int:

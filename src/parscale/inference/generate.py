@@ -14,8 +14,8 @@ from collections.abc import Callable
 
 import torch
 
-from .cache import KVCache
-from .engine import engine_for
+from parscale.inference.cache import KVCache
+from parscale.inference.engine import engine_for
 
 
 def validate_prompt(model, input_ids: torch.Tensor, attention_mask, max_new_tokens: int) -> None:

@@ -71,7 +71,7 @@ def merged_copy(model):
     """
     if not has_prefix_reparam(model):
         return model
-    from .model import ParScaleForCausalLM
+    from parscale.model.transformer import ParScaleForCausalLM
 
     state = {k: v.detach().clone() for k, v in model.state_dict().items() if ".parametrizations." not in k}
     for i, layer in enumerate(model.model.layers):

@@ -23,7 +23,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from .files import FolderInUseError, atomic_write
+from parscale.io.files import FolderInUseError, atomic_write
 
 RUN_ENTRIES = ("metrics.jsonl", "checkpoints", "adapter", "tensorboard")
 _STEP = re.compile(r"^step-(\d+)$")

@@ -27,7 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-from .files import atomic_write
+from parscale.io.files import atomic_write
 
 MAX_FILE_BYTES = 1_000_000
 MAX_LINE_CHARS = 1000

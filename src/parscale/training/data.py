@@ -32,8 +32,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .documents import DocumentError, is_jsonl, read_documents
-from .files import atomic_write
+from parscale.io.documents import DocumentError, is_jsonl, read_documents
+from parscale.io.files import atomic_write
 
 DataError = DocumentError  # bad data input: one error type for every reader of documents
 

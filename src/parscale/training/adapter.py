@@ -23,9 +23,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .checkpoint import CheckpointError, load
-from .convert import add_streams
-from .files import check_writable, publish_folder, temporary_folder
+from parscale.io.files import check_writable, publish_folder, temporary_folder
+from parscale.model.checkpoint import CheckpointError, load
+from parscale.model.convert import add_streams
 
 ADAPTER_WEIGHTS, ADAPTER_CONFIG = "adapter.safetensors", "adapter_config.json"
 ADAPTER_FILES = (ADAPTER_WEIGHTS, ADAPTER_CONFIG)

@@ -24,7 +24,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import ModelConfig
+from parscale.model.config import ModelConfig
 
 
 @dataclass(frozen=True)
@@ -93,7 +93,7 @@ def prefill_s(cfg: ModelConfig, batch: int, length: int, gpu: GPU, engine: Engin
 
 
 def memory_bytes(cfg: ModelConfig, batch: int, in_len: int, out_len: int, engine: Engine) -> dict:
-    from .memory import kv_cache_bytes, weight_bytes
+    from parscale.analysis.memory import kv_cache_bytes, weight_bytes
 
     weights = weight_bytes(cfg, 2)
     kv = kv_cache_bytes(cfg, batch, in_len + out_len, 2)

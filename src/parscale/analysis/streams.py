@@ -13,8 +13,9 @@
 - `weight_mean`, `weight_entropy` (ln P = uniform), `floor_share` (share of token-stream weights
   within 5% of the ε/P floor, i.e. streams switched off) and `cap_share` (share of tokens whose
   largest weight is within 1% of the cap 1 − ε + ε/P, i.e. one stream takes all it can);
-- `loss_shared_prefix`: the loss when every stream is given stream 0's prefix — the cost of
-  removing what distinguishes the streams (same as loss_mix if the prefixes carry nothing).
+- `loss_shared_prefix`: the loss when every stream is given stream 0's prefix. The streams then compute
+  one function, so this equals stream 0 alone (`loss_stream[0]`); a difference means the streams are
+  not isolated from each other (a layout bug), which is why it is kept.
 For P = 1 (also the prefix control) only `loss_mix` is defined.
 """
 

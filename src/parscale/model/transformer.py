@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import ModelConfig
+from parscale.model.config import ModelConfig
 
 
 class RMSNorm(nn.Module):
@@ -294,7 +294,7 @@ class ParScaleForCausalLM(nn.Module):
         model's dtype or its device changed. Its prefix slots are rewritten from the live parameters
         at every `reset`, so it never holds stale prefixes. `release_cache()` frees it.
         """
-        from .cache import StaticKVCache
+        from parscale.inference.cache import StaticKVCache
 
         ref = self.model.embed_tokens.weight
         cache = self.__dict__.get("_decode_cache")

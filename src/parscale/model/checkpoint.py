@@ -27,9 +27,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from .config import ModelConfig
-from .files import check_writable, publish_folder, temporary_folder
-from .model import ParScaleForCausalLM
+from parscale.io.files import check_writable, publish_folder, temporary_folder
+from parscale.model.config import ModelConfig
+from parscale.model.transformer import ParScaleForCausalLM
 
 SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -59,7 +59,7 @@ def parse_dtype(dtype) -> torch.dtype | None:
 # Reading
 def model_folder(path: str | os.PathLike) -> Path:
     """The model folder a path names: a model folder itself, or a training run's latest checkpoint."""
-    from .run_folder import latest_checkpoint
+    from parscale.training.run_folder import latest_checkpoint
 
     folder = Path(path)
     if not folder.is_dir():

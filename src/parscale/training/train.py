@@ -45,12 +45,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .adapter import mark_only_parscale_trainable, save_adapter
-from .checkpoint import load, save
-from .config import PRESETS, ModelConfig
-from .convert import add_streams
-from .data import TokenLoader
-from .distributed import (
+from parscale.io.files import RunLock
+from parscale.model.checkpoint import load, save
+from parscale.model.config import PRESETS, ModelConfig
+from parscale.model.convert import add_streams
+from parscale.model.transformer import build_model
+from parscale.training.adapter import mark_only_parscale_trainable, save_adapter
+from parscale.training.data import TokenLoader
+from parscale.training.distributed import (
     LossModule,
     barrier,
     full_model_state,
@@ -60,10 +62,20 @@ from .distributed import (
     setup,
     shard_fsdp,
 )
-from .files import RunLock
-from .model import build_model
-from .reparam import enable_prefix_reparam, has_prefix_reparam, load_reparam_state, merged_copy, reparam_state
-from .run_folder import clean_interrupted, cut_metrics, latest_checkpoint, start_fresh, write_checkpoint
+from parscale.training.reparam import (
+    enable_prefix_reparam,
+    has_prefix_reparam,
+    load_reparam_state,
+    merged_copy,
+    reparam_state,
+)
+from parscale.training.run_folder import (
+    clean_interrupted,
+    cut_metrics,
+    latest_checkpoint,
+    start_fresh,
+    write_checkpoint,
+)
 
 
 class TrainingDiverged(RuntimeError):
@@ -225,7 +237,7 @@ def evaluate_loss(loss_module: LossModule, loader: TokenLoader, batches: int | N
 
 def _stream_record(model, val: TokenLoader, batches: int, autocast: bool) -> dict:
     """The compact stream diagnostics logged with an evaluation (see streams.py)."""
-    from .streams import stream_diagnostics
+    from parscale.analysis.streams import stream_diagnostics
 
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
         d = stream_diagnostics(model, val.windows(limit=batches * val.batch_size), shared_prefix=not
@@ -288,7 +300,7 @@ def _plain_model(model, loss_module, fsdp: bool):
     """The model as one plain module with merged prefixes (gathered from the shards under FSDP)."""
     if not fsdp:
         return merged_copy(model)
-    from .model import ParScaleForCausalLM
+    from parscale.model.transformer import ParScaleForCausalLM
 
     state = full_model_state(loss_module)  # filled on rank 0 only
     return ParScaleForCausalLM.from_state_dict(model.config, state, "cpu") if state else None

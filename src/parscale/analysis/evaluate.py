@@ -30,7 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .documents import JSONL_SUFFIXES, DocumentError, read_documents
+from parscale.io.documents import JSONL_SUFFIXES, DocumentError, read_documents
 
 EvalDataError = DocumentError  # bad evaluation input: the same error type as every document reader's
 

@@ -24,8 +24,7 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
 import parscale
-
-from .checkpoint import parse_dtype
+from parscale.model.checkpoint import parse_dtype
 
 
 @register_model("parscale")

@@ -31,11 +31,11 @@ from pathlib import Path
 
 import torch
 
-from .cache import KVCache
-from .config import ModelConfig
-from .engine import DecodeEngine
-from .files import write_json_atomic
-from .model import ParScaleForCausalLM, rope_inv_freq
+from parscale.inference.cache import KVCache
+from parscale.inference.engine import DecodeEngine
+from parscale.io.files import write_json_atomic
+from parscale.model.config import ModelConfig
+from parscale.model.transformer import ParScaleForCausalLM, rope_inv_freq
 
 CHUNK = 16
 
