@@ -49,3 +49,12 @@ def test_demo_data_train_end_to_end(tmp_path, capsys):
     assert main(args) == 0
     assert main(args[:-6] + ["--steps", "3", "--batch-size", "2", "--seq-len", "16", "--resume"]) == 0
     assert len((tmp_path / "t" / "metrics.jsonl").read_text().splitlines()) == 3
+
+
+def test_demo_refuses_a_folder_it_did_not_write(tmp_path, capsys):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "corpus").mkdir()
+    (tmp_path / "mine" / "corpus" / "precious.txt").write_text("keep me")
+    assert main(["demo", "--out", str(tmp_path / "mine"), "--steps", "1"]) == 2
+    assert "was not written by `parscale demo`" in capsys.readouterr().err
+    assert (tmp_path / "mine" / "corpus" / "precious.txt").read_text() == "keep me"
