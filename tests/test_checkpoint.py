@@ -269,3 +269,17 @@ def test_interrupted_swap_puts_the_old_folder_back(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "replace", real)
     assert (tmp_path / "m" / "model.safetensors").read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+
+
+def test_adapter_tensor_set_is_checked_like_a_checkpoint(tmp_path):
+    from parscale.training.adapter import load_adapter, save_adapter
+
+    base = tiny_model(streams=1)
+    save_adapter(add_streams(base, 2, n_tokens=4), tmp_path / "a")
+    tensors = load_file(tmp_path / "a" / "adapter.safetensors")
+    tensors.pop("model.layers.1.self_attn.prefix_v")
+    tensors["model.layers.0.self_attn.prefix_k"] = torch.zeros(2, 2, 5, 16)
+    save_file(tensors, tmp_path / "a" / "adapter.safetensors")
+    with pytest.raises(CheckpointError, match="missing \\(1\\): model.layers.1.self_attn.prefix_v") as err:
+        load_adapter(base, tmp_path / "a")
+    assert "mis-shaped: model.layers.0.self_attn.prefix_k is (2, 2, 5, 16), expected (2, 2, 4, 16)" in str(err.value)

@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 from conftest import FIXTURES
 
 from parscale.cli import main
@@ -58,3 +59,17 @@ def test_demo_refuses_a_folder_it_did_not_write(tmp_path, capsys):
     assert main(["demo", "--out", str(tmp_path / "mine"), "--steps", "1"]) == 2
     assert "was not written by `parscale demo`" in capsys.readouterr().err
     assert (tmp_path / "mine" / "corpus" / "precious.txt").read_text() == "keep me"
+
+
+def test_every_command_has_help(capsys):
+    from parscale.cli import COMMANDS
+
+    for name in COMMANDS:
+        with pytest.raises(SystemExit) as exit_info:
+            main([name, "--help"])
+        assert exit_info.value.code == 0, name
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = capsys.readouterr().out
+    assert "--no-compile" in text and "Peak learning rate of AdamW" in text and "--keep-checkpoints" in text

@@ -46,3 +46,23 @@ def test_official_fixtures_cover_variants():
     assert {c["parscale_n"] for c in configs} >= {2, 4, 8}
     assert {c["tie_word_embeddings"] for c in configs} == {True, False}
     assert {c["parscale_attn_smooth"] for c in configs} >= {0.0, 0.1}
+
+
+# Measured on these random fixtures (CPU, torch 2.13): bf16 1.1e-2 to 2.0e-2, fp16 1.4e-3 to 2.5e-3 —
+# 8× apart, as their 8- and 11-bit mantissas predict; fp32 ~5e-7. The bounds are twice the largest.
+LOW_PRECISION_BOUND = {"bfloat16": 4e-2, "float16": 5e-3}
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_low_precision_logits_are_close_to_the_official_fp32_logits(dtype):
+    """Loading in bf16 / fp16 (cast while loading, RoPE kept in fp32) stays within half-precision rounding
+    of the official fp32 logits (relative error norm) on every fixture."""
+    for name in OFFICIAL:
+        folder = FIXTURES / name
+        expected = json.loads((folder / "expected.json").read_text())
+        model = parscale.load(folder, dtype=dtype)
+        with torch.no_grad():
+            logits = model(torch.tensor(expected["input_ids"])[:1])[0].float()
+        ref = torch.tensor(expected["logits_row0"])
+        err = float((logits - ref).norm() / ref.norm())
+        assert err < LOW_PRECISION_BOUND[dtype], (name, dtype, err)

@@ -444,7 +444,47 @@ def _held_out_windows(args, model):
             for i in range(0, n, args.batch_size)]
 
 
+def field_docs(cls) -> dict[str, str]:
+    """The docstring under each field of a dataclass (the convention this package's configs follow)."""
+    import ast
+    import inspect
+    import textwrap
+
+    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
+    docs = {}
+    for field, doc in zip(body, body[1:], strict=False):
+        if (isinstance(field, ast.AnnAssign) and isinstance(field.target, ast.Name) and isinstance(doc, ast.Expr)
+                and isinstance(doc.value, ast.Constant) and isinstance(doc.value.value, str)):
+            docs[field.target.id] = " ".join(doc.value.value.split())
+    return docs
+
+
+def add_config_arguments(parser, cls) -> None:
+    """One flag per field of a config dataclass (--field-name), typed from its default, documented by its
+    docstring. Flags default to None, so a --config file (or a resumed run's saved settings) is only
+    overridden by flags given on the command line. Dict fields are set in the config file only."""
+    import dataclasses
+
+    docs = field_docs(cls)
+    for f in dataclasses.fields(cls):
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        flag, shown = "--" + f.name.replace("_", "-"), f" (default: {default})"
+        help_text = (docs.get(f.name, "") + shown).replace("%", "%%")  # argparse formats help with %
+        if isinstance(default, dict) or "dict" in str(f.type):
+            continue
+        if isinstance(default, bool):
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
+                                help=help_text)
+        elif isinstance(default, list):
+            parser.add_argument(flag, dest=f.name, type=float, nargs="+", default=None, help=help_text)
+        else:
+            kind = next((t for t in (int, float, str) if t.__name__ in str(f.type)), str)
+            parser.add_argument(flag, dest=f.name, type=kind, default=None, help=help_text)
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from parscale.training.train import TrainConfig
+
     ap = argparse.ArgumentParser(prog="parscale", description="Parallel scaling (ParScale) for language models.")
     sub = ap.add_subparsers(dest="command", required=True)
 
@@ -477,28 +517,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help=cmd_train.__doc__)
     p.add_argument("--config", default=None, help="a TOML file of TrainConfig fields; flags override it")
-    p.add_argument("--model", default=None, help="preset name or checkpoint folder (default tiny)")
-    p.add_argument("--streams", type=int, default=None)
-    p.add_argument("--n-tokens", dest="n_tokens", type=int, default=None)
-    p.add_argument("--data", default=None)
-    p.add_argument("--out", default=None)
-    p.add_argument("--compile", action="store_true", default=None)
-    p.add_argument("--fsdp", action="store_true", default=None, help="under torchrun: FSDP2 instead of DDP")
-    p.add_argument("--tensorboard", action="store_true", default=None, help="also log to OUT/tensorboard")
-    p.add_argument("--activation-checkpointing", dest="activation_checkpointing", action="store_true", default=None)
-    for name, typ in (("steps", int), ("batch_size", int), ("seq_len", int), ("grad_accum", int), ("lr", float),
-                      ("warmup", int), ("weight_decay", float), ("grad_clip", float), ("eval_every", int),
-                      ("save_every", int), ("seed", int), ("data_start", int), ("smooth", float),
-                      ("min_lr_ratio", float), ("eval_batches", int)):
-        p.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, default=None)
-    p.add_argument("--schedule", choices=["cosine", "wsd"], default=None)
-    p.add_argument("--p1-prefix", dest="p1_prefix", action="store_true", default=None,
-                   help="with --streams 1: a learned prefix of --n-tokens, no aggregator (the prefix control)")
-    p.add_argument("--prefix-reparam", dest="prefix_reparam", action="store_true", default=None,
-                   help="train prefixes through an MLP from per-stream latents (merged when saving)")
-    p.add_argument("--trainable", choices=["all", "parscale"], default=None,
-                   help="parscale: frozen backbone, train prefixes + aggregator only (writes OUT/adapter)")
-    p.add_argument("--device", default=None)
+    add_config_arguments(p, TrainConfig)
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its latest checkpoint, with its saved settings")
     p.add_argument("--overwrite", action="store_true",

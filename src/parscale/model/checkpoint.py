@@ -177,33 +177,42 @@ def _expected_shapes(config: ModelConfig) -> dict[str, tuple]:
     return shapes
 
 
-def _check_tensors(config: ModelConfig, tensors: dict[str, torch.Tensor], folder: Path) -> None:
-    expected = _expected_shapes(config)
-    found = {k: tuple(v.shape) for k, v in tensors.items()}
-    # A tied checkpoint may still carry lm_head.weight (a copy of the embedding): accept it.
-    if config.tie_word_embeddings and "lm_head.weight" in found:
-        expected["lm_head.weight"] = expected["model.embed_tokens.weight"]
+def check_tensor_set(expected: dict[str, tuple], found: dict[str, tuple], what: str, notes: list[str] = ()) -> None:
+    """One CheckpointError listing every missing, unexpected and mis-shaped tensor (names → shapes);
+    `what` names the file set, `notes` are explanations put first. Used for models and adapters alike."""
     missing = sorted(set(expected) - set(found))
     unexpected = sorted(set(found) - set(expected))
-    misshaped = sorted(k for k in set(expected) & set(found) if expected[k] != found[k])
+    misshaped = sorted(k for k in set(expected) & set(found) if tuple(expected[k]) != tuple(found[k]))
     if not (missing or unexpected or misshaped):
         return
-    lines = [f"checkpoint {str(folder)!r} does not match its config.json ({config.model_type}):"]
-    prefix_bad = [k for k in misshaped if k.endswith(("prefix_k", "prefix_v"))]
-    if prefix_bad:
-        k = prefix_bad[0]
-        lines.append(f"  config says parscale_n={config.parscale_n}, parscale_n_tokens={config.parscale_n_tokens} "
-                     f"(prefix shape {expected[k]}), but {k} has shape {found[k]}")
-    if any(k.endswith(("prefix_k", "prefix_v")) for k in unexpected) and config.parscale_n == 1:
-        lines.append("  the tensors contain ParScale prefixes but the config has parscale_n=1")
+    lines = [f"{what}:", *notes]
     if missing:
         lines.append(f"  missing ({len(missing)}): {', '.join(missing[:20])}{' ...' if len(missing) > 20 else ''}")
     if unexpected:
         lines.append(f"  unexpected ({len(unexpected)}): {', '.join(unexpected[:20])}"
                      f"{' ...' if len(unexpected) > 20 else ''}")
     for k in misshaped[:20]:
-        lines.append(f"  mis-shaped: {k} is {found[k]}, expected {expected[k]}")
+        lines.append(f"  mis-shaped: {k} is {tuple(found[k])}, expected {tuple(expected[k])}")
     raise CheckpointError("\n".join(lines))
+
+
+def _check_tensors(config: ModelConfig, tensors: dict[str, torch.Tensor], folder: Path) -> None:
+    expected = _expected_shapes(config)
+    found = {k: tuple(v.shape) for k, v in tensors.items()}
+    # A tied checkpoint may still carry lm_head.weight (a copy of the embedding): accept it.
+    if config.tie_word_embeddings and "lm_head.weight" in found:
+        expected["lm_head.weight"] = expected["model.embed_tokens.weight"]
+    notes = []
+    prefix_bad = [k for k in sorted(set(expected) & set(found)) if k.endswith(("prefix_k", "prefix_v"))
+                  and expected[k] != found[k]]
+    if prefix_bad:
+        k = prefix_bad[0]
+        notes.append(f"  config says parscale_n={config.parscale_n}, parscale_n_tokens={config.parscale_n_tokens} "
+                     f"(prefix shape {expected[k]}), but {k} has shape {found[k]}")
+    if not config.has_prefix and any(k.endswith(("prefix_k", "prefix_v")) for k in set(found) - set(expected)):
+        notes.append("  the tensors contain ParScale prefixes but the config has parscale_n=1")
+    check_tensor_set(expected, found, f"checkpoint {str(folder)!r} does not match its config.json "
+                     f"({config.model_type})", notes)
 
 
 def load(path, dtype=None, device=None) -> ParScaleForCausalLM:

@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from parscale.io.files import check_writable, publish_folder, temporary_folder
-from parscale.model.checkpoint import CheckpointError, load
+from parscale.model.checkpoint import CheckpointError, check_tensor_set, load
 from parscale.model.convert import add_streams
 
 ADAPTER_WEIGHTS, ADAPTER_CONFIG = "adapter.safetensors", "adapter_config.json"
@@ -114,11 +114,7 @@ def load_adapter(backbone, path):
     tensors = load_file(str(folder / ADAPTER_WEIGHTS))
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if is_parscale_parameter(k)}
     found = {k: tuple(v.shape) for k, v in tensors.items()}
-    if expected != found:
-        missing, extra = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
-        shaped = sorted(k for k in set(expected) & set(found) if expected[k] != found[k])
-        raise CheckpointError(f"adapter {str(folder)!r} does not fit: missing {missing}, unexpected {extra}, "
-                              f"mis-shaped {shaped}")
+    check_tensor_set(expected, found, f"adapter {str(folder)!r} does not fit its {ADAPTER_CONFIG}")
     with torch.no_grad():
         params = dict(model.named_parameters())
         for k, v in tensors.items():

@@ -89,44 +89,65 @@ class TrainConfig:
     model_overrides: dict | None = None
     """ModelConfig fields replacing the preset's (a TOML table `[model_overrides]`: hidden_size = 192, ...)."""
     streams: int = 1
+    """P, the number of parallel streams (a checkpoint with P = 1 gets fresh prefixes and aggregator)."""
     trainable: str = "all"
     """'all', or 'parscale': a frozen backbone, only prefixes and aggregator train (saved as an adapter)."""
     n_tokens: int | None = None
+    """Prefix tokens per stream and layer (default: the preset's; 48 when adding streams to a checkpoint)."""
     p1_prefix: bool = False
     """With streams = 1: give the model a learned prefix of n_tokens (the prefix control, no aggregator)."""
     smooth: float = 0.1
+    """ε of the aggregation smoothing w·(1−ε) + ε/P."""
     prefix_reparam: bool = False
     """Produce the prefixes by a small MLP from per-stream latents while training (reparam.py)."""
     reparam_latent: int = 64
+    """Latent width of the prefix reparameterisation."""
     reparam_hidden: int = 256
+    """Hidden width of the prefix reparameterisation MLP."""
     data: str = "runs/data"
+    """A `parscale data` folder (reads manifest.json, train.bin, val.bin, tokenizer.json)."""
     out: str = "runs/train"
+    """The run folder (writes metrics.jsonl, checkpoints/step-N, checkpoints/latest, adapter/)."""
     steps: int = 200
+    """Optimizer steps of the whole run (the schedule is laid out over them)."""
     batch_size: int = 8
+    """Sequences per step, global over all processes."""
     seq_len: int = 128
+    """Tokens per training sequence."""
     grad_accum: int = 1
+    """Micro-batches accumulated per step (gradients are synchronised on the last one only)."""
     lr: float = 3e-3
+    """Peak learning rate of AdamW."""
     min_lr_ratio: float = 0.1
+    """Final learning rate as a fraction of lr."""
     warmup: int = 20
+    """Linear warm-up steps."""
     schedule: str = "cosine"
     """'cosine' or 'wsd' (warm-up, stable, then linear decay over the last 20% of steps)."""
     weight_decay: float = 0.1
+    """AdamW weight decay on matrices (never on norms, biases or prefixes)."""
     grad_clip: float = 1.0
+    """Gradient-norm clipping threshold."""
     eval_every: int = 50
+    """Evaluate on held-out windows every this many steps (0: only at the end)."""
     eval_batches: int = 16
+    """Held-out batches per evaluation, evenly spaced over the split."""
     eval_at: list = dataclasses.field(default_factory=list)
     """Extra evaluations over the whole held-out split at these fractions of the run (e.g. [0.9, 0.95, 1.0]),
     logged as val_loss_full; an endpoint that averages them is steadier than one evaluation."""
     stream_batches: int = 2
     """Held-out batches for the stream diagnostics logged at every evaluation (streams.py; P > 1; 0: off)."""
     save_every: int = 100
+    """Write a checkpoint every this many steps (0: only at the end)."""
     keep_checkpoints: int = 2
     """Checkpoint folders kept in {out}/checkpoints (the newest ones; 0 keeps all)."""
     seed: int = 0
+    """Seeds the backbone initialisation and the data order alike for every P (paired seeds)."""
     data_start: int = 0
     """Training windows (of seq_len + 1 tokens) of the seeded order to skip first: a second stage sets it to
     steps × batch_size × grad_accum of the first, with the same seed, so it continues on unseen data."""
     device: str | None = None
+    """cpu, cuda or cuda:N (default: this process's GPU if there is one)."""
     fsdp: bool = False
     """Under torchrun, shard parameters, gradients and optimizer state with FSDP2 instead of DDP."""
     compile: bool = False
@@ -136,6 +157,7 @@ class TrainConfig:
     tensorboard: bool = False
     """Also write the per-step scalars to {out}/tensorboard (needs the tensorboard package)."""
     progress: bool = True
+    """Print one progress line (loss, tokens/s, ETA)."""
 
 
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
@@ -306,12 +328,30 @@ def _plain_model(model, loss_module, fsdp: bool):
     return ParScaleForCausalLM.from_state_dict(model.config, state, "cpu") if state else None
 
 
+def check_config(cfg: TrainConfig) -> None:
+    """One error naming the first setting that cannot work, before anything is read or written."""
+    positive = ("steps", "batch_size", "seq_len", "grad_accum", "lr", "warmup", "eval_batches")
+    for name in positive:
+        if not getattr(cfg, name) > 0:
+            raise ValueError(f"{name} must be > 0, got {getattr(cfg, name)}")
+    for name in ("eval_every", "save_every", "keep_checkpoints", "stream_batches", "data_start", "weight_decay"):
+        if getattr(cfg, name) < 0:
+            raise ValueError(f"{name} must be >= 0, got {getattr(cfg, name)}")
+    if cfg.schedule not in ("cosine", "wsd"):
+        raise ValueError(f"schedule must be 'cosine' or 'wsd', got {cfg.schedule!r}")
+    if cfg.trainable not in ("all", "parscale"):
+        raise ValueError(f"trainable must be 'all' or 'parscale', got {cfg.trainable!r}")
+    if not 0 <= cfg.min_lr_ratio <= 1:
+        raise ValueError(f"min_lr_ratio must be in [0, 1], got {cfg.min_lr_ratio}")
+
+
 def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None, overwrite: bool = False) -> dict:
     """Run (or resume) training; returns a summary. stop_after ends early after that step (for tests).
 
     overwrite: a fresh run into a folder that already holds one removes that run's checkpoints and
     metrics (other files in the folder are kept); without it such a folder is refused.
     """
+    check_config(cfg)
     rank, world, local_rank = setup(cfg.device)
     lock = RunLock(Path(cfg.out)) if rank == 0 else contextlib.nullcontext()
     with lock:
