@@ -31,7 +31,9 @@ def test_kv_cache_bytes_of_paper_shape():
 @pytest.mark.skipif(not (RAW / "memory_fresh.json").exists(), reason="no committed measurements")
 def test_cost_model_against_measurements():
     v = validate([RAW / "grid_graph_small.json", RAW / "grid_graph_large.json"], [RAW / "memory_fresh.json"])
-    assert v["summary"]["memory_gib"]["points"] == 192
+    assert v["summary"]["memory_gib"]["points"] == 191  # 192 measured, less the calibration point
+    assert not any(r["shape"] == "paper-1.6b" and r["P"] == 1 and r["batch"] == 1 and r["length"] == 64
+                   for r in v["points"])
     assert v["summary"]["memory_gib"]["mean_abs_error"] < 0.15
     assert v["summary"]["decode_ms_per_token"]["mean_abs_error"] < 0.15
 

@@ -54,6 +54,8 @@ class Engine:
 
 
 ENGINES = {"graph": Engine(), "compile": Engine(decode_layer_floor_s=53.7e-6)}  # (3.271 − 1.339 ms) / 36
+# The measured point the engine constants were calibrated on: validation leaves it out.
+CALIBRATION_POINT = {"shape": "paper-1.6b", "P": 1, "batch": 1, "length": 64}
 
 
 def _gemm(m, k, n, gpu: GPU, bytes_per=2):
@@ -119,7 +121,8 @@ def predict(cfg: ModelConfig, batch: int, in_len: int, out_len: int, gpu: GPU | 
 
 def validate(latency_files, memory_files, gpu="h100", engine="graph") -> dict:
     """Per-point relative error of the model against measured benchmark JSON: timings from
-    `latency_files`, peak memory from `memory_files` (measured one process per model)."""
+    `latency_files`, peak memory from `memory_files` (measured one process per model); the calibration
+    point is left out."""
     metrics = {"decode_ms_per_token": ("decode_ms_per_token", latency_files),
                "latency_s": ("latency_s", latency_files), "memory_gib": ("peak_memory_gib", memory_files)}
     rows, summary = [], {}
@@ -127,6 +130,8 @@ def validate(latency_files, memory_files, gpu="h100", engine="graph") -> dict:
         errs = []
         for f in files:
             for p in json.loads(Path(f).read_text())["points"]:
+                if all(p[k] == v for k, v in CALIBRATION_POINT.items()):
+                    continue  # judged only on points it was not calibrated on
                 cfg = ModelConfig.preset(p["shape"], parscale_n=p["P"])
                 pred = predict(cfg, p["batch"], p["length"], p["length"], gpu, engine)[key]
                 err = (pred - p[measured_key]) / p[measured_key]
