@@ -48,15 +48,18 @@ def barrier(world: int) -> None:
 class LossModule(nn.Module):
     """Model + next-token loss in one forward, so DDP sees (and synchronises) the whole step."""
 
-    def __init__(self, model, autocast: bool):
+    def __init__(self, model, autocast: bool, hooks=None):
         super().__init__()
         self.model, self.autocast = model, autocast
+        self.hooks = hooks  # levers.AggregatorHooks: its z-loss term is added to the training loss
 
     def forward(self, x, y):
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
             hidden, weights = self.model.forward_hidden(x)
             logits = self.model.lm_head(hidden)
-        return F.cross_entropy(logits.float().flatten(0, 1), y.flatten()), weights
+        loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+        penalty = self.hooks.take_penalty() if self.hooks is not None else None
+        return (loss if penalty is None else loss + penalty), weights
 
 
 def shard_fsdp(loss_module: LossModule, world: int, device: torch.device) -> None:

@@ -62,6 +62,7 @@ from parscale.training.distributed import (
     setup,
     shard_fsdp,
 )
+from parscale.training.levers import AggregatorHooks, is_parscale_name
 from parscale.training.reparam import (
     enable_prefix_reparam,
     has_prefix_reparam,
@@ -141,6 +142,14 @@ class TrainConfig:
     """Write a checkpoint every this many steps (0: only at the end)."""
     keep_checkpoints: int = 2
     """Checkpoint folders kept in {out}/checkpoints (the newest ones; 0 keeps all)."""
+    parscale_lr_mult: float = 1.0
+    """Learning rate of prefixes and aggregator as a multiple of lr (levers.py; 1: the same)."""
+    parscale_warmup: int | None = None
+    """Warm-up steps of prefixes and aggregator (levers.py; default: warmup)."""
+    stream_dropout: float = 0.0
+    """Training only: mask each stream's aggregation logit with this probability per token (levers.py)."""
+    aggregator_z_loss: float = 0.0
+    """Add this × mean(logsumexp(aggregator logits)²) to the loss, against saturation (levers.py)."""
     seed: int = 0
     """Seeds the backbone initialisation and the data order alike for every P (paired seeds)."""
     data_start: int = 0
@@ -208,14 +217,32 @@ def lr_factor(cfg: TrainConfig, step: int) -> float:
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0)))
 
 
+def _separate_parscale_groups(cfg: TrainConfig) -> bool:
+    return cfg.parscale_lr_mult != 1.0 or cfg.parscale_warmup is not None
+
+
 def build_optimizer(model, cfg: TrainConfig, device: torch.device, fused: bool = False) -> torch.optim.AdamW:
-    decay, no_decay = [], []
+    """AdamW with weight decay on matrices only; with a ParScale learning rate or warm-up of its own,
+    prefixes and aggregator get groups of their own (groups 2 and 3, see `group_schedules`)."""
+    separate = _separate_parscale_groups(cfg)
+    groups = [[] for _ in range(4 if separate else 2)]
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (decay if p.dim() >= 2 and "prefix" not in name else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), fused=fused)
+        index = 0 if p.dim() >= 2 and "prefix" not in name else 1
+        groups[index + (2 if separate and is_parscale_name(name) else 0)].append(p)
+    decays = (cfg.weight_decay, 0.0) * (len(groups) // 2)
+    return torch.optim.AdamW([{"params": g, "weight_decay": d} for g, d in zip(groups, decays, strict=True)],
+                             lr=cfg.lr, betas=(0.9, 0.95), fused=fused)
+
+
+def group_schedules(cfg: TrainConfig, n_groups: int) -> list:
+    """The learning-rate factor of each optimizer group per step (LambdaLR lambdas)."""
+    backbone = [lambda s: lr_factor(cfg, s)] * 2
+    if n_groups == 2:
+        return backbone
+    own = dataclasses.replace(cfg, warmup=cfg.parscale_warmup if cfg.parscale_warmup is not None else cfg.warmup)
+    return backbone + [lambda s: cfg.parscale_lr_mult * lr_factor(own, s)] * 2
 
 
 def _initial_model(cfg: TrainConfig, vocab_size: int, eos_id: int):
@@ -341,6 +368,8 @@ def check_config(cfg: TrainConfig) -> None:
         raise ValueError(f"schedule must be 'cosine' or 'wsd', got {cfg.schedule!r}")
     if cfg.trainable not in ("all", "parscale"):
         raise ValueError(f"trainable must be 'all' or 'parscale', got {cfg.trainable!r}")
+    if cfg.parscale_lr_mult <= 0 or (cfg.parscale_warmup is not None and cfg.parscale_warmup <= 0):
+        raise ValueError("parscale_lr_mult and parscale_warmup must be > 0")
     if not 0 <= cfg.min_lr_ratio <= 1:
         raise ValueError(f"min_lr_ratio must be in [0, 1], got {cfg.min_lr_ratio}")
 
@@ -407,14 +436,17 @@ def _train(cfg: TrainConfig, resume: bool, stop_after: int | None, overwrite: bo
     if cfg.activation_checkpointing:
         apply_activation_checkpointing(model)
     model.train()
-    loss_module = LossModule(model, autocast)
+    hooks = None
+    if cfg.stream_dropout or cfg.aggregator_z_loss:
+        hooks = AggregatorHooks(model, cfg.stream_dropout, cfg.aggregator_z_loss)
+    loss_module = LossModule(model, autocast, hooks)
     fsdp = cfg.fsdp and world > 1
     if fsdp:
         if cfg.prefix_reparam:
             raise ValueError("--fsdp with --prefix-reparam is not supported")
         shard_fsdp(loss_module, world, device)
     optimizer = build_optimizer(model, cfg, device, fused=device.type == "cuda" and not fsdp)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(cfg, s))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, group_schedules(cfg, len(optimizer.param_groups)))
     if state is not None:
         load_optimizer_state(loss_module, optimizer, state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
