@@ -152,3 +152,20 @@ def test_a_kill_at_any_point_of_a_save_leaves_a_loadable_latest_checkpoint(data_
         assert _losses(out) == pytest.approx(_losses(tmp_path / "clean"), abs=0), k
         assert not list((out / "checkpoints").glob(".*")), k  # leftovers of the killed save were cleaned
     assert torch.equal(parscale.load(tmp_path / "clean").lm_head.weight, parscale.load(out).lm_head.weight)
+
+
+def test_bad_settings_fail_before_any_work(data_dir, tmp_path, capsys):
+    from parscale.cli import main
+
+    base = ["train", "--data", str(data_dir), "--out", str(tmp_path / "r"), "--batch-size", "2", "--seq-len", "16"]
+    for flags, message in ((["--steps", "0"], "steps must be > 0"), (["--grad-accum", "0"], "grad_accum must be > 0"),
+                           (["--batch-size", "0"], "batch_size must be > 0"),
+                           (["--eval-every", "-1"], "eval_every must be >= 0"),
+                           (["--schedule", "linear"], "schedule must be 'cosine' or 'wsd'"),
+                           (["--seq-len", "600", "--batch-size", "1"], "exceeds the model's 512 positions")):
+        assert main(base + flags) == 2, flags
+        assert message in capsys.readouterr().err, flags
+    assert not (tmp_path / "r" / "checkpoints").exists()
+    if not torch.cuda.is_available():
+        assert main(base + ["--device", "cuda", "--steps", "1"]) == 2
+        assert "has no CUDA GPU" in capsys.readouterr().err

@@ -390,6 +390,8 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None,
 def _train(cfg: TrainConfig, resume: bool, stop_after: int | None, overwrite: bool, rank: int, world: int,
            local_rank: int) -> dict:
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {cfg.device}: this machine has no CUDA GPU (use --device cpu)")
     if device.type == "cuda" and device.index is None:  # "cuda" means this process's GPU under torchrun
         device = torch.device("cuda", local_rank)
     if device.type == "cuda":
@@ -425,6 +427,9 @@ def _train(cfg: TrainConfig, resume: bool, stop_after: int | None, overwrite: bo
         barrier(world)
         model = _initial_model(cfg, loader.manifest["vocab_size"], loader.manifest["eos_id"]).to(device)
         loader.skip(cfg.data_start)
+    if cfg.seq_len > model.config.max_position_embeddings:
+        raise ValueError(f"seq_len {cfg.seq_len} exceeds the model's {model.config.max_position_embeddings} "
+                         f"positions (max_position_embeddings)")
     if cfg.prefix_reparam:
         enable_prefix_reparam(model, cfg.reparam_latent, cfg.reparam_hidden, seed=cfg.seed)
         if state is not None:
