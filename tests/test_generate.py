@@ -59,6 +59,15 @@ def test_greedy_matches_argmax_of_recompute(model):
     (torch.ones(1, 3, dtype=torch.long), {"attention_mask": torch.zeros(1, 3)}, "no real token"),
     (torch.ones(1, 3, dtype=torch.long), {"attention_mask": torch.ones(1, 4)}, "shape"),
     (torch.ones(1, 3), {}, "integer"),
+    # Settings that used to be ignored or misread silently.
+    (torch.ones(1, 3, dtype=torch.long), {"temperature": -1.0}, "temperature must be a finite number >= 0"),
+    (torch.ones(1, 3, dtype=torch.long), {"temperature": float("nan"), "do_sample": True}, "temperature"),
+    (torch.ones(1, 3, dtype=torch.long), {"top_k": 0, "do_sample": True}, "top_k must be an integer >= 1"),
+    (torch.ones(1, 3, dtype=torch.long), {"top_k": -5, "do_sample": True}, "top_k"),
+    (torch.ones(1, 3, dtype=torch.long), {"top_p": float("nan"), "do_sample": True}, "top_p"),
+    (torch.ones(1, 3, dtype=torch.long), {"max_new_tokens": 2.5}, "max_new_tokens must be an integer"),
+    (torch.ones(1, 3, dtype=torch.long), {"attention_mask": torch.tensor([[1, 1, 0]])}, "not left-padded"),
+    (torch.ones(1, 3, dtype=torch.long), {"attention_mask": torch.tensor([[0, 2, 1]])}, "only 1"),
 ])
 def test_bad_requests(model, ids, kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -72,3 +81,9 @@ def test_unseeded_sampling_leaves_the_global_rng_alone(model):
     torch.manual_seed(123)
     parscale.generate(model, ids, max_new_tokens=4, do_sample=True, seed=None)
     assert torch.equal(torch.rand(3), expected)
+
+
+def test_a_forward_beyond_the_models_positions_is_refused(model):
+    model(torch.ones(1, 512, dtype=torch.long))  # exactly the model's positions: fine
+    with pytest.raises(ValueError, match="513 positions .* exceed the model's 512"):
+        model(torch.ones(1, 513, dtype=torch.long))

@@ -100,17 +100,25 @@ def cmd_generate(args):
     import torch
 
     import parscale
+    from parscale.inference.generate import validate_sampling
     from parscale.training.tokenizer import eos_id
 
+    validate_sampling(args.temperature, args.top_k, args.top_p)  # before loading anything
+    if args.max_new_tokens < 0:
+        raise ValueError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+    if not args.prompt:
+        raise ValueError("the prompt is empty")
+    if any("\udc80" <= ch <= "\udcff" for ch in args.prompt):  # bytes the locale could not decode
+        raise ValueError("the prompt is not valid UTF-8 text")
     model = parscale.load(args.model, dtype=args.dtype, device=args.device)
     if args.adapter:
         from parscale.training.adapter import load_adapter
 
         model = load_adapter(model, args.adapter)
     tok = parscale.load_tokenizer(args.model)
-    if not args.prompt:
-        raise SystemExit("error: the prompt is empty")
     ids = torch.tensor([tok.encode(args.prompt).ids])
+    if ids.shape[1] == 0:
+        raise ValueError("the prompt encodes to no tokens")
     eos = model.config.eos_token_id if model.config.eos_token_id is not None else eos_id(tok)
     produced: list[int] = []
     printed = 0
@@ -166,9 +174,15 @@ def cmd_corpus(args):
 @command
 def cmd_data(args):
     """Tokenise text sources into shards + manifest (training a BPE tokenizer unless one is given)."""
-    from parscale.training.data import build_shards, iter_texts
+    from parscale.io.files import check_writable
+    from parscale.training.data import DATA_FILES, build_shards, iter_texts
     from parscale.training.tokenizer import train_bpe
 
+    if not 0 <= args.val_fraction < 1:
+        raise ValueError(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
+    if not 0 < args.bpe_sample <= 1:
+        raise ValueError(f"--bpe-sample must be in (0, 1], got {args.bpe_sample}")
+    check_writable(Path(args.out), DATA_FILES, args.overwrite)  # before the long work
     if args.tokenizer:
         import parscale
 
@@ -180,9 +194,26 @@ def cmd_data(args):
                            sample=args.bpe_sample, val_fraction=None if args.split_field else args.val_fraction)
         tok = train_bpe(texts, args.vocab_size)
     m = build_shards(args.sources, args.out, tok, glob=args.glob, text_field=args.text_field,
-                     val_fraction=args.val_fraction, split_field=args.split_field)
+                     val_fraction=args.val_fraction, split_field=args.split_field, overwrite=args.overwrite)
+    skipped = f"; {m['skipped_files']} files skipped as not UTF-8 text" if m["skipped_files"] else ""
     print(f"wrote {args.out}: {m['train_tokens']:,} train / {m['val_tokens']:,} validation tokens "
-          f"({m['train_documents']} / {m['val_documents']} documents, {m['dtype']})")
+          f"({m['train_documents']} / {m['val_documents']} documents, {m['dtype']}){skipped}")
+
+
+@command
+def cmd_verify_data(args):
+    """Check a `parscale data` folder: shard sizes, token ids, tokenizer and source files against its manifest."""
+    from parscale.training.data import DataError, changed_sources, check_data_folder
+
+    manifest = check_data_folder(args.folder)
+    changed = changed_sources(manifest)
+    if changed:
+        shown = ", ".join(changed[:5]) + (" ..." if len(changed) > 5 else "")
+        raise DataError(f"{len(changed)} source files changed since {args.folder} was built ({shown}); "
+                        f"the shards hold their old text: rebuild with `parscale data` to use the new one")
+    present = sum(Path(f["path"]).is_file() for f in manifest.get("files", []))
+    print(f"{args.folder}: shards, token ids and tokenizer match the manifest; {present} of "
+          f"{len(manifest.get('files', []))} source files found here, all unchanged")
 
 
 def _train_config(args):
@@ -208,12 +239,18 @@ def cmd_train(args):
     """Train a model (preset from scratch, or a checkpoint; P streams) on token shards."""
     import torch.distributed as dist
 
-    from parscale.training.train import train
+    from parscale.training.train import TrainingInterrupted, train
 
-    result = train(_train_config(args), resume=args.resume, overwrite=args.overwrite)
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    try:
+        result = train(_train_config(args), resume=args.resume, overwrite=args.overwrite)
+    except TrainingInterrupted as stopped:
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            print(f"\n{stopped}", file=sys.stderr)
+        return 128 + stopped.signum
+    finally:
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        if dist.is_initialized():
+            dist.destroy_process_group()
     if rank == 0:
         print(json.dumps(result, indent=1))
 
@@ -376,8 +413,15 @@ def cmd_cost(args):
 def cmd_eval(args):
     """Held-out loss, perplexity and bits per byte on text files, JSONL or token shards."""
     import parscale
-    from parscale.analysis.evaluate import evaluate
+    from parscale.analysis.evaluate import check_window_settings, evaluate
+    from parscale.model.checkpoint import read_config
 
+    positions = read_config(args.model).max_position_embeddings
+    check_window_settings(positions, args.max_length, args.stride, args.batch_size)  # before any work
+    if args.out:
+        from parscale.io.files import check_output_file
+
+        check_output_file(args.out)
     model = parscale.load(args.model, dtype=args.dtype, device=args.device)
     tokenizer = parscale.load_tokenizer(args.model) if not str(args.data).endswith(".bin") else None
     result = evaluate(model, tokenizer, args.data, max_length=args.max_length, stride=args.stride,
@@ -514,6 +558,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="JSONL field that names each document's split ('train'/'val') instead of hashing")
     p.add_argument("--bpe-sample", type=float, default=1.0,
                    help="share of training documents the BPE is trained on (hash-chosen)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="write into a folder holding other files (only the data folder's own files are replaced)")
+
+    p = sub.add_parser("verify-data", help=cmd_verify_data.__doc__)
+    p.add_argument("folder", help="a folder written by `parscale data` (reads manifest.json, *.bin, tokenizer.json)")
 
     p = sub.add_parser("train", help=cmd_train.__doc__)
     p.add_argument("--config", default=None, help="a TOML file of TrainConfig fields; flags override it")
@@ -644,15 +693,36 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    """Run one command. Bad input exits 2 with one `error:` line; a closed output pipe (`| head`) exits
+    quietly; Ctrl-C outside training (which checkpoints and says how to resume) exits 130."""
     args = build_parser().parse_args(argv)
     from parscale.model.checkpoint import CheckpointError
+    from parscale.training.train import TrainingDiverged
 
     try:
-        COMMANDS[args.command](args)
-    except (CheckpointError, ValueError, OSError) as e:
+        code = COMMANDS[args.command](args)
+    except BrokenPipeError:
+        _quiet_stdout()
+        return 0
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    except (CheckpointError, ValueError, OSError, TrainingDiverged) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    return 0
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        _quiet_stdout()
+    return code or 0
+
+
+def _quiet_stdout() -> None:
+    """The reader of stdout went away: point stdout at /dev/null so the interpreter's final flush is silent."""
+    import os
+
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
 
 
 if __name__ == "__main__":

@@ -50,7 +50,11 @@ def iter_documents(path, tokenizer, glob: str = "**/*.txt", text_field: str = "t
     if not path.exists():
         raise EvalDataError(f"evaluation data {str(path)!r} does not exist")
     if path.suffix == ".bin":
-        yield Document(path.name, path.stem, np.fromfile(path, dtype=np.dtype(token_dtype)), None)
+        itemsize = np.dtype(token_dtype).itemsize
+        if path.stat().st_size % itemsize:
+            raise EvalDataError(f"{path} holds {path.stat().st_size} bytes: not a whole number of {token_dtype} "
+                                f"token ids (truncated, or another --token-dtype)")
+        yield Document(path.name, path.stem, np.memmap(path, dtype=np.dtype(token_dtype), mode="r"), None)
         return
     eos = tokenizer.token_to_id("<|endoftext|>") if tokenizer is not None else None
     prefix = [eos] if eos is not None else []
@@ -91,6 +95,27 @@ def windows(n_tokens: int, max_length: int, stride: int) -> list[tuple[int, int,
     return out
 
 
+def check_window_settings(positions: int, max_length: int | None, stride: int | None, batch_size: int
+                          ) -> tuple[int, int]:
+    """The window and stride to use (defaults filled in), or one error naming the setting that cannot work."""
+    for name, value in (("max_length", max_length), ("stride", stride), ("batch_size", batch_size)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise ValueError(f"{name} must be an integer, got {value!r}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if max_length is None:
+        max_length = positions
+    if not 2 <= max_length <= positions:
+        raise ValueError(f"max_length must be in [2, {positions}] (a window needs a token of context and a "
+                         f"target; the model has {positions} positions), got {max_length}")
+    if stride is None:
+        stride = max_length // 2
+    if not 0 < stride < max_length:
+        raise ValueError(f"stride must be in [1, max_length - 1 = {max_length - 1}] (each window keeps "
+                         f"max_length - stride tokens of context), got {stride}")
+    return max_length, stride
+
+
 @torch.no_grad()
 def score_windows(model, chunks: list[tuple[list[int], int]], device) -> list[float]:
     """Summed NLL (nats) of the last n_targets tokens of each id list, batched with right padding."""
@@ -113,10 +138,7 @@ def evaluate(model, tokenizer, data, max_length: int | None = None, stride: int 
              batch_size: int = 8, glob: str = "**/*.txt", text_field: str = "text", token_dtype: str = "uint16",
              progress: bool = True) -> dict:
     cfg = model.config
-    max_length = min(max_length or cfg.max_position_embeddings, cfg.max_position_embeddings)
-    stride = stride or max_length // 2
-    if not 0 < stride < max_length:
-        raise EvalDataError(f"stride must be in (0, max_length={max_length}), got {stride}")
+    max_length, stride = check_window_settings(cfg.max_position_embeddings, max_length, stride, batch_size)
     device = model.model.embed_tokens.weight.device
     docs = list(iter_documents(data, tokenizer, glob, text_field, token_dtype))
     if not docs or all(len(d.ids) < 2 for d in docs):

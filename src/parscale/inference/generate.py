@@ -10,6 +10,7 @@ stopped or after max_new_tokens. Sampling (temperature, top-k, top-p) draws from
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -27,8 +28,8 @@ def validate_prompt(model, input_ids: torch.Tensor, attention_mask, max_new_toke
         raise ValueError(f"input_ids must be an integer tensor, got {input_ids.dtype}")
     if input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
         raise ValueError("the prompt is empty: input_ids must hold at least one token per row")
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
     lo, hi = int(input_ids.min()), int(input_ids.max())
     if lo < 0 or hi >= cfg.vocab_size:
         bad = lo if lo < 0 else hi
@@ -43,8 +44,25 @@ def validate_prompt(model, input_ids: torch.Tensor, attention_mask, max_new_toke
         if tuple(attention_mask.shape) != tuple(input_ids.shape):
             raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} differs from input_ids "
                              f"shape {tuple(input_ids.shape)}")
+        if not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
+            raise ValueError("attention_mask must hold only 1 (token) and 0 (padding)")
         if not bool(attention_mask.bool().any(dim=1).all()):
             raise ValueError("a row of the attention_mask has no real token: the prompt of that row is empty")
+        if attention_mask.shape[1] > 1 and not bool((attention_mask[:, 1:] >= attention_mask[:, :-1]).all()):
+            # New tokens follow the last column, so padding after a prompt would sit inside the sequence.
+            raise ValueError("attention_mask is not left-padded: a row has padding (0) after a real token (1); "
+                             "pad prompts on the left")
+
+
+def validate_sampling(temperature, top_k, top_p) -> None:
+    """One clear error for a sampling setting that would otherwise be ignored or misread."""
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not math.isfinite(temperature) \
+            or temperature < 0:
+        raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"top_k must be an integer >= 1 (or None for no top-k), got {top_k!r}")
+    if top_p is not None and not (isinstance(top_p, (int, float)) and 0.0 < top_p <= 1.0):
+        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
 
 
 def sample_next(logits: torch.Tensor, do_sample: bool, temperature: float, top_k, top_p, generator):
@@ -52,7 +70,7 @@ def sample_next(logits: torch.Tensor, do_sample: bool, temperature: float, top_k
     if not do_sample or temperature == 0.0:
         return logits.argmax(dim=-1)
     logits = logits.float() / temperature
-    if top_k is not None and top_k > 0:
+    if top_k is not None:
         kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p is not None and top_p < 1.0:
@@ -88,10 +106,7 @@ def generate(
     CUDA yes, elsewhere no. Both paths give the same tokens.
     """
     validate_prompt(model, input_ids, attention_mask, max_new_tokens)
-    if do_sample and temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
-    if top_p is not None and not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    validate_sampling(temperature, top_k, top_p)
     device = model.model.embed_tokens.weight.device
     input_ids = input_ids.to(device=device, dtype=torch.long)
     b, t = input_ids.shape

@@ -5,7 +5,9 @@ file (one JSON object per line, the text in a field) — `.jsonl`, `.jsonl.gz` a
 `read_documents` yields `SourceDocument(doc_id, source, text, fields)`, where `doc_id` depends only
 on the path inside the source (and the line), so splits made from it do not depend on where the
 source lies. Every malformed input gets one `DocumentError` naming the file, the line and what was
-expected.
+expected. A plain file that is not UTF-8 text (invalid UTF-8, or a NUL byte: binary data) is skipped,
+not read with replacement characters, and recorded in the caller's `skipped` list, as the corpus
+builder drops such files; a JSONL file must be valid UTF-8, since it is structured data.
 """
 
 from __future__ import annotations
@@ -82,13 +84,32 @@ def read_jsonl(file: Path, text_field: str, key: str | None = None) -> Iterator[
         raise DocumentError(f"{file}: cannot be read as UTF-8 JSONL ({type(e).__name__}: {e})") from None
 
 
-def read_documents(sources, glob: str = "**/*.txt", text_field: str = "text") -> Iterator[SourceDocument]:
-    """Every document of the sources, in a stable order (see the module docstring)."""
+def read_text_file(file: Path) -> tuple[str | None, str | None]:
+    """(text, None) for a UTF-8 text file, (None, why) for one that is binary or not UTF-8."""
+    data = file.read_bytes()
+    if b"\0" in data:
+        return None, "binary (NUL bytes)"
+    try:
+        return data.decode("utf-8"), None
+    except UnicodeDecodeError as e:
+        return None, f"not UTF-8 (byte {e.start})"
+
+
+def read_documents(sources, glob: str = "**/*.txt", text_field: str = "text",
+                   skipped: list | None = None) -> Iterator[SourceDocument]:
+    """Every document of the sources, in a stable order (see the module docstring).
+
+    skipped: a list that receives {"path", "reason"} for every file skipped as not UTF-8 text."""
     for src in sources:
         path = Path(src)
         for f in source_files(path, glob):
             key = str(f.relative_to(path)) if path.is_dir() else f.name
             if is_jsonl(f):
                 yield from read_jsonl(f, text_field, key)
-            else:
-                yield SourceDocument(key, str(f), f.read_text(encoding="utf-8", errors="replace"))
+                continue
+            text, why = read_text_file(f)
+            if text is None:
+                if skipped is not None:
+                    skipped.append({"path": str(f), "reason": why})
+                continue
+            yield SourceDocument(key, str(f), text)

@@ -21,6 +21,25 @@ import tempfile
 from pathlib import Path
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def user_permissions(path, folder: bool = False) -> None:
+    """Give a file or folder made by tempfile (0600 / 0700) the permissions the user's umask asks for,
+    as open() and mkdir() would have."""
+    os.chmod(path, (0o777 if folder else 0o666) & ~_umask())
+
+
+def new_temporary_folder(prefix: str, parent: Path) -> Path:
+    """An empty folder under parent with the user's permissions (see user_permissions)."""
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    user_permissions(tmp, folder=True)
+    return tmp
+
+
 class FolderInUseError(ValueError):
     """A folder parscale was asked to write holds files it did not write, or another process holds it."""
 
@@ -33,6 +52,7 @@ def atomic_write(path, data) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
+        user_permissions(tmp)
         with os.fdopen(fd, "wb") as fh:
             for part in [data] if isinstance(data, (bytes, bytearray, memoryview)) else data:
                 fh.write(part)
@@ -40,6 +60,20 @@ def atomic_write(path, data) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def check_output_file(path) -> None:
+    """Raise now (before long work) if a result file could not be written at path."""
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"output {str(path)!r} is a folder, not a file")
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent  # atomic_write creates the missing folders under the first existing one
+    if not parent.is_dir():
+        raise NotADirectoryError(f"output {str(path)!r}: {str(parent)!r} is not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise PermissionError(f"output {str(path)!r} cannot be written (no write permission)")
 
 
 def write_json_atomic(obj, path) -> None:
@@ -54,7 +88,7 @@ def foreign_entries(folder: Path, owned) -> list[str]:
 def temporary_folder(target: Path) -> Path:
     """A new empty folder beside target (same file system, so it can be renamed into place)."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    return new_temporary_folder(f".{target.name}.tmp-", target.parent)
 
 
 def check_writable(target: Path, owned, overwrite: bool = False) -> None:
@@ -73,6 +107,9 @@ def check_writable(target: Path, owned, overwrite: bool = False) -> None:
 def publish_folder(tmp: Path, target: Path, owned, overwrite: bool = False) -> Path:
     """Move the finished folder tmp to target (see the module docstring); tmp is gone afterwards."""
     try:
+        for f in tmp.rglob("*"):  # some writers (safetensors) create files 0600 whatever the umask
+            if not f.is_symlink():
+                user_permissions(f, folder=f.is_dir())
         check_writable(target, owned, overwrite)
         if not target.exists():
             os.replace(tmp, target)

@@ -77,7 +77,9 @@ def read_config(path: str | os.PathLike) -> ModelConfig:
     if not cfg_file.is_file():
         raise CheckpointError(f"{str(folder)!r} is not a checkpoint: it has no config.json")
     try:
-        data = json.loads(cfg_file.read_text())
+        data = json.loads(cfg_file.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise CheckpointError(f"{cfg_file} is not UTF-8 text (byte {e.start}): not a config.json") from None
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{cfg_file} is not valid JSON: {e}") from None
     try:
@@ -89,8 +91,15 @@ def read_config(path: str | os.PathLike) -> ModelConfig:
 def _weight_files(folder: Path) -> list[Path]:
     index = folder / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = json.loads(index.read_text()).get("weight_map", {})
-        files = sorted({folder / name for name in weight_map.values()})
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            names = set(weight_map.values())
+        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError):
+            raise CheckpointError(f"{index} is not a safetensors index (a JSON object with a weight_map of "
+                                  f"tensor names to file names)") from None
+        if not all(isinstance(n, str) for n in names):
+            raise CheckpointError(f"{index}: weight_map values must be file names")
+        files = sorted({folder / name for name in names})
         missing = [str(f) for f in files if not f.is_file()]
         if missing:
             raise CheckpointError(f"{index} names shard files that do not exist: {', '.join(missing)}")
@@ -213,6 +222,11 @@ def _check_tensors(config: ModelConfig, tensors: dict[str, torch.Tensor], folder
         notes.append("  the tensors contain ParScale prefixes but the config has parscale_n=1")
     check_tensor_set(expected, found, f"checkpoint {str(folder)!r} does not match its config.json "
                      f"({config.model_type})", notes)
+    not_float = sorted(k for k, v in tensors.items() if not v.is_floating_point())
+    if not_float:
+        raise CheckpointError(f"checkpoint {str(folder)!r}: every weight must be a floating-point tensor; "
+                              f"{', '.join(not_float[:8])}{' ...' if len(not_float) > 8 else ''} "
+                              f"{'is' if len(not_float) == 1 else 'are'} {tensors[not_float[0]].dtype}")
 
 
 def load(path, dtype=None, device=None) -> ParScaleForCausalLM:
@@ -249,7 +263,11 @@ def load_tokenizer(path):
     file = p / "tokenizer.json" if p.is_dir() else p
     if not file.is_file():
         raise CheckpointError(f"no tokenizer.json at {str(p)!r}")
-    return Tokenizer.from_file(str(file))
+    try:
+        return Tokenizer.from_file(str(file))
+    except Exception as e:  # the tokenizers library raises a bare Exception for a malformed file
+        raise CheckpointError(f"{file} is not a tokenizer.json the tokenizers library can read "
+                              f"({str(e).splitlines()[0][:200]})") from None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -301,6 +319,18 @@ def save(model: ParScaleForCausalLM, path, tokenizer_from=None, dtype=None, max_
     return publish_folder(tmp, target, MODEL_FILES, overwrite)
 
 
+def write_safetensors(tensors: dict[str, torch.Tensor], file: Path, metadata: dict) -> None:
+    """safetensors' save_file, with its I/O failures (disk full, file-size limit) raised as OSError."""
+    try:
+        from safetensors import SafetensorError
+    except ImportError:  # older safetensors releases do not export it
+        SafetensorError = Exception  # noqa: N806
+    try:
+        save_file(tensors, str(file), metadata=metadata)
+    except SafetensorError as e:
+        raise OSError(f"cannot write {file}: {e}") from None
+
+
 def _write_weights(state: dict[str, torch.Tensor], folder: Path, max_shard_bytes: int) -> None:
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
@@ -313,12 +343,12 @@ def _write_weights(state: dict[str, torch.Tensor], folder: Path, max_shard_bytes
         size += nbytes
     meta = {"format": "pt"}
     if len(shards) == 1:
-        save_file(shards[0], str(folder / "model.safetensors"), metadata=meta)
+        write_safetensors(shards[0], folder / "model.safetensors", meta)
         return
     weight_map, total = {}, 0
     for i, shard in enumerate(shards, 1):
         name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(folder / name), metadata=meta)
+        write_safetensors(shard, folder / name, meta)
         for k, v in shard.items():
             weight_map[k] = name
             total += v.numel() * v.element_size()

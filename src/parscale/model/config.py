@@ -64,6 +64,10 @@ class ModelConfig:
     def __post_init__(self):
         if self.family not in FAMILIES:
             raise ValueError(f"unknown model family {self.family!r}; expected one of {FAMILIES}")
+        for name in _POSITIVE_FIELDS:
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, int) and value >= 1):
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
         if self.head_dim is None:
             if self.hidden_size % self.num_attention_heads:
                 raise ValueError(
@@ -152,7 +156,12 @@ class ModelConfig:
 
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any]) -> ModelConfig:
-        """Build from a Hugging Face config.json dictionary (model_type must be supported)."""
+        """Build from a Hugging Face config.json dictionary (model_type must be supported).
+
+        Keys the dictionary lacks take the defaults of the family's own configuration class
+        (HF_FAMILY_DEFAULTS), not this class's field defaults, which serve presets."""
+        if not isinstance(d, dict):
+            raise ValueError(f"expected a JSON object of settings, got a JSON {type(d).__name__}")
         model_type = d.get("model_type")
         if model_type not in MODEL_TYPES:
             raise ValueError(f"unknown model_type {model_type!r} in config.json; supported: {', '.join(MODEL_TYPES)}")
@@ -165,10 +174,6 @@ class ModelConfig:
             raise ValueError("mlp_bias=true is not supported")
         known = {f.name for f in dataclasses.fields(cls)} - {"family", "extra"}
         kwargs = {k: d[k] for k in known if k in d and d[k] is not None}
-        # A config.json without the key means untied in every supported family (transformers' Qwen2, Llama
-        # and Qwen3 configs and the official Qwen2ParScale config all default to False); reading it as tied
-        # would silently drop a stored lm_head.weight.
-        kwargs.setdefault("tie_word_embeddings", False)
         # Released configs carry parscale_n; a plain model is P = 1 whatever its config says.
         if not model_type.endswith("_parscale"):
             for k in ("parscale_n", "parscale_n_tokens", "parscale_attn_smooth", "parscale_p1_prefix"):
@@ -179,6 +184,11 @@ class ModelConfig:
         if "rope_scaling" not in kwargs and isinstance(rope_params, dict):
             if rope_params.get("rope_type", "default") != "default":
                 kwargs["rope_scaling"] = {k: v for k, v in rope_params.items() if k != "rope_theta"}
+        check_config_types(kwargs)
+        # A key the file lacks takes the default of the family's own configuration class, so a folder
+        # loads here as it loads in transformers (or the official ParScale code): e.g. a missing
+        # tie_word_embeddings means untied (reading it as tied would silently drop lm_head.weight).
+        kwargs = {**family_defaults(model_type, kwargs), **kwargs}
         extra = {k: v for k, v in d.items() if k not in known and k != "model_type"}
         return cls(family=family, extra=extra, **kwargs)
 
@@ -210,6 +220,66 @@ class ModelConfig:
             out.pop("attention_bias", None)  # Qwen2 always has q/k/v bias; its config has no such key
             out.setdefault("use_sliding_window", False)
         return dict(sorted(out.items()))
+
+
+# The defaults of each family's configuration class (transformers' Qwen2Config, LlamaConfig, Qwen3Config
+# and the official Qwen2ParScaleConfig), used for keys a config.json lacks.
+_HF_COMMON = dict(hidden_size=4096, intermediate_size=22016, num_hidden_layers=32, num_attention_heads=32,
+                  rope_theta=10000.0, rms_norm_eps=1e-6, tie_word_embeddings=False, initializer_range=0.02)
+HF_FAMILY_DEFAULTS: dict[str, dict] = {
+    "qwen2": dict(_HF_COMMON, vocab_size=151936, max_position_embeddings=32768),
+    "llama": dict(_HF_COMMON, vocab_size=32000, intermediate_size=11008, max_position_embeddings=2048,
+                  attention_bias=False, bos_token_id=1, eos_token_id=2),
+    "qwen3": dict(_HF_COMMON, vocab_size=151936, max_position_embeddings=32768, head_dim=128, attention_bias=False),
+}
+# The official Qwen2ParScaleConfig; this library's llama_parscale / qwen3_parscale follow it.
+HF_PARSCALE_DEFAULTS = dict(parscale_n=1, parscale_n_tokens=48, parscale_attn_smooth=0.01)
+
+_INT_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+               "num_key_value_heads", "head_dim", "max_position_embeddings", "parscale_n", "parscale_n_tokens")
+_POSITIVE_FIELDS = tuple(f for f in _INT_FIELDS if f != "parscale_n_tokens")
+_FLOAT_FIELDS = ("rope_theta", "rms_norm_eps", "parscale_attn_smooth", "initializer_range")
+_BOOL_FIELDS = ("tie_word_embeddings", "attention_bias", "parscale_p1_prefix")
+
+
+def family_defaults(model_type: str, given: dict) -> dict:
+    """The values a config.json of this model_type means by leaving a key out (see HF_FAMILY_DEFAULTS)."""
+    family = model_type.removesuffix("_parscale")
+    out = dict(HF_FAMILY_DEFAULTS[family])
+    if model_type.endswith("_parscale"):
+        out.update(HF_PARSCALE_DEFAULTS)
+    # Qwen2Config, Qwen3Config and Qwen2ParScaleConfig default to 32 KV heads; LlamaConfig to one per head.
+    heads = given.get("num_attention_heads", out["num_attention_heads"])
+    out["num_key_value_heads"] = heads if family == "llama" else 32
+    return out
+
+
+def check_config_types(values: dict) -> None:
+    """One error naming the first key whose value has the wrong type or range (sizes as strings, 0 heads)."""
+    for k in _INT_FIELDS:
+        if k in values and (isinstance(values[k], bool) or not isinstance(values[k], int)):
+            raise ValueError(f"{k} must be an integer, got {values[k]!r}")
+    for k in _POSITIVE_FIELDS:
+        if k in values and values[k] < 1:
+            raise ValueError(f"{k} must be >= 1, got {values[k]}")
+    if values.get("parscale_n_tokens", 0) < 0:
+        raise ValueError(f"parscale_n_tokens must be >= 0, got {values['parscale_n_tokens']}")
+    for k in _FLOAT_FIELDS:
+        if k in values and (isinstance(values[k], bool) or not isinstance(values[k], (int, float))):
+            raise ValueError(f"{k} must be a number, got {values[k]!r}")
+    for k in _BOOL_FIELDS:
+        if k in values and not isinstance(values[k], bool):
+            raise ValueError(f"{k} must be true or false, got {values[k]!r}")
+    for k in ("rope_theta", "rms_norm_eps"):
+        if k in values and not values[k] > 0:
+            raise ValueError(f"{k} must be > 0, got {values[k]}")
+    if "rope_scaling" in values and not isinstance(values["rope_scaling"], dict):
+        raise ValueError(f"rope_scaling must be an object or null, got {values['rope_scaling']!r}")
+    for k in ("bos_token_id", "eos_token_id"):
+        v = values.get(k)
+        ids = v if isinstance(v, list) else [v]
+        if v is not None and not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+            raise ValueError(f"{k} must be a token id or a list of them, got {v!r}")
 
 
 def _paper(hidden: int, intermediate: int) -> dict:

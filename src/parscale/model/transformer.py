@@ -344,6 +344,9 @@ class ParScaleForCausalLM(nn.Module):
         if static_decode and (t != 1 or position_ids is None or attention_mask is not None):
             raise ValueError("a decoding StaticKVCache takes one token per row, explicit position_ids "
                              "and no attention_mask (its key_valid holds the padding)")
+        if not static_decode and past + t > cfg.max_position_embeddings:
+            raise ValueError(f"{past + t} positions (cached {past} + new {t}) exceed the model's "
+                             f"{cfg.max_position_embeddings} (max_position_embeddings)")
         if position_ids is None:
             position_ids = _default_positions(attention_mask, b, past, t, input_ids.device)
         x = self.model.embed_tokens(input_ids)

@@ -21,10 +21,10 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from parscale.io.files import check_writable, publish_folder, temporary_folder
-from parscale.model.checkpoint import CheckpointError, check_tensor_set, load
+from parscale.model.checkpoint import CheckpointError, check_tensor_set, load, write_safetensors
 from parscale.model.convert import add_streams
 
 ADAPTER_WEIGHTS, ADAPTER_CONFIG = "adapter.safetensors", "adapter_config.json"
@@ -83,7 +83,7 @@ def save_adapter(model, path, backbone: str | None = None, overwrite: bool = Fal
             "backbone_id": backbone_checksum(model), "backbone_id_version": 2}
     tmp = temporary_folder(target)
     try:
-        save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+        write_safetensors(tensors, tmp / ADAPTER_WEIGHTS, {"format": "pt"})
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(meta, indent=1) + "\n")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

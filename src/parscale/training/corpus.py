@@ -87,6 +87,10 @@ def choose_validation_packages(package_bytes: dict[str, int], val_fraction: floa
 def python_corpus(roots, out_file, val_fraction: float = 0.02, max_val_package: float = 0.01,
                   stdlib_roots=(), progress: bool = True) -> dict:
     """Build the corpus JSONL and its manifest; returns the manifest's totals."""
+    if not 0 <= val_fraction < 1:
+        raise CorpusError(f"val_fraction is the share of bytes held out: it must be in [0, 1), got {val_fraction}")
+    if not 0 < max_val_package <= 1:
+        raise CorpusError(f"max_val_package must be in (0, 1], got {max_val_package}")
     out = Path(out_file)
     entries, kept, seen_hashes = [], [], {}
     start = time.perf_counter()

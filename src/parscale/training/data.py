@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import sys
 import time
 from collections.abc import Iterator
@@ -33,15 +34,15 @@ import numpy as np
 import torch
 
 from parscale.io.documents import DocumentError, is_jsonl, read_documents
-from parscale.io.files import atomic_write
+from parscale.io.files import atomic_write, check_writable, publish_folder, temporary_folder
 
 DataError = DocumentError  # bad data input: one error type for every reader of documents
 
 
-def _documents(sources, glob: str, text_field: str, split_field: str | None = None
+def _documents(sources, glob: str, text_field: str, split_field: str | None = None, skipped: list | None = None
                ) -> Iterator[tuple[str, str, str, str | None]]:
     """(document id, source file, text, split or None) for every document of the sources, in a stable order."""
-    for doc in read_documents(sources, glob, text_field):
+    for doc in read_documents(sources, glob, text_field, skipped):
         split = None
         if split_field is not None:
             if not is_jsonl(Path(doc.source)):
@@ -87,11 +88,19 @@ def _batches(documents, max_chars: int = 8 << 20, max_docs: int = 4096):
         yield batch
 
 
+DATA_FILES = ("train.bin", "val.bin", "manifest.json", "tokenizer.json")
+
+
 def build_shards(sources, out_dir, tokenizer, glob: str = "**/*.txt", text_field: str = "text",
                  val_fraction: float = 0.05, eos_id: int | None = None, progress: bool = True,
-                 split_field: str | None = None) -> dict:
+                 split_field: str | None = None, overwrite: bool = False) -> dict:
+    """Tokenise the sources into out_dir (see the module docstring). The folder is written whole under a
+    temporary name and renamed into place, so an interrupted build leaves the previous folder as it was;
+    a folder holding other files than a data folder's is refused unless overwrite (which keeps them)."""
+    if not 0 <= val_fraction < 1:
+        raise DataError(f"val_fraction must be in [0, 1), got {val_fraction}")
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    check_writable(out, DATA_FILES, overwrite)
     eos = eos_id if eos_id is not None else tokenizer.token_to_id("<|endoftext|>")
     if eos is None:
         raise DataError("the tokenizer has no <|endoftext|> token; pass eos_id")
@@ -99,8 +108,8 @@ def build_shards(sources, out_dir, tokenizer, glob: str = "**/*.txt", text_field
     dtype = np.uint16 if vocab <= 2**16 else np.uint32
     tokens = {"train": [], "val": []}
     files: dict[str, dict] = {}
-    start, n_tok = time.perf_counter(), 0
-    for batch in _batches(d for d in _documents(sources, glob, text_field, split_field) if d[2]):
+    start, n_tok, skipped = time.perf_counter(), 0, []
+    for batch in _batches(d for d in _documents(sources, glob, text_field, split_field, skipped) if d[2]):
         encoded = tokenizer.encode_batch([text for _, _, text, _ in batch])  # parallel in the Rust library
         for (doc_id, source, _, given_split), enc in zip(batch, encoded, strict=True):
             if source not in files:
@@ -117,8 +126,12 @@ def build_shards(sources, out_dir, tokenizer, glob: str = "**/*.txt", text_field
             print(f"\r[data] {len(files)} files, {n_tok:,} tokens, {rate:,.0f} tokens/s", end="", file=sys.stderr)
     if progress:
         print(file=sys.stderr)
+        if skipped:
+            print(f"[data] skipped {len(skipped)} files that are not UTF-8 text (listed in the manifest)",
+                  file=sys.stderr)
     if not tokens["train"]:
-        raise DataError("no training text found in the sources")
+        raise DataError("no training text found in the sources"
+                        + (f" ({len(skipped)} files skipped as not UTF-8 text)" if skipped else ""))
     held_out_from = None
     if not tokens["val"]:
         held_out_from = _hold_out(tokens, val_fraction)
@@ -126,15 +139,73 @@ def build_shards(sources, out_dir, tokenizer, glob: str = "**/*.txt", text_field
                 "val_fraction": None if split_field else val_fraction, "split_field": split_field,
                 "val_held_out_from": held_out_from,
                 "tokenizer_sha256": hashlib.sha256(tokenizer.to_str().encode()).hexdigest(),
-                "files": sorted(files.values(), key=lambda f: f["path"])}
-    for split, parts in tokens.items():
-        # Written part by part: concatenating first would hold the corpus twice in memory.
-        atomic_write(out / f"{split}.bin", (memoryview(part) for part in parts))
-        manifest[f"{split}_tokens"] = int(sum(part.size for part in parts))
-        manifest[f"{split}_documents"] = len(parts)
-    atomic_write(out / "tokenizer.json", tokenizer.to_str().encode())
-    atomic_write(out / "manifest.json", (json.dumps(manifest, indent=1) + "\n").encode())
+                "files": sorted(files.values(), key=lambda f: f["path"]),
+                "skipped_files": len(skipped), "skipped": skipped}
+    tmp = temporary_folder(out)
+    try:
+        for split, parts in tokens.items():
+            # Written part by part: concatenating first would hold the corpus twice in memory.
+            atomic_write(tmp / f"{split}.bin", (memoryview(part) for part in parts))
+            manifest[f"{split}_tokens"] = int(sum(part.size for part in parts))
+            manifest[f"{split}_documents"] = len(parts)
+        atomic_write(tmp / "tokenizer.json", tokenizer.to_str().encode())
+        atomic_write(tmp / "manifest.json", (json.dumps(manifest, indent=1) + "\n").encode())
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    publish_folder(tmp, out, DATA_FILES, overwrite)
     return manifest
+
+
+def _sha256(file: Path) -> str:
+    h = hashlib.sha256()
+    with open(file, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def check_data_folder(folder, splits=("train", "val")) -> dict:
+    """The manifest of a `parscale data` folder after checking, cheaply, that the folder is what it says:
+    each shard's size against its token count, every id inside the vocabulary, and tokenizer.json against
+    the manifest's hash. One DataError names the first file that is wrong."""
+    folder = Path(folder)
+    manifest_file = folder / "manifest.json"
+    if not manifest_file.is_file():
+        raise DataError(f"{str(folder)!r} has no manifest.json: build it with `parscale data`")
+    try:
+        manifest = json.loads(manifest_file.read_text(encoding="utf-8"))
+        dtype, vocab = np.dtype(manifest["dtype"]), int(manifest["vocab_size"])
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise DataError(f"{manifest_file} is not a parscale data manifest ({type(e).__name__}: {e})") from None
+    rebuild = "rebuild the folder with `parscale data`"
+    for split in splits:
+        shard = folder / f"{split}.bin"
+        if not shard.is_file():
+            raise DataError(f"{shard} is missing; {rebuild}")
+        expected = manifest.get(f"{split}_tokens")
+        size = shard.stat().st_size
+        if expected is not None and size != expected * dtype.itemsize:
+            raise DataError(f"{shard} holds {size:,} bytes but the manifest says {expected:,} {dtype.name} tokens "
+                            f"({expected * dtype.itemsize:,} bytes): it was truncated or replaced; {rebuild}")
+        if size % dtype.itemsize:
+            raise DataError(f"{shard} holds {size:,} bytes: not a whole number of {dtype.name} ids; {rebuild}")
+        tokens = np.memmap(shard, dtype=dtype, mode="r") if size else np.zeros(0, dtype)
+        top = int(tokens.max()) if tokens.size else 0
+        if top >= vocab:
+            raise DataError(f"{shard} holds token id {top}, outside the manifest's vocabulary of {vocab}; {rebuild}")
+    tok_file = folder / "tokenizer.json"
+    if manifest.get("tokenizer_sha256") and tok_file.is_file() and _sha256(tok_file) != manifest["tokenizer_sha256"]:
+        raise DataError(f"{tok_file} is not the tokenizer the shards were made with (its sha256 differs from "
+                        f"the manifest's); put the original back or {rebuild}")
+    return manifest
+
+
+def changed_sources(manifest: dict) -> list[str]:
+    """Source files of the manifest that exist here and no longer match their recorded sha256 (files the
+    manifest names that are absent here, e.g. data built on another machine, are not reported)."""
+    return [f["path"] for f in manifest.get("files", [])
+            if Path(f["path"]).is_file() and _sha256(Path(f["path"])) != f["sha256"]]
 
 
 def _hold_out(tokens: dict[str, list[np.ndarray]], val_fraction: float) -> str:
@@ -158,10 +229,7 @@ class TokenLoader:
 
     def __init__(self, data_dir, split: str, batch_size: int, seq_len: int, seed: int = 0):
         folder = Path(data_dir)
-        manifest_file = folder / "manifest.json"
-        if not manifest_file.is_file():
-            raise DataError(f"{str(folder)!r} has no manifest.json: build it with `parscale data`")
-        self.manifest = json.loads(manifest_file.read_text())
+        self.manifest = check_data_folder(folder, (split,))
         self.tokens = np.memmap(folder / f"{split}.bin", dtype=self.manifest["dtype"], mode="r")
         self.batch_size, self.seq_len, self.seed = batch_size, seq_len, seed
         self.n_windows = (len(self.tokens) - 1) // seq_len

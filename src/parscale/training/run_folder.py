@@ -20,10 +20,9 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 
-from parscale.io.files import FolderInUseError, atomic_write
+from parscale.io.files import FolderInUseError, atomic_write, new_temporary_folder
 
 RUN_ENTRIES = ("metrics.jsonl", "checkpoints", "adapter", "tensorboard")
 _STEP = re.compile(r"^step-(\d+)$")
@@ -61,7 +60,7 @@ def write_checkpoint(out, step: int, write, keep: int = 2) -> Path:
     ckdir.mkdir(parents=True, exist_ok=True)
     final = ckdir / checkpoint_name(step)
     if not _complete(final):
-        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=ckdir))
+        tmp = new_temporary_folder(f".{final.name}.tmp-", ckdir)
         try:
             write(tmp)
         except BaseException:

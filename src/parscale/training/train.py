@@ -28,6 +28,9 @@
   --batch-size is global and checkpoints (full model, optimizer state keyed by parameter name) do
   not depend on the number of processes.
 - A NaN or inf loss stops training with TrainingDiverged, naming the last good checkpoint if there is one.
+- SIGTERM (a cluster's preemption notice) or SIGINT (Ctrl-C) lets the step under way finish, writes a
+  checkpoint and raises TrainingInterrupted (the command exits 128 + the signal's number, 143 / 130, saying
+  how to resume); under torchrun every rank stops after the same step. A second signal acts at once.
 """
 
 from __future__ import annotations
@@ -37,7 +40,9 @@ import dataclasses
 import json
 import math
 import random
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,13 +56,13 @@ from parscale.model.config import PRESETS, ModelConfig
 from parscale.model.convert import add_streams
 from parscale.model.transformer import build_model
 from parscale.training.adapter import mark_only_parscale_trainable, save_adapter
-from parscale.training.data import TokenLoader
+from parscale.training.data import TokenLoader, changed_sources
 from parscale.training.distributed import (
     LossModule,
     barrier,
     full_model_state,
     load_optimizer_state,
-    mean_across_ranks,
+    mean_and_any,
     optimizer_state,
     setup,
     shard_fsdp,
@@ -81,6 +86,41 @@ from parscale.training.run_folder import (
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite."""
+
+
+class TrainingInterrupted(Exception):
+    """SIGTERM or SIGINT arrived: the step under way was finished and a checkpoint written."""
+
+    def __init__(self, signum: int, step: int, checkpoint: Path | None, out: str):
+        self.signum, self.step, self.checkpoint, self.out = signum, step, checkpoint, out
+        name = signal.Signals(signum).name
+        super().__init__(f"{name} received: stopped after step {step}, checkpoint {checkpoint}; continue with "
+                         f"`parscale train --out {out} --resume`")
+
+
+class StopRequest:
+    """Catches SIGTERM (preemption on clusters) and SIGINT (Ctrl-C) while training, so the loop can finish
+    its step and checkpoint; a second signal of the same kind acts at once, as it would without this."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._previous = {}
+
+    def _handle(self, signum, frame) -> None:
+        self.signum = signum
+        signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))  # the next one is not caught
+
+    def __enter__(self) -> StopRequest:
+        if threading.current_thread() is threading.main_thread():  # signals reach the main thread only
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
 
 @dataclass
@@ -383,12 +423,12 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None,
     check_config(cfg)
     rank, world, local_rank = setup(cfg.device)
     lock = RunLock(Path(cfg.out)) if rank == 0 else contextlib.nullcontext()
-    with lock:
-        return _train(cfg, resume, stop_after, overwrite, rank, world, local_rank)
+    with lock, StopRequest() as stop:
+        return _train(cfg, resume, stop_after, overwrite, rank, world, local_rank, stop)
 
 
 def _train(cfg: TrainConfig, resume: bool, stop_after: int | None, overwrite: bool, rank: int, world: int,
-           local_rank: int) -> dict:
+           local_rank: int, stop: StopRequest) -> dict:
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {cfg.device}: this machine has no CUDA GPU (use --device cpu)")
@@ -427,6 +467,14 @@ def _train(cfg: TrainConfig, resume: bool, stop_after: int | None, overwrite: bo
         barrier(world)
         model = _initial_model(cfg, loader.manifest["vocab_size"], loader.manifest["eos_id"]).to(device)
         loader.skip(cfg.data_start)
+    if loader.manifest["vocab_size"] > model.config.vocab_size:
+        raise ValueError(f"the data's tokenizer has {loader.manifest['vocab_size']} ids but the model's vocabulary "
+                         f"has {model.config.vocab_size}: the data was not made for this model")
+    if rank == 0 and not resume:
+        changed = changed_sources(loader.manifest)
+        if changed:
+            print(f"[train] note: {len(changed)} source files changed since {cfg.data} was built (first: "
+                  f"{changed[0]}); the shards hold their old text", file=sys.stderr)
     if cfg.seq_len > model.config.max_position_embeddings:
         raise ValueError(f"seq_len {cfg.seq_len} exceeds the model's {model.config.max_position_embeddings} "
                          f"positions (max_position_embeddings)")
@@ -498,7 +546,8 @@ def _train(cfg: TrainConfig, resume: bool, stop_after: int | None, overwrite: bo
                 if weights is not None:
                     w = weights.detach().float().flatten(0, 1)
                     weights_sum = w if weights_sum is None else torch.cat([weights_sum, w])
-            loss_sum = mean_across_ranks(loss_sum, world, device)
+            # One all-reduce gives the mean loss and whether any rank was told to stop, so all stop together.
+            loss_sum, stopping = mean_and_any(loss_sum, stop.signum is not None, world, device)
             if not math.isfinite(loss_sum):
                 kept = (f"the last good checkpoint is {last_saved}" if last_saved is not None
                         else "no checkpoint was written before it")
@@ -536,7 +585,7 @@ def _train(cfg: TrainConfig, resume: bool, stop_after: int | None, overwrite: bo
                 print(f"\r[train P={p}] step {step + 1}/{cfg.steps} loss {loss_sum:.4f}{val_text} "
                       f"{record['tokens_per_s']:,.0f} tok/s ETA {eta:.0f}s", end="", file=sys.stderr, flush=True)
             if (cfg.save_every and (step + 1) % cfg.save_every == 0) or step + 1 == cfg.steps \
-                    or (stop_after is not None and step + 1 == stop_after):
+                    or (stop_after is not None and step + 1 == stop_after) or stopping:
                 plain = _plain_model(model, loss_module, fsdp)  # gathering is collective: every rank
                 optim_state = optimizer_state(loss_module, optimizer)
                 if rank == 0:
@@ -545,6 +594,8 @@ def _train(cfg: TrainConfig, resume: bool, stop_after: int | None, overwrite: bo
                     if cfg.trainable == "parscale" and step + 1 == cfg.steps:
                         save_adapter(plain, out / "adapter", backbone=cfg.model, overwrite=True)
                 barrier(world)
+            if stopping and step + 1 < cfg.steps:
+                raise TrainingInterrupted(stop.signum or signal.SIGTERM, step + 1, last_saved, cfg.out)
             if stop_after is not None and step + 1 == stop_after:
                 break
     finally:
