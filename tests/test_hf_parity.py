@@ -57,3 +57,21 @@ def test_converted_model_runs(pair, tmp_path):
     again = parscale.load(tmp_path / "p2")
     ids = torch.randint(0, 300, (1, 9))
     assert torch.equal(again(ids), new(ids))
+
+
+def test_generation_config_and_repetition_penalty_match_transformers(pair, tmp_path):
+    """A folder's generation_config.json is used as transformers uses it, repetition penalty included."""
+    import json
+    import shutil
+
+    hf, _, folder = pair
+    shutil.copytree(folder, tmp_path / "m")
+    settings = {"max_new_tokens": 9, "do_sample": False, "repetition_penalty": 1.5}
+    (tmp_path / "m" / "generation_config.json").write_text(json.dumps(settings))
+    ours = parscale.load(tmp_path / "m")
+    ids = torch.randint(0, 300, (2, 12))
+    expected = hf.generate(ids, pad_token_id=0, eos_token_id=None, **settings)[:, 12:]
+    plain = hf.generate(ids, pad_token_id=0, eos_token_id=None, max_new_tokens=9, do_sample=False)[:, 12:]
+    assert not torch.equal(expected, plain)  # the penalty changes these tokens, so the check has teeth
+    assert torch.equal(parscale.generate(ours, ids), expected)  # settings from the file
+    assert torch.equal(parscale.generate(ours, ids, generation_config={}, max_new_tokens=9), plain)

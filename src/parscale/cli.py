@@ -26,6 +26,19 @@ def command(fn):
     return fn
 
 
+MODEL_HELP = ("a model folder, a training run folder (its latest checkpoint) or a Hub id org/name (taken from the "
+              "local Hub cache, or downloaded into it; HF_HUB_OFFLINE=1 stays offline)")
+
+
+def resolve_model(args) -> None:
+    """Replace args.model by the local folder it names (a Hub id becomes its cached snapshot), once, so
+    every later read (weights, tokenizer, generation and chat files) sees the same files."""
+    from parscale.model.checkpoint import model_folder
+
+    args.model_name = args.model
+    args.model = str(model_folder(args.model, getattr(args, "revision", None)))
+
+
 def _human(n: float) -> str:
     return f"{n / 2**30:.3f} GiB" if n >= 2**28 else f"{n / 2**20:.2f} MiB"
 
@@ -63,10 +76,11 @@ def _save_with_tokenizer(model, out, tokenizer, dtype=None, overwrite=False):
 @command
 def cmd_info(args):
     """Print config, P, parameter counts and memory for weights and KV cache."""
+    resolve_model(args)
     import torch
 
     from parscale.analysis.memory import kv_cache_bytes, weight_bytes
-    from parscale.model.checkpoint import read_config
+    from parscale.model.checkpoint import read_config, read_generation_config
 
     cfg = read_config(args.model)
     counts = cfg.param_counts()
@@ -81,7 +95,7 @@ def cmd_info(args):
         "params_parscale": counts["parscale"], "dtype": args.dtype,
         "weights_bytes": weight_bytes(cfg, elem),
         "kv_cache_bytes": kv_cache_bytes(cfg, args.batch, args.length, elem), "batch": args.batch,
-        "length": args.length,
+        "length": args.length, "generation_defaults": read_generation_config(args.model),
     }
     if args.json:
         print(json.dumps(info, indent=2))
@@ -94,62 +108,126 @@ def cmd_info(args):
         print(f"{k:24s} {v}")
 
 
-@command
-def cmd_generate(args):
-    """Generate text from a prompt, printing tokens as they come."""
-    import torch
-
-    import parscale
+def _check_generation_flags(args) -> None:
     from parscale.inference.generate import validate_sampling
+
+    validate_sampling(args.temperature, args.top_k, args.top_p, args.repetition_penalty)  # before loading anything
+    if args.max_new_tokens is not None and args.max_new_tokens < 0:
+        raise ValueError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+
+
+def _load_for_generation(args):
+    """The model (with --adapter) and tokenizer of args.model, and the end-of-sequence ids to stop at."""
+    import parscale
     from parscale.training.tokenizer import eos_id
 
-    validate_sampling(args.temperature, args.top_k, args.top_p)  # before loading anything
-    if args.max_new_tokens < 0:
-        raise ValueError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
-    if not args.prompt:
-        raise ValueError("the prompt is empty")
-    if any("\udc80" <= ch <= "\udcff" for ch in args.prompt):  # bytes the locale could not decode
-        raise ValueError("the prompt is not valid UTF-8 text")
+    resolve_model(args)
     model = parscale.load(args.model, dtype=args.dtype, device=args.device)
     if args.adapter:
         from parscale.training.adapter import load_adapter
 
+        generation_config = model.generation_config
         model = load_adapter(model, args.adapter)
+        model.generation_config = generation_config
     tok = parscale.load_tokenizer(args.model)
-    ids = torch.tensor([tok.encode(args.prompt).ids])
-    if ids.shape[1] == 0:
-        raise ValueError("the prompt encodes to no tokens")
-    eos = model.config.eos_token_id if model.config.eos_token_id is not None else eos_id(tok)
+    file_eos = model.generation_config.get("eos_token_id")
+    eos = file_eos if file_eos is not None else model.config.eos_token_id
+    eos = eos if eos is not None else eos_id(tok)
+    return model, tok, [] if eos is None else eos if isinstance(eos, list) else [eos]
+
+
+def _generation_flags(args) -> dict:
+    """generate() settings from the flags; those not given stay None (the model's generation_config decides)."""
+    flags = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                 top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed)
+    if args.temperature is not None:  # --temperature 0 is greedy, any other value samples
+        flags["do_sample"] = args.temperature > 0
+    return flags
+
+
+def _stream(model, tok, ids, eos: list[int], flags: dict, skip_ids=()) -> list[int]:
+    """Generate from ids, writing the text to stdout as it comes; returns the new ids."""
+    import parscale
+
     produced: list[int] = []
     printed = 0
-    start = time.perf_counter()
 
-    def stream(token):
+    def on_token(token):
         nonlocal printed
         produced.append(int(token[0]))
-        text = tok.decode(produced)
+        text = tok.decode([t for t in produced if t not in skip_ids])
         if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
             sys.stdout.write(text[printed:])
             sys.stdout.flush()
             printed = len(text)
 
+    parscale.generate(model, ids, eos_token_id=eos, on_token=on_token, **flags)
+    return produced
+
+
+@command
+def cmd_generate(args):
+    """Generate text from a prompt, printing tokens as they come (defaults from generation_config.json)."""
+    import torch
+
+    _check_generation_flags(args)
+    if not args.prompt:
+        raise ValueError("the prompt is empty")
+    if any("\udc80" <= ch <= "\udcff" for ch in args.prompt):  # bytes the locale could not decode
+        raise ValueError("the prompt is not valid UTF-8 text")
+    model, tok, eos = _load_for_generation(args)
+    ids = torch.tensor([tok.encode(args.prompt).ids])
+    if ids.shape[1] == 0:
+        raise ValueError("the prompt encodes to no tokens")
+    start = time.perf_counter()
     sys.stdout.write(args.prompt)
-    parscale.generate(model, ids, max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
-                      temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, eos_token_id=eos,
-                      seed=args.seed, on_token=stream)
+    produced = _stream(model, tok, ids, eos, _generation_flags(args))
     elapsed = time.perf_counter() - start
     print(f"\n[{len(produced)} tokens in {elapsed:.2f} s, {len(produced) / elapsed:.1f} tokens/s]", file=sys.stderr)
 
 
 @command
+def cmd_chat(args):
+    """Chat with an instruct model in its own chat template: one line per turn, replies streamed."""
+    import torch
+
+    from parscale.inference.chat import apply_chat_template, chat_template, stop_token_ids
+
+    _check_generation_flags(args)
+    model, tok, eos = _load_for_generation(args)
+    chat_template(args.model)  # fail now, not after the first question, if the model has no template
+    stops = list(dict.fromkeys(eos + stop_token_ids(args.model, tok, model.generation_config)))
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    interactive = sys.stdin.isatty()
+    while True:
+        if interactive:
+            sys.stdout.write("> ")
+            sys.stdout.flush()
+        line = sys.stdin.readline()
+        if not line or line.strip() in ("/exit", "/quit"):
+            break
+        if not line.strip():
+            continue
+        messages.append({"role": "user", "content": line.rstrip("\n")})
+        prompt = apply_chat_template(args.model, messages, add_generation_prompt=True)
+        ids = torch.tensor([tok.encode(prompt, add_special_tokens=False).ids])
+        produced = _stream(model, tok, ids, stops, _generation_flags(args), skip_ids=set(stops))
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+        messages.append({"role": "assistant", "content": tok.decode([t for t in produced if t not in stops])})
+
+
+@command
 def cmd_convert(args):
     """Give a P=1 checkpoint P streams with fresh prefixes and aggregator; save in the released format."""
+    resolve_model(args)
     import parscale
     from parscale.model.convert import add_streams
 
     model = parscale.load(args.model)
     new = add_streams(model, args.streams, n_tokens=args.n_tokens, smooth=args.smooth, seed=args.seed)
-    parscale.save(new, args.out, tokenizer_from=args.model, dtype=args.dtype, overwrite=args.overwrite)
+    parscale.save(new, args.out, tokenizer_from=args.model, dtype=args.dtype, overwrite=args.overwrite,
+                  base_model=args.model_name)
     c = new.config.param_counts()
     print(f"wrote {args.out}: {new.config.model_type}, P={args.streams}, n_tokens={args.n_tokens}, "
           f"+{c['parscale']:,} ParScale parameters")
@@ -412,6 +490,7 @@ def cmd_cost(args):
 @command
 def cmd_eval(args):
     """Held-out loss, perplexity and bits per byte on text files, JSONL or token shards."""
+    resolve_model(args)
     import parscale
     from parscale.analysis.evaluate import check_window_settings, evaluate
     from parscale.model.checkpoint import read_config
@@ -442,6 +521,7 @@ def cmd_eval(args):
 @command
 def cmd_streams(args):
     """Stream diagnostics on held-out data: each stream alone, the mix, the ensemble, KL, cosine, weights."""
+    resolve_model(args)
     import parscale
     from parscale.analysis.streams import plot_diagnostics, stream_diagnostics
     from parscale.io.files import write_json_atomic
@@ -583,26 +663,35 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write into a folder holding other files (only the model's own files are replaced)")
 
     p = sub.add_parser("info", help=cmd_info.__doc__)
-    p.add_argument("--model", required=True)
+    p.add_argument("--model", required=True, help=MODEL_HELP)
+    p.add_argument("--revision", default=None, help="branch, tag or commit when --model is a Hub id (org/name)")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--length", type=int, default=2048, help="tokens in the KV cache (prefix excluded)")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--json", action="store_true")
 
-    p = sub.add_parser("generate", help=cmd_generate.__doc__)
-    p.add_argument("--model", required=True)
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--adapter", default=None, help="a frozen-backbone adapter folder to put on --model")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", default=None)
-    p.add_argument("--device", default=None)
+    for name, fn in (("generate", cmd_generate), ("chat", cmd_chat)):
+        p = sub.add_parser(name, help=fn.__doc__)
+        p.add_argument("--model", required=True, help=MODEL_HELP)
+        p.add_argument("--revision", default=None, help="branch, tag or commit when --model is a Hub id (org/name)")
+        if name == "generate":
+            p.add_argument("--prompt", required=True)
+        else:
+            p.add_argument("--system", default=None, help="a system prompt put first in the conversation")
+        p.add_argument("--adapter", default=None, help="a frozen-backbone adapter folder to put on --model")
+        unset = " (default: the model's generation_config.json, else %s)"
+        p.add_argument("--max-new-tokens", type=int, default=None, help="tokens per reply" + unset % "32")
+        p.add_argument("--temperature", type=float, default=None, help="0 = greedy" + unset % "greedy")
+        p.add_argument("--top-k", type=int, default=None, help="sample among the k likeliest" + unset % "off")
+        p.add_argument("--top-p", type=float, default=None, help="nucleus sampling" + unset % "off")
+        p.add_argument("--repetition-penalty", type=float, default=None, help="1 = off" + unset % "off")
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--dtype", default=None)
+        p.add_argument("--device", default=None)
 
     p = sub.add_parser("convert", help=cmd_convert.__doc__)
-    p.add_argument("--model", required=True, help="a P=1 checkpoint folder (qwen2, llama, qwen3)")
+    p.add_argument("--model", required=True, help="a P=1 model (qwen2, llama, qwen3): " + MODEL_HELP)
+    p.add_argument("--revision", default=None, help="branch, tag or commit when --model is a Hub id (org/name)")
     p.add_argument("--out", required=True)
     p.add_argument("--streams", type=int, required=True)
     p.add_argument("--n-tokens", type=int, default=48)
@@ -625,7 +714,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--memory", nargs="+", required=True, help="bench JSON files with peak memory")
     p.add_argument("--out", default="benchmarks")
     p = sub.add_parser("eval", help=cmd_eval.__doc__)
-    p.add_argument("--model", required=True)
+    p.add_argument("--model", required=True, help=MODEL_HELP)
+    p.add_argument("--revision", default=None, help="branch, tag or commit when --model is a Hub id (org/name)")
     p.add_argument("--data", required=True, help="text file, folder, JSONL or *.bin token shard")
     p.add_argument("--max-length", type=int, default=None, help="window (default: the model's positions)")
     p.add_argument("--stride", type=int, default=None, help="window step (default: half the window)")
@@ -638,7 +728,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="write the JSON result here")
 
     p = sub.add_parser("streams", help=cmd_streams.__doc__)
-    p.add_argument("--model", required=True, help="a model folder (reads config.json, weights, tokenizer.json)")
+    p.add_argument("--model", required=True, help=MODEL_HELP)
+    p.add_argument("--revision", default=None, help="branch, tag or commit when --model is a Hub id (org/name)")
     p.add_argument("--data", required=True, help="a `parscale data` folder (its validation split) or text/JSONL")
     p.add_argument("--batches", type=int, default=8)
     p.add_argument("--batch-size", type=int, default=8)

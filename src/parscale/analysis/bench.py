@@ -34,6 +34,7 @@ import torch
 from parscale.inference.cache import KVCache
 from parscale.inference.engine import DecodeEngine
 from parscale.io.files import write_json_atomic
+from parscale.io.progress import progress_bar
 from parscale.model.config import ModelConfig
 from parscale.model.transformer import ParScaleForCausalLM, rope_inv_freq
 
@@ -184,7 +185,7 @@ def run(shapes, streams, batches, lengths, engine: str, out: Path, kernels: bool
     result = {"environment": environment(), "engine": engine, "dtype": "bfloat16", "memory_only": memory_only,
               "points": [], "kernels": []}
     total = len(shapes) * len(streams) * len(batches) * len(lengths)
-    start, done = time.perf_counter(), 0
+    bar = progress_bar(total=total, desc="bench", unit="point")
     for shape in shapes:
         for p in streams:
             model = random_model(shape, p)
@@ -200,16 +201,14 @@ def run(shapes, streams, batches, lengths, engine: str, out: Path, kernels: bool
                              **measure_point(model, b, length, engine, memory_only)}
                     gc.collect()  # engines sit in reference cycles: free their caches and graphs now
                     result["points"].append(point)
-                    done += 1
-                    elapsed = time.perf_counter() - start
-                    eta = elapsed / done * (total - done)
-                    print(f"[{done}/{total}] {shape} P={p} B={b} L={length}: "
-                          f"{point['decode_ms_per_token']:.3f} ms/token, prefill {point['prefill_ms']:.1f} ms, "
-                          f"{point['peak_memory_gib']:.3f} GiB, {point['achieved_bandwidth_tb_s']:.2f} TB/s "
-                          f"(elapsed {elapsed:.0f}s, ETA {eta:.0f}s)", file=sys.stderr, flush=True)
+                    bar.write(f"{shape} P={p} B={b} L={length}: "
+                              f"{point['decode_ms_per_token']:.3f} ms/token, prefill {point['prefill_ms']:.1f} ms, "
+                              f"{point['peak_memory_gib']:.3f} GiB, {point['achieved_bandwidth_tb_s']:.2f} TB/s")
+                    bar.update(1)
                     write_json_atomic(result, out)
             del model
             gc.collect()
             torch._dynamo.reset()  # compiled steps hold the old model alive otherwise
             torch.cuda.empty_cache()
+    bar.__exit__()
     return result

@@ -19,8 +19,6 @@ bits per byte = total NLL / ln 2 / UTF-8 bytes of the scored text (not defined f
 from __future__ import annotations
 
 import math
-import sys
-import time
 from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -31,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from parscale.io.documents import JSONL_SUFFIXES, DocumentError, read_documents
+from parscale.io.progress import progress_bar
 
 EvalDataError = DocumentError  # bad evaluation input: the same error type as every document reader's
 
@@ -152,20 +151,13 @@ def evaluate(model, tokenizer, data, max_length: int | None = None, stride: int 
     jobs.sort(key=lambda j: len(j[1]))  # similar lengths share a batch: less padding
     nll = defaultdict(float)
     total_targets = sum(n for _, _, n in jobs)
-    done, start = 0, time.perf_counter()
-    for i in range(0, len(jobs), batch_size):
-        part = jobs[i : i + batch_size]
-        for (d_i, _, n), value in zip(part, score_windows(model, [(ids, n) for _, ids, n in part], device),
-                                      strict=True):
-            nll[d_i] += value
-            done += n
-        if progress:
-            rate = done / max(time.perf_counter() - start, 1e-9)
-            eta = (total_targets - done) / max(rate, 1e-9)
-            print(f"\r[eval] {done}/{total_targets} tokens, {rate:.0f} tokens/s, ETA {eta:.0f}s", end="",
-                  file=sys.stderr, flush=True)
-    if progress:
-        print(file=sys.stderr)
+    with progress_bar(total=total_targets, desc="eval", unit="tok", enabled=progress) as bar:
+        for i in range(0, len(jobs), batch_size):
+            part = jobs[i : i + batch_size]
+            for (d_i, _, n), value in zip(part, score_windows(model, [(ids, n) for _, ids, n in part], device),
+                                          strict=True):
+                nll[d_i] += value
+                bar.update(n)
 
     def summary(indices) -> dict:
         loss_sum = sum(nll[i] for i in indices)

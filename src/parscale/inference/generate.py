@@ -6,6 +6,12 @@ positions count real tokens only and padded keys are masked. Rows that hit an EO
 padded with `pad_token_id` (default: the first EOS id, else 0); generation ends when every row
 stopped or after max_new_tokens. Sampling (temperature, top-k, top-p) draws from a
 `torch.Generator` seeded with `seed`, so a seeded call is reproducible.
+
+Settings the caller leaves as None come from `generation_config` (default: `model.generation_config`,
+which `parscale.load` reads from the folder's generation_config.json, as transformers does), else from
+the library's defaults (32 new tokens, greedy, no EOS). Pass `generation_config={}` to ignore the file.
+`repetition_penalty` r divides positive logits and multiplies negative ones by r for every token the
+row has seen (its real prompt tokens and what it generated), as in transformers.
 """
 
 from __future__ import annotations
@@ -54,8 +60,13 @@ def validate_prompt(model, input_ids: torch.Tensor, attention_mask, max_new_toke
                              "pad prompts on the left")
 
 
-def validate_sampling(temperature, top_k, top_p) -> None:
-    """One clear error for a sampling setting that would otherwise be ignored or misread."""
+def validate_sampling(temperature, top_k, top_p, repetition_penalty=None) -> None:
+    """One clear error for a sampling setting that would otherwise be ignored or misread (None: not given)."""
+    if repetition_penalty is not None and (isinstance(repetition_penalty, bool) or not isinstance(
+            repetition_penalty, (int, float)) or not math.isfinite(repetition_penalty) or repetition_penalty <= 0):
+        raise ValueError(f"repetition_penalty must be a finite number > 0 (1 = off), got {repetition_penalty!r}")
+    if temperature is None:
+        temperature = 1.0
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not math.isfinite(temperature) \
             or temperature < 0:
         raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
@@ -63,6 +74,25 @@ def validate_sampling(temperature, top_k, top_p) -> None:
         raise ValueError(f"top_k must be an integer >= 1 (or None for no top-k), got {top_k!r}")
     if top_p is not None and not (isinstance(top_p, (int, float)) and 0.0 < top_p <= 1.0):
         raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+
+
+# generation_config.json keys generate() takes, and the value each has when neither the caller nor the file
+# gives one.
+GENERATION_DEFAULTS = {"max_new_tokens": 32, "do_sample": False, "temperature": 1.0, "top_k": None, "top_p": None,
+                       "repetition_penalty": 1.0, "eos_token_id": None, "pad_token_id": None}
+GENERATION_KEYS = tuple(GENERATION_DEFAULTS)
+
+
+def resolve_settings(model, generation_config: dict | None, **given) -> dict:
+    """Each setting: the caller's if not None, else the generation config's, else GENERATION_DEFAULTS'."""
+    file = (getattr(model, "generation_config", None) or {}) if generation_config is None else generation_config
+    return {k: given[k] if given.get(k) is not None else file.get(k, GENERATION_DEFAULTS[k]) for k in GENERATION_KEYS}
+
+
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """transformers' repetition penalty: seen tokens' logits divided by penalty if > 0, else multiplied."""
+    logits = logits.float()
+    return torch.where(seen, torch.where(logits > 0, logits / penalty, logits * penalty), logits)
 
 
 def sample_next(logits: torch.Tensor, do_sample: bool, temperature: float, top_k, top_p, generator):
@@ -88,9 +118,9 @@ def generate(
     model,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor | None = None,
-    max_new_tokens: int = 32,
-    do_sample: bool = False,
-    temperature: float = 1.0,
+    max_new_tokens: int | None = None,
+    do_sample: bool | None = None,
+    temperature: float | None = None,
     top_k: int | None = None,
     top_p: float | None = None,
     eos_token_id: int | list[int] | None = None,
@@ -98,15 +128,28 @@ def generate(
     pad_token_id: int | None = None,
     on_token: Callable[[torch.Tensor], None] | None = None,
     use_engine: bool | None = None,
+    repetition_penalty: float | None = None,
+    generation_config: dict | None = None,
 ) -> torch.Tensor:
     """New token ids [B, max_new_tokens or fewer if every row stopped]; see the module docstring.
 
     on_token: called with the [B] tensor of each step's tokens (for streaming output).
     use_engine: decode with the static-cache engine (engine.py; a CUDA graph on GPU). Default: on
     CUDA yes, elsewhere no. Both paths give the same tokens.
+    generation_config: defaults for the settings left as None (default: the model's, from its folder).
     """
+    max_new_tokens_given = max_new_tokens
+    settings = resolve_settings(model, generation_config, max_new_tokens=max_new_tokens, do_sample=do_sample,
+                                temperature=temperature, top_k=top_k, top_p=top_p, eos_token_id=eos_token_id,
+                                pad_token_id=pad_token_id, repetition_penalty=repetition_penalty)
+    max_new_tokens, do_sample, temperature = settings["max_new_tokens"], settings["do_sample"], settings["temperature"]
+    top_k, top_p, eos_token_id = settings["top_k"], settings["top_p"], settings["eos_token_id"]
+    pad_token_id, repetition_penalty = settings["pad_token_id"], settings["repetition_penalty"]
+    if max_new_tokens_given is None and isinstance(input_ids, torch.Tensor) and input_ids.dim() == 2:
+        # A default length (e.g. an instruct model's 2048) stops at the model's last position, as in transformers.
+        max_new_tokens = min(max_new_tokens, max(0, model.config.max_position_embeddings - input_ids.shape[1]))
     validate_prompt(model, input_ids, attention_mask, max_new_tokens)
-    validate_sampling(temperature, top_k, top_p)
+    validate_sampling(temperature, top_k, top_p, repetition_penalty)
     device = model.model.embed_tokens.weight.device
     input_ids = input_ids.to(device=device, dtype=torch.long)
     b, t = input_ids.shape
@@ -133,9 +176,17 @@ def generate(
         logits = model(input_ids, attention_mask=mask, cache=cache)[:, -1]
     eos_t = torch.tensor(eos, device=device, dtype=torch.long)
     done = torch.zeros(b, dtype=torch.bool, device=device)
+    seen = None
+    if repetition_penalty != 1.0:
+        seen = torch.zeros(b, logits.shape[-1], dtype=torch.bool, device=device)
+        seen.scatter_(1, torch.where(mask.bool(), input_ids, input_ids[:, -1:]), True)  # real prompt tokens
     out = []
     for step in range(max_new_tokens):
+        if seen is not None:
+            logits = apply_repetition_penalty(logits, seen, repetition_penalty)
         token = sample_next(logits, do_sample, temperature, top_k, top_p, generator)
+        if seen is not None:
+            seen.scatter_(1, token[:, None], True)
         emitted = torch.where(done, torch.full_like(token, pad), token)  # finished rows show padding
         out.append(emitted)
         if on_token is not None:

@@ -38,7 +38,7 @@ SAFETENSORS_DTYPES = {
 }
 DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
-                   "merges.txt", "generation_config.json")
+                   "merges.txt", "generation_config.json", "chat_template.jinja", "chat_template.json")
 
 
 class CheckpointError(ValueError):
@@ -57,11 +57,13 @@ def parse_dtype(dtype) -> torch.dtype | None:
 
 # ----------------------------------------------------------------------------------------------
 # Reading
-def model_folder(path: str | os.PathLike) -> Path:
-    """The model folder a path names: a model folder itself, or a training run's latest checkpoint."""
+def model_folder(path: str | os.PathLike, revision: str | None = None) -> Path:
+    """The model folder a path names: a model folder itself, a training run's latest checkpoint, or the
+    local snapshot of a Hub id `org/name` (at `revision`; io/hub.py)."""
+    from parscale.io.hub import resolve
     from parscale.training.run_folder import latest_checkpoint
 
-    folder = Path(path)
+    folder = resolve(path, revision)
     if not folder.is_dir():
         raise CheckpointError(f"checkpoint folder {str(folder)!r} does not exist")
     if not (folder / "config.json").is_file():
@@ -71,8 +73,8 @@ def model_folder(path: str | os.PathLike) -> Path:
     return folder
 
 
-def read_config(path: str | os.PathLike) -> ModelConfig:
-    folder = model_folder(path)
+def read_config(path: str | os.PathLike, revision: str | None = None) -> ModelConfig:
+    folder = model_folder(path, revision)
     cfg_file = folder / "config.json"
     if not cfg_file.is_file():
         raise CheckpointError(f"{str(folder)!r} is not a checkpoint: it has no config.json")
@@ -229,13 +231,17 @@ def _check_tensors(config: ModelConfig, tensors: dict[str, torch.Tensor], folder
                               f"{'is' if len(not_float) == 1 else 'are'} {tensors[not_float[0]].dtype}")
 
 
-def load(path, dtype=None, device=None) -> ParScaleForCausalLM:
-    """Load a Hugging Face folder (or a training run folder's latest checkpoint) as a model in eval mode.
+def load(path, dtype=None, device=None, revision: str | None = None) -> ParScaleForCausalLM:
+    """Load a Hugging Face folder, a training run folder (its latest checkpoint) or a Hub id `org/name`
+    as a model in eval mode.
 
     dtype: None keeps the stored dtype; 'bfloat16' / torch.float16 / ... casts while loading.
     device: where the parameters end up (default CPU).
+    revision: a branch, tag or commit of a Hub id.
+    The folder's generation_config.json, if any, becomes `model.generation_config` (a dict), the
+    defaults `generate` uses for settings its caller leaves out.
     """
-    folder = model_folder(path)
+    folder = model_folder(path, revision)
     config = read_config(folder)
     dtype = parse_dtype(dtype)
     tensors: dict[str, torch.Tensor] = {}
@@ -250,16 +256,34 @@ def load(path, dtype=None, device=None) -> ParScaleForCausalLM:
     stored = tensors["model.embed_tokens.weight"].dtype
     target = dtype or stored
     state = {k: v.to(device=device, dtype=target if v.is_floating_point() else v.dtype) for k, v in tensors.items()}
-    return ParScaleForCausalLM.from_state_dict(config, state, device).eval()
+    model = ParScaleForCausalLM.from_state_dict(config, state, device).eval()
+    model.generation_config = read_generation_config(folder)
+    return model
 
 
-def load_tokenizer(path):
-    """The Hugging Face `tokenizers.Tokenizer` in a folder's tokenizer.json (or at that file)."""
+def read_generation_config(folder) -> dict:
+    """The settings of a folder's generation_config.json that `generate` understands ({} if it has none)."""
+    from parscale.inference.generate import GENERATION_KEYS
+
+    file = Path(folder) / "generation_config.json"
+    if not file.is_file():
+        return {}
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{file} is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{file}: expected a JSON object")
+    return {k: data[k] for k in GENERATION_KEYS if data.get(k) is not None}
+
+
+def load_tokenizer(path, revision: str | None = None):
+    """The Hugging Face `tokenizers.Tokenizer` in a folder's tokenizer.json (or at that file, or of a Hub id)."""
     from tokenizers import Tokenizer
 
     p = Path(path)
-    if p.is_dir():
-        p = model_folder(p)
+    if p.is_dir() or not p.exists():
+        p = model_folder(path, revision)
     file = p / "tokenizer.json" if p.is_dir() else p
     if not file.is_file():
         raise CheckpointError(f"no tokenizer.json at {str(p)!r}")
@@ -291,14 +315,23 @@ MODEL_FILES = ("config.json", "model.safetensors", "model-*-of-*.safetensors", "
 
 
 def save(model: ParScaleForCausalLM, path, tokenizer_from=None, dtype=None, max_shard_bytes: int = 5 * 2**30,
-         overwrite: bool = False):
+         overwrite: bool = False, base_model: str | None = None, training: dict | None = None,
+         card_name: str | None = None):
     """Write model (and tokenizer files copied from `tokenizer_from`, a folder) as a HF folder, atomically.
 
     The folder is written beside the target and renamed into place. A target that holds other files
     than a model folder's is refused unless overwrite=True, which replaces only the model's files.
+    A model card (README.md, card.py) is written with base_model and training facts when given; a
+    README.md that parscale did not write is kept as it is, with a note on stderr.
     """
+    import sys
+
+    from parscale.model.card import is_parscale_card, model_card
+
     target = Path(path)
-    check_writable(target, MODEL_FILES, overwrite)
+    users_card = (target / "README.md").is_file() and not is_parscale_card(target / "README.md")
+    owned = MODEL_FILES if users_card else (*MODEL_FILES, "README.md")
+    check_writable(target, owned, overwrite)
     state = state_for_saving(model, dtype)
     stored = state["model.embed_tokens.weight"].dtype
     hf = model.config.to_hf_dict()
@@ -307,6 +340,12 @@ def save(model: ParScaleForCausalLM, path, tokenizer_from=None, dtype=None, max_
     tmp = temporary_folder(target)
     try:
         (tmp / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
+        if users_card:
+            print(f"note: {target / 'README.md'} was not written by parscale and is kept; no model card written",
+                  file=sys.stderr)
+        else:
+            card = model_card(model.config, card_name or target.name, base_model=base_model, training=training)
+            (tmp / "README.md").write_text(card, encoding="utf-8")
         _write_weights(state, tmp, max_shard_bytes)
         if tokenizer_from is not None:
             for name in TOKENIZER_FILES:
@@ -316,7 +355,7 @@ def save(model: ParScaleForCausalLM, path, tokenizer_from=None, dtype=None, max_
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return publish_folder(tmp, target, MODEL_FILES, overwrite)
+    return publish_folder(tmp, target, owned, overwrite)
 
 
 def write_safetensors(tensors: dict[str, torch.Tensor], file: Path, metadata: dict) -> None:

@@ -23,11 +23,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sys
-import time
 from pathlib import Path
 
 from parscale.io.files import atomic_write
+from parscale.io.progress import progress_bar
 
 MAX_FILE_BYTES = 1_000_000
 MAX_LINE_CHARS = 1000
@@ -93,10 +92,10 @@ def python_corpus(roots, out_file, val_fraction: float = 0.02, max_val_package: 
         raise CorpusError(f"max_val_package must be in (0, 1], got {max_val_package}")
     out = Path(out_file)
     entries, kept, seen_hashes = [], [], {}
-    start = time.perf_counter()
     all_roots = [(Path(r), False) for r in roots] + [(Path(r), True) for r in stdlib_roots]
     if not all_roots:
         raise CorpusError("no source roots given")
+    bar = progress_bar(desc="corpus", unit="file", enabled=progress)
     for root, is_stdlib in all_roots:
         if not root.is_dir():
             raise CorpusError(f"source root {str(root)!r} is not a folder")
@@ -119,12 +118,8 @@ def python_corpus(roots, out_file, val_fraction: float = 0.02, max_val_package: 
                     seen_hashes[digest] = f"{root}/{rel}"
                     kept.append((entry, text))
             entries.append(entry)
-            if progress and len(entries) % 5000 == 0:
-                mb = sum(e["bytes"] for e in entries) / 1e6
-                print(f"\r[corpus] {len(entries):,} files ({mb:,.0f} MB) read, {len(kept):,} kept, "
-                      f"{mb / (time.perf_counter() - start):,.1f} MB/s", end="", file=sys.stderr)
-    if progress:
-        print(file=sys.stderr)
+            bar.update(1, kept=f"{len(kept):,}")
+    bar.__exit__()
     if not kept:
         raise CorpusError(f"no Python files passed the filters under {', '.join(str(r) for r, _ in all_roots)}")
     package_bytes: dict[str, int] = {}

@@ -26,7 +26,6 @@ import hashlib
 import json
 import shutil
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -35,6 +34,7 @@ import torch
 
 from parscale.io.documents import DocumentError, is_jsonl, read_documents
 from parscale.io.files import atomic_write, check_writable, publish_folder, temporary_folder
+from parscale.io.progress import progress_bar
 
 DataError = DocumentError  # bad data input: one error type for every reader of documents
 
@@ -108,7 +108,8 @@ def build_shards(sources, out_dir, tokenizer, glob: str = "**/*.txt", text_field
     dtype = np.uint16 if vocab <= 2**16 else np.uint32
     tokens = {"train": [], "val": []}
     files: dict[str, dict] = {}
-    start, n_tok, skipped = time.perf_counter(), 0, []
+    n_tok, skipped = 0, []
+    bar = progress_bar(desc="data", unit="tok", enabled=progress)
     for batch in _batches(d for d in _documents(sources, glob, text_field, split_field, skipped) if d[2]):
         encoded = tokenizer.encode_batch([text for _, _, text, _ in batch])  # parallel in the Rust library
         for (doc_id, source, _, given_split), enc in zip(batch, encoded, strict=True):
@@ -121,11 +122,9 @@ def build_shards(sources, out_dir, tokenizer, glob: str = "**/*.txt", text_field
             files[source]["tokens"] += len(ids)
             files[source]["split"] = split if files[source]["split"] in (None, split) else "mixed"
             n_tok += len(ids)
-        if progress:
-            rate = n_tok / (time.perf_counter() - start)
-            print(f"\r[data] {len(files)} files, {n_tok:,} tokens, {rate:,.0f} tokens/s", end="", file=sys.stderr)
+            bar.update(len(ids), files=len(files))
+    bar.__exit__()
     if progress:
-        print(file=sys.stderr)
         if skipped:
             print(f"[data] skipped {len(skipped)} files that are not UTF-8 text (listed in the manifest)",
                   file=sys.stderr)

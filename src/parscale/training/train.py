@@ -51,6 +51,7 @@ import numpy as np
 import torch
 
 from parscale.io.files import RunLock
+from parscale.io.progress import progress_bar
 from parscale.model.checkpoint import load, save
 from parscale.model.config import PRESETS, ModelConfig
 from parscale.model.convert import add_streams
@@ -206,7 +207,7 @@ class TrainConfig:
     tensorboard: bool = False
     """Also write the per-step scalars to {out}/tensorboard (needs the tensorboard package)."""
     progress: bool = True
-    """Print one progress line (loss, tokens/s, ETA)."""
+    """Show a progress bar (loss, tokens/s, ETA) on a terminal (io/progress.py)."""
 
 
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
@@ -376,7 +377,11 @@ def save_checkpoint(out: Path, model, optim_state: dict, scheduler, loader, step
     """Model (plain, released format) + trainer state as checkpoints/step-N (run_folder.write_checkpoint)."""
 
     def write(folder: Path) -> None:
-        save(model, folder / "model", tokenizer_from=tokenizer_dir)
+        tokens = step * cfg.batch_size * cfg.seq_len * cfg.grad_accum
+        save(model, folder / "model", tokenizer_from=tokenizer_dir, card_name=f"{Path(cfg.out).name} (step {step})",
+             base_model=None if cfg.model in PRESETS else cfg.model,
+             training={"data": str(cfg.data), "tokens": tokens, "steps": step, "streams": cfg.streams,
+                       "trainable": cfg.trainable, "seed": cfg.seed})
         (folder / "train_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1) + "\n")
         torch.save({"optimizer": optim_state, "scheduler": scheduler.state_dict(), "step": step,
                     "loader": loader.state_dict(), "rng": _rng_state(), "config": dataclasses.asdict(cfg),
@@ -528,6 +533,8 @@ def _train(cfg: TrainConfig, resume: bool, stop_after: int | None, overwrite: bo
     t0, last_eval = time.perf_counter(), None
     step = start_step
     last_saved = latest_checkpoint(out) if resume else None
+    bar = progress_bar(total=cfg.steps, initial=start_step, desc=f"train P={p}", unit="step",
+                       enabled=cfg.progress and rank == 0)
     try:
         for step in range(start_step, cfg.steps):
             t_step = time.perf_counter()
@@ -578,12 +585,8 @@ def _train(cfg: TrainConfig, resume: bool, stop_after: int | None, overwrite: bo
                 for key, value in record.items():
                     if isinstance(value, float):
                         board.add_scalar(key, value, step + 1)
-            if cfg.progress and rank == 0:
-                done = step + 1 - start_step
-                eta = (time.perf_counter() - t0) / done * (cfg.steps - step - 1)
-                val_text = f" val {last_eval:.4f}" if last_eval is not None else ""
-                print(f"\r[train P={p}] step {step + 1}/{cfg.steps} loss {loss_sum:.4f}{val_text} "
-                      f"{record['tokens_per_s']:,.0f} tok/s ETA {eta:.0f}s", end="", file=sys.stderr, flush=True)
+            shown = {"loss": f"{loss_sum:.4f}", "tok/s": f"{record['tokens_per_s']:,.0f}"}
+            bar.update(1, **shown, **({"val": f"{last_eval:.4f}"} if last_eval is not None else {}))
             if (cfg.save_every and (step + 1) % cfg.save_every == 0) or step + 1 == cfg.steps \
                     or (stop_after is not None and step + 1 == stop_after) or stopping:
                 plain = _plain_model(model, loss_module, fsdp)  # gathering is collective: every rank
@@ -603,7 +606,6 @@ def _train(cfg: TrainConfig, resume: bool, stop_after: int | None, overwrite: bo
             metrics_file.close()
         if board is not None:
             board.close()
-        if cfg.progress and rank == 0:
-            print(file=sys.stderr)
+        bar.__exit__()
     return {"steps": step + 1, "val_loss": last_eval, "parscale_n": p, "tokens": (step + 1) * tokens_per_step,
             "seconds": time.perf_counter() - t0, "checkpoint": str(last_saved / "model") if last_saved else None}
