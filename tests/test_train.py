@@ -155,14 +155,15 @@ def test_prefix_reparam_trains_merges_and_resumes(data_dir, tmp_path):
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
 def test_torchrun_two_processes_match_one(data_dir, tmp_path, mode):
-    """DDP / FSDP2 over gloo with 2 processes and the same global batch give the single-process losses,
-    and their checkpoint resumes in one process."""
+    """DDP / FSDP2 over gloo with 2 processes and the same global batch give the single-process losses (with
+    gradient accumulation, whose first micro-step skips the gradient sync), and their checkpoint resumes in
+    one process."""
     import os
     import subprocess
     import sys
 
-    args = ["train", "--model", "tiny", "--streams", "2", "--n-tokens", "4", "--data", str(data_dir), "--steps", "4",
-            "--batch-size", "4", "--seq-len", "32", "--eval-every", "0", "--save-every", "0"]
+    args = ["train", "--model", "tiny", "--streams", "2", "--n-tokens", "4", "--data", str(data_dir), "--grad-accum",
+            "2", "--steps", "4", "--batch-size", "4", "--seq-len", "32", "--eval-every", "0", "--save-every", "0"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     one = subprocess.run([sys.executable, "-m", "parscale.cli", *args, "--out", str(tmp_path / "one")], env=env,
                          capture_output=True, text=True, timeout=300)
@@ -288,3 +289,39 @@ def test_full_split_evaluations_at_fractions(data_dir, tmp_path):
         total += torch.nn.functional.cross_entropy(model(x).flatten(0, 1), y.flatten(), reduction="sum").item()
         n += y.numel()
     assert rows[-1]["val_loss_full"] == pytest.approx(total / n, rel=1e-5)
+
+
+@pytest.mark.parametrize("skip", [True, False])
+def test_fsdp_accumulation_reduces_gradients_once_per_step(tmp_path, monkeypatch, skip):
+    """FSDP2 under gradient accumulation: one reduce-scatter per optimizer step, not one per micro-step,
+    and the same gradients as syncing every micro-step (a one-process gloo group, so it runs anywhere)."""
+    import torch.distributed as dist
+    import torch.distributed.fsdp._fully_shard._fsdp_param_group as param_group
+    from conftest import tiny_model
+
+    from parscale.training.distributed import LossModule, gradient_sync, shard_fsdp
+
+    calls = []
+    real = param_group.foreach_reduce
+    monkeypatch.setattr(param_group, "foreach_reduce", lambda *a, **k: calls.append(1) or real(*a, **k))
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        model = tiny_model(streams=2)
+        module = LossModule(model, autocast=False)
+        shard_fsdp(module, 1, torch.device("cpu"))
+        x = torch.randint(0, 512, (2, 2, 16))
+        for micro in range(2):
+            sync = micro == 1 if skip else True
+            with gradient_sync(module, module, fsdp=True, sync=sync):
+                loss, _ = module(x[micro], x[micro].roll(-1, 1))
+                (loss / 2).backward()
+        grads = {n: p.grad.full_tensor().clone() for n, p in module.named_parameters()}
+    finally:
+        dist.destroy_process_group()
+    assert len(calls) == (1 if skip else 2) * (len(model.model.layers) + 1)  # one per FSDP group per sync
+    reference = LossModule(tiny_model(streams=2), autocast=False)
+    for micro in range(2):
+        loss, _ = reference(x[micro], x[micro].roll(-1, 1))
+        (loss / 2).backward()
+    for n, p in reference.named_parameters():
+        torch.testing.assert_close(grads[n], p.grad, atol=1e-6, rtol=1e-5)

@@ -10,6 +10,7 @@ The model stays a plain single-device module; DDP wraps `LossModule` (model + lo
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -61,6 +62,21 @@ class LossModule(nn.Module):
         loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
         penalty = self.hooks.take_penalty() if self.hooks is not None else None
         return (loss if penalty is None else loss + penalty), weights
+
+
+@contextlib.contextmanager
+def gradient_sync(step_fn, loss_module, fsdp: bool, sync: bool):
+    """Reduce gradients across ranks only when sync (the last micro-step of an accumulated step): DDP's
+    no_sync() on the others, FSDP2's set_requires_gradient_sync(False), which keeps the micro-steps'
+    unsharded gradients local and reduce-scatters their sum once."""
+    if fsdp:
+        loss_module.set_requires_gradient_sync(sync)
+        yield
+    elif not sync and hasattr(step_fn, "no_sync"):
+        with step_fn.no_sync():
+            yield
+    else:
+        yield
 
 
 def shard_fsdp(loss_module: LossModule, world: int, device: torch.device) -> None:

@@ -62,6 +62,7 @@ from parscale.training.distributed import (
     LossModule,
     barrier,
     full_model_state,
+    gradient_sync,
     load_optimizer_state,
     mean_and_any,
     optimizer_state,
@@ -544,9 +545,8 @@ def _train(cfg: TrainConfig, resume: bool, stop_after: int | None, overwrite: bo
             for micro in range(cfg.grad_accum):
                 x, y = loader.next_batch()  # the global batch; this rank keeps its slice
                 x, y = x[rank * local : (rank + 1) * local], y[rank * local : (rank + 1) * local]
-                # DDP all-reduces gradients on the last micro-step only.
-                sync = micro == cfg.grad_accum - 1 or not hasattr(step_fn, "no_sync")
-                with contextlib.nullcontext() if sync else step_fn.no_sync():
+                # Gradients are reduced across ranks on the last micro-step only (DDP and FSDP2 alike).
+                with gradient_sync(step_fn, loss_module, fsdp, sync=micro == cfg.grad_accum - 1):
                     loss, weights = step_fn(x.to(device), y.to(device))
                     (loss / cfg.grad_accum).backward()
                 loss_sum += float(loss.detach()) / cfg.grad_accum
