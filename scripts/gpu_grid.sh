@@ -3,6 +3,7 @@
 #   bash scripts/gpu_grid.sh small    1.6B and 2.8B, every P, batch, length (graph engine)
 #   bash scripts/gpu_grid.sh large    4.4B (graph engine), then the compiled engine at batch 1
 #   bash scripts/gpu_grid.sh memory   peak memory of every point, one process per (shape, P)
+#   bash scripts/gpu_grid.sh long     a 64 + 64-token talk in a 128- and a 4096-token cache, bounded reads off / on
 set -uo pipefail
 export PYTHONPATH=src PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}
@@ -23,4 +24,11 @@ case "${1:-small}" in
     python3 -c "import json,glob,sys; parts=[json.load(open(f)) for f in sorted(glob.glob('/tmp/mem/*.json'))]; \
 m=parts[0]; m['points']=[q for d in parts for q in d['points']]; m['environment']['command']=sys.argv[1]; \
 json.dump(m, open('$OUT/memory_fresh.json','w'), indent=1)" "bash scripts/gpu_grid.sh memory" ;;
+  long)
+    for cache in 128 4096; do
+      bench 150 --shapes paper-1.6b --streams 1,8 --batches 1 --lengths 64 --engine graph --cache-len $cache \
+          --out "$OUT/long_cache${cache}.json"
+      bench 150 --shapes paper-1.6b --streams 1,8 --batches 1 --lengths 64 --engine graph --cache-len $cache \
+          --bounded-reads --out "$OUT/long_cache${cache}_bounded.json"
+    done ;;
 esac

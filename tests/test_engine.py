@@ -175,3 +175,47 @@ def test_engine_registry_does_not_keep_models_alive():
     del model
     gc.collect()
     assert ref() is None
+
+
+def _bounded_reads_follow_recompute(model, device="cpu", use_graph=False):
+    """Decode across a read-length boundary (256 -> 512 slots) with bounded reads; every step's logits
+    must equal a full recomputation, and each step must read no more slots than the rule allows."""
+    ids = torch.randint(0, 512, (2, 250), device=device)
+    mask = torch.ones_like(ids)
+    mask[1, :7] = 0
+    engine = DecodeEngine(model, batch_size=2, max_len=270, use_graph=use_graph, bounded_reads=True)
+    assert engine.max_len == 512  # the cache rounds up to 256-token steps
+    logits = engine.prefill(ids, mask)
+    seq, full_mask, read = ids, mask, []
+    for _ in range(12):
+        ref = model(seq, attention_mask=full_mask)[:, -1]
+        torch.testing.assert_close(logits, ref, atol=1e-4, rtol=1e-4)
+        nxt = ref.argmax(-1)
+        seq = torch.cat([seq, nxt[:, None]], 1)
+        full_mask = torch.cat([full_mask, torch.ones_like(full_mask[:, :1])], 1)
+        logits = engine.decode(nxt)
+        read.append(engine.cache.read_len)
+    assert read == [256] * 6 + [512] * 6  # 251..256 tokens written fit 256 slots, 257.. need 512
+    return engine
+
+
+@pytest.mark.parametrize("streams", [1, 2])
+def test_bounded_reads_equal_recompute_across_a_boundary(streams):
+    _bounded_reads_follow_recompute(tiny_model(streams=streams))
+
+
+def test_bounded_read_lengths():
+    model = tiny_model(streams=2, max_position_embeddings=4096)
+    engine = DecodeEngine(model, batch_size=1, max_len=512, bounded_reads=True)  # the engine holds it weakly
+    assert [engine.read_len_for(n) for n in (1, 256, 257, 512)] == [256, 256, 512, 512]
+    engine.reserve(1, 3000)
+    assert [engine.read_len_for(n) for n in (700, 1025, 2049, 3000)] == [1024, 2048, 3072, 3072]  # capped
+    plain = DecodeEngine(model, max_len=512)
+    assert plain.read_len_for(3) == plain.max_len  # off: the whole cache
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graphs_with_bounded_reads_match_recompute():
+    engine = _bounded_reads_follow_recompute(tiny_model(streams=4).cuda(), "cuda", use_graph=True)
+    assert engine.captures == 2 and sorted(engine.graphs) == [256, 512]  # one graph per read length

@@ -350,7 +350,8 @@ def cmd_bench(args):
         return [int(x) for x in text.split(",")]
 
     run(args.shapes.split(","), ints(args.streams), ints(args.batches), ints(args.lengths), args.engine,
-        Path(args.out), kernels=args.kernels, memory_only=args.memory_only)
+        Path(args.out), kernels=args.kernels, memory_only=args.memory_only, bounded_reads=args.bounded_reads,
+        cache_len=args.cache_len)
     print(f"wrote {args.out}")
 
 
@@ -708,6 +709,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--engine", default="graph", choices=["graph", "compile", "plain"])
     p.add_argument("--kernels", action="store_true", help="also record the kernels of one decode step")
     p.add_argument("--memory-only", action="store_true", help="peak memory only (short decode)")
+    p.add_argument("--bounded-reads", action="store_true",
+                   help="decode steps read only the written part of the cache (engine.py, bounded_reads)")
+    p.add_argument("--cache-len", type=int, default=None,
+                   help="cache size in tokens (default: 2 x length), e.g. 4096 for a short talk in a long cache")
     p.add_argument("--out", required=True)
     p = sub.add_parser("bench-report", help=cmd_bench_report.__doc__)
     p.add_argument("--latency", nargs="+", required=True, help="bench JSON files with timings")

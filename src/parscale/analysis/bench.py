@@ -89,19 +89,25 @@ def bytes_per_step(model, runner) -> int:
     weights = sum(p.numel() * p.element_size() for p in model.parameters())  # shared (tied) tensors once
     weights -= cfg.vocab_size * cfg.hidden_size * 2 if not cfg.tie_word_embeddings else 0  # embedding: rows only
     cache = runner.cache if isinstance(runner, DecodeEngine) else None
-    kv = cache.nbytes() if cache is not None else 0
+    kv = 0
+    if cache is not None:  # the slots a step reads: all of them, or the bounded read of the last step
+        kv = cache.nbytes() * (cache.prefix_len + cache.read_len) // (cache.prefix_len + cache.max_len)
     return weights + kv
 
 
-def measure_point(model, batch: int, length: int, engine: str, memory_only: bool = False) -> dict:
+def measure_point(model, batch: int, length: int, engine: str, memory_only: bool = False,
+                  bounded_reads: bool = False, cache_len: int | None = None) -> dict:
+    """One (batch, length) point: prompt and output of `length` tokens each, in a cache of 2 × length
+    tokens or cache_len (to see what a long cache costs a short conversation)."""
     device = model.model.embed_tokens.weight.device
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
-    max_len = 2 * length
+    max_len = max(cache_len or 0, 2 * length)
     if engine == "plain":
         runner = PlainRunner(model, batch, max_len)
     else:
-        runner = DecodeEngine(model, batch, max_len, use_graph=True, compile=engine == "compile")
+        runner = DecodeEngine(model, batch, max_len, use_graph=True, compile=engine == "compile",
+                              bounded_reads=bounded_reads)
     gen = torch.Generator(device=device).manual_seed(1)
     ids = torch.randint(0, model.config.vocab_size, (batch, length), device=device, generator=gen)
 
@@ -138,6 +144,7 @@ def measure_point(model, batch: int, length: int, engine: str, memory_only: bool
         "latency_s": (prefill_ms + decode_ms * length) / 1000.0, "peak_memory_bytes": peak,
         "peak_memory_gib": peak / 2**30, "bytes_per_step": nbytes,
         "achieved_bandwidth_tb_s": nbytes / (decode_ms / 1000.0) / 1e12, "warmup_s": warmup_s,
+        "cache_len": max_len, "bounded_reads": bounded_reads,
     }
 
 
@@ -179,7 +186,7 @@ def environment() -> dict:
 
 
 def run(shapes, streams, batches, lengths, engine: str, out: Path, kernels: bool = False,
-        memory_only: bool = False) -> dict:
+        memory_only: bool = False, bounded_reads: bool = False, cache_len: int | None = None) -> dict:
     if not torch.cuda.is_available():
         raise ValueError("parscale bench measures a CUDA GPU and none is available")
     result = {"environment": environment(), "engine": engine, "dtype": "bfloat16", "memory_only": memory_only,
@@ -198,7 +205,7 @@ def run(shapes, streams, batches, lengths, engine: str, out: Path, kernels: bool
             for b in batches:
                 for length in lengths:
                     point = {"shape": shape, "P": p, "non_embedding_params": counts["non_embedding"],
-                             **measure_point(model, b, length, engine, memory_only)}
+                             **measure_point(model, b, length, engine, memory_only, bounded_reads, cache_len)}
                     gc.collect()  # engines sit in reference cycles: free their caches and graphs now
                     result["points"].append(point)
                     bar.write(f"{shape} P={p} B={b} L={length}: "

@@ -89,6 +89,7 @@ class StaticKVCache(KVCache):
         cache.decoding = False
         cache.pos = torch.zeros(1, dtype=torch.long, device=cache.k.device)
         cache.key_valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=cache.k.device)
+        cache.read_len = max_len  # real slots a decode step reads (the engine may bound it, see engine.py)
         return cache
 
     def fits(self, batch_size: int, max_len: int, dtype: torch.dtype, device: torch.device) -> bool:
@@ -112,9 +113,10 @@ class StaticKVCache(KVCache):
         self.decoding = True
 
     def decode_mask(self, parscale_n: int) -> torch.Tensor:
-        """Bool [P·B, 1, 1, prefix + max_len]: the prefix, then every written real slot."""
+        """Bool [P·B, 1, 1, prefix + read_len]: the prefix, then every written real slot of the first read_len."""
         self.key_valid.index_fill_(1, self.pos, True)  # the token written in this step
-        mask = torch.cat([self.key_valid.new_ones(self.batch_size, self.prefix_len), self.key_valid], dim=1)
+        valid = self.key_valid[:, : self.read_len]
+        mask = torch.cat([valid.new_ones(self.batch_size, self.prefix_len), valid], dim=1)
         return mask[:, None, None, :].repeat(parscale_n, 1, 1, 1)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
@@ -123,7 +125,8 @@ class StaticKVCache(KVCache):
         slot = self.pos + self.prefix_len
         self.k[layer].index_copy_(2, slot, k)
         self.v[layer].index_copy_(2, slot, v)
-        return self.k[layer], self.v[layer]
+        end = self.prefix_len + self.read_len  # a host value, fixed for one captured step
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
     def advance(self, t: int) -> None:
         if self.decoding:

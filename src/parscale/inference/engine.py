@@ -22,6 +22,12 @@ and captured again whenever the cache or any parameter or buffer of the model wa
 
 On CPU (or with use_graph=False) the same static step runs without a graph, which is how the
 tests check it against the plain path.
+
+`bounded_reads=True` (off by default until it is measured on a GPU) makes a step read only the first
+`read_len` slots of the cache, the smallest of 256, 512, 1024, ... (capped at max_len) that holds every
+token written so far, instead of all max_len: one graph per such length, captured when first needed, so
+a short conversation in a long cache reads a short cache. The host knows how many tokens were written,
+so choosing the length costs no device sync.
 """
 
 from __future__ import annotations
@@ -32,15 +38,17 @@ import torch
 
 
 class DecodeEngine:
+    READ_STEP = 256  # the shortest bounded read; each longer one doubles it
+
     def __init__(self, model, batch_size: int = 1, max_len: int = 256, use_graph: bool | None = None,
-                 compile: bool = False):
+                 compile: bool = False, bounded_reads: bool = False):
         # A weak reference: the per-model engine registry below must not keep the model alive.
         self._model = weakref.ref(model)
         device = model.model.embed_tokens.weight.device
         self.use_graph = device.type == "cuda" if use_graph is None else use_graph
         self.step_fn = torch.compile(self._step, fullgraph=True, dynamic=False) if compile else self._step
-        self.graph: torch.cuda.CUDAGraph | None = None
-        self.graph_logits: torch.Tensor | None = None
+        self.bounded_reads = bounded_reads
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}  # read_len -> graph, its logits
         self.captures = 0  # how many times a graph was captured (tests and benchmarks read it)
         self._captured_for: tuple | None = None
         self.cache = None
@@ -69,7 +77,7 @@ class DecodeEngine:
             device = cache.k.device
             self.tokens = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
             self.positions = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
-            self.graph, self.graph_logits = None, None
+            self.graphs = {}
         self.written = 0  # tokens in the cache, counted on the host (no device sync)
 
     def _fingerprint(self) -> tuple:
@@ -100,9 +108,18 @@ class DecodeEngine:
             self.positions, t)
         self.positions.copy_(real)
         self.written = t
-        if self.graph is not None and self._captured_for != self._fingerprint():
-            self.graph, self.graph_logits = None, None  # parameters or buffers were replaced: capture again
+        if self.graphs and self._captured_for != self._fingerprint():
+            self.graphs = {}  # parameters or buffers were replaced: capture again
         return logits
+
+    def read_len_for(self, written: int) -> int:
+        """The cache slots a step reads once `written` tokens are in it (see the module docstring)."""
+        if not self.bounded_reads:
+            return self.max_len
+        length = self.READ_STEP
+        while length < written:
+            length *= 2
+        return min(length, self.max_len)
 
     @torch.no_grad()
     def decode(self, token: torch.Tensor) -> torch.Tensor:
@@ -111,14 +128,17 @@ class DecodeEngine:
             raise ValueError(f"engine cache is full ({self.max_len} tokens)")
         self.tokens.copy_(token.view(-1, 1))
         self.written += 1
+        read_len = self.read_len_for(self.written)
+        self.cache.read_len = read_len
         if not self.use_graph:
             return self.step_fn()
-        if self.graph is None:
-            self._capture()
-        self.graph.replay()
-        return self.graph_logits
+        if read_len not in self.graphs:
+            self._capture(read_len)
+        graph, logits = self.graphs[read_len]
+        graph.replay()
+        return logits
 
-    def _capture(self) -> None:
+    def _capture(self, read_len: int) -> None:
         cache = self.cache
         # Warm-up and capture run the step for real; the key/value slot they write is written again by
         # the first replay, so restoring the position counters is enough.
@@ -136,9 +156,10 @@ class DecodeEngine:
                 self.step_fn()
                 restore()
         torch.cuda.current_stream().wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.graph_logits = self.step_fn()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):  # its own memory pool: a decode step's activations are small
+            logits = self.step_fn()
+        self.graphs[read_len] = (graph, logits)
         restore()
         self._captured_for = self._fingerprint()
         self.captures += 1
