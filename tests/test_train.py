@@ -153,7 +153,7 @@ def test_prefix_reparam_trains_merges_and_resumes(data_dir, tmp_path):
     assert torch.isfinite(model(torch.ones(1, 5, dtype=torch.long))).all()
 
 
-@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+@pytest.mark.parametrize("mode", ["ddp", "fsdp", "fsdp-frozen"])
 def test_torchrun_two_processes_match_one(data_dir, tmp_path, mode):
     """DDP / FSDP2 over gloo with 2 processes and the same global batch give the single-process losses (with
     gradient accumulation, whose first micro-step skips the gradient sync), and their checkpoint resumes in
@@ -165,15 +165,26 @@ def test_torchrun_two_processes_match_one(data_dir, tmp_path, mode):
     args = ["train", "--model", "tiny", "--streams", "2", "--n-tokens", "4", "--data", str(data_dir), "--grad-accum",
             "2", "--steps", "4", "--batch-size", "4", "--seq-len", "32", "--eval-every", "0", "--save-every", "0"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if mode == "fsdp-frozen":  # frozen-backbone (adapter) training, sharded
+        args += ["--trainable", "parscale"]
     one = subprocess.run([sys.executable, "-m", "parscale.cli", *args, "--out", str(tmp_path / "one")], env=env,
                          capture_output=True, text=True, timeout=300)
     assert one.returncode == 0, one.stderr[-2000:]
-    flags = ["--fsdp"] if mode == "fsdp" else []
+    flags = ["--fsdp"] if mode.startswith("fsdp") else []
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                           "-m", "parscale.cli", *args, *flags, "--out", str(tmp_path / "two")], env=env,
                          capture_output=True, text=True, timeout=300)
     assert two.returncode == 0, two.stderr[-2000:]
     assert _losses(tmp_path / "two") == pytest.approx(_losses(tmp_path / "one"), abs=1e-5)
+    if mode == "fsdp-frozen":  # the adapter written by 2 processes is the one written by 1
+        from safetensors.torch import load_file
+
+        one_adapter, two_adapter = (load_file(tmp_path / run / "adapter" / "adapter.safetensors")
+                                    for run in ("one", "two"))
+        assert one_adapter.keys() == two_adapter.keys()
+        for k in one_adapter:
+            torch.testing.assert_close(two_adapter[k], one_adapter[k], atol=1e-5, rtol=1e-4)
+        return
     # a checkpoint written by 2 processes resumes in 1
     cont = subprocess.run([sys.executable, "-m", "parscale.cli", *args[:-6], "--steps", "6", "--seq-len", "32",
                            "--eval-every", "0", "--save-every", "0", "--out", str(tmp_path / "two"), "--resume"],
