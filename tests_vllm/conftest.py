@@ -19,12 +19,16 @@ import parscale  # noqa: E402
 
 
 def make_model(folder: Path, streams: int, n_tokens: int = 8, smooth: float = 0.1, tied: bool = True,
-               p1_prefix: bool = False, released_p1: bool = False, seed: int = 0) -> Path:
+               p1_prefix: bool = False, released_p1: bool = False, family: str = "qwen2", seed: int = 0) -> Path:
     """A tiny random qwen2_parscale folder (head_dim 64, as vLLM's CPU attention needs) whose greedy output
     is far from degenerate, with a byte-level tokenizer."""
     from parscale.training.tokenizer import byte_tokenizer
 
-    cfg = parscale.ModelConfig(family="qwen2", vocab_size=512, hidden_size=128, intermediate_size=256,
+    extra = {"qwen3": dict(head_dim=64, rope_theta=1e6),
+             "llama": dict(rope_theta=500000.0, rope_scaling={"rope_type": "llama3", "factor": 8.0,
+                                                              "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                                              "original_max_position_embeddings": 64})}.get(family, {})
+    cfg = parscale.ModelConfig(family=family, **extra, vocab_size=512, hidden_size=128, intermediate_size=256,
                                num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
                                max_position_embeddings=512, tie_word_embeddings=tied, parscale_n=streams,
                                parscale_n_tokens=n_tokens, parscale_attn_smooth=smooth,

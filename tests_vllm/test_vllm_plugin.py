@@ -21,11 +21,14 @@ NEW = 16
 
 # P, prefix tokens, ε, tied: every P the paper uses, several n_tokens and ε, tied and untied embeddings; p1 is a
 # plain qwen2 folder (vLLM's own Qwen2 class, which the plugin must leave alone), p1-released a qwen2_parscale
-# folder with parscale_n = 1 (as the released P = 1 checkpoints are), p1-prefix the P = 1 prefix control.
+# folder with parscale_n = 1 (as the released P = 1 checkpoints are), p1-prefix the P = 1 prefix control;
+# llama-p4 (llama3 RoPE scaling, no q/k/v bias) and qwen3-p2 (q/k norms) are this library's own types.
 VARIANTS = {"p1": dict(streams=1), "p2": dict(streams=2, n_tokens=8, smooth=0.1),
             "p4": dict(streams=4, n_tokens=4, smooth=0.0, tied=False), "p8": dict(streams=8, n_tokens=16, smooth=0.1,
                                                                                tied=False),
-            "p1-prefix": dict(streams=1, n_tokens=8, p1_prefix=True), "p1-released": dict(streams=1, released_p1=True)}
+            "p1-prefix": dict(streams=1, n_tokens=8, p1_prefix=True), "p1-released": dict(streams=1, released_p1=True),
+            "llama-p4": dict(family="llama", streams=4, n_tokens=8, tied=False),
+            "qwen3-p2": dict(family="qwen3", streams=2, n_tokens=4)}
 
 
 def reference(folder, prompt: str):
@@ -58,7 +61,8 @@ def test_llm_equals_parscale(tmp_path, variant, engine_args):
         check(output, folder, prompt)
     (single,) = llm.generate([PROMPTS[1]], params)
     check(single, folder, PROMPTS[1])
-    expected_placeholders = VARIANTS[variant]["n_tokens"] if variant in ("p2", "p4", "p8", "p1-prefix") else 0
+    spec = VARIANTS[variant]
+    expected_placeholders = spec["n_tokens"] if spec["streams"] > 1 or spec.get("p1_prefix") else 0
     assert len(single.prompt_token_ids) == len(reference(folder, PROMPTS[1])[0]) + expected_placeholders
 
 

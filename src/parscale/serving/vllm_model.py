@@ -1,4 +1,5 @@
-"""Qwen2ParScaleForCausalLM for vLLM: the released ParScale checkpoints on vLLM's paged attention.
+"""ParScale models for vLLM: the released qwen2_parscale checkpoints (and llama_ / qwen3_parscale) on vLLM's paged
+attention.
 
 Streams as attention heads. The MLPs, norms and projections run on T·P rows (token-major: row t·P + p);
 attention then sees T tokens with P·H query heads and P·KVH key/value heads, head p·H + h for stream p,
@@ -16,9 +17,10 @@ same scores as the released model. The placeholders' own outputs are never used 
 not defined); identical placeholders at the start of every prompt share their cache blocks under
 prefix caching, as they should, since their keys and values are the same constants.
 
-Supported: P ≥ 1, any n_tokens, ε, tied or untied embeddings, prefix caching, chunked prefill,
-continuous batching. Not supported: tensor and pipeline parallelism (refused), LoRA, speculative
-decoding. Tested on vLLM's CPU build against parscale's own model (tests/test_vllm.py).
+Supported: qwen2_parscale (the released format) and this library's llama_parscale / qwen3_parscale; P ≥ 1,
+any n_tokens, ε, tied or untied embeddings, prefix caching, chunked prefill, continuous batching. Not
+supported: tensor and pipeline parallelism (refused), LoRA, speculative decoding. Tested on vLLM's CPU
+build against parscale's own model (tests_vllm/).
 """
 
 from __future__ import annotations
@@ -27,7 +29,6 @@ from collections.abc import Iterable
 
 import torch
 from torch import nn
-from transformers import Qwen2Config
 from vllm.config import VllmConfig
 from vllm.distributed import get_pp_group, get_tensor_model_parallel_world_size
 from vllm.model_executor.layers.activation import SiluAndMul
@@ -39,23 +40,7 @@ from vllm.model_executor.layers.rotary_embedding import get_rope
 from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
 from vllm.model_executor.models.utils import AutoWeightsLoader, WeightsMapper
 
-from parscale.serving.vllm_renderer import placeholder_count
-
-
-class Qwen2ParScaleConfig(Qwen2Config):
-    """The official Qwen2ParScaleConfig's keys on transformers' Qwen2Config (defaults as the official class).
-
-    max_position_embeddings grows by the placeholders, which take the first positions of every sequence."""
-
-    model_type = "qwen2_parscale"
-
-    def __init__(self, parscale_n: int = 1, parscale_n_tokens: int = 48, parscale_attn_smooth: float = 0.01,
-                 parscale_p1_prefix: bool = False, tie_word_embeddings: bool = False, **kwargs):
-        self.parscale_n = parscale_n
-        self.parscale_n_tokens = parscale_n_tokens
-        self.parscale_attn_smooth = parscale_attn_smooth
-        self.parscale_p1_prefix = parscale_p1_prefix
-        super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
+from parscale.serving.vllm_config import placeholder_count
 
 
 class ParScaleMLP(nn.Module):
@@ -80,8 +65,14 @@ class ParScaleAttention(nn.Module):
         self.head_dim = d = getattr(config, "head_dim", None) or h // heads
         self.streams, self.n_prefix = streams, n_prefix
         self.q_size, self.kv_size = heads * d, kv * d
-        self.qkv_proj = QKVParallelLinear(h, d, heads, kv, bias=True, quant_config=quant_config,
+        family = config.model_type.removesuffix("_parscale")
+        bias = family == "qwen2" or bool(getattr(config, "attention_bias", False))  # Qwen2 always has q/k/v bias
+        self.qkv_proj = QKVParallelLinear(h, d, heads, kv, bias=bias, quant_config=quant_config,
                                           prefix=f"{prefix}.qkv_proj")
+        self.qk_norm = family == "qwen3"  # Qwen3 normalises every query and key head before RoPE
+        if self.qk_norm:
+            self.q_norm = RMSNorm(d, eps=config.rms_norm_eps)
+            self.k_norm = RMSNorm(d, eps=config.rms_norm_eps)
         self.o_proj = RowParallelLinear(heads * d, h, bias=False, quant_config=quant_config, prefix=f"{prefix}.o_proj")
         self.rotary_emb = get_rope(d, max_position=config.max_position_embeddings + n_prefix,
                                    rope_parameters=config.rope_parameters)
@@ -110,6 +101,9 @@ class ParScaleAttention(nn.Module):
         t, p = positions.shape[0], self.streams
         qkv, _ = self.qkv_proj(hidden)  # [T·P, (H + 2·KVH)·d]
         q, k, v = qkv.view(t, p, -1).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        if self.qk_norm:
+            q = self.q_norm(q.reshape(-1, self.head_dim))
+            k = self.k_norm(k.reshape(-1, self.head_dim))
         q, k, v = q.reshape(t, -1), k.reshape(t, -1), v.reshape(t, -1)  # [T, P·H·d], head p·H + h
         q, k = self.rotary_emb(positions, q, k)
         if self.n_prefix:
@@ -182,7 +176,9 @@ class ParScaleModel(nn.Module):
         return (streams * weights.unsqueeze(-1)).sum(dim=1).to(streams.dtype)  # [T, H], mixed in fp32
 
 
-class Qwen2ParScaleForCausalLM(nn.Module):
+class ParScaleForCausalLM(nn.Module):
+    """One class for qwen2_parscale (the released format) and this library's llama_parscale / qwen3_parscale."""
+
     hf_to_vllm_mapper = WeightsMapper(orig_to_new_stacked={
         ".q_proj": (".qkv_proj", "q"), ".k_proj": (".qkv_proj", "k"), ".v_proj": (".qkv_proj", "v"),
         ".gate_proj": (".gate_up_proj", 0), ".up_proj": (".gate_up_proj", 1)})
@@ -216,3 +212,15 @@ class Qwen2ParScaleForCausalLM(nn.Module):
             if layer.self_attn.n_prefix:
                 layer.self_attn.prepare_prefix()
         return loaded
+
+
+class Qwen2ParScaleForCausalLM(ParScaleForCausalLM):
+    pass
+
+
+class LlamaParScaleForCausalLM(ParScaleForCausalLM):
+    pass
+
+
+class Qwen3ParScaleForCausalLM(ParScaleForCausalLM):
+    pass

@@ -2,8 +2,10 @@
 
 vLLM calls `register()` in every one of its processes (entry point group `vllm.general_plugins`). It
 registers, without `trust_remote_code`:
-- the `qwen2_parscale` configuration class with transformers' AutoConfig (vllm_model.Qwen2ParScaleConfig);
-- the architecture `Qwen2ParScaleForCausalLM` (vllm_model.py, imported lazily by vLLM);
+- the `qwen2_parscale` configuration class (and this library's `llama_parscale` / `qwen3_parscale`) with
+  transformers' AutoConfig (vllm_config.py);
+- the architectures `Qwen2ParScaleForCausalLM`, `LlamaParScaleForCausalLM`, `Qwen3ParScaleForCausalLM`
+  (vllm_model.py, imported lazily by vLLM);
 - a renderer for the default tokenizer mode that puts the prefix's placeholder tokens in front of every
   prompt of a ParScale model (vllm_model.py explains why) and behaves exactly as vLLM's own for every
   other model.
@@ -16,15 +18,17 @@ def register() -> None:
     from transformers import AutoConfig
     from vllm import ModelRegistry
 
-    from parscale.serving.vllm_model import Qwen2ParScaleConfig
+    from parscale.serving.vllm_config import CONFIGS
 
-    try:
-        AutoConfig.register("qwen2_parscale", Qwen2ParScaleConfig)
-    except ValueError:  # registered already in this process
-        pass
-    if "Qwen2ParScaleForCausalLM" not in ModelRegistry.get_supported_archs():
-        ModelRegistry.register_model("Qwen2ParScaleForCausalLM",
-                                     "parscale.serving.vllm_model:Qwen2ParScaleForCausalLM")
+    for model_type, config_class in CONFIGS.items():
+        try:
+            AutoConfig.register(model_type, config_class)
+        except ValueError:  # registered already in this process
+            pass
+    for family in ("Qwen2", "Llama", "Qwen3"):
+        arch = f"{family}ParScaleForCausalLM"
+        if arch not in ModelRegistry.get_supported_archs():
+            ModelRegistry.register_model(arch, f"parscale.serving.vllm_model:{arch}")
     from vllm.renderers.registry import RENDERER_REGISTRY
 
     if RENDERER_REGISTRY.renderers.get("hf") != ("parscale.serving.vllm_renderer", "PrefixPlaceholderRenderer"):

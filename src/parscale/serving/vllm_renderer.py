@@ -10,18 +10,7 @@ from __future__ import annotations
 
 from vllm.renderers.hf import HfRenderer
 
-
-def placeholder_count(hf_config) -> int:
-    if getattr(hf_config, "model_type", None) != "qwen2_parscale":
-        return 0
-    has_prefix = getattr(hf_config, "parscale_n", 1) > 1 or getattr(hf_config, "parscale_p1_prefix", False)
-    return int(hf_config.parscale_n_tokens) if has_prefix else 0
-
-
-def placeholder_id(hf_config) -> int:
-    """The last id of the vocabulary: a padding row in the released checkpoints (151,936 rows for 151,646
-    tokens); its embedding never matters, since the placeholders' keys and values are replaced."""
-    return int(hf_config.vocab_size) - 1
+from parscale.serving.vllm_config import placeholder_count, placeholder_id
 
 
 class PrefixPlaceholderRenderer(HfRenderer):
