@@ -26,6 +26,7 @@ def command(fn):
     return fn
 
 
+QUANTIZE_HELP = "int8: weight-only int8 projections in every decoder layer (inference/quantize.py)"
 MODEL_HELP = ("a model folder, a training run folder (its latest checkpoint) or a Hub id org/name (taken from the "
               "local Hub cache, or downloaded into it; HF_HUB_OFFLINE=1 stays offline)")
 
@@ -129,11 +130,20 @@ def _load_for_generation(args):
         generation_config = model.generation_config
         model = load_adapter(model, args.adapter)
         model.generation_config = generation_config
+    _maybe_quantize(model, args)
     tok = parscale.load_tokenizer(args.model)
     file_eos = model.generation_config.get("eos_token_id")
     eos = file_eos if file_eos is not None else model.config.eos_token_id
     eos = eos if eos is not None else eos_id(tok)
     return model, tok, [] if eos is None else eos if isinstance(eos, list) else [eos]
+
+
+def _maybe_quantize(model, args):
+    if getattr(args, "quantize", None) == "int8":
+        from parscale.inference.quantize import quantize_int8
+
+        quantize_int8(model)
+    return model
 
 
 def _generation_flags(args) -> dict:
@@ -351,7 +361,7 @@ def cmd_bench(args):
 
     run(args.shapes.split(","), ints(args.streams), ints(args.batches), ints(args.lengths), args.engine,
         Path(args.out), kernels=args.kernels, memory_only=args.memory_only, bounded_reads=args.bounded_reads,
-        cache_len=args.cache_len)
+        cache_len=args.cache_len, quantize=args.quantize)
     print(f"wrote {args.out}")
 
 
@@ -502,12 +512,12 @@ def cmd_eval(args):
         from parscale.io.files import check_output_file
 
         check_output_file(args.out)
-    model = parscale.load(args.model, dtype=args.dtype, device=args.device)
+    model = _maybe_quantize(parscale.load(args.model, dtype=args.dtype, device=args.device), args)
     tokenizer = parscale.load_tokenizer(args.model) if not str(args.data).endswith(".bin") else None
     result = evaluate(model, tokenizer, args.data, max_length=args.max_length, stride=args.stride,
                       batch_size=args.batch_size, glob=args.glob, text_field=args.text_field,
                       token_dtype=args.token_dtype)
-    result["model"] = str(args.model)
+    result["model"], result["quantize"] = str(args.model), args.quantize
     if args.out:
         from parscale.io.files import write_json_atomic
 
@@ -689,6 +699,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--dtype", default=None)
         p.add_argument("--device", default=None)
+        p.add_argument("--quantize", default=None, choices=["int8"], help=QUANTIZE_HELP)
 
     p = sub.add_parser("convert", help=cmd_convert.__doc__)
     p.add_argument("--model", required=True, help="a P=1 model (qwen2, llama, qwen3): " + MODEL_HELP)
@@ -711,6 +722,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--memory-only", action="store_true", help="peak memory only (short decode)")
     p.add_argument("--bounded-reads", action="store_true",
                    help="decode steps read only the written part of the cache (engine.py, bounded_reads)")
+    p.add_argument("--quantize", default=None, choices=["int8"], help=QUANTIZE_HELP)
     p.add_argument("--cache-len", type=int, default=None,
                    help="cache size in tokens (default: 2 x length), e.g. 4096 for a short talk in a long cache")
     p.add_argument("--out", required=True)
@@ -730,6 +742,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--token-dtype", default="uint16", choices=["uint16", "uint32"])
     p.add_argument("--dtype", default=None)
     p.add_argument("--device", default=None)
+    p.add_argument("--quantize", default=None, choices=["int8"], help=QUANTIZE_HELP)
     p.add_argument("--out", default=None, help="write the JSON result here")
 
     p = sub.add_parser("streams", help=cmd_streams.__doc__)

@@ -87,6 +87,8 @@ def _events_ms(fn) -> float:
 def bytes_per_step(model, runner) -> int:
     cfg = model.config
     weights = sum(p.numel() * p.element_size() for p in model.parameters())  # shared (tied) tensors once
+    weights += sum(b.numel() * b.element_size() for name, b in model.named_buffers()
+                   if name.endswith(("weight_int8", ".scale")))  # int8-quantized projections (quantize.py)
     weights -= cfg.vocab_size * cfg.hidden_size * 2 if not cfg.tie_word_embeddings else 0  # embedding: rows only
     cache = runner.cache if isinstance(runner, DecodeEngine) else None
     kv = 0
@@ -186,16 +188,22 @@ def environment() -> dict:
 
 
 def run(shapes, streams, batches, lengths, engine: str, out: Path, kernels: bool = False,
-        memory_only: bool = False, bounded_reads: bool = False, cache_len: int | None = None) -> dict:
+        memory_only: bool = False, bounded_reads: bool = False, cache_len: int | None = None,
+        quantize: str | None = None) -> dict:
     if not torch.cuda.is_available():
         raise ValueError("parscale bench measures a CUDA GPU and none is available")
-    result = {"environment": environment(), "engine": engine, "dtype": "bfloat16", "memory_only": memory_only,
+    result = {"environment": environment(), "engine": engine, "dtype": "bfloat16", "quantize": quantize,
+              "memory_only": memory_only,
               "points": [], "kernels": []}
     total = len(shapes) * len(streams) * len(batches) * len(lengths)
     bar = progress_bar(total=total, desc="bench", unit="point")
     for shape in shapes:
         for p in streams:
             model = random_model(shape, p)
+            if quantize == "int8":
+                from parscale.inference.quantize import quantize_int8
+
+                quantize_int8(model)
             counts = model.config.param_counts()
             if kernels:
                 for b in sorted({1, max(batches)}):

@@ -297,6 +297,11 @@ def load_tokenizer(path, revision: str | None = None):
 # ----------------------------------------------------------------------------------------------
 # Writing
 def state_for_saving(model: ParScaleForCausalLM, dtype=None) -> dict[str, torch.Tensor]:
+    from parscale.inference.quantize import is_quantized
+
+    if is_quantized(model):
+        raise CheckpointError("this model's projections are int8-quantized (inference only): the released format "
+                              "holds float weights, so save the model before quantizing it")
     dtype = parse_dtype(dtype)
     state = {}
     for k, v in model.state_dict().items():
