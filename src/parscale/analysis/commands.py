@@ -1,0 +1,326 @@
+"""The `parscale` sub-commands that measure: eval, streams, bench, bench-report, cost, fit, predict, plan."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from parscale.cli_support import MODEL_HELP, QUANTIZE_HELP, command, maybe_quantize, resolve_model
+
+
+@command
+def cmd_bench(args):
+    """Measure decode ms/token, prefill time and peak memory on the GPU (random bf16 weights)."""
+    from parscale.analysis.bench import run
+
+    def ints(text):
+        return [int(x) for x in text.split(",")]
+
+    run(args.shapes.split(","), ints(args.streams), ints(args.batches), ints(args.lengths), args.engine,
+        Path(args.out), kernels=args.kernels, memory_only=args.memory_only, bounded_reads=args.bounded_reads,
+        cache_len=args.cache_len, quantize=args.quantize)
+    print(f"wrote {args.out}")
+
+
+@command
+def cmd_bench_report(args):
+    """Summarise benchmark JSON: the Figure 4 plot and the paper-style headline ratios."""
+    from parscale.analysis.bench_report import report
+
+    summary = report(args.latency, args.memory, Path(args.out))
+    for batch, row in summary["headline"].items():
+        for metric, v in row.items():
+            print(f"{batch:9s} {metric:11s} P1 {v['P1']:.4f}  P8 {v['P8']:.4f}  equal-loss P1 {v['equal_loss_P1']:.4f}"
+                  f"  ratio {v['ratio']:.2f}x")
+    print(f"wrote {args.out}/summary.json and {args.out}/figure4_measured.png")
+
+
+def _law_points(args):
+    from parscale.analysis.scaling_law import paper_points, read_points
+
+    if (args.csv is None) == (args.paper is None):
+        raise ValueError("give either a CSV file (params,P,loss) or --paper stack|pile")
+    return paper_points(args.paper) if args.paper else read_points(args.csv)
+
+
+@command
+def cmd_fit(args):
+    """Fit the parallel scaling law (Eq. 5 and the ρ form, Eq. 4) to params,P,loss points."""
+    from parscale.analysis.scaling_law import bootstrap, fit
+
+    points = _law_points(args)
+    eq5, eq4 = fit(points, "eq5"), fit(points, "eq4")
+    result = {**eq5.as_dict(), "eq5": eq5.as_dict(), "eq4": eq4.as_dict(), "n_points": len(points)}
+    if args.bootstrap > 0:
+        result["eq5"]["ci95"] = bootstrap(points, eq5, n=args.bootstrap, seed=args.seed)
+    pred = eq5.predict(points.params, points.P)
+    result["table"] = [{"params": int(n), "P": int(p), "loss": float(y), "pred": float(q), "error": float(q - y)}
+                       for n, p, y, q in zip(points.params, points.P, points.loss, pred, strict=True)]
+    if args.plot:
+        from parscale.analysis.plots import plot_contours, plot_law
+
+        stem = Path(args.plot)
+        stem.parent.mkdir(parents=True, exist_ok=True)
+        plot_law(points, eq5, stem.with_name(stem.name + "_law.png"))
+        plot_contours(eq5, stem.with_name(stem.name + "_contours.png"),
+                      n_range=(points.params.min() / 2, points.params.max() * 2))
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    if args.json:
+        print(json.dumps(result))
+        return
+    for name, f in (("Eq. 5", eq5), ("Eq. 4", eq4)):
+        extra = "k" if f.form == "eq5" else "rho"
+        print(f"{name}: E={f.E:.4f}  A={f.A:.4g}  alpha={f.alpha:.4f}  {extra}={f.shape:.4f}  R2={f.r2:.4f}")
+    if "ci95" in result["eq5"]:
+        ci = result["eq5"]["ci95"]
+        print(f"  95% bootstrap intervals ({ci['n']} resamples): " + ", ".join(
+            f"{k} [{ci[k][0]:.4g}, {ci[k][1]:.4g}]" for k in ("E", "A", "alpha", "k")))
+    print(f"{'params':>14} {'P':>3} {'loss':>8} {'pred':>8} {'error':>8}")
+    for r in result["table"]:
+        print(f"{r['params']:>14,} {r['P']:>3} {r['loss']:>8.4f} {r['pred']:>8.4f} {r['error']:>+8.4f}")
+
+
+def _load_fit(args):
+    from parscale.analysis.scaling_law import Fit, fit
+
+    if args.law:
+        d = json.loads(Path(args.law).read_text())
+        d = d.get("eq5", d)
+        return Fit("eq5", d["E"], d["A"], d["alpha"], d["k"], d.get("r2", float("nan")), 0.0)
+    return fit(_law_points(args), "eq5")
+
+
+@command
+def cmd_predict(args):
+    """Predicted loss at (N, P), the multiplier k·ln P + 1, the equal-loss P=1 size, the P for a target."""
+    from parscale.analysis.scaling_law import equivalent_params, multiplier, smallest_P
+
+    if args.params <= 0 or args.streams < 1:
+        raise ValueError("--params must be > 0 and --streams >= 1")
+    f = _load_fit(args)
+    out = {"params": args.params, "P": args.streams, "loss": float(f.predict(args.params, args.streams)),
+           "multiplier": multiplier(f.shape, args.streams),
+           "equivalent_P1_params": equivalent_params(f, args.params, args.streams)}
+    if args.target is not None:
+        out["target_loss"] = args.target
+        out["smallest_P_for_target"] = smallest_P(f, args.params, args.target)
+    print(json.dumps(out, indent=1))
+
+
+@command
+def cmd_plan(args):
+    """Candidates (N, P) that fit a GPU's memory and a per-token latency budget, best predicted loss first."""
+    from parscale.analysis.cost import predict
+    from parscale.model.config import PRESETS, ModelConfig
+
+    f = _load_fit(args)
+    rows = []
+    for name in sorted(k for k in PRESETS if k.startswith("paper-")):
+        for p in (1, 2, 4, 8):
+            cfg = ModelConfig.preset(name, parscale_n=p)
+            cost = predict(cfg, args.batch, args.input_len, args.output_len, args.gpu, args.engine)
+            n = cfg.param_counts()["non_embedding"]
+            fits = cost["memory_gib"] <= args.memory_gib and cost["decode_ms_per_token"] <= args.latency_ms
+            rows.append({"shape": name, "P": p, "params": n, "loss": float(f.predict(n, p)),
+                         "memory_gib": cost["memory_gib"], "decode_ms_per_token": cost["decode_ms_per_token"],
+                         "fits": fits})
+    ok = sorted((r for r in rows if r["fits"]), key=lambda r: r["loss"])
+    if args.json:
+        print(json.dumps({"best": ok[0] if ok else None, "candidates": ok, "all": rows}, indent=1))
+        return
+    print(f"budget: {args.memory_gib} GiB, {args.latency_ms} ms/token on {args.gpu} ({args.engine} engine), "
+          f"batch {args.batch}, {args.input_len}+{args.output_len} tokens")
+    print(f"{'shape':>12} {'P':>2} {'N':>14} {'loss':>7} {'GiB':>7} {'ms/tok':>7}")
+    for r in ok:
+        print(f"{r['shape']:>12} {r['P']:>2} {r['params']:>14,} {r['loss']:>7.4f} {r['memory_gib']:>7.2f} "
+              f"{r['decode_ms_per_token']:>7.2f}")
+    print(f"best: {ok[0]['shape']} P={ok[0]['P']} (predicted loss {ok[0]['loss']:.4f})" if ok
+          else "no candidate fits the budget")
+
+
+@command
+def cmd_cost(args):
+    """Predicted memory and latency (analytic model); --validate compares it with measured JSON."""
+    from parscale.analysis.cost import predict, validate
+    from parscale.model.config import ModelConfig
+
+    if args.validate_latency or args.validate_memory:
+        v = validate(args.validate_latency or [], args.validate_memory or [], args.gpu, args.engine)
+        if args.out:
+            Path(args.out).write_text(json.dumps(v, indent=1) + "\n")
+        print(json.dumps(v["summary"], indent=1))
+        return
+    cfg = ModelConfig.preset(args.shape, parscale_n=args.streams)
+    print(json.dumps(predict(cfg, args.batch, args.input_len, args.output_len, args.gpu, args.engine), indent=1))
+
+
+@command
+def cmd_eval(args):
+    """Held-out loss, perplexity and bits per byte on text files, JSONL or token shards."""
+    resolve_model(args)
+    import parscale
+    from parscale.analysis.evaluate import check_window_settings, evaluate
+    from parscale.model.checkpoint import read_config
+
+    positions = read_config(args.model).max_position_embeddings
+    check_window_settings(positions, args.max_length, args.stride, args.batch_size)  # before any work
+    if args.out:
+        from parscale.io.files import check_output_file
+
+        check_output_file(args.out)
+    model = maybe_quantize(parscale.load(args.model, dtype=args.dtype, device=args.device), args)
+    tokenizer = parscale.load_tokenizer(args.model) if not str(args.data).endswith(".bin") else None
+    result = evaluate(model, tokenizer, args.data, max_length=args.max_length, stride=args.stride,
+                      batch_size=args.batch_size, glob=args.glob, text_field=args.text_field,
+                      token_dtype=args.token_dtype)
+    result["model"], result["quantize"] = str(args.model), args.quantize
+    if args.out:
+        from parscale.io.files import write_json_atomic
+
+        write_json_atomic(result, Path(args.out))
+    bpb = f", {result['bits_per_byte']:.4f} bits/byte" if result["bits_per_byte"] is not None else ""
+    print(f"loss {result['loss']:.4f}, perplexity {result['perplexity']:.3f}{bpb} over {result['tokens']:,} tokens "
+          f"(window {result['max_length']}, stride {result['stride']})")
+    for name, d in result["domains"].items():
+        print(f"  {name}: loss {d['loss']:.4f} over {d['tokens']:,} tokens")
+
+
+@command
+def cmd_streams(args):
+    """Stream diagnostics on held-out data: each stream alone, the mix, the ensemble, KL, cosine, weights."""
+    resolve_model(args)
+    import parscale
+    from parscale.analysis.streams import plot_diagnostics, stream_diagnostics
+    from parscale.io.files import write_json_atomic
+
+    model = parscale.load(args.model, dtype=args.dtype, device=args.device)
+    batches = _held_out_windows(args, model)
+    diag = stream_diagnostics(model, batches)
+    diag["model"], diag["data"] = str(args.model), str(args.data)
+    if args.out:
+        write_json_atomic(diag, Path(args.out))
+    if args.plot and diag["parscale_n"] > 1:
+        plot_diagnostics(diag, args.plot)
+    print(f"P={diag['parscale_n']}: loss {diag['loss_mix']:.4f} over {diag['tokens']:,} tokens")
+    if diag["parscale_n"] > 1:
+        print("  each stream alone: " + ", ".join(f"{v:.4f}" for v in diag["loss_stream"]))
+        print(f"  uniform ensemble {diag['loss_ensemble']:.4f}; all streams with stream 0's prefix "
+              f"{diag['loss_shared_prefix']:.4f}")
+        print(f"  KL between streams {diag['kl_mean']:.4f} nats; hidden cosine (last layer) "
+              f"{diag['hidden_cosine'][-1]:.3f}; weight entropy {diag['weight_entropy']:.3f} of "
+              f"{diag['weight_entropy_uniform']:.3f}; at floor {diag['floor_share']:.1%}, "
+              f"at cap {diag['cap_share']:.1%}")
+
+
+def _held_out_windows(args, model):
+    """Batches of (x, y) windows: the validation split of a `parscale data` folder, or any text eval reads."""
+    import numpy as np
+    import torch
+
+    data = Path(args.data)
+    if (data / "manifest.json").is_file():
+        from parscale.training.data import TokenLoader
+
+        loader = TokenLoader(data, "val", args.batch_size, args.seq_len)
+        return list(loader.windows(limit=args.batches * args.batch_size))
+    import parscale
+    from parscale.analysis.evaluate import iter_documents
+
+    ids = np.concatenate([d.ids for d in iter_documents(data, parscale.load_tokenizer(args.model))])
+    n = min(args.batches * args.batch_size, (len(ids) - 1) // args.seq_len)
+    if n == 0:
+        raise ValueError(f"{str(data)!r} holds {len(ids)} tokens: fewer than one window of {args.seq_len + 1}")
+    rows = torch.from_numpy(np.stack([ids[i * args.seq_len : (i + 1) * args.seq_len + 1] for i in range(n)]))
+    return [(rows[i : i + args.batch_size, :-1], rows[i : i + args.batch_size, 1:])
+            for i in range(0, n, args.batch_size)]
+
+
+def add_parsers(sub) -> None:
+    """Add this module's sub-commands to the `parscale` parser."""
+    p = sub.add_parser("bench", help=cmd_bench.__doc__)
+    p.add_argument("--shapes", default="paper-1.6b,paper-2.8b,paper-4.4b", help="comma-separated presets")
+    p.add_argument("--streams", default="1,2,4,8")
+    p.add_argument("--batches", default="1,2,4,8")
+    p.add_argument("--lengths", default="64,128,256,512", help="input = output lengths")
+    p.add_argument("--engine", default="graph", choices=["graph", "compile", "plain"])
+    p.add_argument("--kernels", action="store_true", help="also record the kernels of one decode step")
+    p.add_argument("--memory-only", action="store_true", help="peak memory only (short decode)")
+    p.add_argument("--bounded-reads", action="store_true",
+                   help="decode steps read only the written part of the cache (engine.py, bounded_reads)")
+    p.add_argument("--quantize", default=None, choices=["int8"], help=QUANTIZE_HELP)
+    p.add_argument("--cache-len", type=int, default=None,
+                   help="cache size in tokens (default: 2 x length), e.g. 4096 for a short talk in a long cache")
+    p.add_argument("--out", required=True)
+    p = sub.add_parser("bench-report", help=cmd_bench_report.__doc__)
+    p.add_argument("--latency", nargs="+", required=True, help="bench JSON files with timings")
+    p.add_argument("--memory", nargs="+", required=True, help="bench JSON files with peak memory")
+    p.add_argument("--out", default="benchmarks")
+    p = sub.add_parser("eval", help=cmd_eval.__doc__)
+    p.add_argument("--model", required=True, help=MODEL_HELP)
+    p.add_argument("--revision", default=None, help="branch, tag or commit when --model is a Hub id (org/name)")
+    p.add_argument("--data", required=True, help="text file, folder, JSONL or *.bin token shard")
+    p.add_argument("--max-length", type=int, default=None, help="window (default: the model's positions)")
+    p.add_argument("--stride", type=int, default=None, help="window step (default: half the window)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--glob", default="**/*.txt", help="files to read in a folder")
+    p.add_argument("--text-field", default="text")
+    p.add_argument("--token-dtype", default="uint16", choices=["uint16", "uint32"])
+    p.add_argument("--dtype", default=None)
+    p.add_argument("--device", default=None)
+    p.add_argument("--quantize", default=None, choices=["int8"], help=QUANTIZE_HELP)
+    p.add_argument("--out", default=None, help="write the JSON result here")
+
+    p = sub.add_parser("streams", help=cmd_streams.__doc__)
+    p.add_argument("--model", required=True, help=MODEL_HELP)
+    p.add_argument("--revision", default=None, help="branch, tag or commit when --model is a Hub id (org/name)")
+    p.add_argument("--data", required=True, help="a `parscale data` folder (its validation split) or text/JSONL")
+    p.add_argument("--batches", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--dtype", default=None)
+    p.add_argument("--device", default=None)
+    p.add_argument("--out", default=None, help="write the diagnostics JSON here")
+    p.add_argument("--plot", default=None, help="write a PNG of per-stream loss and hidden cosine here")
+
+    def law_inputs(p):
+        p.add_argument("csv", nargs="?", default=None, help="CSV with columns params,P,loss")
+        p.add_argument("--paper", choices=["stack", "pile"], default=None, help="the paper's 24 points")
+
+    p = sub.add_parser("fit", help=cmd_fit.__doc__)
+    law_inputs(p)
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--bootstrap", type=int, default=200, help="resamples for confidence intervals (0: none)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--plot", default=None, help="file stem: writes STEM_law.png and STEM_contours.png")
+    p.add_argument("--out", default=None, help="also write the JSON here")
+
+    for name, fn in (("predict", cmd_predict), ("plan", cmd_plan)):
+        p = sub.add_parser(name, help=fn.__doc__)
+        law_inputs(p)
+        p.add_argument("--law", default=None, help="a JSON written by `parscale fit --out`")
+        if name == "predict":
+            p.add_argument("--params", type=float, required=True, help="non-embedding parameters N")
+            p.add_argument("--streams", type=int, required=True, help="P")
+            p.add_argument("--target", type=float, default=None, help="a target loss")
+        else:
+            p.add_argument("--gpu", default="h100", choices=["h100", "h200", "a100"])
+            p.add_argument("--engine", default="graph", choices=["graph", "compile"])
+            p.add_argument("--memory-gib", type=float, required=True)
+            p.add_argument("--latency-ms", type=float, required=True, help="decode budget per token")
+            p.add_argument("--batch", type=int, default=1)
+            p.add_argument("--input-len", type=int, default=64)
+            p.add_argument("--output-len", type=int, default=128)
+            p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("cost", help=cmd_cost.__doc__)
+    p.add_argument("--shape", default="paper-1.6b")
+    p.add_argument("--streams", type=int, default=1)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--input-len", type=int, default=64)
+    p.add_argument("--output-len", type=int, default=128)
+    p.add_argument("--gpu", default="h100", choices=["h100", "h200", "a100"])
+    p.add_argument("--engine", default="graph", choices=["graph", "compile"])
+    p.add_argument("--validate-latency", nargs="*", default=None, help="measured bench JSON (timings)")
+    p.add_argument("--validate-memory", nargs="*", default=None, help="measured bench JSON (peak memory)")
+    p.add_argument("--out", default=None)

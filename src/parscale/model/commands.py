@@ -1,0 +1,125 @@
+"""The `parscale` sub-commands of model folders: new, info, convert."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from parscale.cli_support import MODEL_HELP, command, resolve_model
+
+
+def _human(n: float) -> str:
+    return f"{n / 2**30:.3f} GiB" if n >= 2**28 else f"{n / 2**20:.2f} MiB"
+
+
+@command
+def cmd_new(args):
+    """Write a freshly initialised model (named preset, optional P) with a byte-level tokenizer."""
+    import parscale
+    from parscale.training.tokenizer import byte_tokenizer
+
+    overrides = {"parscale_n": args.streams}
+    if args.n_tokens is not None:
+        overrides["parscale_n_tokens"] = args.n_tokens
+    cfg = parscale.ModelConfig.preset(args.preset, **overrides)
+    tok = byte_tokenizer() if cfg.vocab_size >= 257 else None
+    if tok is not None:
+        cfg = cfg.replace(eos_token_id=256)
+    model = parscale.build_model(cfg, seed=args.seed)
+    _save_with_tokenizer(model, args.out, tok, args.dtype, args.overwrite)
+    print(f"wrote {args.out} ({cfg.model_type}, P={cfg.parscale_n}, {cfg.param_counts()['total']:,} parameters)")
+
+
+def _save_with_tokenizer(model, out, tokenizer, dtype=None, overwrite=False):
+    import tempfile
+
+    import parscale
+
+    with tempfile.TemporaryDirectory() as tmp:
+        if tokenizer is not None:
+            tokenizer.save(str(Path(tmp) / "tokenizer.json"))
+        parscale.save(model, out, tokenizer_from=tmp if tokenizer is not None else None, dtype=dtype,
+                      overwrite=overwrite)
+
+
+@command
+def cmd_info(args):
+    """Print config, P, parameter counts and memory for weights and KV cache."""
+    resolve_model(args)
+    import torch
+
+    from parscale.analysis.memory import kv_cache_bytes, weight_bytes
+    from parscale.model.checkpoint import read_config, read_generation_config
+
+    cfg = read_config(args.model)
+    counts = cfg.param_counts()
+    elem = torch.finfo(torch.bfloat16).bits // 8 if args.dtype in ("bfloat16", "float16") else 4
+    info = {
+        "model_type": cfg.model_type, "parscale_n": cfg.parscale_n,
+        "parscale_n_tokens": cfg.prefix_len, "parscale_attn_smooth": cfg.parscale_attn_smooth if cfg.parscale_n > 1
+        else None, "layers": cfg.num_hidden_layers, "hidden_size": cfg.hidden_size,
+        "heads": cfg.num_attention_heads, "kv_heads": cfg.num_key_value_heads, "head_dim": cfg.head_dim,
+        "vocab_size": cfg.vocab_size, "tied": cfg.tie_word_embeddings,
+        "params_total": counts["total"], "params_non_embedding": counts["non_embedding"],
+        "params_parscale": counts["parscale"], "dtype": args.dtype,
+        "weights_bytes": weight_bytes(cfg, elem),
+        "kv_cache_bytes": kv_cache_bytes(cfg, args.batch, args.length, elem), "batch": args.batch,
+        "length": args.length, "generation_defaults": read_generation_config(args.model),
+    }
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return
+    for k, v in info.items():
+        if k.endswith("_bytes"):
+            v = f"{v:,} ({_human(v)})"
+        elif isinstance(v, int) and not isinstance(v, bool) and v > 9999:
+            v = f"{v:,}"
+        print(f"{k:24s} {v}")
+
+
+@command
+def cmd_convert(args):
+    """Give a P=1 checkpoint P streams with fresh prefixes and aggregator; save in the released format."""
+    resolve_model(args)
+    import parscale
+    from parscale.model.convert import add_streams
+
+    model = parscale.load(args.model)
+    new = add_streams(model, args.streams, n_tokens=args.n_tokens, smooth=args.smooth, seed=args.seed)
+    parscale.save(new, args.out, tokenizer_from=args.model, dtype=args.dtype, overwrite=args.overwrite,
+                  base_model=args.model_name)
+    c = new.config.param_counts()
+    print(f"wrote {args.out}: {new.config.model_type}, P={args.streams}, n_tokens={args.n_tokens}, "
+          f"+{c['parscale']:,} ParScale parameters")
+
+
+def add_parsers(sub) -> None:
+    """Add this module's sub-commands to the `parscale` parser."""
+    p = sub.add_parser("new", help=cmd_new.__doc__)
+    p.add_argument("--preset", default="tiny")
+    p.add_argument("--streams", type=int, default=1, help="P, the number of parallel streams")
+    p.add_argument("--n-tokens", type=int, default=None, help="prefix tokens per stream (preset default)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default=None)
+    p.add_argument("--out", required=True)
+    p.add_argument("--overwrite", action="store_true",
+                   help="write into a folder holding other files (only the model's own files are replaced)")
+
+    p = sub.add_parser("info", help=cmd_info.__doc__)
+    p.add_argument("--model", required=True, help=MODEL_HELP)
+    p.add_argument("--revision", default=None, help="branch, tag or commit when --model is a Hub id (org/name)")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--length", type=int, default=2048, help="tokens in the KV cache (prefix excluded)")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--json", action="store_true")
+    p = sub.add_parser("convert", help=cmd_convert.__doc__)
+    p.add_argument("--model", required=True, help="a P=1 model (qwen2, llama, qwen3): " + MODEL_HELP)
+    p.add_argument("--revision", default=None, help="branch, tag or commit when --model is a Hub id (org/name)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--streams", type=int, required=True)
+    p.add_argument("--n-tokens", type=int, default=48)
+    p.add_argument("--smooth", type=float, default=0.1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default=None)
+    p.add_argument("--overwrite", action="store_true",
+                   help="write into a folder holding other files (only the model's own files are replaced)")
