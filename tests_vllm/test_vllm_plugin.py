@@ -121,3 +121,26 @@ def test_openai_server_answers_a_completion(tmp_path):
     assert answer["choices"][0]["token_ids"] == greedy
     # The text is the same bytes; a server holds back a last character that is not complete yet.
     assert parscale.load_tokenizer(folder).decode(greedy).startswith(answer["choices"][0]["text"])
+
+
+def test_bf16_is_as_close_to_fp32_as_parscales_own_bf16(tmp_path, engine_args):
+    """In bf16 the oracle is the fp32 model: vLLM's prompt log-probabilities may be off by no more than twice
+    what parscale's own bf16 path is off (two bf16 paths differ from each other by about their error)."""
+    folder = make_model(tmp_path / "m", streams=4, n_tokens=8)
+    llm = LLM(str(folder), **{**engine_args, "dtype": "bfloat16"})
+    prompt = PROMPTS[1]
+    (output,) = llm.generate([prompt], SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=0))
+    tok = parscale.load_tokenizer(folder)
+    ids = tok.encode(prompt).ids
+
+    def prompt_logprobs(model):
+        with torch.no_grad():
+            logprobs = model(torch.tensor([ids])).float().log_softmax(-1)[0]
+        return torch.tensor([float(logprobs[i - 1, ids[i]]) for i in range(1, len(ids))])
+
+    exact = prompt_logprobs(parscale.load(folder))
+    own_bf16 = prompt_logprobs(parscale.load(folder, dtype="bfloat16"))
+    n = len(output.prompt_token_ids) - len(ids)
+    theirs = torch.tensor([output.prompt_logprobs[n + i][ids[i]].logprob for i in range(1, len(ids))])
+    assert (theirs - exact).abs().mean() <= 2 * (own_bf16 - exact).abs().mean()
+    assert (theirs - exact).abs().mean() > 0  # really bf16
