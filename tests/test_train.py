@@ -156,8 +156,8 @@ def test_prefix_reparam_trains_merges_and_resumes(data_dir, tmp_path):
 @pytest.mark.parametrize("mode", ["ddp", "fsdp", "fsdp-frozen"])
 def test_torchrun_two_processes_match_one(data_dir, tmp_path, mode):
     """DDP / FSDP2 over gloo with 2 processes and the same global batch give the single-process losses (with
-    gradient accumulation, whose first micro-step skips the gradient sync), and their checkpoint resumes in
-    one process."""
+    gradient accumulation, whose first micro-step skips the gradient sync), their checkpoint resumes in one
+    process, and a one-process checkpoint resumes in two."""
     import os
     import subprocess
     import sys
@@ -191,6 +191,13 @@ def test_torchrun_two_processes_match_one(data_dir, tmp_path, mode):
                           env=env, capture_output=True, text=True, timeout=300)
     assert cont.returncode == 0, cont.stderr[-2000:]
     assert len(_losses(tmp_path / "two")) == 6
+    # and one written by 1 process resumes in 2: both runs then hold the same 6 losses
+    resume_in_two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                                    "2", "-m", "parscale.cli", *args[:-6], *flags, "--steps", "6", "--seq-len", "32",
+                                    "--eval-every", "0", "--save-every", "0", "--out", str(tmp_path / "one"),
+                                    "--resume"], env=env, capture_output=True, text=True, timeout=300)
+    assert resume_in_two.returncode == 0, resume_in_two.stderr[-2000:]
+    assert _losses(tmp_path / "one") == pytest.approx(_losses(tmp_path / "two"), abs=1e-5)
 
 
 def test_toml_config_with_overrides_and_activation_checkpointing(data_dir, tmp_path):
