@@ -144,3 +144,15 @@ def test_bf16_is_as_close_to_fp32_as_parscales_own_bf16(tmp_path, engine_args):
     theirs = torch.tensor([output.prompt_logprobs[n + i][ids[i]].logprob for i in range(1, len(ids))])
     assert (theirs - exact).abs().mean() <= 2 * (own_bf16 - exact).abs().mean()
     assert (theirs - exact).abs().mean() > 0  # really bf16
+
+
+def test_placeholders_go_in_front_of_token_prompts_and_embeddings_are_refused():
+    from parscale.serving.vllm_renderer import PrefixPlaceholderRenderer
+
+    renderer = object.__new__(PrefixPlaceholderRenderer)  # the method alone, without an engine around it
+    renderer._placeholders = [511] * 3
+    assert renderer._with_placeholders({"prompt_token_ids": [5, 6]})["prompt_token_ids"] == [511, 511, 511, 5, 6]
+    with pytest.raises(ValueError, match="prompt embeddings are not supported"):
+        renderer._with_placeholders({"prompt_embeds": torch.zeros(2, 128)})
+    renderer._placeholders = []  # any other model: untouched
+    assert renderer._with_placeholders({"prompt_embeds": "kept"}) == {"prompt_embeds": "kept"}

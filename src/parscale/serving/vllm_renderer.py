@@ -20,8 +20,12 @@ class PrefixPlaceholderRenderer(HfRenderer):
         self._placeholders = [placeholder_id(hf_config)] * placeholder_count(hf_config)
 
     def _with_placeholders(self, prompt):
-        if self._placeholders and isinstance(prompt, dict) and "prompt_token_ids" in prompt:
-            prompt["prompt_token_ids"] = self._placeholders + list(prompt["prompt_token_ids"])
+        if not self._placeholders or not isinstance(prompt, dict):
+            return prompt
+        if "prompt_token_ids" not in prompt:
+            # Without the placeholders the prefix would overwrite the first real positions: refuse.
+            raise ValueError("a ParScale model takes text or token-id prompts; prompt embeddings are not supported")
+        prompt["prompt_token_ids"] = self._placeholders + list(prompt["prompt_token_ids"])
         return prompt
 
     def tokenize_prompt(self, prompt, params):
