@@ -33,6 +33,14 @@ def run_cli(args, **kw):
     return subprocess.run(CLI + [str(a) for a in args], capture_output=True, text=True, timeout=300, **kw)
 
 
+def text_folder(folder: Path, count: int, words: str, repeat: int) -> Path:
+    """count small text files f0.txt ... holding f"{words} {i} " repeated."""
+    folder.mkdir()
+    for i in range(count):
+        (folder / f"f{i}.txt").write_text(f"{words} {i} " * repeat)
+    return folder
+
+
 def losses(run: Path) -> list[float]:
     return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
 
@@ -111,10 +119,7 @@ def test_a_swapped_tokenizer_is_refused(data_copy, tmp_path):
 
 
 def test_an_edited_source_is_noticed(tmp_path, capsys):
-    src = tmp_path / "src"
-    src.mkdir()
-    for i in range(6):
-        (src / f"f{i}.txt").write_text(f"document {i} " * 200)
+    src = text_folder(tmp_path / "src", 6, "document", 200)
     build_shards([src], tmp_path / "d", byte_tokenizer(), val_fraction=0.3, progress=False)
     assert main(["verify-data", str(tmp_path / "d")]) == 0
     (src / "f2.txt").write_text("edited")
@@ -128,10 +133,7 @@ def test_an_edited_source_is_noticed(tmp_path, capsys):
 def test_an_interrupted_rebuild_keeps_the_previous_data_folder(tmp_path, monkeypatch):
     import parscale.training.data as data
 
-    src = tmp_path / "src"
-    src.mkdir()
-    for i in range(6):
-        (src / f"f{i}.txt").write_text(f"document {i} " * 50)
+    src = text_folder(tmp_path / "src", 6, "document", 50)
     out = tmp_path / "d"
     before = build_shards([src], out, byte_tokenizer(), val_fraction=0.3, progress=False)
     files_before = {p.name: p.read_bytes() for p in out.iterdir()}
@@ -152,10 +154,7 @@ def test_an_interrupted_rebuild_keeps_the_previous_data_folder(tmp_path, monkeyp
 
 
 def test_binary_and_non_utf8_files_are_skipped_and_counted(tmp_path):
-    src = tmp_path / "src"
-    src.mkdir()
-    for i in range(5):
-        (src / f"f{i}.txt").write_text(f"text {i} " * 100)
+    src = text_folder(tmp_path / "src", 5, "text", 100)
     (src / "blob.txt").write_bytes(bytes(range(256)) * 800)  # 200 KB of binary data named .txt
     (src / "latin1.txt").write_bytes("caf\xe9 ".encode("latin-1") * 10)
     m = build_shards([src], tmp_path / "d", byte_tokenizer(), val_fraction=0.3, progress=False)
@@ -339,10 +338,7 @@ def _mode(path: Path) -> int:
 
 
 def test_outputs_follow_the_users_umask(tmp_path):
-    src = tmp_path / "src"
-    src.mkdir()
-    for i in range(4):
-        (src / f"f{i}.txt").write_text(f"some text {i} " * 100)
+    src = text_folder(tmp_path / "src", 4, "some text", 100)
 
     def umask_022():
         os.umask(0o022)
@@ -361,10 +357,7 @@ def test_outputs_follow_the_users_umask(tmp_path):
 
 @pytest.mark.parametrize("command", ["new", "data"])
 def test_a_write_failure_leaves_nothing_half_written(tmp_path, command):
-    src = tmp_path / "src"
-    src.mkdir()
-    for i in range(4):
-        (src / f"f{i}.txt").write_text(f"some text {i} " * 3000)
+    src = text_folder(tmp_path / "src", 4, "some text", 3000)
     out = tmp_path / "out"
     args = (["new", "--preset", "tiny", "--out", out] if command == "new"
             else ["data", src, "--out", out, "--vocab-size", "300"])

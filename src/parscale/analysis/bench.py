@@ -225,5 +225,5 @@ def run(shapes, streams, batches, lengths, engine: str, out: Path, kernels: bool
             gc.collect()
             torch._dynamo.reset()  # compiled steps hold the old model alive otherwise
             torch.cuda.empty_cache()
-    bar.__exit__()
+    bar.close()
     return result

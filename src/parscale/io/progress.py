@@ -42,11 +42,14 @@ class _Bar:
         else:
             self._bar.write(text, file=sys.stderr)
 
+    def close(self) -> None:
+        self._bar.close()
+
     def __enter__(self) -> _Bar:
         return self
 
     def __exit__(self, *exc) -> None:
-        self._bar.close()
+        self.close()
 
 
 def progress_bar(total: float | None = None, desc: str = "", unit: str = "it", initial: float = 0,

@@ -119,7 +119,7 @@ def python_corpus(roots, out_file, val_fraction: float = 0.02, max_val_package: 
                     kept.append((entry, text))
             entries.append(entry)
             bar.update(1, kept=f"{len(kept):,}")
-    bar.__exit__()
+    bar.close()
     if not kept:
         raise CorpusError(f"no Python files passed the filters under {', '.join(str(r) for r, _ in all_roots)}")
     package_bytes: dict[str, int] = {}

@@ -123,7 +123,7 @@ def build_shards(sources, out_dir, tokenizer, glob: str = "**/*.txt", text_field
             files[source]["split"] = split if files[source]["split"] in (None, split) else "mixed"
             n_tok += len(ids)
             bar.update(len(ids), files=len(files))
-    bar.__exit__()
+    bar.close()
     if progress:
         if skipped:
             print(f"[data] skipped {len(skipped)} files that are not UTF-8 text (listed in the manifest)",

@@ -606,6 +606,6 @@ def _train(cfg: TrainConfig, resume: bool, stop_after: int | None, overwrite: bo
             metrics_file.close()
         if board is not None:
             board.close()
-        bar.__exit__()
+        bar.close()
     return {"steps": step + 1, "val_loss": last_eval, "parscale_n": p, "tokens": (step + 1) * tokens_per_step,
             "seconds": time.perf_counter() - t0, "checkpoint": str(last_saved / "model") if last_saved else None}
