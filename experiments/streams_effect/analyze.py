@@ -19,6 +19,9 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ARMS = ("p1", "p1prefix", "p2", "p4", "p8")
+# Lever arms that have results; each is compared with the plain arm of the same P on the same seeds.
+LEVERS = ("p4-zloss", "p4-aggwarm", "p4-sdrop", "p4-reparam", "p8-zloss", "p8-aggwarm", "p8-sdrop", "p8-reparam")
+LABELS = {"p1": "P=1", "p1prefix": "P=1 + prefix", "p2": "P=2", "p4": "P=4", "p8": "P=8"}
 
 
 def load() -> dict[tuple[str, int], dict]:
@@ -47,11 +50,19 @@ def collapsed(r: dict) -> bool | None:
 def main() -> None:
     results = load()
     seeds = sorted({s for _, s in results})
-    table = {arm: {s: results[(arm, s)]["endpoint"] for s in seeds if (arm, s) in results} for arm in ARMS}
-    summary = {"endpoints": table, "gain_vs_p1": {}, "gain_vs_prefix": {}, "streams": {}}
-    for arm in ARMS[1:]:
+    arms = [a for a in ARMS + LEVERS if any((a, s) in results for s in seeds)]
+    table = {arm: {s: results[(arm, s)]["endpoint"] for s in seeds if (arm, s) in results} for arm in arms}
+    summary = {"endpoints": table, "gain_vs_p1": {}, "gain_vs_prefix": {}, "lever_vs_plain": {}, "steps": {},
+               "streams": {}}
+    for arm in arms[1:]:
         summary["gain_vs_p1"][arm] = paired(results, arm, "p1")
-    for arm in ARMS[2:]:
+    for arm in arms:
+        if arm in LEVERS:  # the lever's own effect: the plain arm of the same P, same seeds
+            summary["lever_vs_plain"][arm] = paired(results, arm, arm.split("-")[0])
+    for lever in sorted({a.split("-")[1] for a in arms if a in LEVERS}):  # P = 4 -> 8 under one lever
+        if f"p4-{lever}" in arms and f"p8-{lever}" in arms:
+            summary["steps"][f"p8-{lever} vs p4-{lever}"] = paired(results, f"p8-{lever}", f"p4-{lever}")
+    for arm in [a for a in arms if a not in ("p1", "p1prefix")]:
         summary["gain_vs_prefix"][arm] = paired(results, arm, "p1prefix")
         used = {"diffs": [], "seeds": []}
         for s in seeds:
@@ -69,25 +80,25 @@ def main() -> None:
     out = HERE / "analysis"
     out.mkdir(exist_ok=True)
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
-    _plot(results, seeds, out / "endpoints.png")
+    _plot(results, seeds, arms, out / "endpoints.png")
     _plot_weights(results, out / "cap_share_curves.png")
     _print(summary, seeds)
 
 
-def _plot(results, seeds, path) -> None:
+def _plot(results, seeds, arms, path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.5, 4))
-    xs = {arm: i for i, arm in enumerate(ARMS)}
+    fig, ax = plt.subplots(figsize=(1.0 * len(arms) + 2, 4))
+    xs = {arm: i for i, arm in enumerate(arms)}
     for s in seeds:
-        pts = [(xs[a], results[(a, s)]["endpoint"], collapsed(results[(a, s)])) for a in ARMS if (a, s) in results]
+        pts = [(xs[a], results[(a, s)]["endpoint"], collapsed(results[(a, s)])) for a in arms if (a, s) in results]
         ax.plot([p[0] for p in pts], [p[1] for p in pts], "-", color=f"C{s}", alpha=0.5, label=f"seed {s}")
         for x, y, c in pts:
             ax.plot(x, y, "x" if c else "o", color=f"C{s}", ms=9 if c else 6)
-    ax.set_xticks(range(len(ARMS)), ["P=1", "P=1 + prefix", "P=2", "P=4", "P=8"])
+    ax.set_xticks(range(len(arms)), [LABELS.get(a, a) for a in arms], fontsize=8, rotation=20)
     ax.set_ylabel("held-out loss (mean of 90/95/100%)")
     ax.set_title("paired seeds; x = collapsed run (one stream at the ε cap)", fontsize=9)
     ax.grid(alpha=0.3)
@@ -122,7 +133,9 @@ def _print(summary, seeds) -> None:
     print(f"{'arm':>9} " + " ".join(f"{'seed ' + str(s):>8}" for s in seeds))
     for arm, row in summary["endpoints"].items():
         print(f"{arm:>9} " + " ".join(f"{row[s]:8.4f}" if s in row else f"{'-':>8}" for s in seeds))
-    for name, block in (("vs P=1", summary["gain_vs_p1"]), ("vs prefix control", summary["gain_vs_prefix"])):
+    for name, block in (("vs P=1", summary["gain_vs_p1"]), ("vs prefix control", summary["gain_vs_prefix"]),
+                        ("of the lever (vs the plain arm of the same P)", summary["lever_vs_plain"]),
+                        ("between P under one lever", summary["steps"])):
         print(f"paired gain {name}:")
         for arm, g in block.items():
             if g is None or "mean" not in g:

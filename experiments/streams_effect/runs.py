@@ -16,7 +16,8 @@ arm: parscale's paired seeds), named d8-{arm}-s{seed}:
              much of the gain is the prefix itself, as learned memory or attention sink);
 - p2, p4, p8 ParScale with P streams;
 - p4-*, p8-* the same with one lever against collapse (LEVER_ARMS: aggregator z-loss, stream dropout, a
-             longer warm-up of prefixes and aggregator, prefix reparameterisation); configured, not run yet.
+             longer warm-up of prefixes and aggregator, prefix reparameterisation); p4-zloss,
+             p4-aggwarm and p8-aggwarm have run, the rest is configured.
 Every run evaluates the whole held-out split at 90, 95 and 100% of training (`eval_at`); the endpoint
 is their mean. After training, `parscale streams` measures the final model's streams on 16 held-out
 batches. `run` starts each run as its own `parscale train` process, `per_gpu` at a time on every
@@ -48,7 +49,7 @@ TRAIN = {"model": "small", "steps": STEPS, "batch_size": BATCH, "seq_len": SEQ, 
 ARMS = {"p1": {"streams": 1}, "p1prefix": {"streams": 1, "p1_prefix": True}, "p2": {"streams": 2},
         "p4": {"streams": 4}, "p8": {"streams": 8}}
 SEEDS = (0, 1, 2)
-# The levers against collapse (parscale/training/levers.py), at the P where collapse was seen; not run yet.
+# The levers against collapse (parscale/training/levers.py), at the P where collapse was seen.
 LEVER_ARMS = {f"p{p}-{lever}": {"streams": p, **fields} for p in (4, 8) for lever, fields in {
     "zloss": {"aggregator_z_loss": 1e-3},        # the router z-loss coefficient of ST-MoE
     "sdrop": {"stream_dropout": 0.1},
