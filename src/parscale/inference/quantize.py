@@ -4,8 +4,10 @@
 
 Every decoder layer's q/k/v/o and gate/up/down projection becomes an `Int8Linear`: its weight is stored
 as int8 with one scale per output row (symmetric: w ≈ q · s, q in [−127, 127], s = max|w_row| / 127),
-and its output is computed as linear(x, q) · s in the activations' dtype, so a decode step reads a
-quarter of the fp32 bytes or half of the bf16 bytes of those weights. The embedding, the LM head, the
+and its output is computed as linear(x, q) · s in the activations' dtype. It halves the memory of those
+weights in bf16; it does not make a step faster by itself: without a compiler the int8 → bf16 cast is
+its own kernel, so a decode step reads the int8 weight and then a bf16 copy (measured 1.97× slower than
+bf16 on the graph engine, benchmarks/README.md). The embedding, the LM head, the
 norms, the prefixes and the aggregator keep their dtype (they hold the ParScale parameters, and the
 LM head's errors reach every logit). The model stays the same function otherwise: generate, the decode
 engine, CUDA graphs and `.to(dtype)` work on it (the int8 tensors keep their dtype; the scales follow
@@ -39,7 +41,7 @@ class Int8Linear(nn.Module):
         return self.weight_int8.to(self.scale.dtype) * self.scale[:, None]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # The int8 → activation dtype cast is fused into the matmul's operand load by torch.compile.
+        # Eagerly the cast is a kernel of its own; whether torch.compile fuses it into the matmul is not measured.
         out = F.linear(x, self.weight_int8.to(x.dtype)) * self.scale.to(x.dtype)
         return out if self.bias is None else out + self.bias.to(x.dtype)
 
