@@ -3,7 +3,7 @@
 #   bash scripts/gpu_grid.sh small    1.6B and 2.8B, every P, batch, length (graph engine)
 #   bash scripts/gpu_grid.sh large    4.4B (graph engine), then the compiled engine at batch 1
 #   bash scripts/gpu_grid.sh memory   peak memory of every point, one process per (shape, P)
-#   bash scripts/gpu_grid.sh long     a 64 + 64-token talk in a 128- and a 4096-token cache, bounded reads off / on
+#   bash scripts/gpu_grid.sh long     a 64 + 64-token talk in a 128- and a 4096-token cache, bounded reads off / on, graph and compiled engines
 set -uo pipefail
 export PYTHONPATH=src PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}
@@ -26,9 +26,11 @@ m=parts[0]; m['points']=[q for d in parts for q in d['points']]; m['environment'
 json.dump(m, open('$OUT/memory_fresh.json','w'), indent=1)" "bash scripts/gpu_grid.sh memory" ;;
   long)
     for cache in 128 4096; do
-      bench 150 --shapes paper-1.6b --streams 1,8 --batches 1 --lengths 64 --engine graph --cache-len $cache \
-          --out "$OUT/long_cache${cache}.json"
-      bench 150 --shapes paper-1.6b --streams 1,8 --batches 1 --lengths 64 --engine graph --cache-len $cache \
-          --bounded-reads --out "$OUT/long_cache${cache}_bounded.json"
+      for engine in graph compile; do
+        bench 150 --shapes paper-1.6b --streams 1,8 --batches 1 --lengths 64 --engine $engine --cache-len $cache \
+            --no-bounded-reads --out "$OUT/long_${engine}_cache${cache}.json"
+        bench 150 --shapes paper-1.6b --streams 1,8 --batches 1 --lengths 64 --engine $engine --cache-len $cache \
+            --bounded-reads --out "$OUT/long_${engine}_cache${cache}_bounded.json"
+      done
     done ;;
 esac

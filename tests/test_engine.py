@@ -177,13 +177,13 @@ def test_engine_registry_does_not_keep_models_alive():
     assert ref() is None
 
 
-def _bounded_reads_follow_recompute(model, device="cpu", use_graph=False):
-    """Decode across a read-length boundary (256 -> 512 slots) with bounded reads; every step's logits
-    must equal a full recomputation, and each step must read no more slots than the rule allows."""
+def _bounded_reads_follow_recompute(model, device="cpu", use_graph=False, bounded_reads=True):
+    """Decode across a read-length boundary (256 -> 512 slots); every step's logits must equal a full
+    recomputation, and each step must read no more slots than the rule allows (all 512 when unbounded)."""
     ids = torch.randint(0, 512, (2, 250), device=device)
     mask = torch.ones_like(ids)
     mask[1, :7] = 0
-    engine = DecodeEngine(model, batch_size=2, max_len=270, use_graph=use_graph, bounded_reads=True)
+    engine = DecodeEngine(model, batch_size=2, max_len=270, use_graph=use_graph, bounded_reads=bounded_reads)
     assert engine.max_len == 512  # the cache rounds up to 256-token steps
     logits = engine.prefill(ids, mask)
     seq, full_mask, read = ids, mask, []
@@ -195,13 +195,22 @@ def _bounded_reads_follow_recompute(model, device="cpu", use_graph=False):
         full_mask = torch.cat([full_mask, torch.ones_like(full_mask[:, :1])], 1)
         logits = engine.decode(nxt)
         read.append(engine.cache.read_len)
-    assert read == [256] * 6 + [512] * 6  # 251..256 tokens written fit 256 slots, 257.. need 512
+    # 251..256 tokens written fit 256 slots, 257.. need 512
+    assert read == ([256] * 6 + [512] * 6 if bounded_reads else [512] * 12)
     return engine
 
 
 @pytest.mark.parametrize("streams", [1, 2])
-def test_bounded_reads_equal_recompute_across_a_boundary(streams):
-    _bounded_reads_follow_recompute(tiny_model(streams=streams))
+@pytest.mark.parametrize("bounded_reads", [True, False])
+def test_reads_equal_recompute_across_a_boundary(streams, bounded_reads):
+    _bounded_reads_follow_recompute(tiny_model(streams=streams), bounded_reads=bounded_reads)
+
+
+def test_bounded_reads_are_the_default_of_the_graph_engine():
+    model = tiny_model(streams=2)
+    assert DecodeEngine(model).bounded_reads and engine_for(model).bounded_reads
+    assert not DecodeEngine(model, compile=True).bounded_reads  # compiled: each length would recompile
+    assert DecodeEngine(model, compile=True, bounded_reads=True).bounded_reads
 
 
 def test_bounded_read_lengths():
@@ -210,8 +219,8 @@ def test_bounded_read_lengths():
     assert [engine.read_len_for(n) for n in (1, 256, 257, 512)] == [256, 256, 512, 512]
     engine.reserve(1, 3000)
     assert [engine.read_len_for(n) for n in (700, 1025, 2049, 3000)] == [1024, 2048, 3072, 3072]  # capped
-    plain = DecodeEngine(model, max_len=512)
-    assert plain.read_len_for(3) == plain.max_len  # off: the whole cache
+    whole = DecodeEngine(model, max_len=512, bounded_reads=False)
+    assert whole.read_len_for(3) == whole.max_len  # off: the whole cache
 
 
 @pytest.mark.gpu

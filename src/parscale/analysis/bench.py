@@ -98,7 +98,7 @@ def bytes_per_step(model, runner) -> int:
 
 
 def measure_point(model, batch: int, length: int, engine: str, memory_only: bool = False,
-                  bounded_reads: bool = False, cache_len: int | None = None) -> dict:
+                  bounded_reads: bool | None = None, cache_len: int | None = None) -> dict:
     """One (batch, length) point: prompt and output of `length` tokens each, in a cache of 2 × length
     tokens or cache_len (to see what a long cache costs a short conversation)."""
     device = model.model.embed_tokens.weight.device
@@ -146,7 +146,7 @@ def measure_point(model, batch: int, length: int, engine: str, memory_only: bool
         "latency_s": (prefill_ms + decode_ms * length) / 1000.0, "peak_memory_bytes": peak,
         "peak_memory_gib": peak / 2**30, "bytes_per_step": nbytes,
         "achieved_bandwidth_tb_s": nbytes / (decode_ms / 1000.0) / 1e12, "warmup_s": warmup_s,
-        "cache_len": max_len, "bounded_reads": bounded_reads,
+        "cache_len": max_len, "bounded_reads": isinstance(runner, DecodeEngine) and runner.bounded_reads,
     }
 
 
@@ -188,7 +188,7 @@ def environment() -> dict:
 
 
 def run(shapes, streams, batches, lengths, engine: str, out: Path, kernels: bool = False,
-        memory_only: bool = False, bounded_reads: bool = False, cache_len: int | None = None,
+        memory_only: bool = False, bounded_reads: bool | None = None, cache_len: int | None = None,
         quantize: str | None = None) -> dict:
     if not torch.cuda.is_available():
         raise ValueError("parscale bench measures a CUDA GPU and none is available")

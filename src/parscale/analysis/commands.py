@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
@@ -246,8 +247,9 @@ def add_parsers(sub) -> None:
     p.add_argument("--engine", default="graph", choices=["graph", "compile", "plain"])
     p.add_argument("--kernels", action="store_true", help="also record the kernels of one decode step")
     p.add_argument("--memory-only", action="store_true", help="peak memory only (short decode)")
-    p.add_argument("--bounded-reads", action="store_true",
-                   help="decode steps read only the written part of the cache (engine.py, bounded_reads)")
+    p.add_argument("--bounded-reads", action=argparse.BooleanOptionalAction, default=None,
+                   help="decode steps read only the written part of the cache (engine.py; default: on for the "
+                        "graph engine, off for the compiled one)")
     p.add_argument("--quantize", default=None, choices=["int8"], help=QUANTIZE_HELP)
     p.add_argument("--cache-len", type=int, default=None,
                    help="cache size in tokens (default: 2 x length), e.g. 4096 for a short talk in a long cache")
