@@ -64,6 +64,33 @@ def test_resume_equals_uninterrupted(data_dir, tmp_path):
     assert len(rec["stream_weight_mean"]) == 2 and "val_loss" in rec and rec["loss"] < _losses(tmp_path / "full")[0]
 
 
+def test_metrics_read_in_windows_equal_per_step_reads(data_dir, tmp_path, monkeypatch):
+    """Reading the device-side metrics every 5 steps writes the lines a per-step read writes (same loss,
+    grad norm and stream weights to the bit), one per step, and reads only at window ends, evaluations
+    and the last step."""
+    from parscale.training.step_metrics import StepMetrics
+
+    reads, real = [], StepMetrics.read
+
+    def counted(self, *args):
+        reads.append([r["step"] for r in self.rows])
+        return real(self, *args)
+
+    monkeypatch.setattr(StepMetrics, "read", counted)
+    train(_cfg(data_dir, tmp_path / "window", steps=13, eval_every=7, log_every=5, grad_accum=2))
+    assert reads == [[1, 2, 3, 4, 5], [6, 7], [8, 9, 10, 11, 12], [13]]  # window, eval at 7, window, last
+    reads.clear()
+    train(_cfg(data_dir, tmp_path / "step", steps=13, eval_every=7, log_every=1, grad_accum=2))
+    assert len(reads) == 13
+
+    def rows(name):
+        return [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+
+    keys = ("step", "loss", "grad_norm", "lr", "tokens", "stream_weight_mean", "stream_weight_entropy")
+    assert [[r[k] for k in keys] for r in rows("window")] == [[r[k] for k in keys] for r in rows("step")]
+    assert [r.get("val_loss") for r in rows("window")] == [r.get("val_loss") for r in rows("step")]
+
+
 def test_divergence_stops_and_keeps_checkpoint(data_dir, tmp_path, monkeypatch):
     from parscale.training.distributed import LossModule
 
@@ -75,7 +102,7 @@ def test_divergence_stops_and_keeps_checkpoint(data_dir, tmp_path, monkeypatch):
         return (loss * float("nan") if len(calls) == 7 else loss), weights
 
     monkeypatch.setattr(LossModule, "forward", poisoned)
-    with pytest.raises(TrainingDiverged, match="loss became nan at step"):
+    with pytest.raises(TrainingDiverged, match="loss became nan at step 7;"):  # found at the read of step 8
         train(_cfg(data_dir, tmp_path / "run", save_every=2, eval_every=0))
     state = torch.load(tmp_path / "run" / "checkpoints" / "latest" / "trainer.pt", weights_only=False)
     assert state["step"] == 6  # the last checkpoint before the bad step, intact and loadable

@@ -33,15 +33,6 @@ def setup(device: str | None = None) -> tuple[int, int, int]:
     return 0, 1, 0
 
 
-def mean_and_any(value: float, flag: bool, world: int, device) -> tuple[float, bool]:
-    """The mean of value over ranks and whether any rank raised flag, in one all-reduce."""
-    if world == 1:
-        return value, flag
-    t = torch.tensor([value, float(flag)], dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return float(t[0]) / world, bool(t[1] > 0)
-
-
 def barrier(world: int) -> None:
     if world > 1:
         dist.barrier()

@@ -11,7 +11,9 @@
 - AdamW (fused on CUDA) with weight decay on matrices only (not on norms, biases or prefixes),
   linear warm-up then cosine to min_lr_ratio·lr, or warm-up-stable-decay (last 20% linear decay);
   gradient clipping; gradient accumulation; bf16 autocast on CUDA, fp32 on CPU.
-- Every step appends one JSON line to {out}/metrics.jsonl: loss, lr, grad norm, tokens, tokens/s, and
+- Every step gets one JSON line in {out}/metrics.jsonl, written every log_every steps (step_metrics.py: the
+  values stay on the device in between, so the host never waits for a step): loss, lr, grad norm, tokens,
+  tokens/s (the window's mean), and
   for P > 1 the mean aggregation weight per stream and its entropy (load balance); evaluations add the
   held-out loss and, for P > 1, stream diagnostics ("streams": each stream's loss alone, the ensemble's,
   KL between streams, hidden cosine, weights at the ε floor / cap; streams.py).
@@ -30,7 +32,8 @@
 - A NaN or inf loss stops training with TrainingDiverged, naming the last good checkpoint if there is one.
 - SIGTERM (a cluster's preemption notice) or SIGINT (Ctrl-C) lets the step under way finish, writes a
   checkpoint and raises TrainingInterrupted (the command exits 128 + the signal's number, 143 / 130, saying
-  how to resume); under torchrun every rank stops after the same step. A second signal acts at once.
+  how to resume); under torchrun every rank stops after the same step (the end of the metrics window,
+  where the ranks' one all-reduce tells each whether any was signalled). A second signal acts at once.
 """
 
 from __future__ import annotations
@@ -64,7 +67,6 @@ from parscale.training.distributed import (
     full_model_state,
     gradient_sync,
     load_optimizer_state,
-    mean_and_any,
     optimizer_state,
     setup,
     shard_fsdp,
@@ -84,10 +86,7 @@ from parscale.training.run_folder import (
     start_fresh,
     write_checkpoint,
 )
-
-
-class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite."""
+from parscale.training.step_metrics import StepMetrics, TrainingDiverged  # noqa: F401 (raised from here)
 
 
 class TrainingInterrupted(Exception):
@@ -182,6 +181,9 @@ class TrainConfig:
     """Held-out batches for the stream diagnostics logged at every evaluation (streams.py; P > 1; 0: off)."""
     save_every: int = 100
     """Write a checkpoint every this many steps (0: only at the end)."""
+    log_every: int = 10
+    """Read the step metrics back from the device every this many steps (step_metrics.py: the host does not
+    wait for every step; each step still gets its metrics line). A signal is acted on at the next read."""
     keep_checkpoints: int = 2
     """Checkpoint folders kept in {out}/checkpoints (the newest ones; 0 keeps all)."""
     parscale_lr_mult: float = 1.0
@@ -355,7 +357,7 @@ def _set_rng_state(state: dict) -> None:
 
 # Settings that may differ between a run and its resumption; any other difference is refused.
 RESUME_MAY_CHANGE = frozenset({"out", "data", "steps", "eval_every", "eval_batches", "eval_at", "stream_batches",
-                               "save_every", "keep_checkpoints", "device", "fsdp", "compile",
+                               "save_every", "log_every", "keep_checkpoints", "device", "fsdp", "compile",
                                "activation_checkpointing", "tensorboard", "progress"})
 
 
@@ -403,7 +405,7 @@ def _plain_model(model, loss_module, fsdp: bool):
 
 def check_config(cfg: TrainConfig) -> None:
     """One error naming the first setting that cannot work, before anything is read or written."""
-    positive = ("steps", "batch_size", "seq_len", "grad_accum", "lr", "warmup", "eval_batches")
+    positive = ("steps", "batch_size", "seq_len", "grad_accum", "lr", "warmup", "eval_batches", "log_every")
     for name in positive:
         if not getattr(cfg, name) > 0:
             raise ValueError(f"{name} must be > 0, got {getattr(cfg, name)}")
@@ -536,42 +538,49 @@ def _train(cfg: TrainConfig, resume: bool, stop_after: int | None, overwrite: bo
     last_saved = latest_checkpoint(out) if resume else None
     bar = progress_bar(total=cfg.steps, initial=start_step, desc=f"train P={p}", unit="step",
                        enabled=cfg.progress and rank == 0)
+    window = StepMetrics(tokens_per_step)
+    pin = device.type == "cuda"
     try:
         for step in range(start_step, cfg.steps):
-            t_step = time.perf_counter()
             optimizer.zero_grad(set_to_none=True)
-            loss_sum, weights_sum = 0.0, None
+            loss_sum, weights_sum = None, None
             lr = optimizer.param_groups[0]["lr"]  # the rate this step uses
             for micro in range(cfg.grad_accum):
                 x, y = loader.next_batch()  # the global batch; this rank keeps its slice
                 x, y = x[rank * local : (rank + 1) * local], y[rank * local : (rank + 1) * local]
+                if pin:  # pinned host memory lets the copy overlap the step before it
+                    x, y = x.pin_memory(), y.pin_memory()
                 # Gradients are reduced across ranks on the last micro-step only (DDP and FSDP2 alike).
                 with gradient_sync(step_fn, loss_module, fsdp, sync=micro == cfg.grad_accum - 1):
-                    loss, weights = step_fn(x.to(device), y.to(device))
+                    loss, weights = step_fn(x.to(device, non_blocking=pin), y.to(device, non_blocking=pin))
                     (loss / cfg.grad_accum).backward()
-                loss_sum += float(loss.detach()) / cfg.grad_accum
+                part = loss.detach().double() / cfg.grad_accum  # float64, as the Python sum it replaces
+                loss_sum = part if loss_sum is None else loss_sum + part
                 if weights is not None:
                     w = weights.detach().float().flatten(0, 1)
                     weights_sum = w if weights_sum is None else torch.cat([weights_sum, w])
-            # One all-reduce gives the mean loss and whether any rank was told to stop, so all stop together.
-            loss_sum, stopping = mean_and_any(loss_sum, stop.signum is not None, world, device)
-            if not math.isfinite(loss_sum):
-                kept = (f"the last good checkpoint is {last_saved}" if last_saved is not None
-                        else "no checkpoint was written before it")
-                raise TrainingDiverged(f"loss became {loss_sum} at step {step + 1}; {kept}")
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             optimizer.step()
             scheduler.step()
-            elapsed = time.perf_counter() - t_step
-            record = {"step": step + 1, "loss": loss_sum, "lr": lr, "grad_norm": grad_norm,
-                      "tokens": (step + 1) * tokens_per_step, "tokens_per_s": tokens_per_step / elapsed}
-            if peak:
-                record["mfu"] = record["tokens_per_s"] * token_flops / (peak * world)
-            if weights_sum is not None:
-                record["stream_weight_mean"] = weights_sum.mean(0).tolist()
-                record["stream_weight_entropy"] = float(-(weights_sum * weights_sum.clamp_min(1e-12).log())
-                                                        .sum(-1).mean())
-            if cfg.eval_every and (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
+            window.add(step + 1, lr, loss_sum, grad_norm, weights_sum)
+            evaluating = cfg.eval_every and (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps
+            saving = (cfg.save_every and (step + 1) % cfg.save_every == 0) or step + 1 == cfg.steps \
+                or (stop_after is not None and step + 1 == stop_after)
+            # Every rank reads at the same steps (the read is collective); one process may also read at once
+            # when a signal came, so that it stops after this step.
+            if len(window) >= cfg.log_every or evaluating or saving or step + 1 in full_eval_steps \
+                    or (world == 1 and stop.signum is not None):
+                records, stopping = window.read(world, device, stop.signum is not None, last_saved)
+            else:
+                records, stopping = [], False
+            if not records:
+                bar.update(1)
+                continue
+            record = records[-1]
+            for r in records:
+                if peak:
+                    r["mfu"] = r["tokens_per_s"] * token_flops / (peak * world)
+            if evaluating:
                 last_eval = evaluate_loss(loss_module, val, cfg.eval_batches, device)
                 record["val_loss"] = last_eval
                 if p > 1 and cfg.stream_batches and not fsdp and rank == 0:
@@ -579,16 +588,16 @@ def _train(cfg: TrainConfig, resume: bool, stop_after: int | None, overwrite: bo
             if step + 1 in full_eval_steps:
                 record["val_loss_full"] = evaluate_loss(loss_module, val, None, device)
             if rank == 0:
-                metrics_file.write(json.dumps(record) + "\n")
+                metrics_file.write("".join(json.dumps(r) + "\n" for r in records))
                 metrics_file.flush()
             if board is not None:
-                for key, value in record.items():
-                    if isinstance(value, float):
-                        board.add_scalar(key, value, step + 1)
-            shown = {"loss": f"{loss_sum:.4f}", "tok/s": f"{record['tokens_per_s']:,.0f}"}
+                for r in records:
+                    for key, value in r.items():
+                        if isinstance(value, float):
+                            board.add_scalar(key, value, r["step"])
+            shown = {"loss": f"{record['loss']:.4f}", "tok/s": f"{record['tokens_per_s']:,.0f}"}
             bar.update(1, **shown, **({"val": f"{last_eval:.4f}"} if last_eval is not None else {}))
-            if (cfg.save_every and (step + 1) % cfg.save_every == 0) or step + 1 == cfg.steps \
-                    or (stop_after is not None and step + 1 == stop_after) or stopping:
+            if saving or stopping:
                 plain = _plain_model(model, loss_module, fsdp)  # gathering is collective: every rank
                 optim_state = optimizer_state(loss_module, optimizer)
                 if rank == 0:
@@ -597,6 +606,7 @@ def _train(cfg: TrainConfig, resume: bool, stop_after: int | None, overwrite: bo
                     if cfg.trainable == "parscale" and step + 1 == cfg.steps:
                         save_adapter(plain, out / "adapter", backbone=cfg.model, overwrite=True)
                 barrier(world)
+            window.restart_clock()  # the evaluation and the checkpoint are not training time
             if stopping and step + 1 < cfg.steps:
                 raise TrainingInterrupted(stop.signum or signal.SIGTERM, step + 1, last_saved, cfg.out)
             if stop_after is not None and step + 1 == stop_after:
