@@ -17,7 +17,10 @@ arm: parscale's paired seeds), named d8-{arm}-s{seed}:
 - p2, p4, p8 ParScale with P streams;
 - p4-*, p8-* the same with one lever against collapse (LEVER_ARMS: aggregator z-loss, stream dropout, a
              longer warm-up of prefixes and aggregator, prefix reparameterisation); p4-zloss,
-             p4-aggwarm and p8-aggwarm have run, the rest is configured.
+             p4-aggwarm and p8-aggwarm have run, the rest is configured;
+- map-*      the collapse map: P = 4 over depth {4, 8, 12} x prefix {8, 48}, plain and with the warm-up
+             lever, seeds 0 and 1 (configured);
+- ladder-*   P = 1 at hidden 192 and 384, for the slope of loss in ln N (configured).
 Every run evaluates the whole held-out split at 90, 95 and 100% of training (`eval_at`); the endpoint
 is their mean. After training, `parscale streams` measures the final model's streams on 16 held-out
 batches. `run` starts each run as its own `parscale train` process, `per_gpu` at a time on every
@@ -49,13 +52,34 @@ TRAIN = {"model": "small", "steps": STEPS, "batch_size": BATCH, "seq_len": SEQ, 
 ARMS = {"p1": {"streams": 1}, "p1prefix": {"streams": 1, "p1_prefix": True}, "p2": {"streams": 2},
         "p4": {"streams": 4}, "p8": {"streams": 8}}
 SEEDS = (0, 1, 2)
-# The levers against collapse (parscale/training/levers.py), at the P where collapse was seen.
-LEVER_ARMS = {f"p{p}-{lever}": {"streams": p, **fields} for p in (4, 8) for lever, fields in {
+# The levers against collapse (parscale/training/levers.py); P = 2 separates the 2 -> 4 step from the lever.
+LEVER_ARMS = {f"p{p}-{lever}": {"streams": p, **fields} for p in (2, 4, 8) for lever, fields in {
     "zloss": {"aggregator_z_loss": 1e-3},        # the router z-loss coefficient of ST-MoE
     "sdrop": {"stream_dropout": 0.1},
     "aggwarm": {"parscale_warmup": 600},         # prefixes and aggregator warm up 6× longer
     "reparam": {"prefix_reparam": True},
 }.items()}
+
+
+# Where collapse happens: P = 4 over depth x prefix length, plain and with the warm-up lever, seeds 0 and 1
+# (depth 8 with 48 tokens is the d8-p4 arms above). Named map-d{depth}-n{tokens}-p4[-aggwarm]-s{seed}.
+MAP_SEEDS = (0, 1)
+COLLAPSE_MAP = {f"map-d{depth}-n{n}-p4{suffix}": {"streams": 4, "n_tokens": n, **lever, "depth": depth}
+                for depth in (4, 8, 12) for n in (8, 48) if (depth, n) != (8, 48)
+                for suffix, lever in (("", {}), ("-aggwarm", {"parscale_warmup": 600}))}
+# P = 1 one width below and one above the recipe (4 heads, 2 KV heads, SwiGLU 4x): the slope of loss
+# in ln N, for a local k. Named ladder-h{hidden}-p1-s{seed}.
+LADDER = {f"ladder-h{h}-p1": {"streams": 1, "width": h} for h in (192, 384)}
+
+
+def _shape(fields: dict) -> dict:
+    shape = dict(SHAPE)
+    if "depth" in fields:
+        shape["num_hidden_layers"] = fields["depth"]
+    if "width" in fields:
+        h = fields["width"]
+        shape.update(hidden_size=h, intermediate_size=4 * h)  # 4 heads of h / 4 and 2 KV heads, as at 256
+    return shape
 
 
 def runs() -> dict[str, dict]:
@@ -64,6 +88,14 @@ def runs() -> dict[str, dict]:
         for arm, fields in {**ARMS, **LEVER_ARMS}.items():
             out[f"d8-{arm}-s{seed}"] = {"arm": arm, "seed": seed, "cost": fields["streams"],
                                         "train": {**TRAIN, **fields, "seed": seed, "model_overrides": SHAPE}}
+        for arm, fields in {**COLLAPSE_MAP, **LADDER}.items():
+            if arm.startswith("map-") and seed not in MAP_SEEDS:
+                continue
+            shape = _shape(fields)
+            train = {**TRAIN, **{k: v for k, v in fields.items() if k not in ("depth", "width")}, "seed": seed,
+                     "model_overrides": shape}
+            cost = fields["streams"] * shape["num_hidden_layers"] / 8 * (shape["hidden_size"] / 256) ** 2
+            out[f"{arm}-s{seed}"] = {"arm": arm, "seed": seed, "cost": cost, "train": train}
     return out
 
 
