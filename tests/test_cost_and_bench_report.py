@@ -48,3 +48,23 @@ def test_headline_follows_the_paper_method():
             assert v["ratio"] == pytest.approx(v["parameter_increase"] / v["parscale_increase"])
     committed = json.loads((RAW.parent / "summary.json").read_text())["headline"]
     assert committed["batch_1"]["memory_gib"]["ratio"] == pytest.approx(h["batch_1"]["memory_gib"]["ratio"])
+
+
+@pytest.mark.parametrize("shape", ["tiny", "tiny-llama", "tiny-qwen3"])
+def test_anchor_is_the_plain_model_of_the_same_shape(shape):
+    """The transformers anchor of `bench --anchors` computes what parscale's P = 1 model of the shape computes
+    (same weights give the same logits), and its timing comes from generations of the asked lengths."""
+    import torch
+
+    from parscale.analysis.anchors import hf_plain_model, hf_static_cache_anchor
+    from parscale.model.transformer import build_model
+
+    hf = hf_plain_model(shape, device="cpu", dtype=torch.float32)
+    ours = build_model(ModelConfig.preset(shape, parscale_n=1, max_position_embeddings=4096))
+    ours.load_state_dict(hf.state_dict(), strict=True)
+    ids = torch.randint(0, ours.config.vocab_size, (2, 11))
+    torch.testing.assert_close(ours.eval()(ids), hf(ids).logits, atol=1e-5, rtol=1e-5)
+    row = hf_static_cache_anchor(shape, length=8, short=4, long=12, repeats=1, device="cpu", dtype=torch.float32)
+    assert row["tokens"] == [4, 12] and row["generate_long_s"] > 0 and row["decode_ms_per_token"] == pytest.approx(
+        (row["generate_long_s"] - row["generate_short_s"]) / 8 * 1000)
+    assert row["parameters"] == sum(p.numel() for p in ours.parameters())

@@ -17,6 +17,8 @@ With --memory-only the decode is cut to 32 steps (the cache is preallocated at i
 peak is reached by then) and run in a fresh process per (shape, P), see scripts/gpu_grid.sh.
 Engines: `graph` (static cache, eager kernels, one CUDA graph per step), `compile` (the same step
 compiled by torch.compile, then captured), `plain` (eager, growing cache: the naive baseline).
+With --anchors, transformers' own P = 1 model of each shape is timed first in the same process
+(anchors.py: static cache, greedy generate, batch 1), so every speed claim can be a ratio within one run.
 Progress and an ETA go to stderr; the JSON is rewritten after every point, atomically.
 """
 
@@ -189,12 +191,24 @@ def environment() -> dict:
 
 def run(shapes, streams, batches, lengths, engine: str, out: Path, kernels: bool = False,
         memory_only: bool = False, bounded_reads: bool | None = None, cache_len: int | None = None,
-        quantize: str | None = None) -> dict:
+        quantize: str | None = None, anchors: bool = False) -> dict:
     if not torch.cuda.is_available():
         raise ValueError("parscale bench measures a CUDA GPU and none is available")
     result = {"environment": environment(), "engine": engine, "dtype": "bfloat16", "quantize": quantize,
               "memory_only": memory_only,
-              "points": [], "kernels": []}
+              "points": [], "kernels": [], "anchors": []}
+    if anchors:  # first, on an empty GPU, so a ratio to them is measured in this very process
+        from parscale.analysis.anchors import hf_static_cache_anchor
+
+        for shape in shapes:
+            row = hf_static_cache_anchor(shape, batch=1, length=lengths[0])
+            result["anchors"].append(row)
+            print(f"{shape} anchor ({row['anchor']}, transformers {row['transformers']}): "
+                  f"{row['decode_ms_per_token']:.3f} ms/token", file=sys.stderr, flush=True)
+            gc.collect()
+            torch._dynamo.reset()
+            torch.cuda.empty_cache()
+            write_json_atomic(result, out)
     total = len(shapes) * len(streams) * len(batches) * len(lengths)
     bar = progress_bar(total=total, desc="bench", unit="point")
     for shape in shapes:

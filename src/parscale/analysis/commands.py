@@ -19,7 +19,7 @@ def cmd_bench(args):
 
     run(args.shapes.split(","), ints(args.streams), ints(args.batches), ints(args.lengths), args.engine,
         Path(args.out), kernels=args.kernels, memory_only=args.memory_only, bounded_reads=args.bounded_reads,
-        cache_len=args.cache_len, quantize=args.quantize)
+        cache_len=args.cache_len, quantize=args.quantize, anchors=args.anchors)
     print(f"wrote {args.out}")
 
 
@@ -247,6 +247,9 @@ def add_parsers(sub) -> None:
     p.add_argument("--engine", default="graph", choices=["graph", "compile", "plain"])
     p.add_argument("--kernels", action="store_true", help="also record the kernels of one decode step")
     p.add_argument("--memory-only", action="store_true", help="peak memory only (short decode)")
+    p.add_argument("--anchors", action="store_true",
+                   help="also time transformers' own P = 1 model of each shape (static cache, batch 1, the first "
+                        "length) in the same process (anchors.py), recorded under 'anchors'")
     p.add_argument("--bounded-reads", action=argparse.BooleanOptionalAction, default=None,
                    help="decode steps read only the written part of the cache (engine.py; default: on for the "
                         "graph engine, off for the compiled one)")
