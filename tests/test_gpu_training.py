@@ -44,3 +44,30 @@ def test_frozen_backbone_adapter_on_cuda(data_dir, tmp_path):
     after = parscale.load(tmp_path / "a", device="cuda")
     ids = torch.randint(0, after.config.vocab_size, (2, 6), device="cuda")
     torch.testing.assert_close(model(ids), after(ids))
+
+
+@pytest.mark.parametrize("option", ["plain", "grad_accum"])
+def test_training_steps_do_not_wait_for_the_device(data_dir, tmp_path, monkeypatch, option):
+    """Between two metric reads no training step makes the host wait for the GPU: from each step's
+    `StepMetrics.add` until the next read, CUDA sync debugging is set to raise on any synchronising call."""
+    from parscale.training.step_metrics import StepMetrics
+
+    real_add, real_read, checked = StepMetrics.add, StepMetrics.read, []
+
+    def add(self, *args):
+        real_add(self, *args)
+        torch.cuda.set_sync_debug_mode("error")
+        checked.append(len(self.rows))
+
+    def read(self, *args):
+        torch.cuda.set_sync_debug_mode("default")
+        return real_read(self, *args)
+
+    monkeypatch.setattr(StepMetrics, "add", add)
+    monkeypatch.setattr(StepMetrics, "read", read)
+    try:
+        train(_cfg(data_dir, tmp_path / "run", **OPTIONS[option], device="cuda", steps=12, log_every=6,
+                   eval_every=0, save_every=0))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert checked.count(1) == 2 and max(checked) == 6  # two windows of 6 steps, 5 steps of each checked
