@@ -4,6 +4,7 @@
 #   bash scripts/gpu_grid.sh large    4.4B (graph engine), then the compiled engine at batch 1
 #   bash scripts/gpu_grid.sh memory   peak memory of every point, one process per (shape, P)
 #   bash scripts/gpu_grid.sh long     a 64 + 64-token talk in a 128- and a 4096-token cache, bounded reads off / on, graph and compiled engines
+#   bash scripts/gpu_grid.sh prefill  prefill of 64-512 prompt tokens, eager vs padded (graph-captured), P 1 and 8, with the anchor
 set -uo pipefail
 export PYTHONPATH=src PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}
@@ -33,4 +34,9 @@ json.dump(m, open('$OUT/memory_fresh.json','w'), indent=1)" "bash scripts/gpu_gr
             --bounded-reads --out "$OUT/long_${engine}_cache${cache}_bounded.json"
       done
     done ;;
+  prefill)
+    bench 240 --shapes paper-1.6b --streams 1,8 --batches 1 --lengths 64,128,256,512 --engine graph --anchors \
+        --out "$OUT/prefill_eager.json"
+    bench 240 --shapes paper-1.6b --streams 1,8 --batches 1 --lengths 64,128,256,512 --engine graph \
+        --padded-prefill --out "$OUT/prefill_graph.json" ;;
 esac

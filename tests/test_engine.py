@@ -228,3 +228,68 @@ def test_bounded_read_lengths():
 def test_cuda_graphs_with_bounded_reads_match_recompute():
     engine = _bounded_reads_follow_recompute(tiny_model(streams=4).cuda(), "cuda", use_graph=True)
     assert engine.captures == 2 and sorted(engine.graphs) == [256, 512]  # one graph per read length
+
+
+def _padded_prefill_follows_recompute(engine, model, device="cpu", lengths=(5, 64, 65)):
+    """Padded prefill (the prompt left-padded to 64, 128, ... slots) gives the logits of the unpadded prompt,
+    and the decode steps after it those of a full recomputation, with and without padding of the caller's."""
+    for t in lengths:
+        ids = torch.randint(0, 512, (2, t), device=device)
+        mask = torch.ones_like(ids)
+        mask[1, : min(3, t - 1)] = 0
+        logits = engine.prefill(ids, mask, max_new_tokens=6)
+        assert engine.written == engine.prefill_len_for(t) and engine.written % 64 == 0
+        seq, full_mask = ids, mask
+        for _ in range(6):
+            ref = model(seq, attention_mask=full_mask)[:, -1]
+            torch.testing.assert_close(logits, ref, atol=1e-4, rtol=1e-4)
+            nxt = ref.argmax(-1)
+            seq = torch.cat([seq, nxt[:, None]], 1)
+            full_mask = torch.cat([full_mask, torch.ones_like(full_mask[:, :1])], 1)
+            logits = engine.decode(nxt)
+
+
+@pytest.mark.parametrize("family,streams", [("qwen2", 1), ("qwen2", 4), ("llama", 2), ("qwen3", 3)])
+def test_padded_prefill_equals_recompute(family, streams):
+    model = tiny_model(streams=streams, family=family)
+    _padded_prefill_follows_recompute(DecodeEngine(model, batch_size=2, padded_prefill=True), model)
+
+
+def test_padded_prefill_lengths():
+    model = tiny_model(streams=2, max_position_embeddings=300)
+    engine = DecodeEngine(model, padded_prefill=True)  # the engine holds the model weakly
+    assert [engine.prefill_len_for(t) for t in (1, 64, 65, 200, 257, 300)] == [64, 64, 128, 256, 300, 300]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graph_prefill_matches_recompute_and_follows_the_model():
+    model = tiny_model(streams=4).cuda()
+    engine = DecodeEngine(model, batch_size=2, padded_prefill=True)
+    _padded_prefill_follows_recompute(engine, model, "cuda", lengths=(5, 64, 65, 9))
+    assert engine.prefill_captures == 2 and sorted(engine.prefill_graphs) == [64, 128]  # one graph per length
+    with torch.no_grad():  # in place: the captured prefill must see it
+        model.model.layers[0].self_attn.prefix_k.add_(1.0)
+    _padded_prefill_follows_recompute(engine, model, "cuda", lengths=(7,))
+    assert engine.prefill_captures == 2
+    model.load_state_dict({k: v.clone() for k, v in model.state_dict().items()}, assign=True)
+    _padded_prefill_follows_recompute(engine, model, "cuda", lengths=(7,))  # new tensors: captured again
+    assert engine.prefill_captures == 3
+
+
+def test_masked_prefill_never_reads_the_mask_on_the_host():
+    """A captured prefill cannot ask the device whether the mask pads anything: in masked prefill the
+    model takes the explicit-mask route even for a mask of ones, without reading it."""
+    model = tiny_model(streams=2)
+    ones = torch.ones(2, 8, dtype=torch.long)
+    assert model._plan(ones, 2, 0, 8, "cpu").mask is None  # otherwise the host looks and takes the fast route
+    calls = []
+
+    class Watched(torch.Tensor):
+        def all(self, *args, **kwargs):
+            calls.append(1)
+            return super().all(*args, **kwargs)
+
+    plan = model._plan(ones.as_subclass(Watched), 2, 0, 8, "cpu", always_mask=True)
+    prefix = model.config.prefix_len
+    assert plan.mask is not None and plan.mask.shape == (4, 1, 8, prefix + 8) and not calls

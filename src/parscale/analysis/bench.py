@@ -100,7 +100,8 @@ def bytes_per_step(model, runner) -> int:
 
 
 def measure_point(model, batch: int, length: int, engine: str, memory_only: bool = False,
-                  bounded_reads: bool | None = None, cache_len: int | None = None) -> dict:
+                  bounded_reads: bool | None = None, cache_len: int | None = None,
+                  padded_prefill: bool = False) -> dict:
     """One (batch, length) point: prompt and output of `length` tokens each, in a cache of 2 × length
     tokens or cache_len (to see what a long cache costs a short conversation)."""
     device = model.model.embed_tokens.weight.device
@@ -111,7 +112,7 @@ def measure_point(model, batch: int, length: int, engine: str, memory_only: bool
         runner = PlainRunner(model, batch, max_len)
     else:
         runner = DecodeEngine(model, batch, max_len, use_graph=True, compile=engine == "compile",
-                              bounded_reads=bounded_reads)
+                              bounded_reads=bounded_reads, padded_prefill=padded_prefill)
     gen = torch.Generator(device=device).manual_seed(1)
     ids = torch.randint(0, model.config.vocab_size, (batch, length), device=device, generator=gen)
 
@@ -149,6 +150,7 @@ def measure_point(model, batch: int, length: int, engine: str, memory_only: bool
         "peak_memory_gib": peak / 2**30, "bytes_per_step": nbytes,
         "achieved_bandwidth_tb_s": nbytes / (decode_ms / 1000.0) / 1e12, "warmup_s": warmup_s,
         "cache_len": max_len, "bounded_reads": isinstance(runner, DecodeEngine) and runner.bounded_reads,
+        "padded_prefill": padded_prefill,
     }
 
 
@@ -191,7 +193,7 @@ def environment() -> dict:
 
 def run(shapes, streams, batches, lengths, engine: str, out: Path, kernels: bool = False,
         memory_only: bool = False, bounded_reads: bool | None = None, cache_len: int | None = None,
-        quantize: str | None = None, anchors: bool = False) -> dict:
+        quantize: str | None = None, anchors: bool = False, padded_prefill: bool = False) -> dict:
     if not torch.cuda.is_available():
         raise ValueError("parscale bench measures a CUDA GPU and none is available")
     result = {"environment": environment(), "engine": engine, "dtype": "bfloat16", "quantize": quantize,
@@ -227,7 +229,8 @@ def run(shapes, streams, batches, lengths, engine: str, out: Path, kernels: bool
             for b in batches:
                 for length in lengths:
                     point = {"shape": shape, "P": p, "non_embedding_params": counts["non_embedding"],
-                             **measure_point(model, b, length, engine, memory_only, bounded_reads, cache_len)}
+                             **measure_point(model, b, length, engine, memory_only, bounded_reads, cache_len,
+                                                    padded_prefill)}
                     gc.collect()  # engines sit in reference cycles: free their caches and graphs now
                     result["points"].append(point)
                     bar.write(f"{shape} P={p} B={b} L={length}: "

@@ -19,7 +19,7 @@ def cmd_bench(args):
 
     run(args.shapes.split(","), ints(args.streams), ints(args.batches), ints(args.lengths), args.engine,
         Path(args.out), kernels=args.kernels, memory_only=args.memory_only, bounded_reads=args.bounded_reads,
-        cache_len=args.cache_len, quantize=args.quantize, anchors=args.anchors)
+        cache_len=args.cache_len, quantize=args.quantize, anchors=args.anchors, padded_prefill=args.padded_prefill)
     print(f"wrote {args.out}")
 
 
@@ -254,6 +254,9 @@ def add_parsers(sub) -> None:
                    help="decode steps read only the written part of the cache (engine.py; default: on for the "
                         "graph engine, off for the compiled one)")
     p.add_argument("--quantize", default=None, choices=["int8"], help=QUANTIZE_HELP)
+    p.add_argument("--padded-prefill", action="store_true",
+                   help="prompts left-padded to 64, 128, ... tokens and prefilled by one CUDA graph per length "
+                        "(engine.py, padded_prefill)")
     p.add_argument("--cache-len", type=int, default=None,
                    help="cache size in tokens (default: 2 x length), e.g. 4096 for a short talk in a long cache")
     p.add_argument("--out", required=True)

@@ -90,6 +90,7 @@ class StaticKVCache(KVCache):
         cache.pos = torch.zeros(1, dtype=torch.long, device=cache.k.device)
         cache.key_valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=cache.k.device)
         cache.read_len = max_len  # real slots a decode step reads (the engine may bound it, see engine.py)
+        cache.masked_prefill = False  # set by the engine's padded prefill: the model applies the mask unchecked
         return cache
 
     def fits(self, batch_size: int, max_len: int, dtype: torch.dtype, device: torch.device) -> bool:

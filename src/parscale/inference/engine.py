@@ -23,6 +23,12 @@ and captured again whenever the cache or any parameter or buffer of the model wa
 On CPU (or with use_graph=False) the same static step runs without a graph, which is how the
 tests check it against the plain path.
 
+Padded prefill (`padded_prefill=True`, off by default until it is measured on a GPU) removes the same
+launch cost from the prompt: it is left-padded to the smallest of 64, 128, 256, ... tokens that holds it
+(the mask hides the padding and positions count real tokens only, so the logits are those of the
+unpadded prompt) and run through one CUDA graph per such length, all sharing one memory pool. The padding
+takes cache slots, not positions.
+
 Bounded reads (`bounded_reads`, on by default for the graph engine) make a step read only the first
 `read_len` slots of the cache, the smallest of 256, 512, 1024, ... (capped at max_len) that holds every
 token written so far, instead of all max_len: one graph per such length, captured when first needed, so
@@ -42,9 +48,10 @@ import torch
 
 class DecodeEngine:
     READ_STEP = 256  # the shortest bounded read; each longer one doubles it
+    PREFILL_STEP = 64  # the shortest padded prompt; each longer one doubles it
 
     def __init__(self, model, batch_size: int = 1, max_len: int = 256, use_graph: bool | None = None,
-                 compile: bool = False, bounded_reads: bool | None = None):
+                 compile: bool = False, bounded_reads: bool | None = None, padded_prefill: bool = False):
         # A weak reference: the per-model engine registry below must not keep the model alive.
         self._model = weakref.ref(model)
         device = model.model.embed_tokens.weight.device
@@ -52,6 +59,12 @@ class DecodeEngine:
         self.step_fn = torch.compile(self._step, fullgraph=True, dynamic=False) if compile else self._step
         self.bounded_reads = (not compile) if bounded_reads is None else bounded_reads
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}  # read_len -> graph, its logits
+        self.padded_prefill = padded_prefill
+        # padded prompt length -> graph, its input ids and mask buffers, its logits
+        self.prefill_graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self._prefill_pool = None
+        self._prefill_captured_for: tuple | None = None
+        self.prefill_captures = 0
         self.captures = 0  # how many times a graph was captured (tests and benchmarks read it)
         self._captured_for: tuple | None = None
         self.cache = None
@@ -80,7 +93,7 @@ class DecodeEngine:
             device = cache.k.device
             self.tokens = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
             self.positions = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
-            self.graphs = {}
+            self.graphs, self.prefill_graphs = {}, {}
         self.written = 0  # tokens in the cache, counted on the host (no device sync)
 
     def _fingerprint(self) -> tuple:
@@ -100,20 +113,77 @@ class DecodeEngine:
                 max_new_tokens: int = 0) -> torch.Tensor:
         """Start a request: reset the cache (prefixes from the live parameters), run the prompt."""
         b, t = input_ids.shape
-        self.reserve(b, t + max_new_tokens)
-        if t > self.max_len:
+        length = self.prefill_len_for(t) if self.padded_prefill else t
+        self.reserve(b, length + max_new_tokens)
+        if length > self.max_len:
             raise ValueError(f"prompt of {t} tokens exceeds the engine's max_len {self.max_len}")
         model = self.model
         self.cache.reset(model)
-        logits = model(input_ids, attention_mask=attention_mask, cache=self.cache)[:, -1]
+        if self.padded_prefill:
+            input_ids, attention_mask = _left_pad(input_ids, attention_mask, length)
+            logits = self._padded_prefill(input_ids, attention_mask)
+        else:
+            logits = model(input_ids, attention_mask=attention_mask, cache=self.cache)[:, -1]
         self.cache.start_decoding(attention_mask)
         real = attention_mask.long().sum(1, keepdim=True) if attention_mask is not None else torch.full_like(
             self.positions, t)
         self.positions.copy_(real)
-        self.written = t
+        self.written = length
         if self.graphs and self._captured_for != self._fingerprint():
             self.graphs = {}  # parameters or buffers were replaced: capture again
         return logits
+
+    def prefill_len_for(self, t: int) -> int:
+        """The padded length of a t-token prompt (see the module docstring)."""
+        length = self.PREFILL_STEP
+        while length < t:
+            length *= 2
+        return max(t, min(length, self.model.config.max_position_embeddings))
+
+    def _padded_prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        cache = self.cache
+        cache.masked_prefill = True
+        try:
+            if not self.use_graph:
+                return self.model(input_ids, attention_mask=attention_mask, cache=cache)[:, -1]
+            if self.prefill_graphs and self._prefill_captured_for != self._fingerprint():
+                self.prefill_graphs = {}  # parameters, buffers or the cache were replaced: capture again
+            length = input_ids.shape[1]
+            if length not in self.prefill_graphs:
+                self._capture_prefill(input_ids, attention_mask)
+            graph, ids, mask, logits = self.prefill_graphs[length]
+            ids.copy_(input_ids)
+            mask.copy_(attention_mask)
+            graph.replay()
+            cache.length = length  # the host counter a replay does not advance
+            return logits.clone()  # the graph's own buffer is overwritten by the next prefill
+        finally:
+            cache.masked_prefill = False
+
+    def _capture_prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
+        cache, model, length = self.cache, self.model, input_ids.shape[1]
+        ids, mask = input_ids.clone(), attention_mask.clone()
+
+        def run():
+            cache.length = 0  # every prefill writes the same slots, after the prefix
+            return model(ids, attention_mask=mask, cache=cache)[:, -1]
+
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):  # warm-up: cuBLAS handles, kernel choice
+                run()
+        torch.cuda.current_stream().wait_stream(side)
+        if self._prefill_pool is None:
+            # One pool for every prompt length: prefills never overlap, and each one's logits are copied out
+            # before the next replay.
+            self._prefill_pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._prefill_pool):
+            logits = run()
+        self.prefill_graphs[length] = (graph, ids, mask, logits)
+        self._prefill_captured_for = self._fingerprint()
+        self.prefill_captures += 1
 
     def read_len_for(self, written: int) -> int:
         """The cache slots a step reads once `written` tokens are in it (see the module docstring)."""
@@ -166,6 +236,18 @@ class DecodeEngine:
         restore()
         self._captured_for = self._fingerprint()
         self.captures += 1
+
+
+def _left_pad(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, length: int):
+    """Prompt and mask left-padded to `length` columns (padding: token 0, mask 0)."""
+    b, t = input_ids.shape
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    ids = input_ids.new_zeros(b, length)
+    mask = attention_mask.new_zeros(b, length)
+    ids[:, length - t :] = input_ids
+    mask[:, length - t :] = attention_mask
+    return ids, mask
 
 
 _ENGINES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()

@@ -354,7 +354,9 @@ class ParScaleForCausalLM(nn.Module):
         if static_decode:
             plan = AttentionPlan(cache.decode_mask(p), None, is_causal=False, grouped_decode=True)
         else:
-            plan = self._plan(attention_mask, b, past, t, x.device)
+            # A cache in masked prefill (the engine's captured prefill) takes the mask as it is, with no host
+            # check of whether it pads anything: a check would wait for the device, which a capture forbids.
+            plan = self._plan(attention_mask, b, past, t, x.device, getattr(cache, "masked_prefill", False))
         if p > 1:
             # Stream-major copies: row p·B + b.
             x = x.repeat(p, 1, 1)
@@ -383,10 +385,10 @@ class ParScaleForCausalLM(nn.Module):
         emb = torch.cat([freqs, freqs], dim=-1)[:, None]  # [B, 1, T, D]
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
-    def _plan(self, attention_mask, b, past, t, device) -> AttentionPlan:
+    def _plan(self, attention_mask, b, past, t, device, always_mask: bool = False) -> AttentionPlan:
         """Decide the attention route of this forward pass (see the module docstring)."""
         prefix = self.config.prefix_len
-        padded = attention_mask is not None and not bool(attention_mask.all())
+        padded = attention_mask is not None and (always_mask or not bool(attention_mask.all()))
         if not padded and past == 0:
             if prefix == 0:
                 return AttentionPlan(None, None, is_causal=t > 1)
