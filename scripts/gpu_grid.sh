@@ -4,6 +4,7 @@
 #   bash scripts/gpu_grid.sh large    4.4B (graph engine), then the compiled engine at batch 1
 #   bash scripts/gpu_grid.sh memory   peak memory of every point, one process per (shape, P)
 #   bash scripts/gpu_grid.sh long     a 64 + 64-token talk in a 128- and a 4096-token cache, bounded reads off / on, graph and compiled engines
+#   bash scripts/gpu_grid.sh int8     bf16 vs int8 weights, graph and compiled engines, P 1 and 8 (the compiled step can fuse the cast)
 #   bash scripts/gpu_grid.sh prefill  prefill of 64-512 prompt tokens, eager vs padded (graph-captured), P 1 and 8, with the anchor
 set -uo pipefail
 export PYTHONPATH=src PYTHONUNBUFFERED=1
@@ -33,6 +34,13 @@ json.dump(m, open('$OUT/memory_fresh.json','w'), indent=1)" "bash scripts/gpu_gr
         bench 150 --shapes paper-1.6b --streams 1,8 --batches 1 --lengths 64 --engine $engine --cache-len $cache \
             --bounded-reads --out "$OUT/long_${engine}_cache${cache}_bounded.json"
       done
+    done ;;
+  int8)
+    for engine in graph compile; do
+      bench 200 --shapes paper-1.6b --streams 1,8 --batches 1 --lengths 128 --engine $engine \
+          --out "$OUT/int8_${engine}_bf16.json"
+      bench 200 --shapes paper-1.6b --streams 1,8 --batches 1 --lengths 128 --engine $engine --quantize int8 \
+          --out "$OUT/int8_${engine}_int8.json"
     done ;;
   prefill)
     bench 240 --shapes paper-1.6b --streams 1,8 --batches 1 --lengths 64,128,256,512 --engine graph --anchors \
