@@ -2,11 +2,15 @@
 # Training speed and multi-GPU checks (benchmarks/README.md, "Training").
 #   bash scripts/gpu_train.sh speed   125M model, P=1 and P=4, with and without torch.compile, one GPU
 #   bash scripts/gpu_train.sh ddp     the same P=4 run on 1 GPU and under torchrun on 2 GPUs
+#   bash scripts/gpu_train.sh fsdp    P=4 on 1 GPU, then FSDP2 on every GPU (same global batch): losses, speed, and
+#                                     a checkpoint of the N-GPU run resumed on 1 GPU and on N
+# speed also runs P=4 compiled with --log-every 1 (the host waits for every step, as before step_metrics.py)
 # Data: the demo's token shards in runs/demo/data (`parscale demo` writes them).
 set -uo pipefail
 export PYTHONPATH=src PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}
-common="--model 125m --data runs/demo/data --seq-len 512 --eval-every 0 --save-every 0 --lr 1e-3 --warmup 5"
+common="--model 125m --data runs/demo/data --seq-len 512 --eval-every 0 --save-every 0 --lr 1e-3 --warmup 5 \
+  --log-every 5"
 summarise() {  # $1 = label, $2 = run folder
   python3 - "$1" "$2" <<'PY' >> "$OUT/train_runs.jsonl"
 import json, statistics, sys, torch
@@ -23,11 +27,25 @@ case "${1:-speed}" in
       name="p${p}${c:+_compile}"
       timeout 280 python3 -m parscale.cli train $common --streams $p --steps 30 --batch-size 16 $c \
           --out /tmp/$name > "$OUT/$name.log" 2>&1 && summarise "$name" /tmp/$name
-    done; done ;;
+    done; done
+    timeout 280 python3 -m parscale.cli train $common --streams 4 --steps 30 --batch-size 16 --compile \
+        --log-every 1 --out /tmp/p4_compile_sync > "$OUT/p4_compile_sync.log" 2>&1 \
+        && summarise "p4_compile_log_every_1" /tmp/p4_compile_sync ;;
   ddp)
     timeout 200 python3 -m parscale.cli train $common --streams 4 --steps 20 --batch-size 16 --out /tmp/one \
         > "$OUT/ddp_one.log" 2>&1 && summarise "1gpu_p4" /tmp/one
     timeout 200 torchrun --standalone --nproc_per_node=2 -m parscale.cli train $common --streams 4 --steps 20 \
         --batch-size 16 --out /tmp/two > "$OUT/ddp_two.log" 2>&1 && summarise "2gpu_p4" /tmp/two ;;
+  fsdp)
+    n=$(nvidia-smi --query-gpu=name --format=csv,noheader | wc -l)
+    run1() { timeout 200 python3 -m parscale.cli train $common --streams 4 --batch-size 16 "$@"; }
+    runn() { timeout 200 torchrun --standalone --nproc_per_node="$n" -m parscale.cli train $common --streams 4 \
+        --batch-size 16 --fsdp "$@"; }
+    run1 --steps 20 --out /tmp/f1 > "$OUT/fsdp_one.log" 2>&1 && summarise "1gpu_p4" /tmp/f1
+    runn --steps 20 --out /tmp/fn > "$OUT/fsdp_n.log" 2>&1 && summarise "${n}gpu_fsdp_p4" /tmp/fn
+    runn --steps 10 --save-every 10 --out /tmp/fr1 > "$OUT/fsdp_part.log" 2>&1
+    cp -r /tmp/fr1 /tmp/frn
+    run1 --steps 20 --resume --out /tmp/fr1 >> "$OUT/fsdp_part.log" 2>&1 && summarise "fsdp_${n}gpu_resumed_on_1" /tmp/fr1
+    runn --steps 20 --resume --out /tmp/frn >> "$OUT/fsdp_part.log" 2>&1 && summarise "fsdp_${n}gpu_resumed_on_${n}" /tmp/frn ;;
 esac
 cat "$OUT/train_runs.jsonl"
