@@ -293,3 +293,19 @@ def test_masked_prefill_never_reads_the_mask_on_the_host():
     plan = model._plan(ones.as_subclass(Watched), 2, 0, 8, "cpu", always_mask=True)
     prefix = model.config.prefix_len
     assert plan.mask is not None and plan.mask.shape == (4, 1, 8, prefix + 8) and not calls
+
+
+@pytest.mark.parametrize("use_engine", [False, True])
+def test_generation_applies_the_lm_head_to_the_last_position_only(use_engine):
+    """A prompt's logits are needed at its last position only; the head over all of them would be a
+    [B, T, vocab] tensor (155 MB for 512 tokens of the paper's vocabulary in bf16)."""
+    model = tiny_model(streams=2)
+    ids = torch.randint(0, 512, (2, 40))
+    seen = []
+    handle = model.lm_head.register_forward_hook(lambda _m, inputs, _out: seen.append(tuple(inputs[0].shape)))
+    try:
+        parscale.generate(model, ids, max_new_tokens=3, use_engine=use_engine)
+    finally:
+        handle.remove()
+    assert seen and all(shape == (2, model.config.hidden_size) for shape in seen)
+    torch.testing.assert_close(model.last_logits(ids), model(ids)[:, -1])

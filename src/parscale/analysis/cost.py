@@ -16,6 +16,11 @@ calibrated once from the measured H100 benchmark at its smallest point (1.6B, P 
 length 64; benchmarks/README.md) and the model is validated on every other measured point
 (`parscale cost --validate FILE.json`). GPU specs are datasheet peak numbers with the measured
 device-to-device bandwidth of an H100 (3.0 TB/s) standing in for its datasheet 3.35 TB/s.
+
+It models the engine as it was when benchmarks/raw was measured: the whole static cache read every step
+and the LM head applied to every prompt position. The engine now bounds its reads (graph engine) and
+applies the head to the last position only, so until it is re-calibrated on new measurements the model
+over-predicts memory by up to batch × prompt × vocab × 2 bytes and long-cache decode time.
 """
 
 from __future__ import annotations

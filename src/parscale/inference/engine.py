@@ -104,7 +104,7 @@ class DecodeEngine:
 
     @torch.no_grad()
     def _step(self) -> torch.Tensor:
-        logits = self.model(self.tokens, position_ids=self.positions, cache=self.cache)[:, -1]
+        logits = self.model.last_logits(self.tokens, position_ids=self.positions, cache=self.cache)
         self.positions.add_(1)
         return logits
 
@@ -123,7 +123,7 @@ class DecodeEngine:
             input_ids, attention_mask = _left_pad(input_ids, attention_mask, length)
             logits = self._padded_prefill(input_ids, attention_mask)
         else:
-            logits = model(input_ids, attention_mask=attention_mask, cache=self.cache)[:, -1]
+            logits = model.last_logits(input_ids, attention_mask=attention_mask, cache=self.cache)
         self.cache.start_decoding(attention_mask)
         real = attention_mask.long().sum(1, keepdim=True) if attention_mask is not None else torch.full_like(
             self.positions, t)
@@ -145,7 +145,7 @@ class DecodeEngine:
         cache.masked_prefill = True
         try:
             if not self.use_graph:
-                return self.model(input_ids, attention_mask=attention_mask, cache=cache)[:, -1]
+                return self.model.last_logits(input_ids, attention_mask=attention_mask, cache=cache)
             if self.prefill_graphs and self._prefill_captured_for != self._fingerprint():
                 self.prefill_graphs = {}  # parameters, buffers or the cache were replaced: capture again
             length = input_ids.shape[1]
@@ -166,7 +166,7 @@ class DecodeEngine:
 
         def run():
             cache.length = 0  # every prefill writes the same slots, after the prefix
-            return model(ids, attention_mask=mask, cache=cache)[:, -1]
+            return model.last_logits(ids, attention_mask=mask, cache=cache)
 
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())

@@ -173,7 +173,7 @@ def generate(
         logits = engine.prefill(input_ids, mask if attention_mask is not None else None, max_new_tokens)
     else:
         cache = KVCache.for_model(model, b, t + max_new_tokens)
-        logits = model(input_ids, attention_mask=mask, cache=cache)[:, -1]
+        logits = model.last_logits(input_ids, attention_mask=mask, cache=cache)
     eos_t = torch.tensor(eos, device=device, dtype=torch.long)
     done = torch.zeros(b, dtype=torch.bool, device=device)
     seen = None
@@ -202,7 +202,7 @@ def generate(
             logits = engine.decode(token)
         else:
             mask = torch.cat([mask, mask.new_ones(b, 1)], dim=1)
-            logits = model(token[:, None], attention_mask=mask, cache=cache)[:, -1]
+            logits = model.last_logits(token[:, None], attention_mask=mask, cache=cache)
     tokens = torch.stack(out, dim=1)
     if eos and bool(done.all()):
         # Drop the all-padding columns after the step at which the last row stopped.

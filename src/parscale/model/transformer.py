@@ -314,6 +314,13 @@ class ParScaleForCausalLM(nn.Module):
         hidden, _ = self.forward_hidden(input_ids, attention_mask, position_ids, cache)
         return self.lm_head(hidden)
 
+    def last_logits(self, input_ids, attention_mask=None, position_ids=None, cache=None):
+        """Logits of the last position only [B, vocab]: what generation needs after a prompt. The LM head over
+        every prompt position would be a [B, T, vocab] tensor (155 MB for 512 tokens of a 151,936-entry
+        vocabulary in bf16) that is dropped at once."""
+        hidden, _ = self.forward_hidden(input_ids, attention_mask, position_ids, cache)
+        return self.lm_head(hidden[:, -1])
+
     def forward_hidden(self, input_ids, attention_mask=None, position_ids=None, cache=None):
         """Aggregated final hidden states [B, T, H] and the stream weights [B, T, P] (None if P = 1)."""
         streams = self.forward_streams(input_ids, attention_mask, position_ids, cache)
