@@ -75,9 +75,12 @@ def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
     return inv_freq
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
+def swap_halves(x: torch.Tensor) -> torch.Tensor:
+    """[x1, x2] -> [x2, x1] on the last dimension. RoPE's rotate_half(x) = [-x2, x1]; its sign is folded into
+    the sine once per forward (`_rope`), which saves a negation kernel per layer for q and for k and gives
+    the same bits: (-a)·b and a·(-b) round alike."""
     x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
+    return torch.cat((x2, x1), dim=-1)
 
 
 class Attention(nn.Module):
@@ -107,8 +110,8 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(n, t, self.n_kv, self.head_dim).transpose(1, 2)
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
+        q = q * cos + swap_halves(q) * sin  # sin has its first half negated (_rope)
+        k = k * cos + swap_halves(k) * sin
         if cache is not None:
             # The cache already holds this stream's prefix in its first slots.
             k, v = cache.update(layer_idx, k, v)
@@ -131,12 +134,14 @@ class AttentionPlan:
                  grouped_decode: bool = False):
         self.mask, self.n_zero_queries, self.is_causal = mask, n_zero_queries, is_causal
         self.grouped_decode = grouped_decode
+        # The slots a decode query may not see, inverted once per forward rather than in every layer.
+        self.blocked = ~mask if grouped_decode else None
 
 
 def _attend(q, k, v, plan: AttentionPlan) -> torch.Tensor:
     gqa = q.shape[1] != k.shape[1]
     if plan.grouped_decode:
-        return _grouped_decode_attention(q, k, v, plan.mask)
+        return _grouped_decode_attention(q, k, v, plan.blocked)
     if plan.n_zero_queries:
         pad = q.new_zeros(q.shape[0], q.shape[1], plan.n_zero_queries, q.shape[3])
         out = F.scaled_dot_product_attention(torch.cat([pad, q], dim=2), k, v, is_causal=True, enable_gqa=gqa)
@@ -144,14 +149,15 @@ def _attend(q, k, v, plan: AttentionPlan) -> torch.Tensor:
     return F.scaled_dot_product_attention(q, k, v, attn_mask=plan.mask, is_causal=plan.is_causal, enable_gqa=gqa)
 
 
-def _grouped_decode_attention(q, k, v, mask):
+def _grouped_decode_attention(q, k, v, blocked):
     """One query per row against a fixed-size cache: the query heads of a KV head are batched
-    together, so K and V are never expanded for GQA; two matmuls and a softmax in fp32."""
+    together, so K and V are never expanded for GQA; two matmuls and a softmax in fp32. blocked: bool
+    [rows, 1, 1, K], True where a slot is hidden."""
     n, h, t, d = q.shape
     kv = k.shape[1]
     qg = q.reshape(n, kv, (h // kv) * t, d)
     scores = torch.matmul(qg, k.transpose(-1, -2)).float() * (d**-0.5)
-    scores = scores.masked_fill(~mask, float("-inf"))
+    scores = scores.masked_fill(blocked, float("-inf"))
     out = torch.matmul(scores.softmax(-1).to(v.dtype), v)
     return out.reshape(n, h, t, d)
 
@@ -387,10 +393,13 @@ class ParScaleForCausalLM(nn.Module):
         return mixed, weights
 
     def _rope(self, position_ids, dtype):
+        """cos and the sign-folded sin [B, 1, T, D] for every layer: sin's first half is negated, so that
+        x·cos + swap_halves(x)·sin is RoPE's x·cos + rotate_half(x)·sin."""
         inv = self.model.rope_inv_freq
         freqs = position_ids.to(torch.float32)[..., None] * inv.to(torch.float32)  # [B, T, D/2]
-        emb = torch.cat([freqs, freqs], dim=-1)[:, None]  # [B, 1, T, D]
-        return emb.cos().to(dtype), emb.sin().to(dtype)
+        cos, sin = freqs.cos(), freqs.sin()
+        return (torch.cat([cos, cos], dim=-1)[:, None].to(dtype),
+                torch.cat([-sin, sin], dim=-1)[:, None].to(dtype))
 
     def _plan(self, attention_mask, b, past, t, device, always_mask: bool = False) -> AttentionPlan:
         """Decide the attention route of this forward pass (see the module docstring)."""
