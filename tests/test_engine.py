@@ -309,3 +309,32 @@ def test_generation_applies_the_lm_head_to_the_last_position_only(use_engine):
         handle.remove()
     assert seen and all(shape == (2, model.config.hidden_size) for shape in seen)
     torch.testing.assert_close(model.last_logits(ids), model(ids)[:, -1])
+
+
+def test_compiled_engine_equals_the_plain_path():
+    """The decode step compiled by torch.compile (generate(compile=True), `--compile`) gives the logits of a
+    full recomputation and the plain path's tokens; it is its own engine beside the uncompiled one."""
+    model = tiny_model(streams=2)
+    ids = torch.randint(0, 512, (2, 9))
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0
+    engine = engine_for(model, compile=True)
+    assert engine is not engine_for(model) and engine is engine_for(model, compile=True)
+    logits = engine.prefill(ids, mask, max_new_tokens=4)
+    seq, full_mask = ids, mask
+    for _ in range(4):
+        ref = model(seq, attention_mask=full_mask)[:, -1]
+        torch.testing.assert_close(logits, ref, atol=1e-4, rtol=1e-4)
+        nxt = ref.argmax(-1)
+        seq = torch.cat([seq, nxt[:, None]], 1)
+        full_mask = torch.cat([full_mask, torch.ones_like(full_mask[:, :1])], 1)
+        logits = engine.decode(nxt)
+    plain = parscale.generate(model, ids, attention_mask=mask, max_new_tokens=8, use_engine=False)
+    fast = parscale.generate(model, ids, attention_mask=mask, max_new_tokens=8, use_engine=True, compile=True)
+    assert torch.equal(plain, fast)
+
+
+def test_compile_needs_the_engine():
+    model = tiny_model(streams=2)
+    with pytest.raises(ValueError, match="use_engine=False"):
+        parscale.generate(model, torch.randint(0, 512, (1, 4)), max_new_tokens=2, use_engine=False, compile=True)

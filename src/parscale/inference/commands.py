@@ -40,7 +40,8 @@ def _load_for_generation(args):
 def _generation_flags(args) -> dict:
     """generate() settings from the flags; those not given stay None (the model's generation_config decides)."""
     flags = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                 top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed)
+                 top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
+                 compile=args.compile)
     if args.temperature is not None:  # --temperature 0 is greedy, any other value samples
         flags["do_sample"] = args.temperature > 0
     return flags
@@ -139,3 +140,5 @@ def add_parsers(sub) -> None:
         p.add_argument("--dtype", default=None)
         p.add_argument("--device", default=None)
         p.add_argument("--quantize", default=None, choices=["int8"], help=QUANTIZE_HELP)
+        p.add_argument("--compile", action="store_true",
+                       help="compile the decode step with torch.compile (the first reply waits for it)")

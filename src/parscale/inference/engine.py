@@ -253,10 +253,10 @@ def _left_pad(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, leng
 _ENGINES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def engine_for(model) -> DecodeEngine:
-    """The model's engine, reused across calls and prompt lengths (one per model, held weakly)."""
-    engine = _ENGINES.get(model)
-    if engine is None:
-        engine = DecodeEngine(model)
-        _ENGINES[model] = engine
-    return engine
+def engine_for(model, compile: bool = False) -> DecodeEngine:
+    """The model's engine, reused across calls and prompt lengths (one per model and setting, held weakly).
+    compile=True: the decode step compiled by torch.compile before it is captured (the first call compiles)."""
+    engines = _ENGINES.setdefault(model, {})
+    if compile not in engines:
+        engines[compile] = DecodeEngine(model, compile=compile)
+    return engines[compile]

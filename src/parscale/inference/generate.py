@@ -130,12 +130,15 @@ def generate(
     use_engine: bool | None = None,
     repetition_penalty: float | None = None,
     generation_config: dict | None = None,
+    compile: bool = False,
 ) -> torch.Tensor:
     """New token ids [B, max_new_tokens or fewer if every row stopped]; see the module docstring.
 
     on_token: called with the [B] tensor of each step's tokens (for streaming output).
     use_engine: decode with the static-cache engine (engine.py; a CUDA graph on GPU). Default: on
     CUDA yes, elsewhere no. Both paths give the same tokens.
+    compile: the engine's decode step compiled by torch.compile (the first call compiles; faster steps after);
+    it implies the engine, on CPU too.
     generation_config: defaults for the settings left as None (default: the model's, from its folder).
     """
     max_new_tokens_given = max_new_tokens
@@ -167,9 +170,11 @@ def generate(
     mask = (attention_mask.to(device=device, dtype=torch.long) if attention_mask is not None
             else torch.ones(b, t, dtype=torch.long, device=device))
     if use_engine is None:
-        use_engine = device.type == "cuda"
+        use_engine = device.type == "cuda" or compile  # compiling is the engine's: it implies the engine
+    if compile and not use_engine:
+        raise ValueError("compile=True compiles the decode engine's step; it cannot be used with use_engine=False")
     if use_engine:
-        engine = engine_for(model)
+        engine = engine_for(model, compile=compile)
         logits = engine.prefill(input_ids, mask if attention_mask is not None else None, max_new_tokens)
     else:
         cache = KVCache.for_model(model, b, t + max_new_tokens)
