@@ -8,6 +8,21 @@ import parscale
 from parscale.inference.engine import DecodeEngine, engine_for
 
 
+def _decode_follows_recompute(model, engine, logits, ids, mask, steps: int, tol: float = 1e-4) -> list[int]:
+    """Check the prefill's logits and those of `steps` - 1 greedy decode steps against a full recomputation of
+    the sequence so far; return the cache slots each decode step read."""
+    seq, full_mask, read = ids, mask, []
+    for _ in range(steps):
+        ref = model(seq, attention_mask=full_mask)[:, -1]
+        torch.testing.assert_close(logits, ref, atol=tol, rtol=tol)
+        nxt = ref.argmax(-1)
+        seq = torch.cat([seq, nxt[:, None]], 1)
+        full_mask = torch.cat([full_mask, torch.ones_like(full_mask[:, :1])], 1)
+        logits = engine.decode(nxt)
+        read.append(engine.cache.read_len)
+    return read
+
+
 @pytest.mark.parametrize("family,streams", [("qwen2", 1), ("qwen2", 4), ("llama", 2), ("qwen3", 3)])
 def test_engine_logits_equal_recompute(family, streams):
     model = tiny_model(streams=streams, family=family)
@@ -15,15 +30,7 @@ def test_engine_logits_equal_recompute(family, streams):
     mask = torch.ones_like(ids)
     mask[1, :3] = 0
     engine = DecodeEngine(model, batch_size=2, max_len=16)
-    logits = engine.prefill(ids, mask)
-    seq, full_mask = ids, mask
-    for _ in range(5):
-        ref = model(seq, attention_mask=full_mask)[:, -1]
-        torch.testing.assert_close(logits, ref, atol=1e-5, rtol=1e-5)
-        nxt = ref.argmax(-1)
-        seq = torch.cat([seq, nxt[:, None]], 1)
-        full_mask = torch.cat([full_mask, torch.ones(2, 1, dtype=torch.long)], 1)
-        logits = engine.decode(nxt)
+    _decode_follows_recompute(model, engine, engine.prefill(ids, mask), ids, mask, steps=5, tol=1e-5)
 
 
 @pytest.mark.parametrize("streams", [1, 2])
@@ -185,16 +192,7 @@ def _bounded_reads_follow_recompute(model, device="cpu", use_graph=False, bounde
     mask[1, :7] = 0
     engine = DecodeEngine(model, batch_size=2, max_len=270, use_graph=use_graph, bounded_reads=bounded_reads)
     assert engine.max_len == 512  # the cache rounds up to 256-token steps
-    logits = engine.prefill(ids, mask)
-    seq, full_mask, read = ids, mask, []
-    for _ in range(12):
-        ref = model(seq, attention_mask=full_mask)[:, -1]
-        torch.testing.assert_close(logits, ref, atol=1e-4, rtol=1e-4)
-        nxt = ref.argmax(-1)
-        seq = torch.cat([seq, nxt[:, None]], 1)
-        full_mask = torch.cat([full_mask, torch.ones_like(full_mask[:, :1])], 1)
-        logits = engine.decode(nxt)
-        read.append(engine.cache.read_len)
+    read = _decode_follows_recompute(model, engine, engine.prefill(ids, mask), ids, mask, steps=12)
     # 251..256 tokens written fit 256 slots, 257.. need 512
     assert read == ([256] * 6 + [512] * 6 if bounded_reads else [512] * 12)
     return engine
@@ -239,14 +237,7 @@ def _padded_prefill_follows_recompute(engine, model, device="cpu", lengths=(5, 6
         mask[1, : min(3, t - 1)] = 0
         logits = engine.prefill(ids, mask, max_new_tokens=6)
         assert engine.written == engine.prefill_len_for(t) and engine.written % 64 == 0
-        seq, full_mask = ids, mask
-        for _ in range(6):
-            ref = model(seq, attention_mask=full_mask)[:, -1]
-            torch.testing.assert_close(logits, ref, atol=1e-4, rtol=1e-4)
-            nxt = ref.argmax(-1)
-            seq = torch.cat([seq, nxt[:, None]], 1)
-            full_mask = torch.cat([full_mask, torch.ones_like(full_mask[:, :1])], 1)
-            logits = engine.decode(nxt)
+        _decode_follows_recompute(model, engine, logits, ids, mask, steps=6)
 
 
 @pytest.mark.parametrize("family,streams", [("qwen2", 1), ("qwen2", 4), ("llama", 2), ("qwen3", 3)])
@@ -320,15 +311,7 @@ def test_compiled_engine_equals_the_plain_path():
     mask[1, :2] = 0
     engine = engine_for(model, compile=True)
     assert engine is not engine_for(model) and engine is engine_for(model, compile=True)
-    logits = engine.prefill(ids, mask, max_new_tokens=4)
-    seq, full_mask = ids, mask
-    for _ in range(4):
-        ref = model(seq, attention_mask=full_mask)[:, -1]
-        torch.testing.assert_close(logits, ref, atol=1e-4, rtol=1e-4)
-        nxt = ref.argmax(-1)
-        seq = torch.cat([seq, nxt[:, None]], 1)
-        full_mask = torch.cat([full_mask, torch.ones_like(full_mask[:, :1])], 1)
-        logits = engine.decode(nxt)
+    _decode_follows_recompute(model, engine, engine.prefill(ids, mask, max_new_tokens=4), ids, mask, steps=4)
     plain = parscale.generate(model, ids, attention_mask=mask, max_new_tokens=8, use_engine=False)
     fast = parscale.generate(model, ids, attention_mask=mask, max_new_tokens=8, use_engine=True, compile=True)
     assert torch.equal(plain, fast)
