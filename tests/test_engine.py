@@ -211,6 +211,14 @@ def test_bounded_reads_are_the_default_of_the_graph_engine():
     assert DecodeEngine(model, compile=True, bounded_reads=True).bounded_reads
 
 
+def test_padded_prefill_is_the_default_where_prompts_go_through_graphs():
+    model = tiny_model(streams=2)
+    assert DecodeEngine(model, use_graph=True).padded_prefill  # the graph engine (what CUDA gets)
+    assert not DecodeEngine(model).padded_prefill  # CPU: no graphs, padding would only cost
+    assert not DecodeEngine(model, use_graph=True, compile=True).padded_prefill  # not measured compiled
+    assert DecodeEngine(model, padded_prefill=True).padded_prefill
+
+
 def test_bounded_read_lengths():
     model = tiny_model(streams=2, max_position_embeddings=4096)
     engine = DecodeEngine(model, batch_size=1, max_len=512, bounded_reads=True)  # the engine holds it weakly

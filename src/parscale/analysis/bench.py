@@ -101,7 +101,7 @@ def bytes_per_step(model, runner) -> int:
 
 def measure_point(model, batch: int, length: int, engine: str, memory_only: bool = False,
                   bounded_reads: bool | None = None, cache_len: int | None = None,
-                  padded_prefill: bool = False) -> dict:
+                  padded_prefill: bool | None = None) -> dict:
     """One (batch, length) point: prompt and output of `length` tokens each, in a cache of 2 × length
     tokens or cache_len (to see what a long cache costs a short conversation)."""
     device = model.model.embed_tokens.weight.device
@@ -150,7 +150,7 @@ def measure_point(model, batch: int, length: int, engine: str, memory_only: bool
         "peak_memory_gib": peak / 2**30, "bytes_per_step": nbytes,
         "achieved_bandwidth_tb_s": nbytes / (decode_ms / 1000.0) / 1e12, "warmup_s": warmup_s,
         "cache_len": max_len, "bounded_reads": isinstance(runner, DecodeEngine) and runner.bounded_reads,
-        "padded_prefill": padded_prefill,
+        "padded_prefill": isinstance(runner, DecodeEngine) and runner.padded_prefill,
     }
 
 
@@ -193,7 +193,7 @@ def environment() -> dict:
 
 def run(shapes, streams, batches, lengths, engine: str, out: Path, kernels: bool = False,
         memory_only: bool = False, bounded_reads: bool | None = None, cache_len: int | None = None,
-        quantize: str | None = None, anchors: bool = False, padded_prefill: bool = False) -> dict:
+        quantize: str | None = None, anchors: bool = False, padded_prefill: bool | None = None) -> dict:
     if not torch.cuda.is_available():
         raise ValueError("parscale bench measures a CUDA GPU and none is available")
     result = {"environment": environment(), "engine": engine, "dtype": "bfloat16", "quantize": quantize,

@@ -254,9 +254,9 @@ def add_parsers(sub) -> None:
                    help="decode steps read only the written part of the cache (engine.py; default: on for the "
                         "graph engine, off for the compiled one)")
     p.add_argument("--quantize", default=None, choices=["int8"], help=QUANTIZE_HELP)
-    p.add_argument("--padded-prefill", action="store_true",
+    p.add_argument("--padded-prefill", action=argparse.BooleanOptionalAction, default=None,
                    help="prompts left-padded to 64, 128, ... tokens and prefilled by one CUDA graph per length "
-                        "(engine.py, padded_prefill)")
+                        "(engine.py; default: on for the graph engine, off for the compiled one)")
     p.add_argument("--cache-len", type=int, default=None,
                    help="cache size in tokens (default: 2 x length), e.g. 4096 for a short talk in a long cache")
     p.add_argument("--out", required=True)

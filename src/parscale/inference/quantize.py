@@ -7,7 +7,8 @@ as int8 with one scale per output row (symmetric: w ≈ q · s, q in [−127, 12
 and its output is computed as linear(x, q) · s in the activations' dtype. It halves the memory of those
 weights in bf16; it does not make a step faster by itself: without a compiler the int8 → bf16 cast is
 its own kernel, so a decode step reads the int8 weight and then a bf16 copy (measured 1.97× slower than
-bf16 on the graph engine, benchmarks/README.md). The embedding, the LM head, the
+bf16 on the graph engine, benchmarks/README.md), and torch.compile does not rescue it: the compiled
+step took 26.7 ms against 3.2 ms in bf16 (1.6B shape, P = 1, one H200). The embedding, the LM head, the
 norms, the prefixes and the aggregator keep their dtype (they hold the ParScale parameters, and the
 LM head's errors reach every logit). The model stays the same function otherwise: generate, the decode
 engine, CUDA graphs and `.to(dtype)` work on it (the int8 tensors keep their dtype; the scales follow
@@ -41,7 +42,7 @@ class Int8Linear(nn.Module):
         return self.weight_int8.to(self.scale.dtype) * self.scale[:, None]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Eagerly the cast is a kernel of its own; whether torch.compile fuses it into the matmul is not measured.
+        # Eagerly the cast is a kernel of its own; compiled, the batch-1 step was 8x slower than bf16 (measured).
         out = F.linear(x, self.weight_int8.to(x.dtype)) * self.scale.to(x.dtype)
         return out if self.bias is None else out + self.bias.to(x.dtype)
 
