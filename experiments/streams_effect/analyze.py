@@ -15,12 +15,15 @@ from __future__ import annotations
 import json
 import math
 import statistics
+from itertools import pairwise
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ARMS = ("p1", "p1prefix", "p2", "p4", "p8")
 # Lever arms that have results; each is compared with the plain arm of the same P on the same seeds.
-LEVERS = ("p4-zloss", "p4-aggwarm", "p4-sdrop", "p4-reparam", "p8-zloss", "p8-aggwarm", "p8-sdrop", "p8-reparam")
+LEVERS = tuple(f"p{p}-{lever}" for p in (2, 4, 8) for lever in ("zloss", "aggwarm", "sdrop", "reparam"))
+# The P = 1 width ladder: hidden size -> arm (256 is the recipe's own P = 1).
+LADDER = {192: "ladder-h192-p1", 256: "p1", 384: "ladder-h384-p1"}
 LABELS = {"p1": "P=1", "p1prefix": "P=1 + prefix", "p2": "P=2", "p4": "P=4", "p8": "P=8"}
 
 
@@ -33,13 +36,126 @@ def load() -> dict[tuple[str, int], dict]:
 
 
 def paired(results, arm: str, base: str) -> dict | None:
-    diffs = [results[(base, s)]["endpoint"] - results[(arm, s)]["endpoint"]
-             for (a, s) in results if a == arm and (base, s) in results]
+    diffs = [
+        results[(base, s)]["endpoint"] - results[(arm, s)]["endpoint"]
+        for (a, s) in results
+        if a == arm and (base, s) in results
+    ]
     if not diffs:
         return None
     mean = statistics.fmean(diffs)
     se = statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else None
     return {"n": len(diffs), "mean": mean, "se": se, "diffs": diffs}
+
+
+def doubling_steps(results, chain: list[str]) -> list[dict]:
+    """Paired gain of each arm of `chain` over the one before it; a step counts when it exceeds 2 SE."""
+    steps = []
+    for before, after in pairwise(chain):
+        g = paired(results, after, before)
+        if g is None:
+            continue
+        steps.append({"from": before, "to": after, **g, "exceeds_2se": g["se"] is not None and g["mean"] > 2 * g["se"]})
+    return steps
+
+
+def non_embedding_params(hidden: int) -> int:
+    """Non-embedding parameters of the recipe's P = 1 model at this width (the ladder's shape rule)."""
+    from parscale.model.config import ModelConfig
+    from runs import SHAPE
+
+    shape = {**SHAPE, "hidden_size": hidden, "intermediate_size": 4 * hidden}
+    return ModelConfig.preset("small", **shape, vocab_size=8192, parscale_n=1).param_counts()["non_embedding"]
+
+
+def ladder(results) -> dict:
+    """Slope of the endpoint in ln N over the P = 1 width ladder, per seed, with its SE.
+
+    A local slope means something only where loss falls steadily with N: every segment between
+    neighbouring widths must be negative by more than 2 SE (a straight fit through a curve that turns
+    up is not a slope). Then L(P) − L(1) ≈ slope · ln(1 + k ln P) gives k = (exp(Δ_P / −slope) − 1) / ln P."""
+    seeds = sorted({s for a, s in results if a in LADDER.values()})
+    widths = sorted(LADDER)
+    n = {h: non_embedding_params(h) for h in widths}
+    per_seed, segments = [], {f"{a}->{b}": [] for a, b in pairwise(widths)}
+    for s in seeds:
+        pts = [(math.log(n[h]), results[(LADDER[h], s)]["endpoint"]) for h in widths if (LADDER[h], s) in results]
+        if len(pts) < len(widths):
+            continue
+        mx, my = statistics.fmean(x for x, _ in pts), statistics.fmean(y for _, y in pts)
+        per_seed.append(sum((x - mx) * (y - my) for x, y in pts) / sum((x - mx) ** 2 for x, _ in pts))
+        for (a, b), ((xa, ya), (xb, yb)) in zip(pairwise(widths), pairwise(pts), strict=True):
+            segments[f"{a}->{b}"].append((yb - ya) / (xb - xa))
+
+    def mean_se(v):
+        return (
+            {
+                "mean": statistics.fmean(v),
+                "se": statistics.stdev(v) / math.sqrt(len(v)) if len(v) > 1 else None,
+                "per_seed": v,
+            }
+            if v
+            else None
+        )
+
+    slope = mean_se(per_seed)
+    fits = [mean_se(v) for v in segments.values()]
+    usable = all(f is not None and f["se"] is not None and f["mean"] < -2 * f["se"] for f in fits)
+    return {
+        "non_embedding_params": n,
+        "endpoints": {
+            h: {s: results[(LADDER[h], s)]["endpoint"] for s in seeds if (LADDER[h], s) in results} for h in widths
+        },
+        "slope_per_ln_n": slope,
+        "segment_slopes": {k: mean_se(v) for k, v in segments.items()},
+        "every_segment_negative_by_2se": usable,
+    }
+
+
+def eq5_fit(results, arms: dict[int, str]) -> dict | None:
+    """The paper's Eq. 5 fitted (its procedure, parscale.analysis.scaling_law) to every seed's endpoints of
+    the P = 1 ladder and of `arms` (P -> arm at the recipe's width). With one width for P > 1, k is pinned
+    by the P = 1 ladder's slope alone, so the fit is only as good as that slope (see ladder())."""
+    import numpy as np
+
+    from parscale.analysis import scaling_law as law
+
+    n = {h: non_embedding_params(h) for h in LADDER}
+    rows = [(n[h], 1, results[(arm, s)]["endpoint"]) for h, arm in LADDER.items() for s in range(3)
+            if (arm, s) in results]
+    rows += [(n[256], p, results[(arm, s)]["endpoint"]) for p, arm in arms.items() for s in range(3)
+             if (arm, s) in results]
+    if len({(N, P) for N, P, _ in rows}) < 5:
+        return None
+    N, P, L = (np.array(c, dtype=float) for c in zip(*rows, strict=True))
+    return {"points": len(rows), **law.fit(law.Points(N, P, L)).as_dict()}
+
+
+def collapse_map(results) -> dict:
+    """P = 4 over depth x prefix tokens, plain and with the warm-up lever: per seed, the endpoint and the
+    final stream diagnostics (the depth-8, 48-token cells are the d8-p4 arms)."""
+    out = {}
+    for depth in (4, 8, 12):
+        for n in (8, 48):
+            for suffix in ("", "-aggwarm"):
+                arm = f"p4{suffix}" if (depth, n) == (8, 48) else f"map-d{depth}-n{n}-p4{suffix}"
+                cell = {}
+                for (a, s), r in sorted(results.items()):
+                    if a != arm:
+                        continue
+                    d = r.get("streams_final") or {}
+                    cell[s] = {
+                        "endpoint": r["endpoint"],
+                        "collapsed": collapsed(r),
+                        "cap_share": d.get("cap_share"),
+                        "kl_mean": d.get("kl_mean"),
+                        "mix_minus_best_stream": d["loss_mix"] - d["loss_best_stream"]
+                        if "loss_best_stream" in d
+                        else None,
+                    }
+                if cell:
+                    out[f"depth {depth}, {n} tokens{', warm-up' if suffix else ''}"] = cell
+    return out
 
 
 def collapsed(r: dict) -> bool | None:
@@ -52,16 +168,30 @@ def main() -> None:
     seeds = sorted({s for _, s in results})
     arms = [a for a in ARMS + LEVERS if any((a, s) in results for s in seeds)]
     table = {arm: {s: results[(arm, s)]["endpoint"] for s in seeds if (arm, s) in results} for arm in arms}
-    summary = {"endpoints": table, "gain_vs_p1": {}, "gain_vs_prefix": {}, "lever_vs_plain": {}, "steps": {},
-               "streams": {}}
+    summary = {
+        "endpoints": table,
+        "gain_vs_p1": {},
+        "gain_vs_prefix": {},
+        "lever_vs_plain": {},
+        "steps": {},
+        "streams": {},
+    }
     for arm in arms[1:]:
         summary["gain_vs_p1"][arm] = paired(results, arm, "p1")
     for arm in arms:
         if arm in LEVERS:  # the lever's own effect: the plain arm of the same P, same seeds
             summary["lever_vs_plain"][arm] = paired(results, arm, arm.split("-")[0])
-    for lever in sorted({a.split("-")[1] for a in arms if a in LEVERS}):  # P = 4 -> 8 under one lever
-        if f"p4-{lever}" in arms and f"p8-{lever}" in arms:
-            summary["steps"][f"p8-{lever} vs p4-{lever}"] = paired(results, f"p8-{lever}", f"p4-{lever}")
+    # Each doubling of P: plain from P = 1, and under each lever from the prefix control (the lever arms'
+    # own P = 1 is the control, since every P > 1 arm has the prefix).
+    summary["steps"]["plain"] = doubling_steps(results, ["p1", "p2", "p4", "p8"])
+    for lever in sorted({a.split("-")[1] for a in arms if a in LEVERS}):
+        chain = ["p1prefix"] + [f"p{p}-{lever}" for p in (2, 4, 8)]
+        if all(any((a, s) in results for s in seeds) for a in chain):
+            summary["steps"][lever] = doubling_steps(results, chain)
+    summary["ladder"] = ladder(results)
+    summary["eq5_fit"] = {"plain": eq5_fit(results, {2: "p2", 4: "p4", 8: "p8"}),
+                          "warm-up": eq5_fit(results, {2: "p2-aggwarm", 4: "p4-aggwarm", 8: "p8-aggwarm"})}
+    summary["collapse_map"] = collapse_map(results)
     for arm in [a for a in arms if a not in ("p1", "p1prefix")]:
         summary["gain_vs_prefix"][arm] = paired(results, arm, "p1prefix")
         used = {"diffs": [], "seeds": []}
@@ -73,10 +203,24 @@ def main() -> None:
     for (arm, s), r in sorted(results.items()):
         d = r.get("streams_final") or {}
         summary["streams"][f"{arm}-s{s}"] = {
-            "endpoint": r["endpoint"], "collapsed": collapsed(r),
-            **{k: d[k] for k in ("loss_mix", "loss_best_stream", "loss_ensemble", "kl_mean", "weight_entropy",
-                                 "floor_share", "cap_share") if k in d},
-            "hidden_cosine_last": d["hidden_cosine"][-1] if "hidden_cosine" in d else None}
+            "endpoint": r["endpoint"],
+            "collapsed": collapsed(r),
+            "gpu": r["environment"]["gpu"],
+            **{
+                k: d[k]
+                for k in (
+                    "loss_mix",
+                    "loss_best_stream",
+                    "loss_ensemble",
+                    "kl_mean",
+                    "weight_entropy",
+                    "floor_share",
+                    "cap_share",
+                )
+                if k in d
+            },
+            "hidden_cosine_last": d["hidden_cosine"][-1] if "hidden_cosine" in d else None,
+        }
     out = HERE / "analysis"
     out.mkdir(exist_ok=True)
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
@@ -133,22 +277,61 @@ def _print(summary, seeds) -> None:
     print(f"{'arm':>9} " + " ".join(f"{'seed ' + str(s):>8}" for s in seeds))
     for arm, row in summary["endpoints"].items():
         print(f"{arm:>9} " + " ".join(f"{row[s]:8.4f}" if s in row else f"{'-':>8}" for s in seeds))
-    for name, block in (("vs P=1", summary["gain_vs_p1"]), ("vs prefix control", summary["gain_vs_prefix"]),
-                        ("of the lever (vs the plain arm of the same P)", summary["lever_vs_plain"]),
-                        ("between P under one lever", summary["steps"])):
+    for name, block in (
+        ("vs P=1", summary["gain_vs_p1"]),
+        ("vs prefix control", summary["gain_vs_prefix"]),
+        ("of the lever (vs the plain arm of the same P)", summary["lever_vs_plain"]),
+    ):
         print(f"paired gain {name}:")
         for arm, g in block.items():
             if g is None or "mean" not in g:
                 continue
             se = f" ± {g['se']:.4f} (SE)" if g["se"] is not None else ""
             print(f"  {arm:>9}: {g['mean']:+.4f}{se} over {g['n']} seeds  {[round(d, 4) for d in g['diffs']]}")
+    print("each doubling of P (paired; counts when > 2 SE):")
+    for chain, steps in summary["steps"].items():
+        for st in steps:
+            se = f" ± {st['se']:.4f}" if st["se"] is not None else ""
+            print(
+                f"  {chain:>8}: {st['from']:>11} -> {st['to']:<11} {st['mean']:+.4f}{se} "
+                f"{'> 2 SE' if st['exceeds_2se'] else 'not > 2 SE'}"
+            )
+    lad = summary["ladder"]
+    if lad["slope_per_ln_n"]:
+        print("P = 1 width ladder (endpoint by hidden size; non-embedding parameters):")
+        for h, row in lad["endpoints"].items():
+            print(
+                f"  h{h} ({lad['non_embedding_params'][h] / 1e6:.2f}M): " + " ".join(f"{v:.4f}" for v in row.values())
+            )
+        sl = lad["slope_per_ln_n"]
+        print(
+            f"  slope per ln N {sl['mean']:+.4f} ± {sl['se']:.4f}; segments "
+            + ", ".join(f"{k}: {v['mean']:+.4f} ± {v['se']:.4f}" for k, v in lad["segment_slopes"].items() if v)
+            + ("" if lad["every_segment_negative_by_2se"] else "  -> not every segment < -2 SE: no local k")
+        )
+    for name, f in summary["eq5_fit"].items():
+        if f:
+            print(f"Eq. 5 fit, ladder + {name} arms ({f['points']} points): k {f['k']:.3g}, E {f['E']:.4f}, "
+                  f"alpha {f['alpha']:.3f}, R2 {f['r2']:.3f}")
+    print("collapse map (P = 4; per seed: endpoint, cap share, KL, mix - best stream):")
+    for cell, row in summary["collapse_map"].items():
+        print(
+            f"  {cell:>26}: "
+            + "; ".join(
+                f"s{s} {v['endpoint']:.4f} cap {v['cap_share']:.2f} KL {v['kl_mean']:.2f} "
+                f"{v['mix_minus_best_stream']:+.3f}"
+                for s, v in row.items()
+            )
+        )
     print("collapse (final diagnostics):")
     for name, d in summary["streams"].items():
         if d["collapsed"] is not None:
-            print(f"  {name:>10}: {'COLLAPSED' if d['collapsed'] else 'used     '} endpoint {d['endpoint']:.4f} "
-                  f"mix {d['loss_mix']:.3f} best stream {d['loss_best_stream']:.3f} ensemble "
-                  f"{d['loss_ensemble']:.3f} KL {d['kl_mean']:.2f} cap {d['cap_share']:.2f} floor "
-                  f"{d['floor_share']:.2f}")
+            print(
+                f"  {name:>10}: {'COLLAPSED' if d['collapsed'] else 'used     '} endpoint {d['endpoint']:.4f} "
+                f"mix {d['loss_mix']:.3f} best stream {d['loss_best_stream']:.3f} ensemble "
+                f"{d['loss_ensemble']:.3f} KL {d['kl_mean']:.2f} cap {d['cap_share']:.2f} floor "
+                f"{d['floor_share']:.2f}"
+            )
 
 
 if __name__ == "__main__":

@@ -15,12 +15,12 @@ arm: parscale's paired seeds), named d8-{arm}-s{seed}:
 - p1prefix   P = 1 with a learned 48-token prefix in every layer and no aggregator (the control: how
              much of the gain is the prefix itself, as learned memory or attention sink);
 - p2, p4, p8 ParScale with P streams;
-- p4-*, p8-* the same with one lever against collapse (LEVER_ARMS: aggregator z-loss, stream dropout, a
-             longer warm-up of prefixes and aggregator, prefix reparameterisation); p4-zloss,
-             p4-aggwarm and p8-aggwarm have run, the rest is configured;
+- p2-*, p4-*, p8-* the same with one lever against collapse (LEVER_ARMS: aggregator z-loss, stream
+             dropout, a longer warm-up of prefixes and aggregator, prefix reparameterisation); p4-zloss
+             and p{2,4,8}-aggwarm have run, the rest is configured;
 - map-*      the collapse map: P = 4 over depth {4, 8, 12} x prefix {8, 48}, plain and with the warm-up
-             lever, seeds 0 and 1 (configured);
-- ladder-*   P = 1 at hidden 192 and 384, for the slope of loss in ln N (configured).
+             lever, seeds 0 and 1 (6 of the 20 have run);
+- ladder-*   P = 1 at hidden 192 and 384, for the slope of loss in ln N (have run).
 Every run evaluates the whole held-out split at 90, 95 and 100% of training (`eval_at`); the endpoint
 is their mean. After training, `parscale streams` measures the final model's streams on 16 held-out
 batches. `run` starts each run as its own `parscale train` process, `per_gpu` at a time on every

@@ -1,0 +1,59 @@
+"""The stream experiment's analysis rules (experiments/streams_effect/analyze.py) on made-up endpoints:
+when a doubling of P counts, and when the P = 1 width ladder gives a slope at all."""
+
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+EXPERIMENT = Path(__file__).resolve().parents[1] / "experiments" / "streams_effect"
+
+
+@pytest.fixture(scope="module")
+def analyze():
+    sys.path.insert(0, str(EXPERIMENT))
+    try:
+        import analyze
+
+        yield analyze
+    finally:
+        sys.path.remove(str(EXPERIMENT))
+
+
+def _results(endpoints: dict[str, list[float]]) -> dict:
+    return {
+        (arm, s): {"endpoint": v, "environment": {"gpu": None}}
+        for arm, vs in endpoints.items()
+        for s, v in enumerate(vs)
+    }
+
+
+def test_a_doubling_counts_only_above_two_standard_errors(analyze):
+    results = _results(
+        {
+            "p1": [2.30, 2.31, 2.29],
+            "p2": [2.20, 2.21, 2.19],  # 0.10 on every seed
+            "p4": [2.19, 2.23, 2.17],
+        }
+    )  # +0.01, −0.02, +0.02
+    steps = analyze.doubling_steps(results, ["p1", "p2", "p4"])
+    assert [(s["from"], s["to"]) for s in steps] == [("p1", "p2"), ("p2", "p4")]
+    assert steps[0]["mean"] == pytest.approx(0.10) and steps[0]["exceeds_2se"]
+    assert steps[1]["mean"] == pytest.approx(0.01 / 3) and not steps[1]["exceeds_2se"]
+
+
+def test_the_ladder_gives_a_slope_only_where_loss_falls_at_every_width(analyze):
+    n = {h: analyze.non_embedding_params(h) for h in analyze.LADDER}
+    assert n[192] < n[256] < n[384]
+    slope = -0.1
+    falling = {arm: [2.0 + slope * math.log(n[h]) + 0.001 * s for s in range(3)] for h, arm in analyze.LADDER.items()}
+    lad = analyze.ladder(_results(falling))
+    assert lad["slope_per_ln_n"]["mean"] == pytest.approx(slope)
+    assert lad["every_segment_negative_by_2se"]
+    turning_up = dict(
+        falling, **{analyze.LADDER[384]: [falling[analyze.LADDER[256]][s] + 0.02 + 0.001 * s**2 for s in range(3)]}
+    )
+    lad = analyze.ladder(_results(turning_up))
+    assert lad["slope_per_ln_n"]["mean"] < 0  # a straight fit still slopes down ...
+    assert not lad["every_segment_negative_by_2se"]  # ... but the curve turns up: no local k
