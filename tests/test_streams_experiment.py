@@ -57,3 +57,32 @@ def test_the_ladder_gives_a_slope_only_where_loss_falls_at_every_width(analyze):
     lad = analyze.ladder(_results(turning_up))
     assert lad["slope_per_ln_n"]["mean"] < 0  # a straight fit still slopes down ...
     assert not lad["every_segment_negative_by_2se"]  # ... but the curve turns up: no local k
+
+
+def test_every_committed_config_is_accepted_by_the_trainer_and_builds_its_model():
+    """A config the trainer would refuse (or a model it cannot build) would only show on the GPU machine,
+    after the data was built: check each one here, with the runs' own data settings (an 8,192-entry BPE)."""
+    from parscale.training.train import TrainConfig, _initial_model, check_config, load_config_file
+
+    sys.path.insert(0, str(EXPERIMENT))
+    try:
+        import runs
+    finally:
+        sys.path.remove(str(EXPERIMENT))
+    planned = runs.runs()
+    configs = sorted((EXPERIMENT / "configs").glob("*.toml"))
+    assert {c.stem for c in configs} == set(planned)  # the committed files are what runs.py writes
+    built = set()
+    for path in configs:
+        cfg = TrainConfig(**load_config_file(path), data="unused", out="unused")
+        check_config(cfg)
+        shape = planned[path.stem]["train"]["model_overrides"]
+        kind = (tuple(sorted(shape.items())), cfg.streams, cfg.p1_prefix, cfg.n_tokens)
+        if kind in built:  # one model per distinct shape: the rest differ in seed or training settings only
+            continue
+        built.add(kind)
+        model = _initial_model(cfg, vocab_size=8192, eos_id=0)
+        assert model.config.hidden_size == shape["hidden_size"]
+        assert model.config.num_hidden_layers == shape["num_hidden_layers"]
+        assert model.config.parscale_n == cfg.streams
+        assert model.config.parscale_n_tokens == cfg.n_tokens

@@ -20,7 +20,9 @@ arm: parscale's paired seeds), named d8-{arm}-s{seed}:
              and p{2,4,8}-aggwarm have run, the rest is configured;
 - map-*      the collapse map: P = 4 over depth {4, 8, 12} x prefix {8, 48}, plain and with the warm-up
              lever, seeds 0 and 1 (6 of the 20 have run);
-- ladder-*   P = 1 at hidden 192 and 384, for the slope of loss in ln N (have run).
+- ladder-*   P = 1 at hidden 192 and 384, for the slope of loss in ln N (have run);
+- lr-*       P = 1 at hidden 256 and 384 with lr 1e-3 and 5e-4 (configured: the ladder's learning-rate check);
+- repeat-*   the prefix control again, on the GPU model of the later arms (configured).
 Every run evaluates the whole held-out split at 90, 95 and 100% of training (`eval_at`); the endpoint
 is their mean. After training, `parscale streams` measures the final model's streams on 16 held-out
 batches. `run` starts each run as its own `parscale train` process, `per_gpu` at a time on every
@@ -70,6 +72,12 @@ COLLAPSE_MAP = {f"map-d{depth}-n{n}-p4{suffix}": {"streams": 4, "n_tokens": n, *
 # P = 1 one width below and one above the recipe (4 heads, 2 KV heads, SwiGLU 4x): the slope of loss
 # in ln N, for a local k. Named ladder-h{hidden}-p1-s{seed}.
 LADDER = {f"ladder-h{h}-p1": {"streams": 1, "width": h} for h in (192, 384)}
+# The ladder turned up at 384 (worse than 256 from the first evaluation on): the learning rate of P = 1 at
+# 256 and 384, halved and quartered, before any slope in ln N is read. Named lr-h{hidden}-p1-lr{lr}-s{seed}.
+LR_CHECK = {f"lr-h{h}-p1-lr{lr:g}": {"streams": 1, "width": h, "lr": lr} for h in (256, 384) for lr in (1e-3, 5e-4)}
+# The base arms ran on an H100, everything since on an H200: the prefix control again, on the other GPU,
+# bounds that confound (same settings as d8-p1prefix). Named repeat-p1prefix-s{seed}.
+REPEAT = {"repeat-p1prefix": {"streams": 1, "p1_prefix": True}}
 
 
 def _shape(fields: dict) -> dict:
@@ -88,7 +96,7 @@ def runs() -> dict[str, dict]:
         for arm, fields in {**ARMS, **LEVER_ARMS}.items():
             out[f"d8-{arm}-s{seed}"] = {"arm": arm, "seed": seed, "cost": fields["streams"],
                                         "train": {**TRAIN, **fields, "seed": seed, "model_overrides": SHAPE}}
-        for arm, fields in {**COLLAPSE_MAP, **LADDER}.items():
+        for arm, fields in {**COLLAPSE_MAP, **LADDER, **LR_CHECK, **REPEAT}.items():
             if arm.startswith("map-") and seed not in MAP_SEEDS:
                 continue
             shape = _shape(fields)
