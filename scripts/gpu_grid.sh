@@ -6,6 +6,7 @@
 #   bash scripts/gpu_grid.sh long     a 64 + 64-token talk in a 128- and a 4096-token cache, bounded reads off / on, graph and compiled engines
 #   bash scripts/gpu_grid.sh int8     bf16 vs int8 weights, graph and compiled engines, P 1 and 8 (the compiled step can fuse the cast)
 #   bash scripts/gpu_grid.sh prefill  prefill of 64-512 prompt tokens, eager vs padded (graph-captured), P 1 and 8, with the anchor
+#   bash scripts/gpu_grid.sh fuse     separate vs fused q/k/v and gate/up projections, graph and compiled engines, P 1 and 8
 set -uo pipefail
 export PYTHONPATH=src PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}
@@ -44,7 +45,14 @@ json.dump(m, open('$OUT/memory_fresh.json','w'), indent=1)" "bash scripts/gpu_gr
     done ;;
   prefill)
     bench 240 --shapes paper-1.6b --streams 1,8 --batches 1 --lengths 64,128,256,512 --engine graph --anchors \
-        --out "$OUT/prefill_eager.json"
+        --no-padded-prefill --out "$OUT/prefill_eager.json"
     bench 240 --shapes paper-1.6b --streams 1,8 --batches 1 --lengths 64,128,256,512 --engine graph \
         --padded-prefill --out "$OUT/prefill_graph.json" ;;
+  fuse)
+    for engine in graph compile; do
+      bench 140 --shapes paper-1.6b --streams 1,8 --batches 1 --lengths 64 --engine $engine \
+          --out "$OUT/fuse_${engine}_separate.json"
+      bench 140 --shapes paper-1.6b --streams 1,8 --batches 1 --lengths 64 --engine $engine --fuse \
+          --out "$OUT/fuse_${engine}_fused.json"
+    done ;;
 esac

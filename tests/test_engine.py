@@ -310,17 +310,22 @@ def test_generation_applies_the_lm_head_to_the_last_position_only(use_engine):
     torch.testing.assert_close(model.last_logits(ids), model(ids)[:, -1])
 
 
-def test_compiled_engine_equals_the_plain_path():
+@pytest.mark.parametrize("fused", [False, True])
+def test_compiled_engine_equals_the_plain_path(fused):
     """The decode step compiled by torch.compile (generate(compile=True), `--compile`) gives the logits of a
-    full recomputation and the plain path's tokens; it is its own engine beside the uncompiled one."""
-    model = tiny_model(streams=2)
+    full recomputation and the plain path's tokens; it is its own engine beside the uncompiled one. With
+    fused projections (inference/fuse.py) the plain path is the unfused model's."""
+    from parscale.inference.fuse import fuse_projections
+
+    reference = tiny_model(streams=2)
+    model = fuse_projections(tiny_model(streams=2)) if fused else reference
     ids = torch.randint(0, 512, (2, 9))
     mask = torch.ones_like(ids)
     mask[1, :2] = 0
     engine = engine_for(model, compile=True)
     assert engine is not engine_for(model) and engine is engine_for(model, compile=True)
     _decode_follows_recompute(model, engine, engine.prefill(ids, mask, max_new_tokens=4), ids, mask, steps=4)
-    plain = parscale.generate(model, ids, attention_mask=mask, max_new_tokens=8, use_engine=False)
+    plain = parscale.generate(reference, ids, attention_mask=mask, max_new_tokens=8, use_engine=False)
     fast = parscale.generate(model, ids, attention_mask=mask, max_new_tokens=8, use_engine=True, compile=True)
     assert torch.equal(plain, fast)
 

@@ -27,11 +27,20 @@ def resolve_model(args) -> None:
     args.model = str(model_folder(args.model, getattr(args, "revision", None)))
 
 
+FUSE_HELP = ("one matmul for each layer's q/k/v and one for gate/up (inference/fuse.py); the same function, "
+             "the weights stay in the released format on disk")
+
+
 def maybe_quantize(model, args):
+    """Apply --quantize and --fuse (each refuses the other) to a loaded model."""
     if getattr(args, "quantize", None) == "int8":
         from parscale.inference.quantize import quantize_int8
 
         quantize_int8(model)
+    if getattr(args, "fuse", False):
+        from parscale.inference.fuse import fuse_projections
+
+        fuse_projections(model)
     return model
 
 

@@ -193,11 +193,14 @@ def environment() -> dict:
 
 def run(shapes, streams, batches, lengths, engine: str, out: Path, kernels: bool = False,
         memory_only: bool = False, bounded_reads: bool | None = None, cache_len: int | None = None,
-        quantize: str | None = None, anchors: bool = False, padded_prefill: bool | None = None) -> dict:
+        quantize: str | None = None, anchors: bool = False, padded_prefill: bool | None = None,
+        fuse: bool = False) -> dict:
     if not torch.cuda.is_available():
         raise ValueError("parscale bench measures a CUDA GPU and none is available")
+    if fuse and quantize:
+        raise ValueError("--fuse and --quantize exclude each other (fuse float projections, or quantize them)")
     result = {"environment": environment(), "engine": engine, "dtype": "bfloat16", "quantize": quantize,
-              "memory_only": memory_only,
+              "fuse": fuse, "memory_only": memory_only,
               "points": [], "kernels": [], "anchors": []}
     if anchors:  # first, on an empty GPU, so a ratio to them is measured in this very process
         from parscale.analysis.anchors import hf_static_cache_anchor
@@ -220,6 +223,10 @@ def run(shapes, streams, batches, lengths, engine: str, out: Path, kernels: bool
                 from parscale.inference.quantize import quantize_int8
 
                 quantize_int8(model)
+            if fuse:
+                from parscale.inference.fuse import fuse_projections
+
+                fuse_projections(model)
             counts = model.config.param_counts()
             if kernels:
                 for b in sorted({1, max(batches)}):

@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from parscale.cli_support import MODEL_HELP, QUANTIZE_HELP, command, maybe_quantize, resolve_model
+from parscale.cli_support import FUSE_HELP, MODEL_HELP, QUANTIZE_HELP, command, maybe_quantize, resolve_model
 
 
 @command
@@ -19,7 +19,8 @@ def cmd_bench(args):
 
     run(args.shapes.split(","), ints(args.streams), ints(args.batches), ints(args.lengths), args.engine,
         Path(args.out), kernels=args.kernels, memory_only=args.memory_only, bounded_reads=args.bounded_reads,
-        cache_len=args.cache_len, quantize=args.quantize, anchors=args.anchors, padded_prefill=args.padded_prefill)
+        cache_len=args.cache_len, quantize=args.quantize, anchors=args.anchors, padded_prefill=args.padded_prefill,
+        fuse=args.fuse)
     print(f"wrote {args.out}")
 
 
@@ -254,6 +255,7 @@ def add_parsers(sub) -> None:
                    help="decode steps read only the written part of the cache (engine.py; default: on for the "
                         "graph engine, off for the compiled one)")
     p.add_argument("--quantize", default=None, choices=["int8"], help=QUANTIZE_HELP)
+    p.add_argument("--fuse", action="store_true", help=FUSE_HELP)
     p.add_argument("--padded-prefill", action=argparse.BooleanOptionalAction, default=None,
                    help="prompts left-padded to 64, 128, ... tokens and prefilled by one CUDA graph per length "
                         "(engine.py; default: on for the graph engine, off for the compiled one)")

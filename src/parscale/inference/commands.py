@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 import time
 
-from parscale.cli_support import MODEL_HELP, QUANTIZE_HELP, command, maybe_quantize, resolve_model
+from parscale.cli_support import FUSE_HELP, MODEL_HELP, QUANTIZE_HELP, command, maybe_quantize, resolve_model
 
 
 def _check_generation_flags(args) -> None:
@@ -140,5 +140,6 @@ def add_parsers(sub) -> None:
         p.add_argument("--dtype", default=None)
         p.add_argument("--device", default=None)
         p.add_argument("--quantize", default=None, choices=["int8"], help=QUANTIZE_HELP)
+        p.add_argument("--fuse", action="store_true", help=FUSE_HELP)
         p.add_argument("--compile", action="store_true",
                        help="compile the decode step with torch.compile (the first reply waits for it)")

@@ -54,6 +54,11 @@ def quantize_int8(model):
     """Replace every decoder layer's projections by Int8Linear, in place; returns the model."""
     if is_quantized(model):
         raise ValueError("the model is quantized already")
+    from parscale.inference.fuse import is_fused
+
+    if is_fused(model):
+        raise ValueError("the model's projections are fused (inference/fuse.py); quantize the unfused model "
+                         "(fuse, or quantize, not both)")
     for layer in model.model.layers:
         for path in PROJECTIONS:
             parent_name, name = path.split(".")

@@ -24,7 +24,9 @@ N(0, initializer_range²), biases 0, norm weights 1; the aggregator's last layer
 model starts with uniform stream weights 1/P; prefixes are N(0, σ²) per layer with σ the typical
 size of that layer's real keys (resp. values): std(W_k)·√hidden, so a prefix is neither negligible
 nor dominant next to the real tokens, for a fresh model and for a converted pretrained one alike.
-Compile, CUDA graphs, DDP and freezing are applied from outside; forward has no such branches.
+Compile, CUDA graphs, DDP and freezing are applied from outside; forward has no such branches. The
+one structural choice forward follows is whether a layer's projections were fused for inference
+(inference/fuse.py: `qkv_proj` for q/k/v, `gate_up_proj` for gate/up; the same function, fewer matmuls).
 """
 
 from __future__ import annotations
@@ -103,11 +105,22 @@ class Attention(nn.Module):
             self.prefix_k = nn.Parameter(torch.zeros(shape))
             self.prefix_v = nn.Parameter(torch.zeros(shape))
 
+    def projection_weight(self, name: str) -> torch.Tensor:
+        """The weight of the q, k or v projection, whether the three are separate or fused."""
+        if not hasattr(self, "qkv_proj"):
+            return getattr(self, f"{name}_proj").weight
+        start = {"q": 0, "k": self.qkv_sizes[0], "v": self.qkv_sizes[0] + self.qkv_sizes[1]}[name]
+        return self.qkv_proj.weight[start: start + self.qkv_sizes["qkv".index(name)]]
+
     def forward(self, x, cos, sin, plan: AttentionPlan, cache=None, layer_idx: int = 0):
         n, t, _ = x.shape
-        q = self.q_proj(x).view(n, t, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(n, t, self.n_kv, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(n, t, self.n_kv, self.head_dim).transpose(1, 2)
+        if hasattr(self, "qkv_proj"):  # one matmul for the three (inference/fuse.py)
+            q, k, v = self.qkv_proj(x).split(self.qkv_sizes, dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(n, t, self.n_heads, self.head_dim).transpose(1, 2)
+        k = k.view(n, t, self.n_kv, self.head_dim).transpose(1, 2)
+        v = v.view(n, t, self.n_kv, self.head_dim).transpose(1, 2)
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
         q = q * cos + swap_halves(q) * sin  # sin has its first half negated (_rope)
@@ -173,6 +186,9 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(i, h, bias=False)
 
     def forward(self, x):
+        if hasattr(self, "gate_up_proj"):  # one matmul for the two (inference/fuse.py)
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+            return self.down_proj(F.silu(gate) * up)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -279,8 +295,8 @@ class ParScaleForCausalLM(nn.Module):
         h = self.config.hidden_size
         for layer in self.model.layers:
             attn = layer.self_attn
-            for prefix, proj in ((attn.prefix_k, attn.k_proj), (attn.prefix_v, attn.v_proj)):
-                sigma = proj.weight.float().std().item() * math.sqrt(h)
+            for prefix, name in ((attn.prefix_k, "k"), (attn.prefix_v, "v")):
+                sigma = attn.projection_weight(name).float().std().item() * math.sqrt(h)
                 prefix.copy_((torch.randn(prefix.shape, generator=gen) * sigma).to(prefix.dtype))
         if self.config.parscale_n == 1:
             return
