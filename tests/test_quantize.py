@@ -71,3 +71,13 @@ def test_cli_quantize_flag(tmp_path, capsys):
     assert quantized["loss"] != plain["loss"] and abs(quantized["loss"] - plain["loss"]) < 0.05
     assert main(["generate", "--model", str(tmp_path / "m"), "--prompt", "ab", "--max-new-tokens", "3",
                  "--quantize", "int8"]) == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_the_compiled_engine_warns_about_int8_speed_on_cuda():
+    from parscale.inference.engine import DecodeEngine
+
+    model = quantize_int8(tiny_model(streams=2)).cuda()
+    with pytest.warns(UserWarning, match="8.4x slower"):
+        DecodeEngine(model, compile=True)

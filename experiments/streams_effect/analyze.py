@@ -226,6 +226,7 @@ def main() -> None:
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     _plot(results, seeds, arms, out / "endpoints.png")
     _plot_weights(results, out / "cap_share_curves.png")
+    _plot_p_and_n(results, summary["ladder"], out / "loss_vs_p_and_n.png")
     _print(summary, seeds)
 
 
@@ -267,6 +268,43 @@ def _plot_weights(results, path) -> None:
     ax.set_ylabel("share of tokens with one stream at the ε cap")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _plot_p_and_n(results, lad, path) -> None:
+    """Left: mean endpoint ± SE against P, plain and under the warm-up lever (whose P = 1 is the prefix
+    control). Right: the P = 1 width ladder against non-embedding parameters, every seed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def mean_se(arm):
+        v = [r["endpoint"] for (a, _), r in results.items() if a == arm]
+        return (statistics.fmean(v), statistics.stdev(v) / math.sqrt(len(v)) if len(v) > 1 else 0.0) if v else None
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    for label, chain in (("plain (P = 1: no prefix)", ["p1", "p2", "p4", "p8"]),
+                         ("warm-up lever (P = 1: prefix control)", ["p1prefix", "p2-aggwarm", "p4-aggwarm",
+                                                                    "p8-aggwarm"])):
+        pts = [(p, mean_se(a)) for p, a in zip((1, 2, 4, 8), chain, strict=True) if mean_se(a)]
+        left.errorbar([p for p, _ in pts], [m for _, (m, _) in pts], yerr=[se for _, (_, se) in pts], marker="o",
+                      capsize=3, label=label)
+    left.set_xscale("log", base=2)
+    left.set_xlabel("P (streams)")
+    left.set_ylabel("held-out loss (mean of 3 seeds ± SE)")
+    left.legend(fontsize=8)
+    left.grid(alpha=0.3)
+    for h, row in lad["endpoints"].items():
+        n = lad["non_embedding_params"][h]
+        right.plot([n] * len(row), list(row.values()), "o", color="C2", alpha=0.6)
+        right.annotate(f"h{h}", (n, min(row.values())), textcoords="offset points", xytext=(4, -10), fontsize=8)
+    right.set_xscale("log")
+    right.set_xlabel("non-embedding parameters (P = 1)")
+    right.set_ylabel("held-out loss, every seed")
+    right.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -44,6 +44,7 @@ is a recompilation there, and that combination is not measured yet).
 
 from __future__ import annotations
 
+import warnings
 import weakref
 
 import torch
@@ -59,6 +60,13 @@ class DecodeEngine:
         self._model = weakref.ref(model)
         device = model.model.embed_tokens.weight.device
         self.use_graph = device.type == "cuda" if use_graph is None else use_graph
+        if compile and device.type == "cuda":
+            from parscale.inference.quantize import is_quantized
+
+            if is_quantized(model):
+                warnings.warn("int8 weights with the compiled engine were measured 8.4x slower per token than bf16 "
+                              "compiled (1.6B shape, one H200, benchmarks/README.md); the graph engine (no "
+                              "compile) runs int8 at 2x bf16", stacklevel=2)
         self.step_fn = torch.compile(self._step, fullgraph=True, dynamic=False) if compile else self._step
         self.bounded_reads = (not compile) if bounded_reads is None else bounded_reads
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}  # read_len -> graph, its logits
