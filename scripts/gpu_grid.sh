@@ -7,6 +7,8 @@
 #   bash scripts/gpu_grid.sh int8     bf16 vs int8 weights, graph and compiled engines, P 1 and 8 (the compiled step can fuse the cast)
 #   bash scripts/gpu_grid.sh prefill  prefill of 64-512 prompt tokens, eager vs padded (graph-captured), P 1 and 8, with the anchor
 #   bash scripts/gpu_grid.sh fuse     separate vs fused q/k/v and gate/up projections, graph and compiled engines, P 1 and 8
+#   bash scripts/gpu_grid.sh tuning   the compiled engine with and without inductor's coordinate-descent tuning (what
+#                                     gpt-fast turns on), bf16 and int8, P 1 and 8
 set -uo pipefail
 export PYTHONPATH=src PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}
@@ -54,5 +56,13 @@ json.dump(m, open('$OUT/memory_fresh.json','w'), indent=1)" "bash scripts/gpu_gr
           --out "$OUT/fuse_${engine}_separate.json"
       bench 140 --shapes paper-1.6b --streams 1,8 --batches 1 --lengths 64 --engine $engine --fuse \
           --out "$OUT/fuse_${engine}_fused.json"
+    done ;;
+  tuning)
+    for q in "" "--quantize int8"; do
+      tag=${q:+_int8}
+      bench 200 --shapes paper-1.6b --streams 1,8 --batches 1 --lengths 64 --engine compile $q \
+          --out "$OUT/tuning_default${tag}.json"
+      TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=1 bench 280 --shapes paper-1.6b --streams 1,8 --batches 1 \
+          --lengths 64 --engine compile $q --out "$OUT/tuning_coordinate_descent${tag}.json"
     done ;;
 esac
