@@ -61,10 +61,14 @@ def doubling_steps(results, chain: list[str]) -> list[dict]:
 
 def non_embedding_params(hidden: int) -> int:
     """Non-embedding parameters of the recipe's P = 1 model at this width (the ladder's shape rule)."""
-    from parscale.model.config import ModelConfig
-    from runs import SHAPE
+    from runs import SHAPE  # (alone: whether isort calls `runs` first- or third-party depends on the tree)
 
-    shape = {**SHAPE, "hidden_size": hidden, "intermediate_size": 4 * hidden}
+    return _count_non_embedding({**SHAPE, "hidden_size": hidden, "intermediate_size": 4 * hidden})
+
+
+def _count_non_embedding(shape: dict) -> int:
+    from parscale.model.config import ModelConfig
+
     return ModelConfig.preset("small", **shape, vocab_size=8192, parscale_n=1).param_counts()["non_embedding"]
 
 
