@@ -6,8 +6,8 @@ the launch cost: every decode step has the same shapes (the cache is read over i
 a `key_valid` mask hides unwritten and padded slots, see cache.StaticKVCache), so the step is
 captured once in a `torch.cuda.CUDAGraph` and replayed for every token. With `compile=True` the
 step is first compiled by `torch.compile` (fusing the small element-wise kernels), then captured.
-Prefill runs eagerly through the flash path. Sampling stays on the device; nothing in the loop
-waits for the host.
+Prefill runs through a captured graph of the padded prompt (below) or eagerly through the flash path.
+Sampling stays on the device; nothing in the loop waits for the host.
 
     engine = engine_for(model)                                # one engine per model, reused
     logits = engine.prefill(input_ids, attention_mask, max_new_tokens=64)   # [B, vocab]
