@@ -260,6 +260,17 @@ def test_padded_prefill_lengths():
     assert [engine.prefill_len_for(t) for t in (1, 64, 65, 200, 257, 300)] == [64, 64, 128, 256, 300, 300]
 
 
+def test_compute_bound_prompts_are_prefilled_eagerly_and_unpadded():
+    model = tiny_model(streams=4, max_position_embeddings=1024)
+    engine = DecodeEngine(model, batch_size=2, padded_prefill=True)
+    assert engine.pads(2, 200) and not engine.pads(2, 300)  # 4 · 2 · 512 = 4,096 rows: compute-bound
+    ids = torch.randint(0, 512, (2, 300))
+    mask = torch.ones_like(ids)
+    logits = engine.prefill(ids, mask, max_new_tokens=3)
+    assert engine.written == 300  # not padded to 512
+    _decode_follows_recompute(model, engine, logits, ids, mask, steps=3)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_graph_prefill_matches_recompute_and_follows_the_model():

@@ -150,7 +150,7 @@ def measure_point(model, batch: int, length: int, engine: str, memory_only: bool
         "peak_memory_gib": peak / 2**30, "bytes_per_step": nbytes,
         "achieved_bandwidth_tb_s": nbytes / (decode_ms / 1000.0) / 1e12, "warmup_s": warmup_s,
         "cache_len": max_len, "bounded_reads": isinstance(runner, DecodeEngine) and runner.bounded_reads,
-        "padded_prefill": isinstance(runner, DecodeEngine) and runner.padded_prefill,
+        "padded_prefill": isinstance(runner, DecodeEngine) and runner.padded_prefill and runner.pads(batch, length),
     }
 
 

@@ -29,7 +29,8 @@ the padding and positions count real tokens only, so the logits are those of the
 run through one CUDA graph per such length, all sharing one memory pool. The padding takes cache slots,
 not positions. Measured on an H200 (1.6B shape, batch 1, benchmarks/README.md): a 64-token prompt takes
 7.5 ms instead of 26.8 (P = 1) and 13.6 instead of 43.6 (P = 8); at 512 tokens and P = 8 the prompt is
-compute-bound and the two are alike (41.6 / 40.6 ms); the graphs' pool adds up to 0.2 GiB. Without
+compute-bound and the two are alike (41.6 / 40.6 ms), so prompts of P · B · padded length ≥ 4,096 rows
+are prefilled eagerly (`pads`); the graphs' pool adds up to 0.2 GiB. Without
 graphs (CPU, use_graph=False) or with `compile=True` it stays off unless asked for (unmeasured there).
 
 Bounded reads (`bounded_reads`, on by default for the graph engine) make a step read only the first
@@ -53,6 +54,10 @@ import torch
 class DecodeEngine:
     READ_STEP = 256  # the shortest bounded read; each longer one doubles it
     PREFILL_STEP = 64  # the shortest padded prompt; each longer one doubles it
+    # From P · B · padded length = 4,096 rows on, a prompt is compute-bound: measured on an H200 (1.6B, P = 8,
+    # 512 tokens) the captured prefill took 41.6 ms against 40.6 eager, while its graph pool would keep the
+    # prompt's activations reserved. Such prompts are prefilled eagerly, unpadded.
+    PREFILL_GRAPH_MAX_ROWS = 4096
 
     def __init__(self, model, batch_size: int = 1, max_len: int = 256, use_graph: bool | None = None,
                  compile: bool = False, bounded_reads: bool | None = None, padded_prefill: bool | None = None):
@@ -124,13 +129,14 @@ class DecodeEngine:
                 max_new_tokens: int = 0) -> torch.Tensor:
         """Start a request: reset the cache (prefixes from the live parameters), run the prompt."""
         b, t = input_ids.shape
-        length = self.prefill_len_for(t) if self.padded_prefill else t
+        padded = self.padded_prefill and self.pads(b, t)
+        length = self.prefill_len_for(t) if padded else t
         self.reserve(b, length + max_new_tokens)
         if length > self.max_len:
             raise ValueError(f"prompt of {t} tokens exceeds the engine's max_len {self.max_len}")
         model = self.model
         self.cache.reset(model)
-        if self.padded_prefill:
+        if padded:
             input_ids, attention_mask = _left_pad(input_ids, attention_mask, length)
             logits = self._padded_prefill(input_ids, attention_mask)
         else:
@@ -143,6 +149,10 @@ class DecodeEngine:
         if self.graphs and self._captured_for != self._fingerprint():
             self.graphs = {}  # parameters or buffers were replaced: capture again
         return logits
+
+    def pads(self, batch: int, t: int) -> bool:
+        """Whether a prompt of `batch` rows and t tokens goes through a padded, captured prefill."""
+        return self.model.config.parscale_n * batch * self.prefill_len_for(t) < self.PREFILL_GRAPH_MAX_ROWS
 
     def prefill_len_for(self, t: int) -> int:
         """The padded length of a t-token prompt (see the module docstring)."""
