@@ -184,24 +184,33 @@ def test_engine_registry_does_not_keep_models_alive():
     assert ref() is None
 
 
-def _bounded_reads_follow_recompute(model, device="cpu", use_graph=False, bounded_reads=True):
+def _bounded_reads_follow_recompute(model, device="cpu", use_graph=False, bounded_reads=True, padded_prefill=False):
     """Decode across a read-length boundary (256 -> 512 slots); every step's logits must equal a full
-    recomputation, and each step must read no more slots than the rule allows (all 512 when unbounded)."""
+    recomputation, and each step must read no more slots than the rule allows (all 512 when unbounded).
+    A padded prefill writes its padding into the cache too: a 250-token prompt takes 256 slots, so every
+    step after it reads 512."""
     ids = torch.randint(0, 512, (2, 250), device=device)
     mask = torch.ones_like(ids)
     mask[1, :7] = 0
-    engine = DecodeEngine(model, batch_size=2, max_len=270, use_graph=use_graph, bounded_reads=bounded_reads)
+    engine = DecodeEngine(model, batch_size=2, max_len=270, use_graph=use_graph, bounded_reads=bounded_reads,
+                          padded_prefill=padded_prefill)
     assert engine.max_len == 512  # the cache rounds up to 256-token steps
     read = _decode_follows_recompute(model, engine, engine.prefill(ids, mask), ids, mask, steps=12)
-    # 251..256 tokens written fit 256 slots, 257.. need 512
-    assert read == ([256] * 6 + [512] * 6 if bounded_reads else [512] * 12)
+    if not bounded_reads:
+        assert read == [512] * 12
+    elif padded_prefill:
+        assert engine.written == 256 + 12 and read == [512] * 12
+    else:  # 251..256 tokens written fit 256 slots, 257.. need 512
+        assert read == [256] * 6 + [512] * 6
     return engine
 
 
 @pytest.mark.parametrize("streams", [1, 2])
 @pytest.mark.parametrize("bounded_reads", [True, False])
-def test_reads_equal_recompute_across_a_boundary(streams, bounded_reads):
-    _bounded_reads_follow_recompute(tiny_model(streams=streams), bounded_reads=bounded_reads)
+@pytest.mark.parametrize("padded_prefill", [False, True])
+def test_reads_equal_recompute_across_a_boundary(streams, bounded_reads, padded_prefill):
+    _bounded_reads_follow_recompute(tiny_model(streams=streams), bounded_reads=bounded_reads,
+                                    padded_prefill=padded_prefill)
 
 
 def test_bounded_reads_are_the_default_of_the_graph_engine():
@@ -231,9 +240,12 @@ def test_bounded_read_lengths():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_graphs_with_bounded_reads_match_recompute():
-    engine = _bounded_reads_follow_recompute(tiny_model(streams=4).cuda(), "cuda", use_graph=True)
-    assert engine.captures == 2 and sorted(engine.graphs) == [256, 512]  # one graph per read length
+@pytest.mark.parametrize("padded_prefill", [False, True])
+def test_cuda_graphs_with_bounded_reads_match_recompute(padded_prefill):
+    engine = _bounded_reads_follow_recompute(tiny_model(streams=4).cuda(), "cuda", use_graph=True,
+                                             padded_prefill=padded_prefill)
+    read_lengths = [512] if padded_prefill else [256, 512]  # one graph per read length used
+    assert engine.captures == len(read_lengths) and sorted(engine.graphs) == read_lengths
 
 
 def _padded_prefill_follows_recompute(engine, model, device="cpu", lengths=(5, 64, 65)):
