@@ -59,6 +59,35 @@ def test_the_ladder_gives_a_slope_only_where_loss_falls_at_every_width(analyze):
     assert not lad["every_segment_negative_by_2se"]  # ... but the curve turns up: no local k
 
 
+def test_the_tuned_ladder_takes_each_widths_best_learning_rate(analyze):
+    cands = analyze.LR_CANDIDATES
+    endpoints = {cands[192][2e-3]: [2.40, 2.41, 2.39],
+                 cands[256][2e-3]: [2.30, 2.31, 2.29], cands[256][1e-3]: [2.33, 2.34, 2.32],
+                 cands[384][2e-3]: [2.32, 2.33, 2.31], cands[384][1e-3]: [2.22, 2.23, 2.21],
+                 cands[384][5e-4]: [2.35, 2.36, 2.34]}
+    check = analyze.learning_rate_check(_results(endpoints))
+    assert {h: row["best_lr"] for h, row in check.items()} == {192: 2e-3, 256: 2e-3, 384: 1e-3}
+    # bracketed only where both a smaller and a larger lr were tried and lost
+    assert [check[h]["bracketed"] for h in (192, 256, 384)] == [False, False, True]
+    assert check[384]["by_lr"][1e-3]["mean"] == pytest.approx(2.22)
+
+
+def test_local_k_inverts_the_law_on_the_ladders_slope(analyze):
+    """Made-up endpoints that follow L = a + slope · ln(N (1 + k ln P)) exactly give k back on every seed;
+    a ladder that turns up gives no k."""
+    n = {h: analyze.non_embedding_params(h) for h in analyze.LADDER}
+    slope, k = -0.08, 0.4
+    endpoints = {arm: [2.0 + slope * math.log(n[h]) + 0.01 * s for s in range(3)] for h, arm in analyze.LADDER.items()}
+    endpoints["p4-aggwarm"] = [endpoints["p1"][s] + slope * math.log(1 + k * math.log(4)) for s in range(3)]
+    results = _results(endpoints)
+    lad = analyze.ladder(results)
+    got = analyze.local_k(results, lad, "p4-aggwarm", "p1", 4)
+    assert got["per_seed"] == pytest.approx([k] * 3) and got["ci95"] == pytest.approx([k, k])
+    endpoints[analyze.LADDER[384]] = [v + 0.2 for v in endpoints[analyze.LADDER[256]]]
+    results = _results(endpoints)
+    assert analyze.local_k(results, analyze.ladder(results), "p4-aggwarm", "p1", 4) is None
+
+
 def test_every_committed_config_is_accepted_by_the_trainer_and_builds_its_model():
     """A config the trainer would refuse (or a model it cannot build) would only show on the GPU machine,
     after the data was built: check each one here, with the runs' own data settings (an 8,192-entry BPE)."""

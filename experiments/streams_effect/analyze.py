@@ -22,8 +22,15 @@ HERE = Path(__file__).resolve().parent
 ARMS = ("p1", "p1prefix", "p2", "p4", "p8")
 # Lever arms that have results; each is compared with the plain arm of the same P on the same seeds.
 LEVERS = tuple(f"p{p}-{lever}" for p in (2, 4, 8) for lever in ("zloss", "aggwarm", "sdrop", "reparam"))
-# The P = 1 width ladder: hidden size -> arm (256 is the recipe's own P = 1).
+# The P = 1 width ladder: hidden size -> arm (256 is the recipe's own P = 1), all at the recipe's lr 2e-3.
 LADDER = {192: "ladder-h192-p1", 256: "p1", 384: "ladder-h384-p1"}
+# The learning-rate check of the ladder: hidden size -> {lr: arm}. The tuned ladder takes, at each width,
+# the lr whose mean endpoint is lowest (192 has only the recipe's lr).
+LR_CANDIDATES = {192: {2e-3: "ladder-h192-p1"},
+                 256: {2e-3: "p1", 1e-3: "lr-h256-p1-lr0.001", 5e-4: "lr-h256-p1-lr0.0005"},
+                 384: {2e-3: "ladder-h384-p1", 1e-3: "lr-h384-p1-lr0.001", 5e-4: "lr-h384-p1-lr0.0005"}}
+# Student's t quantile for a two-sided 95% interval with n - 1 degrees of freedom (n = 2, 3, 4, 5 seeds).
+T95 = {2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776}
 LABELS = {"p1": "P=1", "p1prefix": "P=1 + prefix", "p2": "P=2", "p4": "P=4", "p8": "P=8"}
 
 
@@ -72,22 +79,24 @@ def _count_non_embedding(shape: dict) -> int:
     return ModelConfig.preset("small", **shape, vocab_size=8192, parscale_n=1).param_counts()["non_embedding"]
 
 
-def ladder(results) -> dict:
+def ladder(results, arms_by_width: dict[int, str] = LADDER) -> dict:
     """Slope of the endpoint in ln N over the P = 1 width ladder, per seed, with its SE.
 
     A local slope means something only where loss falls steadily with N: every segment between
     neighbouring widths must be negative by more than 2 SE (a straight fit through a curve that turns
     up is not a slope). Then L(P) − L(1) ≈ slope · ln(1 + k ln P) gives k = (exp(Δ_P / −slope) − 1) / ln P."""
-    seeds = sorted({s for a, s in results if a in LADDER.values()})
-    widths = sorted(LADDER)
+    seeds = sorted({s for a, s in results if a in arms_by_width.values()})
+    widths = sorted(arms_by_width)
     n = {h: non_embedding_params(h) for h in widths}
-    per_seed, segments = [], {f"{a}->{b}": [] for a, b in pairwise(widths)}
+    per_seed, by_seed, segments = [], {}, {f"{a}->{b}": [] for a, b in pairwise(widths)}
     for s in seeds:
-        pts = [(math.log(n[h]), results[(LADDER[h], s)]["endpoint"]) for h in widths if (LADDER[h], s) in results]
+        pts = [(math.log(n[h]), results[(arms_by_width[h], s)]["endpoint"]) for h in widths
+               if (arms_by_width[h], s) in results]
         if len(pts) < len(widths):
             continue
         mx, my = statistics.fmean(x for x, _ in pts), statistics.fmean(y for _, y in pts)
         per_seed.append(sum((x - mx) * (y - my) for x, y in pts) / sum((x - mx) ** 2 for x, _ in pts))
+        by_seed[s] = per_seed[-1]
         for (a, b), ((xa, ya), (xb, yb)) in zip(pairwise(widths), pairwise(pts), strict=True):
             segments[f"{a}->{b}"].append((yb - ya) / (xb - xa))
 
@@ -106,17 +115,20 @@ def ladder(results) -> dict:
     fits = [mean_se(v) for v in segments.values()]
     usable = all(f is not None and f["se"] is not None and f["mean"] < -2 * f["se"] for f in fits)
     return {
+        "arms": dict(arms_by_width),
         "non_embedding_params": n,
         "endpoints": {
-            h: {s: results[(LADDER[h], s)]["endpoint"] for s in seeds if (LADDER[h], s) in results} for h in widths
+            h: {s: results[(arms_by_width[h], s)]["endpoint"] for s in seeds if (arms_by_width[h], s) in results}
+            for h in widths
         },
         "slope_per_ln_n": slope,
+        "slope_by_seed": by_seed,
         "segment_slopes": {k: mean_se(v) for k, v in segments.items()},
         "every_segment_negative_by_2se": usable,
     }
 
 
-def eq5_fit(results, arms: dict[int, str]) -> dict | None:
+def eq5_fit(results, arms: dict[int, str], ladder_arms: dict[int, str] = LADDER, seeds=(0, 1, 2)) -> dict | None:
     """The paper's Eq. 5 fitted (its procedure, parscale.analysis.scaling_law) to every seed's endpoints of
     the P = 1 ladder and of `arms` (P -> arm at the recipe's width). With one width for P > 1, k is pinned
     by the P = 1 ladder's slope alone, so the fit is only as good as that slope (see ladder())."""
@@ -124,15 +136,78 @@ def eq5_fit(results, arms: dict[int, str]) -> dict | None:
 
     from parscale.analysis import scaling_law as law
 
-    n = {h: non_embedding_params(h) for h in LADDER}
-    rows = [(n[h], 1, results[(arm, s)]["endpoint"]) for h, arm in LADDER.items() for s in range(3)
+    n = {h: non_embedding_params(h) for h in ladder_arms}
+    rows = [(n[h], 1, results[(arm, s)]["endpoint"]) for h, arm in ladder_arms.items() for s in seeds
             if (arm, s) in results]
-    rows += [(n[256], p, results[(arm, s)]["endpoint"]) for p, arm in arms.items() for s in range(3)
+    rows += [(n[256], p, results[(arm, s)]["endpoint"]) for p, arm in arms.items() for s in seeds
              if (arm, s) in results]
     if len({(N, P) for N, P, _ in rows}) < 5:
         return None
     N, P, L = (np.array(c, dtype=float) for c in zip(*rows, strict=True))
     return {"points": len(rows), **law.fit(law.Points(N, P, L)).as_dict()}
+
+
+def eq5_seed_bootstrap(results, arms: dict[int, str], ladder_arms: dict[int, str]) -> dict | None:
+    """95% percentile interval of Eq. 5's k over resampled seeds. The seeds pair the arms, so a resample takes
+    n seeds with replacement and refits every arm's points of those seeds together; with n = 3 seeds all 27
+    equally likely draws are covered exactly (10 distinct seed sets, each fitted once and counted by its
+    multiplicity). Each refit searches the paper's whole grid of starting points: here the fit has many
+    minima, and refits started from the best fit (as scaling_law.bootstrap does) stay in its basin and
+    give a falsely narrow interval (all 27 at k = 1.56 for the plain arms, against 1.05 .. 327 searched)."""
+    import itertools
+    from collections import Counter
+
+    import numpy as np
+
+    seeds = sorted({s for a, s in results if a in arms.values()})
+    if len(seeds) < 2:
+        return None
+    sets = Counter(tuple(sorted(pick)) for pick in itertools.product(seeds, repeat=len(seeds)))
+    ks = []
+    for pick, count in sets.items():
+        f = eq5_fit(results, arms, ladder_arms, seeds=pick)
+        if f is not None:
+            ks += [f["k"]] * count
+    if not ks:
+        return None
+    return {"draws": len(ks), "seed_sets": len(sets), "k_2.5%": float(np.percentile(ks, 2.5)),
+            "k_97.5%": float(np.percentile(ks, 97.5)), "k_median": float(np.median(ks))}
+
+
+def learning_rate_check(results) -> dict:
+    """Endpoint (mean ± SE over seeds) of every (width, lr) of LR_CANDIDATES, and the best lr per width."""
+    out = {}
+    for h, by_lr in LR_CANDIDATES.items():
+        row = {}
+        for lr, arm in by_lr.items():
+            v = [results[(arm, s)]["endpoint"] for s in range(3) if (arm, s) in results]
+            if v:
+                row[lr] = {"arm": arm, "n": len(v), "mean": statistics.fmean(v),
+                           "se": statistics.stdev(v) / math.sqrt(len(v)) if len(v) > 1 else None}
+        if row:
+            best = min(row, key=lambda lr: row[lr]["mean"])
+            lrs = sorted(row)
+            out[h] = {"by_lr": row, "best_lr": best, "best_arm": row[best]["arm"],
+                      # the best lr is bracketed when a smaller and a larger one were tried and are worse
+                      "bracketed": lrs[0] < best < lrs[-1]}
+    return out
+
+
+def local_k(results, lad: dict, arm: str, base: str, streams: int) -> dict | None:
+    """k from the ladder's slope: per seed, Δ = L(base) − L(arm) and k = (exp(Δ / −slope) − 1) / ln P, with
+    the seed's own slope; mean, SE and the t-based 95% interval over seeds. None unless every segment of
+    the ladder falls by more than 2 SE (see ladder())."""
+    if not lad["every_segment_negative_by_2se"]:
+        return None
+    slopes = lad["slope_by_seed"]
+    ks = [(math.exp((results[(base, s)]["endpoint"] - results[(arm, s)]["endpoint"]) / -slopes[s]) - 1)
+          / math.log(streams) for s in slopes if (arm, s) in results and (base, s) in results]
+    if len(ks) < 2:
+        return None
+    mean, se = statistics.fmean(ks), statistics.stdev(ks) / math.sqrt(len(ks))
+    t = T95.get(len(ks), 1.96)
+    return {"arm": arm, "base": base, "P": streams, "per_seed": ks, "mean": mean, "se": se,
+            "ci95": [mean - t * se, mean + t * se]}
 
 
 def collapse_map(results) -> dict:
@@ -193,8 +268,23 @@ def main() -> None:
         if all(any((a, s) in results for s in seeds) for a in chain):
             summary["steps"][lever] = doubling_steps(results, chain)
     summary["ladder"] = ladder(results)
-    summary["eq5_fit"] = {"plain": eq5_fit(results, {2: "p2", 4: "p4", 8: "p8"}),
-                          "warm-up": eq5_fit(results, {2: "p2-aggwarm", 4: "p4-aggwarm", 8: "p8-aggwarm"})}
+    summary["learning_rate_check"] = lr_check = learning_rate_check(results)
+    tuned = {h: row["best_arm"] for h, row in lr_check.items()}
+    summary["ladder_tuned"] = lad = ladder(results, tuned) if len(tuned) == len(LADDER) else None
+    plain_arms = {2: "p2", 4: "p4", 8: "p8"}
+    warm_arms = {2: "p2-aggwarm", 4: "p4-aggwarm", 8: "p8-aggwarm"}
+    summary["eq5_fit"] = {"plain": eq5_fit(results, plain_arms), "warm-up": eq5_fit(results, warm_arms)}
+    if lad:
+        summary["eq5_fit_tuned_ladder"] = {
+            name: {"fit": eq5_fit(results, arms, tuned), "seed_bootstrap": eq5_seed_bootstrap(results, arms, tuned)}
+            for name, arms in (("plain", plain_arms), ("warm-up", warm_arms))}
+        # k from the tuned ladder's slope: the whole gain over plain P = 1, and the parallel part alone
+        # (over the prefix control), for each P under the warm-up lever
+        summary["local_k"] = [k for k in (local_k(results, lad, arm, base, p) for p, arm in warm_arms.items()
+                                          for base in ("p1", "p1prefix")) if k]
+    # The base arms ran on an H100, the later ones on an H200: the prefix control on both, paired by seed.
+    summary["gpu_confound"] = paired(results, "repeat-p1prefix", "p1prefix")
+    summary["gain_vs_prefix_same_gpu"] = {arm: paired(results, arm, "repeat-p1prefix") for arm in warm_arms.values()}
     summary["collapse_map"] = collapse_map(results)
     for arm in [a for a in arms if a not in ("p1", "p1prefix")]:
         summary["gain_vs_prefix"][arm] = paired(results, arm, "p1prefix")
@@ -230,7 +320,7 @@ def main() -> None:
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     _plot(results, seeds, arms, out / "endpoints.png")
     _plot_weights(results, out / "cap_share_curves.png")
-    _plot_p_and_n(results, summary["ladder"], out / "loss_vs_p_and_n.png")
+    _plot_p_and_n(results, summary["ladder_tuned"] or summary["ladder"], out / "loss_vs_p_and_n.png")
     _print(summary, seeds)
 
 
@@ -279,7 +369,8 @@ def _plot_weights(results, path) -> None:
 
 def _plot_p_and_n(results, lad, path) -> None:
     """Left: mean endpoint ± SE against P, plain and under the warm-up lever (whose P = 1 is the prefix
-    control). Right: the P = 1 width ladder against non-embedding parameters, every seed."""
+    control). Right: the P = 1 width ladder (each width at its best learning rate where one was checked)
+    against non-embedding parameters, every seed."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -304,7 +395,9 @@ def _plot_p_and_n(results, lad, path) -> None:
     for h, row in lad["endpoints"].items():
         n = lad["non_embedding_params"][h]
         right.plot([n] * len(row), list(row.values()), "o", color="C2", alpha=0.6)
-        right.annotate(f"h{h}", (n, min(row.values())), textcoords="offset points", xytext=(4, -10), fontsize=8)
+        lr = results[(lad["arms"][h], next(iter(row)))]["settings"].get("lr") if row else None
+        right.annotate(f"h{h}" + (f", lr {lr:g}" if lr else ""), (n, min(row.values())), textcoords="offset points",
+                       xytext=(4, -10), fontsize=8)
     right.set_xscale("log")
     right.set_xlabel("non-embedding parameters (P = 1)")
     right.set_ylabel("held-out loss, every seed")
@@ -351,6 +444,32 @@ def _print(summary, seeds) -> None:
             + ", ".join(f"{k}: {v['mean']:+.4f} ± {v['se']:.4f}" for k, v in lad["segment_slopes"].items() if v)
             + ("" if lad["every_segment_negative_by_2se"] else "  -> not every segment < -2 SE: no local k")
         )
+    for h, row in summary["learning_rate_check"].items():
+        print(f"  lr check h{h}: " + ", ".join(f"{lr:g} {v['mean']:.4f} ± {v['se']:.4f}" for lr, v in
+                                               sorted(row["by_lr"].items()) if v["se"] is not None)
+              + f"  best {row['best_lr']:g}{'' if row['bracketed'] else ' (not bracketed)'}")
+    tl = summary["ladder_tuned"]
+    if tl and tl["slope_per_ln_n"]:
+        sl = tl["slope_per_ln_n"]
+        print(f"  tuned ladder {tl['arms']}: slope per ln N {sl['mean']:+.4f} ± {sl['se']:.4f}; segments "
+              + ", ".join(f"{k}: {v['mean']:+.4f} ± {v['se']:.4f}" for k, v in tl["segment_slopes"].items() if v)
+              + ("" if tl["every_segment_negative_by_2se"] else "  -> not every segment < -2 SE: no local k"))
+    for k in summary.get("local_k", []):
+        print(f"  local k of {k['arm']} over {k['base']}: {k['mean']:.3f} ± {k['se']:.3f} "
+              f"(95% t-interval {k['ci95'][0]:.3f} .. {k['ci95'][1]:.3f}) "
+              f"per seed {[round(x, 3) for x in k['per_seed']]}")
+    for name, f in summary.get("eq5_fit_tuned_ladder", {}).items():
+        if f["fit"]:
+            b = f["seed_bootstrap"]
+            print(f"Eq. 5 fit, tuned ladder + {name} arms ({f['fit']['points']} points): k {f['fit']['k']:.3g}, "
+                  f"alpha {f['fit']['alpha']:.3f}, R2 {f['fit']['r2']:.3f}; seed bootstrap k 95% "
+                  f"{b['k_2.5%']:.3g} .. {b['k_97.5%']:.3g} ({b['draws']} draws, {b['seed_sets']} seed sets)")
+    g = summary["gpu_confound"]
+    if g:
+        print(f"prefix control, H200 repeat - H100 original: {-g['mean']:+.4f} ± {g['se']:.4f} (paired)")
+        for arm, v in summary["gain_vs_prefix_same_gpu"].items():
+            if v:
+                print(f"  {arm} over the H200 prefix control: {v['mean']:+.4f} ± {v['se']:.4f}")
     for name, f in summary["eq5_fit"].items():
         if f:
             print(f"Eq. 5 fit, ladder + {name} arms ({f['points']} points): k {f['k']:.3g}, E {f['E']:.4f}, "
