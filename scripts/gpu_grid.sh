@@ -52,7 +52,7 @@ json.dump(m, open('$OUT/memory_fresh.json','w'), indent=1)" "bash scripts/gpu_gr
         --padded-prefill --out "$OUT/prefill_graph.json" ;;
   fuse)
     for engine in graph compile; do
-      bench 140 --shapes paper-1.6b --streams 1,8 --batches 1 --lengths 64 --engine $engine \
+      bench 140 --shapes paper-1.6b --streams 1,8 --batches 1 --lengths 64 --engine $engine --no-fuse \
           --out "$OUT/fuse_${engine}_separate.json"
       bench 140 --shapes paper-1.6b --streams 1,8 --batches 1 --lengths 64 --engine $engine --fuse \
           --out "$OUT/fuse_${engine}_fused.json"

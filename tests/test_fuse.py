@@ -135,16 +135,21 @@ def test_cuda_graph_engine_on_a_fused_model_matches_its_plain_path(dtype):
 
 
 def test_cli_fuse_flag_generates_the_same_text(tmp_path, capsys):
+    """generate fuses by default (--no-fuse keeps the loaded layout); both give the same text."""
     from parscale.cli import main
+    from parscale.cli_support import fuse_wanted
 
+    assert fuse_wanted(None, None) and not fuse_wanted(None, "int8") and not fuse_wanted(False, None)
     assert main(["new", "--preset", "tiny", "--streams", "2", "--out", str(tmp_path / "m")]) == 0
     texts = []
-    for extra in ([], ["--fuse"]):
+    for extra in (["--no-fuse"], [], ["--fuse"]):
         capsys.readouterr()
         args = ["generate", "--model", str(tmp_path / "m"), "--prompt", "ab", "--max-new-tokens", "8", *extra]
         assert main(args) == 0
         texts.append(capsys.readouterr().out)
-    assert texts[0] == texts[1] and texts[0].strip()
-    # The two weight options exclude each other, with one clear error.
+    assert texts[0] == texts[1] == texts[2] and texts[0].strip()
+    # int8 alone (the default does not fuse it) works; the two weight options exclude each other, with one clear error.
+    assert main(["generate", "--model", str(tmp_path / "m"), "--prompt", "ab", "--max-new-tokens", "2",
+                 "--quantize", "int8"]) == 0
     assert main(["generate", "--model", str(tmp_path / "m"), "--prompt", "ab", "--fuse", "--quantize", "int8"]) != 0
     assert "fuse, or quantize, not both" in capsys.readouterr().err

@@ -194,11 +194,14 @@ def environment() -> dict:
 def run(shapes, streams, batches, lengths, engine: str, out: Path, kernels: bool = False,
         memory_only: bool = False, bounded_reads: bool | None = None, cache_len: int | None = None,
         quantize: str | None = None, anchors: bool = False, padded_prefill: bool | None = None,
-        fuse: bool = False) -> dict:
+        fuse: bool | None = None) -> dict:
+    """Time every (shape, P, batch, length) point and write the JSON to `out` as it goes. `fuse`: fused q/k/v
+    and gate/up projections; None (the default) fuses unless `quantize`, as `parscale generate` does."""
+    from parscale.cli_support import fuse_wanted
+
     if not torch.cuda.is_available():
         raise ValueError("parscale bench measures a CUDA GPU and none is available")
-    if fuse and quantize:
-        raise ValueError("--fuse and --quantize exclude each other (fuse float projections, or quantize them)")
+    fuse = fuse_wanted(fuse, quantize)
     result = {"environment": environment(), "engine": engine, "dtype": "bfloat16", "quantize": quantize,
               "fuse": fuse, "memory_only": memory_only,
               "points": [], "kernels": [], "anchors": []}

@@ -255,7 +255,7 @@ def add_parsers(sub) -> None:
                    help="decode steps read only the written part of the cache (engine.py; default: on for the "
                         "graph engine, off for the compiled one)")
     p.add_argument("--quantize", default=None, choices=["int8"], help=QUANTIZE_HELP)
-    p.add_argument("--fuse", action="store_true", help=FUSE_HELP)
+    p.add_argument("--fuse", action=argparse.BooleanOptionalAction, default=None, help=FUSE_HELP)
     p.add_argument("--padded-prefill", action=argparse.BooleanOptionalAction, default=None,
                    help="prompts left-padded to 64, 128, ... tokens and prefilled by one CUDA graph per length "
                         "(engine.py; default: on for the graph engine, off for the compiled one)")

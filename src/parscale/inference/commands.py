@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
 import time
 
@@ -140,6 +141,6 @@ def add_parsers(sub) -> None:
         p.add_argument("--dtype", default=None)
         p.add_argument("--device", default=None)
         p.add_argument("--quantize", default=None, choices=["int8"], help=QUANTIZE_HELP)
-        p.add_argument("--fuse", action="store_true", help=FUSE_HELP)
+        p.add_argument("--fuse", action=argparse.BooleanOptionalAction, default=None, help=FUSE_HELP)
         p.add_argument("--compile", action="store_true",
                        help="compile the decode step with torch.compile (the first reply waits for it)")
