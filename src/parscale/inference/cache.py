@@ -1,7 +1,7 @@
 """KV caches whose first n_tokens slots of every stream hold that stream's prefix.
 
-Buffers have shape [layers, P·B, kv_heads, n_tokens + max_len, head_dim] (row `p·B + b`, as in
-model.py). Real tokens go to slots n_tokens + position. `length` counts real (and padding) tokens
+`k` and `v` are lists of one buffer per layer, each [P·B, kv_heads, n_tokens + max_len, head_dim] (row
+`p·B + b`, as in model.py). Real tokens go to slots n_tokens + position. `length` counts real (and padding) tokens
 stored so far, excluding the prefix, so positions seen by the model are those of a plain P = 1 model.
 
 Two kinds:
@@ -26,9 +26,13 @@ import torch
 
 class KVCache:
     def __init__(self, n_layers, batch_size, parscale_n, n_kv, prefix_len, max_len, head_dim, dtype, device):
-        shape = (n_layers, parscale_n * batch_size, n_kv, prefix_len + max_len, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        # One tensor per layer, not one [layers, ...] tensor: a compiled step that writes a slot into a view
+        # of one big buffer gets that whole buffer copied every step (inductor functionalises the write into
+        # a view of a graph input); a write into a whole input it keeps in place.
+        shape = (parscale_n * batch_size, n_kv, prefix_len + max_len, head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.dtype, self.device = dtype, torch.device(device)
         self.prefix_len = prefix_len
         self.max_len = max_len
         self.batch_size = batch_size
@@ -52,8 +56,8 @@ class KVCache:
         n, b = self.prefix_len, self.batch_size
         for i, layer in enumerate(model.model.layers):
             attn = layer.self_attn
-            self.k[i, :, :, :n].copy_(attn.prefix_k.to(self.k.dtype).repeat_interleave(b, dim=0))
-            self.v[i, :, :, :n].copy_(attn.prefix_v.to(self.v.dtype).repeat_interleave(b, dim=0))
+            self.k[i][:, :, :n].copy_(attn.prefix_k.to(self.dtype).repeat_interleave(b, dim=0))
+            self.v[i][:, :, :n].copy_(attn.prefix_v.to(self.dtype).repeat_interleave(b, dim=0))
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         """Store new keys/values of one layer; return this layer's prefix + every stored token."""
@@ -62,15 +66,15 @@ class KVCache:
         if end > self.max_len:
             raise ValueError(f"KV cache overflow: {end} tokens > max_len {self.max_len}")
         start = self.prefix_len + self.length
-        self.k[layer, :, :, start : start + t] = k
-        self.v[layer, :, :, start : start + t] = v
-        return self.k[layer, :, :, : self.prefix_len + end], self.v[layer, :, :, : self.prefix_len + end]
+        self.k[layer][:, :, start : start + t] = k
+        self.v[layer][:, :, start : start + t] = v
+        return self.k[layer][:, :, : self.prefix_len + end], self.v[layer][:, :, : self.prefix_len + end]
 
     def advance(self, t: int) -> None:
         self.length += t
 
     def nbytes(self) -> int:
-        return self.k.numel() * self.k.element_size() * 2
+        return sum(t.numel() * t.element_size() for t in (*self.k, *self.v))
 
 
 class StaticKVCache(KVCache):
@@ -87,16 +91,16 @@ class StaticKVCache(KVCache):
     def for_model(cls, model, batch_size: int, max_len: int, dtype=None, device=None) -> StaticKVCache:
         cache = super().for_model(model, batch_size, max_len, dtype, device)
         cache.decoding = False
-        cache.pos = torch.zeros(1, dtype=torch.long, device=cache.k.device)
-        cache.key_valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=cache.k.device)
+        cache.pos = torch.zeros(1, dtype=torch.long, device=cache.device)
+        cache.key_valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=cache.device)
         cache.read_len = max_len  # real slots a decode step reads (the engine may bound it, see engine.py)
         cache.masked_prefill = False  # set by the engine's padded prefill: the model applies the mask unchecked
         return cache
 
     def fits(self, batch_size: int, max_len: int, dtype: torch.dtype, device: torch.device) -> bool:
         """Whether this cache can serve a request of that shape for a model with that dtype and device."""
-        return (self.batch_size == batch_size and self.max_len >= max_len and self.k.dtype == dtype
-                and self.k.device == torch.device(device))
+        return (self.batch_size == batch_size and self.max_len >= max_len and self.dtype == dtype
+                and self.device == torch.device(device))
 
     def reset(self, model) -> None:
         """Empty it for the next request and rewrite the prefix slots from the model's live parameters."""
@@ -127,7 +131,7 @@ class StaticKVCache(KVCache):
         self.k[layer].index_copy_(2, slot, k)
         self.v[layer].index_copy_(2, slot, v)
         end = self.prefix_len + self.read_len  # a host value, fixed for one captured step
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
     def advance(self, t: int) -> None:
         if self.decoding:

@@ -106,7 +106,7 @@ class DecodeEngine:
         cache = self.model.setup_cache(batch_size, max_len)
         if cache is not self.cache:
             self.cache = cache
-            device = cache.k.device
+            device = cache.device
             self.tokens = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
             self.positions = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
             self.graphs, self.prefill_graphs = {}, {}
