@@ -32,7 +32,7 @@ class KVCache:
         shape = (parscale_n * batch_size, n_kv, prefix_len + max_len, head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
-        self.dtype, self.device = dtype, torch.device(device)
+        self.dtype, self.device = dtype, self.k[0].device if self.k else torch.device(device)
         self.prefix_len = prefix_len
         self.max_len = max_len
         self.batch_size = batch_size
