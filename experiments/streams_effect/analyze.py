@@ -26,8 +26,8 @@ LEVERS = tuple(f"p{p}-{lever}" for p in (2, 4, 8) for lever in ("zloss", "aggwar
 LADDER = {192: "ladder-h192-p1", 256: "p1", 384: "ladder-h384-p1"}
 # The learning-rate check of the ladder: hidden size -> {lr: arm}. The tuned ladder takes, at each width,
 # the lr whose mean endpoint is lowest (192 has only the recipe's lr).
-LR_CANDIDATES = {192: {2e-3: "ladder-h192-p1"},
-                 256: {2e-3: "p1", 1e-3: "lr-h256-p1-lr0.001", 5e-4: "lr-h256-p1-lr0.0005"},
+LR_CANDIDATES = {192: {1e-3: "lr-h192-p1-lr0.001", 2e-3: "ladder-h192-p1", 4e-3: "lr-h192-p1-lr0.004"},
+                 256: {2e-3: "p1", 1e-3: "lr-h256-p1-lr0.001", 5e-4: "lr-h256-p1-lr0.0005", 4e-3: "lr-h256-p1-lr0.004"},
                  384: {2e-3: "ladder-h384-p1", 1e-3: "lr-h384-p1-lr0.001", 5e-4: "lr-h384-p1-lr0.0005"}}
 # Student's t quantile for a two-sided 95% interval with n - 1 degrees of freedom (n = 2, 3, 4, 5 seeds).
 T95 = {2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776}
@@ -282,6 +282,12 @@ def main() -> None:
         # (over the prefix control), for each P under the warm-up lever
         summary["local_k"] = [k for k in (local_k(results, lad, arm, base, p) for p, arm in warm_arms.items()
                                           for base in ("p1", "p1prefix")) if k]
+    # ~100M tokens: the arms that carry the result, paired by seed against their own P = 1 and prefix control.
+    long_arms = [a for a in ("long-p1prefix", "long-p4-aggwarm", "long-p8-aggwarm") if any((a, s) in results
+                                                                                           for s in seeds)]
+    summary["long"] = {arm: {"vs_p1": paired(results, arm, "long-p1"),
+                             "vs_prefix": paired(results, arm, "long-p1prefix") if arm != "long-p1prefix" else None}
+                       for arm in long_arms}
     # The base arms ran on an H100, the later ones on an H200: the prefix control on both, paired by seed.
     summary["gpu_confound"] = paired(results, "repeat-p1prefix", "p1prefix")
     summary["gain_vs_prefix_same_gpu"] = {arm: paired(results, arm, "repeat-p1prefix") for arm in warm_arms.values()}
@@ -470,6 +476,9 @@ def _print(summary, seeds) -> None:
         for arm, v in summary["gain_vs_prefix_same_gpu"].items():
             if v:
                 print(f"  {arm} over the H200 prefix control: {v['mean']:+.4f} ± {v['se']:.4f}")
+    for arm, g in summary["long"].items():
+        print(f"  ~100M tokens, {arm}: " + "; ".join(
+            f"{name} {v['mean']:+.4f} ± {v['se'] or 0:.4f} ({v['n']} seeds)" for name, v in g.items() if v))
     for name, f in summary["eq5_fit"].items():
         if f:
             print(f"Eq. 5 fit, ladder + {name} arms ({f['points']} points): k {f['k']:.3g}, E {f['E']:.4f}, "

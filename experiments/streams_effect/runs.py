@@ -21,8 +21,11 @@ arm: parscale's paired seeds), named d8-{arm}-s{seed}:
 - map-*      the collapse map: P = 4 over depth {4, 8, 12} x prefix {8, 48}, plain and with the warm-up
              lever, seeds 0 and 1 (6 of the 20 have run);
 - ladder-*   P = 1 at hidden 192 and 384, for the slope of loss in ln N (have run);
-- lr-*       P = 1 at hidden 256 and 384 with lr 1e-3 and 5e-4 (configured: the ladder's learning-rate check);
-- repeat-*   the prefix control again, on the GPU model of the later arms (configured).
+- lr-*       P = 1 at hidden 256 and 384 with lr 1e-3 and 5e-4 (have run: the ladder's learning-rate
+             check); 192 at 1e-3 and 4e-3, 256 at 4e-3, and the prefix control and P = 4 + warm-up at 1e-3
+             and 4e-3 (configured);
+- long-*     P = 1, the prefix control, P = 4 and 8 with the warm-up lever at ~100M tokens (configured);
+- repeat-*   the prefix control again, on the GPU model of the later arms (have run).
 Every run evaluates the whole held-out split at 90, 95 and 100% of training (`eval_at`); the endpoint
 is their mean. After training, `parscale streams` measures the final model's streams on 16 held-out
 batches. `run` starts each run as its own `parscale train` process, `per_gpu` at a time on every
@@ -75,6 +78,20 @@ LADDER = {f"ladder-h{h}-p1": {"streams": 1, "width": h} for h in (192, 384)}
 # The ladder turned up at 384 (worse than 256 from the first evaluation on): the learning rate of P = 1 at
 # 256 and 384, halved and quartered, before any slope in ln N is read. Named lr-h{hidden}-p1-lr{lr}-s{seed}.
 LR_CHECK = {f"lr-h{h}-p1-lr{lr:g}": {"streams": 1, "width": h, "lr": lr} for h in (256, 384) for lr in (1e-3, 5e-4)}
+# 256's best lr was the largest tried (2e-3) and 192's was not checked: the check above and below them.
+LR_CHECK.update({f"lr-h{h}-p1-lr{lr:g}": {"streams": 1, "width": h, "lr": lr}
+                 for h, lrs in ((192, (1e-3, 4e-3)), (256, (4e-3,))) for lr in lrs})
+# The parallel part is read against the prefix control, so both its arms need their lr checked too.
+LR_CHECK_P = {f"lr-{arm}-lr{lr:g}": {**fields, "lr": lr} for arm, fields in
+              (("p1prefix", {"streams": 1, "p1_prefix": True}), ("p4-aggwarm", {"streams": 4, "parscale_warmup": 600}))
+              for lr in (1e-3, 4e-3)}
+# ~100M tokens (6,000 steps of 32 x 512, 12.5 tokens per P = 1 parameter) for the arms that carry the
+# result: P = 1, the prefix control and P = 4 / 8 with the warm-up lever. Named long-{arm}-s{seed}.
+LONG_STEPS = 6000
+LONG = {f"long-{arm}": {**fields, "steps": LONG_STEPS, "eval_every": 750} for arm, fields in
+        (("p1", {"streams": 1}), ("p1prefix", {"streams": 1, "p1_prefix": True}),
+         ("p4-aggwarm", {"streams": 4, "parscale_warmup": 600}),
+         ("p8-aggwarm", {"streams": 8, "parscale_warmup": 600}))}
 # The base arms ran on an H100, everything since on an H200: the prefix control again, on the other GPU,
 # bounds that confound (same settings as d8-p1prefix). Named repeat-p1prefix-s{seed}.
 REPEAT = {"repeat-p1prefix": {"streams": 1, "p1_prefix": True}}
@@ -96,13 +113,14 @@ def runs() -> dict[str, dict]:
         for arm, fields in {**ARMS, **LEVER_ARMS}.items():
             out[f"d8-{arm}-s{seed}"] = {"arm": arm, "seed": seed, "cost": fields["streams"],
                                         "train": {**TRAIN, **fields, "seed": seed, "model_overrides": SHAPE}}
-        for arm, fields in {**COLLAPSE_MAP, **LADDER, **LR_CHECK, **REPEAT}.items():
+        for arm, fields in {**COLLAPSE_MAP, **LADDER, **LR_CHECK, **LR_CHECK_P, **LONG, **REPEAT}.items():
             if arm.startswith("map-") and seed not in MAP_SEEDS:
                 continue
             shape = _shape(fields)
             train = {**TRAIN, **{k: v for k, v in fields.items() if k not in ("depth", "width")}, "seed": seed,
                      "model_overrides": shape}
-            cost = fields["streams"] * shape["num_hidden_layers"] / 8 * (shape["hidden_size"] / 256) ** 2
+            cost = (fields["streams"] * shape["num_hidden_layers"] / 8 * (shape["hidden_size"] / 256) ** 2
+                    * fields.get("steps", STEPS) / STEPS)
             out[f"{arm}-s{seed}"] = {"arm": arm, "seed": seed, "cost": cost, "train": train}
     return out
 
