@@ -1,5 +1,6 @@
 """The scaling-law toolkit: the paper's fits, a planted law, predictions, bad input, the CLI."""
 
+import functools
 import json
 
 import numpy as np
@@ -11,6 +12,7 @@ from parscale.analysis.scaling_law import (
     bootstrap,
     equivalent_params,
     fit,
+    k_profile,
     multiplier,
     paper_points,
     predict_eq5,
@@ -25,9 +27,15 @@ PAPER = {  # paper.md §5
 }
 
 
+@functools.cache
+def _paper_fit(name: str):
+    """The paper's data fitted once per test session (a fit searches 300 starting points)."""
+    return fit(paper_points(name))
+
+
 @pytest.mark.parametrize("name", ["stack", "pile"])
 def test_paper_fits_reproduce(name):
-    f = fit(paper_points(name)).as_dict()
+    f = _paper_fit(name).as_dict()
     for key, value in PAPER[name].items():
         assert abs(f[key] - value) / value < 0.005, (key, f[key], value)
 
@@ -43,6 +51,38 @@ def test_planted_law_is_recovered():
         assert abs(f[key] - value) / value < 0.05, (key, f[key], value)
 
 
+def _plateau_points():
+    """P = 1 at three widths on a law, P = 2 / 4 / 8 at the middle width all alike (a plateau in P): the
+    design of experiments/streams_effect, where k is not determined."""
+    N = np.array([4.4e6, 7.9e6, 1.77e7] * 3 + [7.9e6] * 9)
+    P = np.array([1.0] * 9 + [2.0] * 3 + [4.0] * 3 + [8.0] * 3)
+    base = predict_eq5(N[:9], 1, 1.8, 4.0e5, 0.3, 0.0)
+    loss = np.concatenate([base, np.full(9, base[1] - 0.07)]) + np.tile([0.0, 0.004, -0.004], 6)
+    return Points(N, P, loss)
+
+
+@pytest.mark.parametrize("name", ["stack", "pile"])
+def test_the_paper_data_determine_k(name):
+    pts = paper_points(name)
+    profile = k_profile(pts, _paper_fit(name))
+    assert profile["identified"] and min(profile["objective_ratio"].values()) > 3
+
+
+def test_a_plateau_in_p_does_not_determine_k(capsys, tmp_path):
+    """Halving or doubling k costs the plateau fit almost nothing: reported, and `parscale fit` warns that the
+    bootstrap interval would show the optimiser's starts (it stayed at one k on such data, docs/LOG.md)."""
+    pts = _plateau_points()
+    profile = k_profile(pts, fit(pts))
+    assert not profile["identified"], profile
+    path = tmp_path / "plateau.csv"
+    path.write_text("params,P,loss\n" + "".join(f"{n:.0f},{p:.0f},{y:.6f}\n" for n, p, y in
+                                                   zip(pts.params, pts.P, pts.loss, strict=True)))
+    assert main(["fit", str(path), "--bootstrap", "0", "--json"]) == 0
+    out = capsys.readouterr()
+    assert "do not determine k" in out.err
+    assert json.loads(out.out)["eq5"]["k_profile"]["identified"] is False
+
+
 def test_bootstrap_interval_contains_fit():
     pts = paper_points("stack")
     f = fit(pts)
@@ -52,7 +92,7 @@ def test_bootstrap_interval_contains_fit():
 
 
 def test_predictions_are_consistent():
-    f = fit(paper_points("stack"))
+    f = _paper_fit("stack")
     assert multiplier(f.shape, 1) == 1.0
     eq = equivalent_params(f, 1.6e9, 8)
     assert f.predict(eq, 1) == pytest.approx(f.predict(1.6e9, 8), rel=1e-9)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from parscale.cli_support import FUSE_HELP, MODEL_HELP, QUANTIZE_HELP, command, maybe_quantize, resolve_model
@@ -48,11 +49,17 @@ def _law_points(args):
 @command
 def cmd_fit(args):
     """Fit the parallel scaling law (Eq. 5 and the ρ form, Eq. 4) to params,P,loss points."""
-    from parscale.analysis.scaling_law import bootstrap, fit
+    from parscale.analysis.scaling_law import bootstrap, fit, k_profile
 
     points = _law_points(args)
     eq5, eq4 = fit(points, "eq5"), fit(points, "eq4")
     result = {**eq5.as_dict(), "eq5": eq5.as_dict(), "eq4": eq4.as_dict(), "n_points": len(points)}
+    result["eq5"]["k_profile"] = profile = k_profile(points, eq5)
+    if not profile["identified"]:
+        ratios = " / ".join(f"{r:.2f}x" for r in profile["objective_ratio"].values())
+        print(f"warning: these points do not determine k: fixing k at half / twice the fit ({eq5.shape:.4g}) raises "
+              f"the objective only {ratios} (the paper's fits: 3.3-7.6x); k and its bootstrap interval "
+              "reflect the optimiser's starting points more than the data", file=sys.stderr)
     if args.bootstrap > 0:
         result["eq5"]["ci95"] = bootstrap(points, eq5, n=args.bootstrap, seed=args.seed)
     pred = eq5.predict(points.params, points.P)
@@ -67,7 +74,9 @@ def cmd_fit(args):
         plot_contours(eq5, stem.with_name(stem.name + "_contours.png"),
                       n_range=(points.params.min() / 2, points.params.max() * 2))
     if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+        from parscale.io.files import write_json_atomic
+
+        write_json_atomic(result, Path(args.out))
     if args.json:
         print(json.dumps(result))
         return
