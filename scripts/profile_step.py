@@ -12,14 +12,13 @@ the P = 8 − P = 1 difference, largest first: what the P = 8 step spends its ex
 
 import argparse
 import collections
-import json
-import os
 import re
 import sys
-import tempfile
 import time
 
 import torch
+
+from parscale.io.files import write_json_atomic
 
 
 def kind(name: str) -> str:
@@ -88,10 +87,7 @@ def main():
     result = {"shape": args.shape, "compile": args.compile, "fuse": args.fuse, "gpu": torch.cuda.get_device_name(0),
               "torch": torch.__version__, "command": " ".join(["python", *sys.argv]),
               "steps": runs, "p8_minus_p1_us": dict(sorted(diff.items(), key=lambda kv: -abs(kv[1])))}
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(args.out)) or ".", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(result, f, indent=1)
-    os.replace(tmp, args.out)
+    write_json_atomic(result, args.out)
     for p, r in runs.items():
         print(f"P={p}: {r['kernels']} kernels, {r['device_us'] / 1000:.3f} ms of device time")
     print("P=8 - P=1, largest:", ", ".join(f"{n} {d:+.0f} us" for n, d in list(result["p8_minus_p1_us"].items())[:8]))

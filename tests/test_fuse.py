@@ -137,7 +137,7 @@ def test_cuda_graph_engine_on_a_fused_model_matches_its_plain_path(dtype):
 def test_cli_fuse_flag_generates_the_same_text(tmp_path, capsys):
     """generate fuses by default (--no-fuse keeps the loaded layout); both give the same text."""
     from parscale.cli import main
-    from parscale.cli_support import fuse_wanted
+    from parscale.inference.fuse import fuse_wanted
 
     assert fuse_wanted(None, None) and not fuse_wanted(None, "int8") and not fuse_wanted(False, None)
     assert main(["new", "--preset", "tiny", "--streams", "2", "--out", str(tmp_path / "m")]) == 0

@@ -32,19 +32,14 @@ FUSE_HELP = ("one matmul for each layer's q/k/v and one for gate/up (inference/f
              "7-17%% faster per token on an H200, benchmarks/README.md)")
 
 
-def fuse_wanted(fuse: bool | None, quantize: str | None) -> bool:
-    """--fuse / --no-fuse, or by default: fused float projections, unless the weights are quantized."""
-    if fuse and quantize:
-        raise ValueError("--fuse and --quantize exclude each other (fuse, or quantize, not both)")
-    return (quantize is None) if fuse is None else fuse
-
-
 def maybe_quantize(model, args):
     """Apply --quantize and --fuse (each refuses the other) to a loaded model."""
     if getattr(args, "quantize", None) == "int8":
         from parscale.inference.quantize import quantize_int8
 
         quantize_int8(model)
+    from parscale.inference.fuse import fuse_wanted
+
     if fuse_wanted(getattr(args, "fuse", False), getattr(args, "quantize", None)):
         from parscale.inference.fuse import fuse_projections
 

@@ -197,7 +197,7 @@ def run(shapes, streams, batches, lengths, engine: str, out: Path, kernels: bool
         fuse: bool | None = None) -> dict:
     """Time every (shape, P, batch, length) point and write the JSON to `out` as it goes. `fuse`: fused q/k/v
     and gate/up projections; None (the default) fuses unless `quantize`, as `parscale generate` does."""
-    from parscale.cli_support import fuse_wanted
+    from parscale.inference.fuse import fuse_wanted
 
     if not torch.cuda.is_available():
         raise ValueError("parscale bench measures a CUDA GPU and none is available")

@@ -25,6 +25,13 @@ ATTENTION_PARTS = ("q_proj", "k_proj", "v_proj")
 MLP_PARTS = ("gate_proj", "up_proj")
 
 
+def fuse_wanted(fuse: bool | None, quantize: str | None) -> bool:
+    """--fuse / --no-fuse, or by default: fused float projections, unless the weights are quantized."""
+    if fuse and quantize:
+        raise ValueError("--fuse and --quantize exclude each other (fuse, or quantize, not both)")
+    return (quantize is None) if fuse is None else fuse
+
+
 def fuse_projections(model):
     """Fuse every decoder layer's q/k/v and gate/up projections, in place; returns the model."""
     from parscale.inference.quantize import is_quantized
