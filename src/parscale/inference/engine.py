@@ -39,8 +39,9 @@ token written so far, instead of all max_len: one graph per such length, capture
 a short conversation in a long cache reads a short cache. The host knows how many tokens were written,
 so choosing the length costs no device sync. Measured on an H200 (1.6B shape, batch 1, 64 + 64 tokens,
 benchmarks/README.md): in a 4,096-token cache a step costs +0.2–0.3% over a 128-token cache with them and
-+5% (P = 1) / +11% (P = 8) without. With `compile=True` they stay off unless asked for (each read length
-is a recompilation there, and that combination is not measured yet).
++5% (P = 1) / +11% (P = 8) without (graph engine); with the compiled engine −1% with them and +10% / +23%
+without. With `compile=True` they stay off unless asked for: each read length is its own compilation
+there (34–54 s at the 1.6B shape), paid when a conversation first crosses it.
 """
 
 from __future__ import annotations
