@@ -34,7 +34,7 @@ def main() -> None:
         print(f"{a:>16}: " + " ".join(f"{x:.4f}" for x in v))
     for arm, base in (("long-p1prefix", "long-p1"), ("long-p4-aggwarm", "long-p1"),
                       ("long-p4-aggwarm", "long-p1prefix")):
-        d = [b - a for a, b in zip(table[arm], table[base])]
+        d = [b - a for a, b in zip(table[arm], table[base], strict=True)]
         print(f"{arm} over {base}: {statistics.fmean(d):+.4f} ± {statistics.stdev(d) / math.sqrt(len(d)):.4f} "
               f"(per seed {', '.join(f'{x:+.4f}' for x in d)})")
 
