@@ -194,7 +194,7 @@ def environment() -> dict:
 def run(shapes, streams, batches, lengths, engine: str, out: Path, kernels: bool = False,
         memory_only: bool = False, bounded_reads: bool | None = None, cache_len: int | None = None,
         quantize: str | None = None, anchors: bool = False, padded_prefill: bool | None = None,
-        fuse: bool | None = None) -> dict:
+        fuse: bool | None = None, gptfast_model: str | None = None) -> dict:
     """Time every (shape, P, batch, length) point and write the JSON to `out` as it goes. `fuse`: fused q/k/v
     and gate/up projections; None (the default) fuses unless `quantize`, as `parscale generate` does."""
     from parscale.inference.fuse import fuse_wanted
@@ -202,6 +202,10 @@ def run(shapes, streams, batches, lengths, engine: str, out: Path, kernels: bool
     if not torch.cuda.is_available():
         raise ValueError("parscale bench measures a CUDA GPU and none is available")
     fuse = fuse_wanted(fuse, quantize)
+    if gptfast_model:  # a wrong path fails now, not after minutes of other anchors
+        from parscale.analysis.anchors import load_gptfast_module
+
+        load_gptfast_module(gptfast_model)
     result = {"environment": environment(), "engine": engine, "dtype": "bfloat16", "quantize": quantize,
               "fuse": fuse, "memory_only": memory_only,
               "points": [], "kernels": [], "anchors": []}
@@ -213,6 +217,17 @@ def run(shapes, streams, batches, lengths, engine: str, out: Path, kernels: bool
             result["anchors"].append(row)
             print(f"{shape} anchor ({row['anchor']}, transformers {row['transformers']}): "
                   f"{row['decode_ms_per_token']:.3f} ms/token", file=sys.stderr, flush=True)
+            gc.collect()
+            torch._dynamo.reset()
+            torch.cuda.empty_cache()
+            write_json_atomic(result, out)
+    if gptfast_model:  # the user's copy of gpt-fast's model.py: a compiled plain decoder, same process
+        from parscale.analysis.anchors import gptfast_anchor
+
+        for shape in shapes:
+            row = gptfast_anchor(shape, gptfast_model, batch=1, length=lengths[0])
+            result["anchors"].append(row)
+            print(f"{shape} anchor (gpt-fast): {row['decode_ms_per_token']:.3f} ms/token", file=sys.stderr, flush=True)
             gc.collect()
             torch._dynamo.reset()
             torch.cuda.empty_cache()

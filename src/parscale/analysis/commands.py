@@ -21,7 +21,7 @@ def cmd_bench(args):
     run(args.shapes.split(","), ints(args.streams), ints(args.batches), ints(args.lengths), args.engine,
         Path(args.out), kernels=args.kernels, memory_only=args.memory_only, bounded_reads=args.bounded_reads,
         cache_len=args.cache_len, quantize=args.quantize, anchors=args.anchors, padded_prefill=args.padded_prefill,
-        fuse=args.fuse)
+        fuse=args.fuse, gptfast_model=args.gptfast_model)
     print(f"wrote {args.out}")
 
 
@@ -260,6 +260,10 @@ def add_parsers(sub) -> None:
     p.add_argument("--anchors", action="store_true",
                    help="also time transformers' own P = 1 model of each shape (static cache, batch 1, the first "
                         "length) in the same process (anchors.py), recorded under 'anchors'")
+    p.add_argument("--gptfast-model", default=None, metavar="PATH",
+                   help="also time gpt-fast's plain P = 1 Transformer of each shape (compiled decode step, batch 1, "
+                        "the first length) in the same process: PATH is your copy of gpt-fast's model.py, "
+                        "imported and run, never copied (anchors.py); recorded under 'anchors'")
     p.add_argument("--bounded-reads", action=argparse.BooleanOptionalAction, default=None,
                    help="decode steps read only the written part of the cache (engine.py; default: on for the "
                         "graph engine, off for the compiled one)")
