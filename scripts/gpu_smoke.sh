@@ -2,9 +2,8 @@
 # GPU checks and a small benchmark: every `gpu`-marked test, then graph / compile / plain engines at 1.6B, batch 1.
 #   bash scripts/gpu_smoke.sh          tests + graph engine (a few minutes)
 #   bash scripts/gpu_smoke.sh full     also the compiled engine (with the transformers anchor) and the plain one;
-#                                      with ANCHOR_SCRIPT (a script that times gpt-fast on the paper-1.6b shape, called as
-#                                      `ANCHOR_SCRIPT gptfast OUT_DIR`) and GPTFAST_DIR (a folder holding gpt-fast's
-#                                      model.py as gptfast_model.py; run, never copied here) set, the gpt-fast anchor too
+#                                      with GPTFAST_MODEL set to your copy of gpt-fast's model.py (run from there, never
+#                                      copied here), the gpt-fast anchor too, in the compiled engine's process
 set -uo pipefail
 export PYTHONPATH=src PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}
@@ -15,11 +14,10 @@ python3 -m pytest -q -rs -m gpu tests/ -p no:cacheprovider 2>&1 | tee "$OUT/gpu_
 python3 -m parscale.cli bench --shapes paper-1.6b --streams 1,8 --batches 1 --lengths 64,128 --engine graph \
     --out "$OUT/smoke_graph.json"
 if [ "${1:-}" = full ]; then
+  gptfast=()
+  [ -n "${GPTFAST_MODEL:-}" ] && gptfast=(--gptfast-model "$GPTFAST_MODEL")
   python3 -m parscale.cli bench --shapes paper-1.6b --streams 1,8 --batches 1 --lengths 128 --engine compile \
-      --anchors --out "$OUT/smoke_compile.json"
+      --anchors "${gptfast[@]}" --out "$OUT/smoke_compile.json"
   python3 -m parscale.cli bench --shapes paper-1.6b --streams 1,8 --batches 1 --lengths 64 --engine plain \
       --out "$OUT/smoke_plain.json"
-  if [ -n "${ANCHOR_SCRIPT:-}" ] && [ -f "${GPTFAST_DIR:-/nonexistent}/gptfast_model.py" ]; then
-    python3 "$ANCHOR_SCRIPT" gptfast "$OUT"  # writes $OUT/anchor_gptfast.json
-  fi
 fi

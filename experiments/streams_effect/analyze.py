@@ -55,6 +55,28 @@ def paired(results, arm: str, base: str) -> dict | None:
     return {"n": len(diffs), "mean": mean, "se": se, "diffs": diffs}
 
 
+def rerun_spread(results) -> dict | None:
+    """The same run twice on one GPU: the first attempts of the ~100M-token P = 1 arms (results_stopped/, cut
+    by a time limit) against their complete re-runs (same config, seed and GPU model), compared on the mean of
+    the whole-split evaluations both have. Seeds fix the initialisation and the data order, not the bf16
+    floating-point path, so this is the run-to-run noise that paired seeds leave."""
+    diffs = []
+    for f in sorted((HERE / "results_stopped").glob("*.json")):
+        first = json.loads(f.read_text())
+        arm, seed = first["run"].rsplit("-s", 1)
+        again = results.get((arm, int(seed)))
+        if again is None:
+            continue
+        common = sorted(set(first["val_loss_full"]) & set(again["val_loss_full"]))
+        diffs.append({"run": first["run"], "evaluations": common, "difference": statistics.fmean(
+            again["val_loss_full"][k] - first["val_loss_full"][k] for k in common)})
+    if not diffs:
+        return None
+    d = [row["difference"] for row in diffs]
+    return {"runs": diffs, "mean": statistics.fmean(d), "sd": statistics.stdev(d) if len(d) > 1 else None,
+            "max_abs": max(abs(x) for x in d)}
+
+
 def doubling_steps(results, chain: list[str]) -> list[dict]:
     """Paired gain of each arm of `chain` over the one before it; a step counts when it exceeds 2 SE."""
     steps = []
@@ -288,6 +310,8 @@ def main() -> None:
     summary["long"] = {arm: {"vs_p1": paired(results, arm, "long-p1"),
                              "vs_prefix": paired(results, arm, "long-p1prefix") if arm != "long-p1prefix" else None}
                        for arm in long_arms}
+    summary["long_doubling"] = doubling_steps(results, ["long-p1prefix", "long-p4-aggwarm", "long-p8-aggwarm"])
+    summary["rerun_spread"] = rerun_spread(results)
     # The base arms ran on an H100, the later ones on an H200: the prefix control on both, paired by seed.
     summary["gpu_confound"] = paired(results, "repeat-p1prefix", "p1prefix")
     summary["gain_vs_prefix_same_gpu"] = {arm: paired(results, arm, "repeat-p1prefix") for arm in warm_arms.values()}
@@ -479,6 +503,13 @@ def _print(summary, seeds) -> None:
     for arm, g in summary["long"].items():
         print(f"  ~100M tokens, {arm}: " + "; ".join(
             f"{name} {v['mean']:+.4f} ± {v['se'] or 0:.4f} ({v['n']} seeds)" for name, v in g.items() if v))
+    for g in summary["long_doubling"]:
+        print(f"  ~100M tokens, {g['to']} over {g['from']}: {g['mean']:+.4f} ± {g['se'] or 0:.4f} ({g['n']} seeds)"
+              f"{' > 2 SE' if g['exceeds_2se'] else ''}")
+    r = summary["rerun_spread"]
+    if r:
+        print(f"  the same run twice ({len(r['runs'])} runs): re-run - first {r['mean']:+.4f}, sd {r['sd'] or 0:.4f}, "
+              f"largest {r['max_abs']:.4f}: " + ", ".join(f"{x['run']} {x['difference']:+.4f}" for x in r["runs"]))
     for name, f in summary["eq5_fit"].items():
         if f:
             print(f"Eq. 5 fit, ladder + {name} arms ({f['points']} points): k {f['k']:.3g}, E {f['E']:.4f}, "
