@@ -6,6 +6,7 @@
 #   bash scripts/gpu_grid.sh long     a 64 + 64-token talk in a 128- and a 4096-token cache, bounded reads off / on, graph and compiled engines
 #   bash scripts/gpu_grid.sh int8     bf16 vs int8 weights, graph and compiled engines, P 1 and 8 (the compiled step can fuse the cast)
 #   bash scripts/gpu_grid.sh prefill  prefill of 64-512 prompt tokens, eager vs padded (graph-captured), P 1 and 8, with the anchor
+#   bash scripts/gpu_grid.sh prefill-compile  the compiled engine's prefill, eager vs padded + compiled + captured, P 1 and 8
 #   bash scripts/gpu_grid.sh fuse     separate vs fused q/k/v and gate/up projections, graph and compiled engines, P 1 and 8
 #   bash scripts/gpu_grid.sh tuning   the compiled engine with and without inductor's coordinate-descent tuning (what
 #                                     gpt-fast turns on), bf16 and int8, P 1 and 8
@@ -50,6 +51,12 @@ json.dump(m, open('$OUT/memory_fresh.json','w'), indent=1)" "bash scripts/gpu_gr
         --no-padded-prefill --out "$OUT/prefill_eager.json"
     bench 240 --shapes paper-1.6b --streams 1,8 --batches 1 --lengths 64,128,256,512 --engine graph \
         --padded-prefill --out "$OUT/prefill_graph.json" ;;
+  prefill-compile)
+    # the compiled engine's prefill: eager against padded, compiled and captured (one compilation per length)
+    bench 280 --shapes paper-1.6b --streams 1,8 --batches 1 --lengths 64,256 --engine compile \
+        --no-padded-prefill --out "$OUT/prefill_compile_eager.json"
+    bench 300 --shapes paper-1.6b --streams 1,8 --batches 1 --lengths 64,256 --engine compile \
+        --padded-prefill --out "$OUT/prefill_compile_padded.json" ;;
   fuse)
     for engine in graph compile; do
       bench 140 --shapes paper-1.6b --streams 1,8 --batches 1 --lengths 64 --engine $engine --no-fuse \

@@ -283,6 +283,31 @@ def test_compute_bound_prompts_are_prefilled_eagerly_and_unpadded():
     _decode_follows_recompute(model, engine, logits, ids, mask, steps=3)
 
 
+def test_compiled_padded_prefill_equals_recompute():
+    """With compile=True and padded_prefill=True the padded prompt's forward runs compiled (its generated code
+    is what runs) and gives the logits of the unpadded prompt; the decode steps after it follow a full
+    recomputation."""
+    from torch._inductor.utils import run_and_get_code
+
+    model = tiny_model(streams=2)
+    engine = DecodeEngine(model, batch_size=2, compile=True, padded_prefill=True)
+    ids = torch.randint(0, 512, (2, 9))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    logits, codes = run_and_get_code(engine.prefill, ids, mask, max_new_tokens=4)
+    assert any("def call" in code for code in codes) and engine.written == 64
+    _decode_follows_recompute(model, engine, logits, ids, mask, steps=4)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_compiled_cuda_graph_prefill_matches_recompute():
+    model = tiny_model(streams=4).cuda()
+    engine = DecodeEngine(model, batch_size=2, compile=True, padded_prefill=True)
+    _padded_prefill_follows_recompute(engine, model, "cuda", lengths=(5, 9))
+    assert engine.prefill_captures == 1 and sorted(engine.prefill_graphs) == [64]
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_graph_prefill_matches_recompute_and_follows_the_model():

@@ -32,6 +32,8 @@ not positions. Measured on an H200 (1.6B shape, batch 1, benchmarks/README.md): 
 compute-bound and the two are alike (41.6 / 40.6 ms), so prompts of P · B · padded length ≥ 4,096 rows
 are prefilled eagerly (`pads`); the graphs' pool adds up to 0.2 GiB. Without
 graphs (CPU, use_graph=False) or with `compile=True` it stays off unless asked for (unmeasured there).
+Asked for with `compile=True`, the padded prompt's forward is compiled as the decode step is (one
+compilation per padded length and batch) and then captured.
 
 Bounded reads (`bounded_reads`, on by default for the graph engine) make a step read only the first
 `read_len` slots of the cache, the smallest of 256, 512, 1024, ... (capped at max_len) that holds every
@@ -74,6 +76,10 @@ class DecodeEngine:
                               "compiled (1.6B shape, one H200, benchmarks/README.md); the graph engine (no "
                               "compile) runs int8 at 2x bf16", stacklevel=2)
         self.step_fn = torch.compile(self._step, fullgraph=True, dynamic=False) if compile else self._step
+        # The padded prompt's forward, compiled too with compile=True (one compilation per padded length and
+        # batch, each then captured like the eager one): fused element-wise kernels, fewer of them per layer.
+        self.prefill_fn = (torch.compile(self._padded_forward, fullgraph=True, dynamic=False) if compile
+                           else self._padded_forward)
         self.bounded_reads = (not compile) if bounded_reads is None else bounded_reads
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}  # read_len -> graph, its logits
         self.padded_prefill = (self.use_graph and not compile) if padded_prefill is None else padded_prefill
@@ -162,12 +168,17 @@ class DecodeEngine:
             length *= 2
         return max(t, min(length, self.model.config.max_position_embeddings))
 
+    @torch.no_grad()
+    def _padded_forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        self.cache.length = 0  # every prefill writes the same slots, after the prefix
+        return self.model.last_logits(input_ids, attention_mask=attention_mask, cache=self.cache)
+
     def _padded_prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         cache = self.cache
         cache.masked_prefill = True
         try:
             if not self.use_graph:
-                return self.model.last_logits(input_ids, attention_mask=attention_mask, cache=cache)
+                return self.prefill_fn(input_ids, attention_mask)
             if self.prefill_graphs and self._prefill_captured_for != self._fingerprint():
                 self.prefill_graphs = {}  # parameters, buffers or the cache were replaced: capture again
             length = input_ids.shape[1]
@@ -183,17 +194,16 @@ class DecodeEngine:
             cache.masked_prefill = False
 
     def _capture_prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
-        cache, model, length = self.cache, self.model, input_ids.shape[1]
+        length = input_ids.shape[1]
         ids, mask = input_ids.clone(), attention_mask.clone()
 
         def run():
-            cache.length = 0  # every prefill writes the same slots, after the prefix
-            return model.last_logits(ids, attention_mask=mask, cache=cache)
+            return self.prefill_fn(ids, mask)
 
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
-            for _ in range(2):  # warm-up: cuBLAS handles, kernel choice
+            for _ in range(2):  # warm-up: compilation, cuBLAS handles, kernel choice
                 run()
         torch.cuda.current_stream().wait_stream(side)
         if self._prefill_pool is None:
