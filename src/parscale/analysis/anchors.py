@@ -116,6 +116,8 @@ def gptfast_anchor(shape: str, model_file: str | Path, batch: int = 1, length: i
     The inductor settings are restored afterwards, so points timed later in the process are unaffected."""
     import torch._inductor.config as inductor_config
 
+    from parscale.analysis.bench import _events_ms  # the timer of every bench point
+
     if length <= 2 * chunk:
         raise ValueError(f"length {length} is too short to time chunks of {chunk} decode steps (need > {2 * chunk})")
     module = load_gptfast_module(model_file)
@@ -163,12 +165,3 @@ def gptfast_anchor(shape: str, model_file: str | Path, batch: int = 1, length: i
             "decode_ms_per_token": statistics.median(per_token), "decode_ms_min": min(per_token),
             "decode_ms_max": max(per_token), "warmup_s": warmup_s, "model_file": str(model_file),
             "inductor": settings, "parameters": sum(p.numel() for p in model.parameters())}
-
-
-def _events_ms(fn) -> float:
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    fn()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end)
