@@ -33,6 +33,19 @@ def kind(name: str) -> str:
     return name[:80]
 
 
+def kernel_groups(prof, group=kind) -> dict:
+    """The device kernels a torch.profiler run saw, folded by `group`: {group: {"calls", "us"}}."""
+    groups = collections.defaultdict(lambda: {"calls": 0, "us": 0.0})
+    for evt in prof.key_averages():
+        total = getattr(evt, "device_time_total", None) or getattr(evt, "cuda_time_total", 0)
+        on_device = getattr(evt, "device_type", torch.autograd.DeviceType.CUDA) == torch.autograd.DeviceType.CUDA
+        if total > 0 and on_device:
+            g = groups[group(evt.key)]
+            g["calls"] += evt.count
+            g["us"] += total
+    return groups
+
+
 @torch.no_grad()
 def profile_step(shape: str, streams: int, compile: bool, fuse: bool) -> dict:
     from torch.profiler import ProfilerActivity, profile
@@ -56,14 +69,7 @@ def profile_step(shape: str, streams: int, compile: bool, fuse: bool) -> dict:
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         engine.decode(token)
         torch.cuda.synchronize()
-    groups = collections.defaultdict(lambda: {"calls": 0, "us": 0.0})
-    for evt in prof.key_averages():
-        total = getattr(evt, "device_time_total", None) or getattr(evt, "cuda_time_total", 0)
-        on_device = getattr(evt, "device_type", torch.autograd.DeviceType.CUDA) == torch.autograd.DeviceType.CUDA
-        if total > 0 and on_device:
-            g = groups[kind(evt.key)]
-            g["calls"] += evt.count
-            g["us"] += total
+    groups = kernel_groups(prof)
     del engine, model
     torch.cuda.empty_cache()
     return {"P": streams, "warmup_s": warmup_s, "kernels": sum(g["calls"] for g in groups.values()),

@@ -14,7 +14,6 @@ trainer counts it (train.flops_per_token against the GPU's bf16 peak).
 """
 
 import argparse
-import collections
 import gc
 import sys
 import time
@@ -23,7 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from profile_step import kind  # noqa: E402  (the decode profile's kernel groups)
+from profile_step import kernel_groups, kind  # noqa: E402  (the decode profile's kernel groups)
 
 from parscale.io.files import write_json_atomic  # noqa: E402
 from parscale.model.config import ModelConfig  # noqa: E402
@@ -77,14 +76,7 @@ def profile_training(model_name: str, streams: int, batch: int, seq_len: int, co
         for i in range(steps):
             step(i)
         torch.cuda.synchronize()
-    groups = collections.defaultdict(lambda: {"calls": 0, "us": 0.0})
-    for evt in prof.key_averages():
-        total = getattr(evt, "device_time_total", None) or getattr(evt, "cuda_time_total", 0)
-        on_device = getattr(evt, "device_type", torch.autograd.DeviceType.CUDA) == torch.autograd.DeviceType.CUDA
-        if total > 0 and on_device:
-            g = groups[train_kind(evt.key)]
-            g["calls"] += evt.count
-            g["us"] += total
+    groups = kernel_groups(prof, train_kind)
     per_step = {name: {"calls": g["calls"] / steps, "us_per_step": g["us"] / steps}
                 for name, g in sorted(groups.items(), key=lambda kv: -kv[1]["us"])}
     device_ms = sum(g["us_per_step"] for g in per_step.values()) / 1000
