@@ -68,3 +68,16 @@ def test_anchor_is_the_plain_model_of_the_same_shape(shape):
     assert row["tokens"] == [4, 12] and row["generate_long_s"] > 0 and row["decode_ms_per_token"] == pytest.approx(
         (row["generate_long_s"] - row["generate_short_s"]) / 8 * 1000)
     assert row["parameters"] == sum(p.numel() for p in ours.parameters())
+
+
+def test_anchor_ratios_pair_a_point_with_the_anchors_of_its_shape_batch_and_length():
+    from parscale.analysis.bench import anchor_ratios
+
+    anchors = [{"anchor": "gpt-fast", "shape": "paper-1.6b", "batch": 1, "length": 64, "decode_ms_per_token": 2.0},
+               {"anchor": "transformers static cache", "shape": "paper-1.6b", "batch": 1, "length": 64,
+                "decode_ms_per_token": 4.0},
+               {"anchor": "gpt-fast", "shape": "paper-2.8b", "batch": 1, "length": 64, "decode_ms_per_token": 3.0}]
+    point = {"shape": "paper-1.6b", "batch": 1, "length": 64, "decode_ms_per_token": 1.5}
+    assert anchor_ratios(point, anchors) == {"gpt-fast": 0.75, "transformers static cache": 0.375}
+    assert anchor_ratios({**point, "length": 128}, anchors) == {}  # another prompt length: no like anchor
+    assert anchor_ratios({**point, "batch": 2}, anchors) == {}

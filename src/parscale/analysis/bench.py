@@ -191,6 +191,13 @@ def environment() -> dict:
             "date": time.strftime("%Y-%m-%d"), "command": " ".join(["parscale", *sys.argv[1:]])}
 
 
+def anchor_ratios(point: dict, anchors: list[dict]) -> dict[str, float]:
+    """A point's decode ms/token over each anchor's measured in the same process, where the two are alike
+    (shape, batch and prompt length): {anchor name: ratio}; below 1 the ParScale point is faster."""
+    return {a["anchor"]: point["decode_ms_per_token"] / a["decode_ms_per_token"] for a in anchors
+            if (a["shape"], a["batch"], a["length"]) == (point["shape"], point["batch"], point["length"])}
+
+
 def run(shapes, streams, batches, lengths, engine: str, out: Path, kernels: bool = False,
         memory_only: bool = False, bounded_reads: bool | None = None, cache_len: int | None = None,
         quantize: str | None = None, anchors: bool = False, padded_prefill: bool | None = None,
@@ -256,11 +263,14 @@ def run(shapes, streams, batches, lengths, engine: str, out: Path, kernels: bool
                     point = {"shape": shape, "P": p, "non_embedding_params": counts["non_embedding"],
                              **measure_point(model, b, length, engine, memory_only, bounded_reads, cache_len,
                                                     padded_prefill)}
+                    point["vs_anchors"] = anchor_ratios(point, result["anchors"])
                     gc.collect()  # engines sit in reference cycles: free their caches and graphs now
                     result["points"].append(point)
+                    ratios = "".join(f", {r:.3f}x {name}" for name, r in point["vs_anchors"].items())
                     bar.write(f"{shape} P={p} B={b} L={length}: "
                               f"{point['decode_ms_per_token']:.3f} ms/token, prefill {point['prefill_ms']:.1f} ms, "
-                              f"{point['peak_memory_gib']:.3f} GiB, {point['achieved_bandwidth_tb_s']:.2f} TB/s")
+                              f"{point['peak_memory_gib']:.3f} GiB, {point['achieved_bandwidth_tb_s']:.2f} TB/s"
+                              + ratios)
                     bar.update(1)
                     write_json_atomic(result, out)
             del model
