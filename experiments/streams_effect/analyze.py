@@ -399,8 +399,8 @@ def _plot_weights(results, path) -> None:
 
 def _plot_p_and_n(results, lad, path) -> None:
     """Left: mean endpoint ± SE against P, plain and under the warm-up lever (whose P = 1 is the prefix
-    control). Right: the P = 1 width ladder (each width at its best learning rate where one was checked)
-    against non-embedding parameters, every seed."""
+    control). Middle: the same at ~100M tokens, every seed. Right: the P = 1 width ladder (each width at its
+    best learning rate where one was checked) against non-embedding parameters, every seed."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -410,7 +410,7 @@ def _plot_p_and_n(results, lad, path) -> None:
         v = [r["endpoint"] for (a, _), r in results.items() if a == arm]
         return (statistics.fmean(v), statistics.stdev(v) / math.sqrt(len(v)) if len(v) > 1 else 0.0) if v else None
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, (left, long, right) = plt.subplots(1, 3, figsize=(15, 4))
     for label, chain in (("plain (P = 1: no prefix)", ["p1", "p2", "p4", "p8"]),
                          ("warm-up lever (P = 1: prefix control)", ["p1prefix", "p2-aggwarm", "p4-aggwarm",
                                                                     "p8-aggwarm"])):
@@ -422,6 +422,22 @@ def _plot_p_and_n(results, lad, path) -> None:
     left.set_ylabel("held-out loss (mean of 3 seeds ± SE)")
     left.legend(fontsize=8)
     left.grid(alpha=0.3)
+    # ~100M tokens: every seed and the mean, the prefix control at P = 1 beside the plain P = 1
+    for label, chain, color in (("plain P = 1", {1: "long-p1"}, "C0"),
+                                ("warm-up lever (P = 1: prefix control)",
+                                 {1: "long-p1prefix", 4: "long-p4-aggwarm", 8: "long-p8-aggwarm"}, "C1")):
+        pts = [(p, mean_se(a), [r["endpoint"] for (b, _), r in results.items() if b == a]) for p, a in chain.items()]
+        pts = [(p, m, seeds) for p, m, seeds in pts if m]
+        for p, _, seeds in pts:
+            long.plot([p] * len(seeds), seeds, ".", color=color, alpha=0.5)
+        if pts:
+            long.errorbar([p for p, _, _ in pts], [m for _, (m, _), _ in pts], yerr=[se for _, (_, se), _ in pts],
+                          marker="o", capsize=3, color=color, label=label)
+    long.set_xscale("log", base=2)
+    long.set_xlabel("P (streams)")
+    long.set_ylabel("held-out loss, ~100M tokens")
+    long.legend(fontsize=8)
+    long.grid(alpha=0.3)
     for h, row in lad["endpoints"].items():
         n = lad["non_embedding_params"][h]
         right.plot([n] * len(row), list(row.values()), "o", color="C2", alpha=0.6)
