@@ -216,25 +216,19 @@ def run(shapes, streams, batches, lengths, engine: str, out: Path, kernels: bool
     result = {"environment": environment(), "engine": engine, "dtype": "bfloat16", "quantize": quantize,
               "fuse": fuse, "memory_only": memory_only,
               "points": [], "kernels": [], "anchors": []}
-    if anchors:  # first, on an empty GPU, so a ratio to them is measured in this very process
-        from parscale.analysis.anchors import hf_static_cache_anchor
+    # Anchors first, on an empty GPU, so a ratio to them is measured in this very process: transformers' model
+    # (--anchors), then the user's copy of gpt-fast's model.py (--gptfast-model), a compiled plain decoder.
+    from parscale.analysis.anchors import gptfast_anchor, hf_static_cache_anchor
 
+    timers = ([lambda shape: hf_static_cache_anchor(shape, batch=1, length=lengths[0])] if anchors else []) + (
+        [lambda shape: gptfast_anchor(shape, gptfast_model, batch=1, length=lengths[0])] if gptfast_model else [])
+    for timer in timers:
         for shape in shapes:
-            row = hf_static_cache_anchor(shape, batch=1, length=lengths[0])
+            row = timer(shape)
             result["anchors"].append(row)
-            print(f"{shape} anchor ({row['anchor']}, transformers {row['transformers']}): "
-                  f"{row['decode_ms_per_token']:.3f} ms/token", file=sys.stderr, flush=True)
-            gc.collect()
-            torch._dynamo.reset()
-            torch.cuda.empty_cache()
-            write_json_atomic(result, out)
-    if gptfast_model:  # the user's copy of gpt-fast's model.py: a compiled plain decoder, same process
-        from parscale.analysis.anchors import gptfast_anchor
-
-        for shape in shapes:
-            row = gptfast_anchor(shape, gptfast_model, batch=1, length=lengths[0])
-            result["anchors"].append(row)
-            print(f"{shape} anchor (gpt-fast): {row['decode_ms_per_token']:.3f} ms/token", file=sys.stderr, flush=True)
+            version = f", transformers {row['transformers']}" if "transformers" in row else ""
+            print(f"{shape} anchor ({row['anchor']}{version}): {row['decode_ms_per_token']:.3f} ms/token",
+                  file=sys.stderr, flush=True)
             gc.collect()
             torch._dynamo.reset()
             torch.cuda.empty_cache()
