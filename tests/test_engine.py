@@ -297,6 +297,9 @@ def test_compiled_padded_prefill_equals_recompute():
     logits, codes = run_and_get_code(engine.prefill, ids, mask, max_new_tokens=4)
     assert any("def call" in code for code in codes) and engine.written == 64
     _decode_follows_recompute(model, engine, logits, ids, mask, steps=4)
+    # new weights in new tensors: the compiled prefill computes with them, not with the old ones
+    model.load_state_dict({k: v + 0.01 * torch.randn_like(v) for k, v in model.state_dict().items()}, assign=True)
+    _decode_follows_recompute(model, engine, engine.prefill(ids, mask, max_new_tokens=4), ids, mask, steps=4)
 
 
 @pytest.mark.gpu
