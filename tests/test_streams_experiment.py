@@ -72,6 +72,17 @@ def test_the_tuned_ladder_takes_each_widths_best_learning_rate(analyze):
     assert check[384]["by_lr"][1e-3]["mean"] == pytest.approx(2.22)
 
 
+def test_the_learning_rate_check_also_compares_lrs_on_seed_0_alone(analyze):
+    """An lr run on seed 0 only is compared with the others' seed 0, not with their mean over seeds: here the
+    three-seed mean of 2e-3 is pulled down by easy seeds 1 and 2, while on seed 0 itself 4e-3 is better."""
+    cands = analyze.LR_CANDIDATES_ARMS["p4-aggwarm"]
+    endpoints = {cands[2e-3]: [2.30, 2.20, 2.20], cands[1e-3]: [2.35], cands[4e-3]: [2.28]}
+    row = analyze.learning_rate_check(_results(endpoints), analyze.LR_CANDIDATES_ARMS)["p4-aggwarm"]
+    assert row["best_lr"] == 2e-3 and row["bracketed"]
+    assert row["best_lr_seed0"] == 4e-3
+    assert row["by_lr"][4e-3]["se"] is None and row["by_lr"][2e-3]["seed0"] == pytest.approx(2.30)
+
+
 def test_local_k_inverts_the_law_on_the_ladders_slope(analyze):
     """Made-up endpoints that follow L = a + slope · ln(N (1 + k ln P)) exactly give k back on every seed;
     a ladder that turns up gives no k."""

@@ -29,6 +29,10 @@ LADDER = {192: "ladder-h192-p1", 256: "p1", 384: "ladder-h384-p1"}
 LR_CANDIDATES = {192: {1e-3: "lr-h192-p1-lr0.001", 2e-3: "ladder-h192-p1", 4e-3: "lr-h192-p1-lr0.004"},
                  256: {2e-3: "p1", 1e-3: "lr-h256-p1-lr0.001", 5e-4: "lr-h256-p1-lr0.0005", 4e-3: "lr-h256-p1-lr0.004"},
                  384: {2e-3: "ladder-h384-p1", 1e-3: "lr-h384-p1-lr0.001", 5e-4: "lr-h384-p1-lr0.0005"}}
+# The same check for the two arms the parallel part is read between (the prefix control, P = 4 + warm-up).
+LR_CANDIDATES_ARMS = {arm: {2e-3: arm, 1e-3: f"lr-{arm}-lr0.001", 4e-3: f"lr-{arm}-lr0.004"}
+                      for arm in ("p1prefix", "p4-aggwarm")}
+LR_CANDIDATES_ARMS["p4-aggwarm"][8e-3] = "lr-p4-aggwarm-lr0.008"
 # Student's t quantile for a two-sided 95% interval with n - 1 degrees of freedom (n = 2, 3, 4, 5 seeds).
 T95 = {2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776}
 LABELS = {"p1": "P=1", "p1prefix": "P=1 + prefix", "p2": "P=2", "p4": "P=4", "p8": "P=8"}
@@ -196,22 +200,26 @@ def eq5_seed_bootstrap(results, arms: dict[int, str], ladder_arms: dict[int, str
             "k_97.5%": float(np.percentile(ks, 97.5)), "k_median": float(np.median(ks))}
 
 
-def learning_rate_check(results) -> dict:
-    """Endpoint (mean ± SE over seeds) of every (width, lr) of LR_CANDIDATES, and the best lr per width."""
+def learning_rate_check(results, candidates=LR_CANDIDATES) -> dict:
+    """Endpoint (mean ± SE over seeds, and seed 0 alone) of every (row, lr) of `candidates`, and the best lr per
+    row: by the mean, and by seed 0 alone, the comparison that stays paired where some lrs ran one seed only."""
     out = {}
-    for h, by_lr in LR_CANDIDATES.items():
+    for key, by_lr in candidates.items():
         row = {}
         for lr, arm in by_lr.items():
             v = [results[(arm, s)]["endpoint"] for s in range(3) if (arm, s) in results]
             if v:
                 row[lr] = {"arm": arm, "n": len(v), "mean": statistics.fmean(v),
-                           "se": statistics.stdev(v) / math.sqrt(len(v)) if len(v) > 1 else None}
+                           "se": statistics.stdev(v) / math.sqrt(len(v)) if len(v) > 1 else None,
+                           "seed0": results[(arm, 0)]["endpoint"] if (arm, 0) in results else None}
         if row:
             best = min(row, key=lambda lr: row[lr]["mean"])
+            with_seed0 = [lr for lr in row if row[lr]["seed0"] is not None]
             lrs = sorted(row)
-            out[h] = {"by_lr": row, "best_lr": best, "best_arm": row[best]["arm"],
-                      # the best lr is bracketed when a smaller and a larger one were tried and are worse
-                      "bracketed": lrs[0] < best < lrs[-1]}
+            out[key] = {"by_lr": row, "best_lr": best, "best_arm": row[best]["arm"],
+                        # the best lr is bracketed when a smaller and a larger one were tried and are worse
+                        "bracketed": lrs[0] < best < lrs[-1],
+                        "best_lr_seed0": min(with_seed0, key=lambda lr: row[lr]["seed0"]) if with_seed0 else None}
     return out
 
 
@@ -292,6 +300,7 @@ def main() -> None:
     summary["ladder"] = ladder(results)
     summary["learning_rate_check"] = lr_check = learning_rate_check(results)
     tuned = {h: row["best_arm"] for h, row in lr_check.items()}
+    summary["learning_rate_check_arms"] = learning_rate_check(results, LR_CANDIDATES_ARMS)
     summary["ladder_tuned"] = lad = ladder(results, tuned) if len(tuned) == len(LADDER) else None
     plain_arms = {2: "p2", 4: "p4", 8: "p8"}
     warm_arms = {2: "p2-aggwarm", 4: "p4-aggwarm", 8: "p8-aggwarm"}
@@ -490,10 +499,15 @@ def _print(summary, seeds) -> None:
             + ", ".join(f"{k}: {v['mean']:+.4f} ± {v['se']:.4f}" for k, v in lad["segment_slopes"].items() if v)
             + ("" if lad["every_segment_negative_by_2se"] else "  -> not every segment < -2 SE: no local k")
         )
-    for h, row in summary["learning_rate_check"].items():
-        print(f"  lr check h{h}: " + ", ".join(f"{lr:g} {v['mean']:.4f} ± {v['se']:.4f}" for lr, v in
-                                               sorted(row["by_lr"].items()) if v["se"] is not None)
-              + f"  best {row['best_lr']:g}{'' if row['bracketed'] else ' (not bracketed)'}")
+    checks = {f"h{h}": row for h, row in summary["learning_rate_check"].items()}
+    checks.update(summary["learning_rate_check_arms"])
+    for name, row in checks.items():
+        print(f"  lr check {name}: " + ", ".join(
+            f"{lr:g} " + (f"{v['mean']:.4f} ± {v['se']:.4f} (n {v['n']})" if v["se"] is not None
+                          else f"{v['mean']:.4f} (n 1)") + (f" s0 {v['seed0']:.4f}" if v["seed0"] else "")
+            for lr, v in sorted(row["by_lr"].items()))
+              + f"  best {row['best_lr']:g}{'' if row['bracketed'] else ' (not bracketed)'}"
+              + (f", by seed 0 {row['best_lr_seed0']:g}" if row["best_lr_seed0"] else ""))
     tl = summary["ladder_tuned"]
     if tl and tl["slope_per_ln_n"]:
         sl = tl["slope_per_ln_n"]

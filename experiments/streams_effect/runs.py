@@ -85,6 +85,8 @@ LR_CHECK.update({f"lr-h{h}-p1-lr{lr:g}": {"streams": 1, "width": h, "lr": lr}
 LR_CHECK_P = {f"lr-{arm}-lr{lr:g}": {**fields, "lr": lr} for arm, fields in
               (("p1prefix", {"streams": 1, "p1_prefix": True}), ("p4-aggwarm", {"streams": 4, "parscale_warmup": 600}))
               for lr in (1e-3, 4e-3)}
+# P = 4 was as good at 4e-3 as at 2e-3 (seed 0), where every P = 1 arm was worse: one lr higher brackets it.
+LR_CHECK_P["lr-p4-aggwarm-lr0.008"] = {"streams": 4, "parscale_warmup": 600, "lr": 8e-3}
 # ~100M tokens (6,000 steps of 32 x 512, 12.5 tokens per P = 1 parameter) for the arms that carry the
 # result: P = 1, the prefix control and P = 4 / 8 with the warm-up lever. Named long-{arm}-s{seed}.
 LONG_STEPS = 6000
