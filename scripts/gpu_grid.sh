@@ -8,6 +8,9 @@
 #   bash scripts/gpu_grid.sh prefill  prefill of 64-512 prompt tokens, eager vs padded (graph-captured), P 1 and 8, with the anchor
 #   bash scripts/gpu_grid.sh prefill-compile  the compiled engine's prefill, eager vs padded + compiled + captured, P 1 and 8
 #   bash scripts/gpu_grid.sh fuse     separate vs fused q/k/v and gate/up projections, graph and compiled engines, P 1 and 8
+#   bash scripts/gpu_grid.sh headline-compile [BATCHES]  the points of the paper-style headline (1.6B P 1 and 8; 2.8B
+#                                     and 4.4B P 1) with the compiled engine and its compiled padded prefill, 64 + 64
+#                                     tokens, at BATCHES (default 1; each point compiles for ~80 s, so 4 points a call)
 #   bash scripts/gpu_grid.sh tuning   the compiled engine with and without inductor's coordinate-descent tuning (what
 #                                     gpt-fast turns on), bf16 and int8, P 1 and 8
 set -uo pipefail
@@ -64,6 +67,12 @@ json.dump(m, open('$OUT/memory_fresh.json','w'), indent=1)" "bash scripts/gpu_gr
       bench 140 --shapes paper-1.6b --streams 1,8 --batches 1 --lengths 64 --engine $engine --fuse \
           --out "$OUT/fuse_${engine}_fused.json"
     done ;;
+  headline-compile)
+    b=${2:-1}
+    bench 270 --shapes paper-1.6b --streams 1,8 --batches "$b" --lengths 64 --engine compile --padded-prefill \
+        --out "$OUT/headline_compile_1.6b_b${b//,/-}.json"
+    bench 300 --shapes paper-2.8b,paper-4.4b --streams 1 --batches "$b" --lengths 64 --engine compile --padded-prefill \
+        --out "$OUT/headline_compile_p1_b${b//,/-}.json" ;;
   tuning)
     for q in "" "--quantize int8"; do
       tag=${q:+_int8}

@@ -50,6 +50,37 @@ def test_headline_follows_the_paper_method():
     assert committed["batch_1"]["memory_gib"]["ratio"] == pytest.approx(h["batch_1"]["memory_gib"]["ratio"])
 
 
+def _bench_file(path, gpu, engine, points):
+    path.write_text(json.dumps({"engine": engine, "environment": {"gpu": gpu}, "points": points}))
+    return path
+
+
+def test_the_report_says_what_was_measured_and_keeps_only_the_lengths_asked(tmp_path):
+    """The Figure 4 title and the summary come from the files (it once said "H100" whatever they held), and
+    --lengths drops the other lengths from latency and memory alike."""
+    from parscale.analysis.bench_report import describe, report, title
+
+    def point(shape, p, batch, length, latency, memory):
+        return {"shape": shape, "P": p, "batch": batch, "length": length, "latency_s": latency,
+                "decode_ms_per_token": latency, "peak_memory_gib": memory}
+
+    points = [point(shape, p, 1, length, lat * (1 + 0.01 * p) * length / 64, mem + 0.01 * p)
+              for shape, lat, mem in (("paper-1.6b", 0.2, 3.5), ("paper-2.8b", 0.3, 6.0), ("paper-4.4b", 0.4, 9.0))
+              for p in (1, 8) for length in (64, 512)]
+    lat = _bench_file(tmp_path / "lat.json", "NVIDIA H200", "compile", points)
+    mem = _bench_file(tmp_path / "mem.json", "NVIDIA H200", "graph", points)
+    measured = describe([lat], {64})
+    assert measured == {"gpu": ["NVIDIA H200"], "engine": ["compile"], "lengths": [64]}
+    assert "H200" in title(measured) and "compile" in title(measured) and "H100" not in title(measured)
+    only_64 = aggregate([lat], [mem], {64})
+    assert only_64[("paper-1.6b", 1, 1)]["latency_s"] == pytest.approx(0.2 * 1.01)
+    assert aggregate([lat], [mem])[("paper-1.6b", 1, 1)]["latency_s"] == pytest.approx(0.2 * 1.01 * 4.5)
+    summary = report([lat], [mem], tmp_path / "out", {64})
+    assert summary["measured"]["lengths"] == [64] and (tmp_path / "out" / "figure4_measured.png").exists()
+    with pytest.raises(ValueError, match="no benchmark points of length"):
+        aggregate([lat], [mem], {128})
+
+
 @pytest.mark.parametrize("shape", ["tiny", "tiny-llama", "tiny-qwen3"])
 def test_anchor_is_the_plain_model_of_the_same_shape(shape):
     """The transformers anchor of `bench --anchors` computes what parscale's P = 1 model of the shape computes

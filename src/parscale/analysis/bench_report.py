@@ -1,14 +1,16 @@
 """Turn measured benchmark JSON into the paper's Figure 4 comparison, plots and a summary.
 
     parscale bench-report --latency benchmarks/raw/grid_graph_*.json --memory benchmarks/raw/memory_fresh.json \
-        --out benchmarks
+        --out benchmarks [--lengths 64]
 
 Per (shape, P, batch) the memory is the peak GiB and the latency the end-to-end seconds
 (prefill + decode ms/token × output tokens), each averaged over the input = output lengths, as the
 paper's Figure 4 does. The headline follows the paper's method on these measurements: the cost
 increase of the 1.6B model going from P = 1 to P = 8, against the increase of the P = 1 model of
 equal loss (the paper's Stack-V2-Python losses, interpolated linearly in loss along the P = 1 curve
-1.6B → 2.8B → 4.4B), at batch 1 and with costs first averaged over the batch sizes.
+1.6B → 2.8B → 4.4B), at batch 1 and with costs first averaged over the batch sizes. `lengths` keeps only
+the points of those lengths (latency and memory alike), for grids measured at fewer lengths. The plot's title
+and the summary name the GPU, engine and lengths the latency files hold.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from parscale.analysis.scaling_law import paper_points
+from parscale.io.files import write_json_atomic
 from parscale.model.config import ModelConfig
 
 
@@ -33,23 +36,43 @@ def _paper_losses() -> dict[str, dict[int, float]]:
 PAPER_LOSS = _paper_losses()
 
 
-def _points(files) -> list[dict]:
+def _points(files, lengths=None) -> list[dict]:
     out = []
     for f in files:
-        out.extend(json.loads(Path(f).read_text())["points"])
+        out.extend(p for p in json.loads(Path(f).read_text())["points"] if lengths is None or p["length"] in lengths)
     return out
 
 
-def aggregate(latency_files, memory_files) -> dict:
-    """{(shape, P, batch): {'latency_s', 'memory_gib', 'decode_ms'}} averaged over lengths."""
+def describe(latency_files, lengths=None) -> dict:
+    """What the latency files measured: GPUs, engines and input = output lengths (after the `lengths` filter)."""
+    gpus, engines = set(), set()
+    for f in latency_files:
+        data = json.loads(Path(f).read_text())
+        gpus.add(data["environment"]["gpu"])
+        engines.add(data["engine"])
+    return {"gpu": sorted(gpus), "engine": sorted(engines),
+            "lengths": sorted({p["length"] for p in _points(latency_files, lengths)})}
+
+
+def aggregate(latency_files, memory_files, lengths=None) -> dict:
+    """{(shape, P, batch): {'latency_s', 'memory_gib', 'decode_ms'}} averaged over lengths (all, or `lengths`)."""
     acc = defaultdict(lambda: defaultdict(list))
-    for p in _points(latency_files):
+    for p in _points(latency_files, lengths):
         key = (p["shape"], p["P"], p["batch"])
         acc[key]["latency_s"].append(p["latency_s"])
         acc[key]["decode_ms"].append(p["decode_ms_per_token"])
-    for p in _points(memory_files):
+    for p in _points(memory_files, lengths):
         acc[(p["shape"], p["P"], p["batch"])]["memory_gib"].append(p["peak_memory_gib"])
+    if not acc:
+        raise ValueError(f"no benchmark points{f' of length {sorted(lengths)}' if lengths else ''} in the files given")
     return {k: {m: sum(v) / len(v) for m, v in d.items()} for k, d in acc.items()}
+
+
+def title(measured: dict) -> str:
+    lengths = measured["lengths"]
+    span = f"{lengths[0]}" if len(lengths) == 1 else f"{lengths[0]}..{lengths[-1]}, mean"
+    return (f"Measured cost vs loss ({', '.join(measured['gpu'])}, {'/'.join(measured['engine'])} engine, bf16, "
+            f"input = output length {span})")
 
 
 def _equal_loss_cost(costs: dict, metric: str, batch, target: float) -> float:
@@ -83,7 +106,7 @@ def headline(costs: dict, batches=(1, "avg")) -> dict:
     return out
 
 
-def plot_figure4(costs: dict, path: Path) -> None:
+def plot_figure4(costs: dict, path: Path, heading: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -111,7 +134,7 @@ def plot_figure4(costs: dict, path: Path) -> None:
             if col == 0:
                 ax.set_ylabel("Stack-V2-Python loss (paper)")
     axes[0][0].legend(fontsize=6, ncol=2)
-    fig.suptitle("Measured cost vs loss (H100, bf16, mean over input = output length 64..512)")
+    fig.suptitle(heading)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -125,12 +148,13 @@ def markdown_table(costs: dict) -> str:
     return "\n".join(lines)
 
 
-def report(latency_files, memory_files, out_dir: Path) -> dict:
-    costs = aggregate(latency_files, memory_files)
-    summary = {"headline": headline(costs), "costs": [{"shape": s, "P": p, "batch": b, **v}
-                                                      for (s, p, b), v in sorted(costs.items())],
+def report(latency_files, memory_files, out_dir: Path, lengths=None) -> dict:
+    costs = aggregate(latency_files, memory_files, lengths)
+    measured = describe(latency_files, lengths)
+    summary = {"headline": headline(costs), "measured": measured,
+               "costs": [{"shape": s, "P": p, "batch": b, **v} for (s, p, b), v in sorted(costs.items())],
                "sources": {"latency": [str(f) for f in latency_files], "memory": [str(f) for f in memory_files]}}
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
-    plot_figure4(costs, out_dir / "figure4_measured.png")
+    write_json_atomic(summary, out_dir / "summary.json")
+    plot_figure4(costs, out_dir / "figure4_measured.png", title(measured))
     return summary

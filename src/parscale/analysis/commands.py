@@ -30,7 +30,8 @@ def cmd_bench_report(args):
     """Summarise benchmark JSON: the Figure 4 plot and the paper-style headline ratios."""
     from parscale.analysis.bench_report import report
 
-    summary = report(args.latency, args.memory, Path(args.out))
+    lengths = {int(v) for v in args.lengths.split(",")} if args.lengths else None
+    summary = report(args.latency, args.memory, Path(args.out), lengths)
     for batch, row in summary["headline"].items():
         for metric, v in row.items():
             print(f"{batch:9s} {metric:11s} P1 {v['P1']:.4f}  P8 {v['P8']:.4f}  equal-loss P1 {v['equal_loss_P1']:.4f}"
@@ -278,6 +279,7 @@ def add_parsers(sub) -> None:
     p = sub.add_parser("bench-report", help=cmd_bench_report.__doc__)
     p.add_argument("--latency", nargs="+", required=True, help="bench JSON files with timings")
     p.add_argument("--memory", nargs="+", required=True, help="bench JSON files with peak memory")
+    p.add_argument("--lengths", default=None, help="only these input = output lengths, e.g. 64 (default: all)")
     p.add_argument("--out", default="benchmarks")
     p = sub.add_parser("eval", help=cmd_eval.__doc__)
     p.add_argument("--model", required=True, help=MODEL_HELP)
