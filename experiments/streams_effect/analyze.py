@@ -314,12 +314,12 @@ def main() -> None:
         summary["local_k"] = [k for k in (local_k(results, lad, arm, base, p) for p, arm in warm_arms.items()
                                           for base in ("p1", "p1prefix")) if k]
     # ~100M tokens: the arms that carry the result, paired by seed against their own P = 1 and prefix control.
-    long_arms = [a for a in ("long-p1prefix", "long-p4-aggwarm", "long-p8-aggwarm") if any((a, s) in results
-                                                                                           for s in seeds)]
+    long_arms = [a for a in ("long-p1prefix", "long-p2-aggwarm", "long-p4-aggwarm", "long-p8-aggwarm")
+                 if any((a, s) in results for s in seeds)]
     summary["long"] = {arm: {"vs_p1": paired(results, arm, "long-p1"),
                              "vs_prefix": paired(results, arm, "long-p1prefix") if arm != "long-p1prefix" else None}
                        for arm in long_arms}
-    summary["long_doubling"] = doubling_steps(results, ["long-p1prefix", "long-p4-aggwarm", "long-p8-aggwarm"])
+    summary["long_doubling"] = doubling_steps(results, long_arms)  # from the prefix control, each P that ran
     summary["rerun_spread"] = rerun_spread(results)
     # The base arms ran on an H100, the later ones on an H200: the prefix control on both, paired by seed.
     summary["gpu_confound"] = paired(results, "repeat-p1prefix", "p1prefix")
@@ -434,7 +434,8 @@ def _plot_p_and_n(results, lad, path) -> None:
     # ~100M tokens: every seed and the mean, the prefix control at P = 1 beside the plain P = 1
     for label, chain, color in (("plain P = 1", {1: "long-p1"}, "C0"),
                                 ("warm-up lever (P = 1: prefix control)",
-                                 {1: "long-p1prefix", 4: "long-p4-aggwarm", 8: "long-p8-aggwarm"}, "C1")):
+                                 {1: "long-p1prefix", 2: "long-p2-aggwarm", 4: "long-p4-aggwarm",
+                                  8: "long-p8-aggwarm"}, "C1")):
         pts = [(p, mean_se(a), [r["endpoint"] for (b, _), r in results.items() if b == a]) for p, a in chain.items()]
         pts = [(p, m, seeds) for p, m, seeds in pts if m]
         for p, _, seeds in pts:

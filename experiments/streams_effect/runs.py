@@ -19,12 +19,13 @@ arm: parscale's paired seeds), named d8-{arm}-s{seed}:
              dropout, a longer warm-up of prefixes and aggregator, prefix reparameterisation); p4-zloss
              and p{2,4,8}-aggwarm have run, the rest is configured;
 - map-*      the collapse map: P = 4 over depth {4, 8, 12} x prefix {8, 48}, plain and with the warm-up
-             lever, seeds 0 and 1 (6 of the 20 have run);
+             lever, seeds 0 and 1 (seed 0 has run);
 - ladder-*   P = 1 at hidden 192 and 384, for the slope of loss in ln N (have run);
 - lr-*       P = 1 at hidden 256 and 384 with lr 1e-3 and 5e-4 (have run: the ladder's learning-rate
              check); 192 at 1e-3 and 4e-3, 256 at 4e-3, and the prefix control and P = 4 + warm-up at 1e-3
-             and 4e-3 (configured);
-- long-*     P = 1, the prefix control, P = 4 and 8 with the warm-up lever at ~100M tokens (configured);
+             and 4e-3 (seed 0 has run), P = 4 + warm-up at 8e-3 (configured);
+- long-*     P = 1, the prefix control, P = 4 and 8 with the warm-up lever at ~100M tokens (have run),
+             P = 2 with it (configured);
 - repeat-*   the prefix control again, on the GPU model of the later arms (have run).
 Every run evaluates the whole held-out split at 90, 95 and 100% of training (`eval_at`); the endpoint
 is their mean. After training, `parscale streams` measures the final model's streams on 16 held-out
@@ -88,10 +89,11 @@ LR_CHECK_P = {f"lr-{arm}-lr{lr:g}": {**fields, "lr": lr} for arm, fields in
 # P = 4 was as good at 4e-3 as at 2e-3 (seed 0), where every P = 1 arm was worse: one lr higher brackets it.
 LR_CHECK_P["lr-p4-aggwarm-lr0.008"] = {"streams": 4, "parscale_warmup": 600, "lr": 8e-3}
 # ~100M tokens (6,000 steps of 32 x 512, 12.5 tokens per P = 1 parameter) for the arms that carry the
-# result: P = 1, the prefix control and P = 4 / 8 with the warm-up lever. Named long-{arm}-s{seed}.
+# result: P = 1, the prefix control and P = 2 / 4 / 8 with the warm-up lever. Named long-{arm}-s{seed}.
 LONG_STEPS = 6000
 LONG = {f"long-{arm}": {**fields, "steps": LONG_STEPS, "eval_every": 750} for arm, fields in
         (("p1", {"streams": 1}), ("p1prefix", {"streams": 1, "p1_prefix": True}),
+         ("p2-aggwarm", {"streams": 2, "parscale_warmup": 600}),
          ("p4-aggwarm", {"streams": 4, "parscale_warmup": 600}),
          ("p8-aggwarm", {"streams": 8, "parscale_warmup": 600}))}
 # The base arms ran on an H100, everything since on an H200: the prefix control again, on the other GPU,
