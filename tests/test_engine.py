@@ -381,6 +381,26 @@ def test_compiled_engine_equals_the_plain_path(fused):
     assert torch.equal(plain, fast)
 
 
+def test_generate_asks_the_engine_for_a_padded_prefill():
+    """generate(padded_prefill=True) (`--padded-prefill`) runs the prompt through the engine's padded forward,
+    in an engine of its own, and gives the plain path's tokens; without the engine it is refused."""
+    model = tiny_model(streams=2)
+    ids = torch.randint(0, 512, (2, 9))
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0
+    padded = engine_for(model, padded_prefill=True)
+    assert padded.padded_prefill and padded is not engine_for(model) and not engine_for(model).padded_prefill
+    calls = []
+    forward = padded.prefill_fn
+    padded.prefill_fn = lambda *a: calls.append(a[0].shape) or forward(*a)
+    plain = parscale.generate(model, ids, attention_mask=mask, max_new_tokens=6, use_engine=False)
+    fast = parscale.generate(model, ids, attention_mask=mask, max_new_tokens=6, use_engine=True, padded_prefill=True)
+    assert torch.equal(plain, fast)
+    assert calls == [(2, padded.prefill_len_for(9))]  # the prompt went through the padded forward, padded to 64
+    with pytest.raises(ValueError, match="use_engine=False"):
+        parscale.generate(model, ids, max_new_tokens=2, use_engine=False, padded_prefill=True)
+
+
 def test_compile_needs_the_engine():
     model = tiny_model(streams=2)
     with pytest.raises(ValueError, match="use_engine=False"):

@@ -287,10 +287,13 @@ def _left_pad(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, leng
 _ENGINES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def engine_for(model, compile: bool = False) -> DecodeEngine:
-    """The model's engine, reused across calls and prompt lengths (one per model and setting, held weakly).
-    compile=True: the decode step compiled by torch.compile before it is captured (the first call compiles)."""
+def engine_for(model, compile: bool = False, padded_prefill: bool | None = None) -> DecodeEngine:
+    """The model's engine, reused across calls and prompt lengths (one per model and settings, held weakly).
+    compile=True: the decode step compiled by torch.compile before it is captured (the first call compiles).
+    padded_prefill: see DecodeEngine (None: its default for the engine; True with compile=True compiles the
+    padded prompt's forward too, once per padded length)."""
     engines = _ENGINES.setdefault(model, {})
-    if compile not in engines:
-        engines[compile] = DecodeEngine(model, compile=compile)
-    return engines[compile]
+    key = (compile, padded_prefill)
+    if key not in engines:
+        engines[key] = DecodeEngine(model, compile=compile, padded_prefill=padded_prefill)
+    return engines[key]
