@@ -11,6 +11,8 @@
 #   bash scripts/gpu_grid.sh headline-compile [BATCHES]  the points of the paper-style headline (1.6B P 1 and 8; 2.8B
 #                                     and 4.4B P 1) with the compiled engine and its compiled padded prefill, 64 + 64
 #                                     tokens, at BATCHES (default 1; each point compiles for ~80 s, so 4 points a call)
+#   bash scripts/gpu_grid.sh warm-start  the compiled engine's warm-up in a fresh process, twice: the second finds
+#                                     inductor's on-disk caches of the first (what a user's second start costs)
 #   bash scripts/gpu_grid.sh tuning   the compiled engine with and without inductor's coordinate-descent tuning (what
 #                                     gpt-fast turns on), bf16 and int8, P 1 and 8
 set -uo pipefail
@@ -73,6 +75,11 @@ json.dump(m, open('$OUT/memory_fresh.json','w'), indent=1)" "bash scripts/gpu_gr
         --out "$OUT/headline_compile_1.6b_b${b//,/-}.json"
     bench 300 --shapes paper-2.8b,paper-4.4b --streams 1 --batches "$b" --lengths 64 --engine compile --padded-prefill \
         --out "$OUT/headline_compile_p1_b${b//,/-}.json" ;;
+  warm-start)
+    for run in cold warm; do
+      bench 200 --shapes paper-1.6b --streams 1,8 --batches 1 --lengths 64 --engine compile \
+          --out "$OUT/warm_start_${run}.json"
+    done ;;
   tuning)
     for q in "" "--quantize int8"; do
       tag=${q:+_int8}
