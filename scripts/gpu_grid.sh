@@ -12,7 +12,8 @@
 #                                     and 4.4B P 1) with the compiled engine and its compiled padded prefill, 64 + 64
 #                                     tokens, at BATCHES (default 1; each point compiles for ~80 s, so 4 points a call)
 #   bash scripts/gpu_grid.sh warm-start  the compiled engine's warm-up in a fresh process, twice: the second finds
-#                                     inductor's on-disk caches of the first (what a user's second start costs)
+#                                     inductor's on-disk caches of the first (what a user's second start costs; run it
+#                                     before any other compiled bench on the machine, or "cold" is warm too)
 #   bash scripts/gpu_grid.sh tuning   the compiled engine with and without inductor's coordinate-descent tuning (what
 #                                     gpt-fast turns on), bf16 and int8, P 1 and 8
 set -uo pipefail
