@@ -126,3 +126,17 @@ def test_every_committed_config_is_accepted_by_the_trainer_and_builds_its_model(
         assert model.config.num_hidden_layers == shape["num_hidden_layers"]
         assert model.config.parscale_n == cfg.streams
         assert model.config.parscale_n_tokens == cfg.n_tokens
+
+
+def test_every_arm_the_analysis_reads_is_a_configured_run(analyze):
+    """The analysis finds results by arm name; a name that no run carries would leave its table silently
+    empty. Every arm it names (ladders, learning-rate checks, levers, the ~100M-token chain) is one runs.py
+    configures."""
+    import runs  # on the path through the analyze fixture
+
+    configured = {run["arm"] for run in runs.runs().values()}
+    named = set(analyze.LADDER.values()) | set(analyze.LONG_LADDER.values()) | set(analyze.LEVERS)
+    for table in (analyze.LR_CANDIDATES, analyze.LR_CANDIDATES_ARMS):
+        named |= {arm for by_lr in table.values() for arm in by_lr.values()}
+    named |= {f"long-{arm}" for arm in ("p1", "p1prefix", "p2-aggwarm", "p4-aggwarm", "p8-aggwarm")}
+    assert named - configured == set()

@@ -26,6 +26,8 @@ LEVERS = tuple(f"p{p}-{lever}" for p in (2, 4, 8) for lever in ("zloss", "aggwar
 LADDER = {192: "ladder-h192-p1", 256: "p1", 384: "ladder-h384-p1"}
 # The learning-rate check of the ladder: hidden size -> {lr: arm}. The tuned ladder takes, at each width,
 # the lr whose mean endpoint is lowest (192 has only the recipe's lr).
+# The same ladder at ~100M tokens (each width at its best lr at 39M: 384 at 1e-3), for a local k at that length.
+LONG_LADDER = {192: "long-ladder-h192-p1", 256: "long-p1", 384: "long-ladder-h384-p1"}
 LR_CANDIDATES = {192: {1e-3: "lr-h192-p1-lr0.001", 2e-3: "ladder-h192-p1", 4e-3: "lr-h192-p1-lr0.004"},
                  256: {2e-3: "p1", 1e-3: "lr-h256-p1-lr0.001", 5e-4: "lr-h256-p1-lr0.0005", 4e-3: "lr-h256-p1-lr0.004"},
                  384: {2e-3: "ladder-h384-p1", 1e-3: "lr-h384-p1-lr0.001", 5e-4: "lr-h384-p1-lr0.0005"}}
@@ -320,6 +322,9 @@ def main() -> None:
                              "vs_prefix": paired(results, arm, "long-p1prefix") if arm != "long-p1prefix" else None}
                        for arm in long_arms}
     summary["long_doubling"] = doubling_steps(results, long_arms)  # from the prefix control, each P that ran
+    summary["long_ladder"] = long_lad = ladder(results, LONG_LADDER)
+    summary["long_local_k"] = [k for k in (local_k(results, long_lad, f"long-p{p}-aggwarm", base, p) for p in (2, 4, 8)
+                                           for base in ("long-p1", "long-p1prefix")) if k]
     summary["rerun_spread"] = rerun_spread(results)
     # The base arms ran on an H100, the later ones on an H200: the prefix control on both, paired by seed.
     summary["gpu_confound"] = paired(results, "repeat-p1prefix", "p1prefix")
@@ -537,6 +542,16 @@ def _print(summary, seeds) -> None:
     for g in summary["long_doubling"]:
         print(f"  ~100M tokens, {g['to']} over {g['from']}: {g['mean']:+.4f} ± {g['se'] or 0:.4f} ({g['n']} seeds)"
               f"{' > 2 SE' if g['exceeds_2se'] else ''}")
+    ll = summary["long_ladder"]
+    if ll["slope_per_ln_n"]:
+        sl = ll["slope_per_ln_n"]
+        print(f"  ~100M tokens, width ladder: slope per ln N {sl['mean']:+.4f} ± {sl['se'] or 0:.4f}; segments "
+              + ", ".join(f"{k}: {v['mean']:+.4f} ± {v['se'] or 0:.4f}" for k, v in ll["segment_slopes"].items() if v)
+              + ("" if ll["every_segment_negative_by_2se"] else "  -> not every segment < -2 SE: no local k"))
+    for k in summary["long_local_k"]:
+        print(f"  ~100M tokens, local k of {k['arm']} over {k['base']}: {k['mean']:.3f} ± {k['se']:.3f} "
+              f"(95% t-interval {k['ci95'][0]:.3f} .. {k['ci95'][1]:.3f}) "
+              f"per seed {[round(x, 3) for x in k['per_seed']]}")
     r = summary["rerun_spread"]
     if r:
         print(f"  the same run twice ({len(r['runs'])} runs): re-run - first {r['mean']:+.4f}, sd {r['sd'] or 0:.4f}, "

@@ -25,7 +25,7 @@ arm: parscale's paired seeds), named d8-{arm}-s{seed}:
              check); 192 at 1e-3 and 4e-3, 256 at 4e-3, and the prefix control and P = 4 + warm-up at 1e-3
              and 4e-3 (seed 0 has run), P = 4 + warm-up at 8e-3 (configured);
 - long-*     P = 1, the prefix control, P = 4 and 8 with the warm-up lever at ~100M tokens (have run),
-             P = 2 with it (configured);
+             P = 2 with it and the width ladder (192 and 384, each at its best lr at 39M) (configured);
 - repeat-*   the prefix control again, on the GPU model of the later arms (have run).
 Every run evaluates the whole held-out split at 90, 95 and 100% of training (`eval_at`); the endpoint
 is their mean. After training, `parscale streams` measures the final model's streams on 16 held-out
@@ -95,7 +95,10 @@ LONG = {f"long-{arm}": {**fields, "steps": LONG_STEPS, "eval_every": 750} for ar
         (("p1", {"streams": 1}), ("p1prefix", {"streams": 1, "p1_prefix": True}),
          ("p2-aggwarm", {"streams": 2, "parscale_warmup": 600}),
          ("p4-aggwarm", {"streams": 4, "parscale_warmup": 600}),
-         ("p8-aggwarm", {"streams": 8, "parscale_warmup": 600}))}
+         ("p8-aggwarm", {"streams": 8, "parscale_warmup": 600}),
+         # the width ladder at this length, each width at its best lr at 39M tokens: a local k at ~100M
+         ("ladder-h192-p1", {"streams": 1, "width": 192}),
+         ("ladder-h384-p1", {"streams": 1, "width": 384, "lr": 1e-3}))}
 # The base arms ran on an H100, everything since on an H200: the prefix control again, on the other GPU,
 # bounds that confound (same settings as d8-p1prefix). Named repeat-p1prefix-s{seed}.
 REPEAT = {"repeat-p1prefix": {"streams": 1, "p1_prefix": True}}
