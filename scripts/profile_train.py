@@ -1,7 +1,7 @@
 """Where a training step's GPU time goes: kernel groups of a few steps of `parscale train`'s step, P = 1 and P = 4.
 
     PYTHONPATH=src python scripts/profile_train.py --out profile_train.json [--model 125m] [--streams 1,4]
-        [--batch-size 16] [--seq-len 512] [--no-compile] [--compile-mode max-autotune-no-cudagraphs]
+        [--batch-size 16] [--seq-len 512] [--no-compile] [--compile-mode max-autotune-no-cudagraphs] [--fuse]
 
 The step is the trainer's (training/distributed.LossModule: forward, next-token loss under bf16 autocast,
 compiled unless --no-compile, in torch.compile's default mode unless --compile-mode names another: inductor's
@@ -11,7 +11,9 @@ first compiles), `steps` steps run under torch.profiler and, separately, between
 each P's kernel groups (GEMM, attention by backend, the compiler's kernels by their ops, the optimizer) with
 their device time per step, the step's wall time, the share of it the device was busy (summed kernel time / wall
 time: below 1 means the GPU waited for the host or sat in gaps between kernels), tokens/s and MFU counted as the
-trainer counts it (train.flops_per_token against the GPU's bf16 peak).
+trainer counts it (train.flops_per_token against the GPU's bf16 peak). --fuse trains the model with its q/k/v and
+gate/up projections fused (inference/fuse.py: 4 matmuls per layer instead of 7, the same function and the same
+optimizer arithmetic, tests/test_fuse.py), to measure what fewer, larger gemms would buy the trainer.
 """
 
 import argparse
@@ -42,11 +44,16 @@ def train_kind(name: str) -> str:
 
 
 def profile_training(model_name: str, streams: int, batch: int, seq_len: int, compile: bool, warmup: int,
-                     steps: int, compile_mode: str | None = None) -> dict:
+                     steps: int, compile_mode: str | None = None, fuse: bool = False) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
     cfg = ModelConfig.preset(model_name, parscale_n=streams)
-    model = build_model(cfg, seed=0).cuda().train()
+    model = build_model(cfg, seed=0).cuda()
+    if fuse:
+        from parscale.inference.fuse import fuse_projections
+
+        fuse_projections(model)
+    model.train()
     loss_module = LossModule(model, autocast=True)
     step_fn = torch.compile(loss_module, mode=compile_mode) if compile else loss_module
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
@@ -83,8 +90,8 @@ def profile_training(model_name: str, streams: int, batch: int, seq_len: int, co
     device_ms = sum(g["us_per_step"] for g in per_step.values()) / 1000
     tokens_per_s = batch * seq_len / (wall_ms / 1000)
     peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in torch.cuda.get_device_name(0)), None)
-    return {"P": streams, "compile": compile, "compile_mode": compile_mode if compile else None, "batch": batch,
-            "seq_len": seq_len, "warmup_s": warmup_s,
+    return {"P": streams, "compile": compile, "compile_mode": compile_mode if compile else None, "fused": fuse,
+            "batch": batch, "seq_len": seq_len, "warmup_s": warmup_s,
             "step_ms": wall_ms, "device_ms": device_ms, "device_busy": device_ms / wall_ms,
             "tokens_per_s": tokens_per_s, "mfu": tokens_per_s * flops_per_token(cfg, seq_len) / peak if peak else None,
             "kernels_per_step": sum(g["calls"] for g in per_step.values()), "groups": per_step}
@@ -99,6 +106,7 @@ def main():
     ap.add_argument("--no-compile", dest="compile", action="store_false")
     ap.add_argument("--compile-mode", default=None,
                     help="torch.compile mode (default, max-autotune-no-cudagraphs, ...); default: the trainer's")
+    ap.add_argument("--fuse", action="store_true", help="q/k/v and gate/up projections fused (inference/fuse.py)")
     ap.add_argument("--warmup", type=int, default=8, help="steps before timing (the first compiles)")
     ap.add_argument("--steps", type=int, default=5, help="steps timed and profiled")
     ap.add_argument("--out", required=True)
@@ -108,7 +116,7 @@ def main():
     runs = []
     for p in args.streams.split(","):
         runs.append(profile_training(args.model, int(p), args.batch_size, args.seq_len, args.compile, args.warmup,
-                                     args.steps, args.compile_mode))
+                                     args.steps, args.compile_mode, args.fuse))
         gc.collect()
         torch._dynamo.reset()  # the compiled step holds the model alive otherwise
         torch.cuda.empty_cache()
