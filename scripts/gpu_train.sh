@@ -4,6 +4,11 @@
 #   bash scripts/gpu_train.sh ddp     the same P=4 run on 1 GPU and under torchrun on 2 GPUs
 #   bash scripts/gpu_train.sh fsdp    P=4 on 1 GPU, then FSDP2 on every GPU (same global batch): losses, speed, and
 #                                     a checkpoint of the N-GPU run resumed on 1 GPU and on N
+#   bash scripts/gpu_train.sh scaling P=1 and P=4 compiled: 1 GPU at 16 sequences, then DDP and FSDP2 on every GPU at
+#                                     16 per GPU: tokens/s and MFU per GPU count
+#   bash scripts/gpu_train.sh accum   P=4 compiled, 4 accumulation micro-steps, DDP and FSDP2 on every GPU, gradients
+#                                     reduced on the last micro-step only (the default) and on every one
+#                                     (--sync-every-micro-step): what skipping the sync saves
 # speed also runs P=4 compiled with --log-every 1 (the host waits for every step, as before step_metrics.py)
 # Data: the demo's token shards in runs/demo/data (`parscale demo` writes them).
 set -uo pipefail
@@ -47,5 +52,28 @@ case "${1:-speed}" in
     cp -r /tmp/fr1 /tmp/frn
     run1 --steps 20 --resume --out /tmp/fr1 >> "$OUT/fsdp_part.log" 2>&1 && summarise "fsdp_${n}gpu_resumed_on_1" /tmp/fr1
     runn --steps 20 --resume --out /tmp/frn >> "$OUT/fsdp_part.log" 2>&1 && summarise "fsdp_${n}gpu_resumed_on_${n}" /tmp/frn ;;
+  scaling)
+    n=$(nvidia-smi --query-gpu=name --format=csv,noheader | wc -l)
+    for p in 1 4; do
+      timeout 150 python3 -m parscale.cli train $common --streams $p --steps 30 --batch-size 16 --compile \
+          --out /tmp/s1_p$p > "$OUT/scaling_1gpu_p$p.log" 2>&1 && summarise "1gpu_p${p}_compile" /tmp/s1_p$p
+      for mode in ddp fsdp; do
+        flag=(); [ $mode = fsdp ] && flag=(--fsdp)
+        timeout 150 torchrun --standalone --nproc_per_node="$n" -m parscale.cli train $common --streams $p --steps 30 \
+            --batch-size $((16 * n)) --compile "${flag[@]}" --out /tmp/sn_${mode}_p$p > "$OUT/scaling_${mode}_p$p.log" 2>&1 \
+            && summarise "${n}gpu_${mode}_p${p}_compile" /tmp/sn_${mode}_p$p
+      done
+    done ;;
+  accum)
+    n=$(nvidia-smi --query-gpu=name --format=csv,noheader | wc -l)
+    for mode in ddp fsdp; do
+      flag=(); [ $mode = fsdp ] && flag=(--fsdp)
+      for sync in "" "--sync-every-micro-step"; do
+        name="${n}gpu_${mode}_p4_accum4${sync:+_sync_each}"
+        timeout 140 torchrun --standalone --nproc_per_node="$n" -m parscale.cli train $common --streams 4 --steps 20 \
+            --batch-size $((16 * n)) --grad-accum 4 --compile "${flag[@]}" $sync --out /tmp/$name \
+            > "$OUT/$name.log" 2>&1 && summarise "$name" /tmp/$name
+      done
+    done ;;
 esac
 cat "$OUT/train_runs.jsonl"

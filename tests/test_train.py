@@ -242,6 +242,26 @@ def test_toml_config_with_overrides_and_activation_checkpointing(data_dir, tmp_p
     assert main(["train", "--config", str(tmp_path / "bad.toml")]) == 2
 
 
+def test_sync_every_micro_step_syncs_each_micro_step_and_trains_the_same(data_dir, tmp_path, monkeypatch):
+    """--sync-every-micro-step (the control for measuring what skipping the sync saves) asks for a gradient
+    reduction on every accumulation micro-step, where the default asks on the last one only; the losses are
+    the same."""
+    import parscale.training.train as train_module
+    from parscale.cli import main
+
+    seen = []
+    real = train_module.gradient_sync
+    monkeypatch.setattr(train_module, "gradient_sync", lambda *a, sync: seen.append(sync) or real(*a, sync=sync))
+    base = ["train", "--model", "tiny", "--data", str(data_dir), "--steps", "2", "--batch-size", "2",
+            "--grad-accum", "3", "--seq-len", "16", "--eval-every", "0", "--save-every", "0"]
+    assert main(base + ["--out", str(tmp_path / "a")]) == 0
+    assert seen == [False, False, True] * 2
+    seen.clear()
+    assert main(base + ["--out", str(tmp_path / "b"), "--sync-every-micro-step"]) == 0
+    assert seen == [True] * 6
+    assert _losses(tmp_path / "b") == pytest.approx(_losses(tmp_path / "a"), abs=1e-6)
+
+
 def test_mfu_counts_the_p_fold_backbone():
     from parscale.model.config import ModelConfig
     from parscale.training.train import flops_per_token

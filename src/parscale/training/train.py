@@ -158,6 +158,9 @@ class TrainConfig:
     """Tokens per training sequence."""
     grad_accum: int = 1
     """Micro-batches accumulated per step (gradients are synchronised on the last one only)."""
+    sync_every_micro_step: bool = False
+    """Under torchrun, reduce gradients after every accumulation micro-step instead of the last one only: the
+    same gradients, more communication (the control that measures what skipping the sync saves)."""
     lr: float = 3e-3
     """Peak learning rate of AdamW."""
     min_lr_ratio: float = 0.1
@@ -358,7 +361,7 @@ def _set_rng_state(state: dict) -> None:
 # Settings that may differ between a run and its resumption; any other difference is refused.
 RESUME_MAY_CHANGE = frozenset({"out", "data", "steps", "eval_every", "eval_batches", "eval_at", "stream_batches",
                                "save_every", "log_every", "keep_checkpoints", "device", "fsdp", "compile",
-                               "activation_checkpointing", "tensorboard", "progress"})
+                               "activation_checkpointing", "tensorboard", "progress", "sync_every_micro_step"})
 
 
 def check_resume_config(saved: dict, cfg: TrainConfig) -> None:
@@ -551,7 +554,8 @@ def _train(cfg: TrainConfig, resume: bool, stop_after: int | None, overwrite: bo
                 if pin:  # pinned host memory lets the copy overlap the step before it
                     x, y = x.pin_memory(), y.pin_memory()
                 # Gradients are reduced across ranks on the last micro-step only (DDP and FSDP2 alike).
-                with gradient_sync(step_fn, loss_module, fsdp, sync=micro == cfg.grad_accum - 1):
+                sync = cfg.sync_every_micro_step or micro == cfg.grad_accum - 1
+                with gradient_sync(step_fn, loss_module, fsdp, sync=sync):
                     loss, weights = step_fn(x.to(device, non_blocking=pin), y.to(device, non_blocking=pin))
                     (loss / cfg.grad_accum).backward()
                 part = loss.detach().double() / cfg.grad_accum  # float64, as the Python sum it replaces
