@@ -390,6 +390,7 @@ def test_generate_asks_the_engine_for_a_padded_prefill():
     mask[0, :4] = 0
     padded = engine_for(model, padded_prefill=True)
     assert padded.padded_prefill and padded is not engine_for(model) and not engine_for(model).padded_prefill
+    assert engine_for(model, padded_prefill=False) is engine_for(model)  # the CPU default, asked for: one engine
     calls = []
     forward = padded.prefill_fn
     padded.prefill_fn = lambda *a: calls.append(a[0].shape) or forward(*a)

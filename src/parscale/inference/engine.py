@@ -293,6 +293,8 @@ def engine_for(model, compile: bool = False, padded_prefill: bool | None = None)
     padded_prefill: see DecodeEngine (None: its default for the engine; True with compile=True compiles the
     padded prompt's forward too, once per padded length)."""
     engines = _ENGINES.setdefault(model, {})
+    if padded_prefill is None:  # the engine's own default, so that asking for it explicitly reuses the same engine
+        padded_prefill = model.model.embed_tokens.weight.device.type == "cuda" and not compile
     key = (compile, padded_prefill)
     if key not in engines:
         engines[key] = DecodeEngine(model, compile=compile, padded_prefill=padded_prefill)
