@@ -84,7 +84,7 @@ class DecodeEngine:
                            else self._padded_forward)
         self.bounded_reads = (not compile) if bounded_reads is None else bounded_reads
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}  # read_len -> graph, its logits
-        self.padded_prefill = (self.use_graph and not compile) if padded_prefill is None else padded_prefill
+        self.padded_prefill = self.resolved_padded_prefill(device, compile, padded_prefill, self.use_graph)
         # padded prompt length -> graph, its input ids and mask buffers, its logits
         self.prefill_graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self._prefill_pool = None
@@ -94,6 +94,14 @@ class DecodeEngine:
         self._captured_for: tuple | None = None
         self.cache = None
         self.reserve(batch_size, max_len)
+
+    @staticmethod
+    def resolved_padded_prefill(device, compile: bool, padded_prefill: bool | None, use_graph: bool | None = None):
+        """padded_prefill as asked, or its default: on with graphs (CUDA unless use_graph says otherwise), off
+        compiled (see the module docstring)."""
+        if padded_prefill is not None:
+            return padded_prefill
+        return (device.type == "cuda" if use_graph is None else use_graph) and not compile
 
     @property
     def model(self):
@@ -293,9 +301,9 @@ def engine_for(model, compile: bool = False, padded_prefill: bool | None = None)
     padded_prefill: see DecodeEngine (None: its default for the engine; True with compile=True compiles the
     padded prompt's forward too, once per padded length)."""
     engines = _ENGINES.setdefault(model, {})
-    if padded_prefill is None:  # the engine's own default, so that asking for it explicitly reuses the same engine
-        padded_prefill = model.model.embed_tokens.weight.device.type == "cuda" and not compile
-    key = (compile, padded_prefill)
+    # keyed by the resolved setting, so that asking for the default explicitly reuses the same engine
+    device = model.model.embed_tokens.weight.device
+    key = (compile, DecodeEngine.resolved_padded_prefill(device, compile, padded_prefill))
     if key not in engines:
-        engines[key] = DecodeEngine(model, compile=compile, padded_prefill=padded_prefill)
+        engines[key] = DecodeEngine(model, compile=compile, padded_prefill=key[1])
     return engines[key]
