@@ -14,6 +14,7 @@
 set -uo pipefail
 export PYTHONPATH=src PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}
+n=$(nvidia-smi --query-gpu=name --format=csv,noheader | wc -l)  # GPUs on this machine (fsdp, scaling, accum)
 common="--model 125m --data runs/demo/data --seq-len 512 --eval-every 0 --save-every 0 --lr 1e-3 --warmup 5 \
   --log-every 5"
 summarise() {  # $1 = label, $2 = run folder
@@ -42,7 +43,6 @@ case "${1:-speed}" in
     timeout 200 torchrun --standalone --nproc_per_node=2 -m parscale.cli train $common --streams 4 --steps 20 \
         --batch-size 16 --out /tmp/two > "$OUT/ddp_two.log" 2>&1 && summarise "2gpu_p4" /tmp/two ;;
   fsdp)
-    n=$(nvidia-smi --query-gpu=name --format=csv,noheader | wc -l)
     run1() { timeout 200 python3 -m parscale.cli train $common --streams 4 --batch-size 16 "$@"; }
     runn() { timeout 200 torchrun --standalone --nproc_per_node="$n" -m parscale.cli train $common --streams 4 \
         --batch-size 16 --fsdp "$@"; }
@@ -53,7 +53,6 @@ case "${1:-speed}" in
     run1 --steps 20 --resume --out /tmp/fr1 >> "$OUT/fsdp_part.log" 2>&1 && summarise "fsdp_${n}gpu_resumed_on_1" /tmp/fr1
     runn --steps 20 --resume --out /tmp/frn >> "$OUT/fsdp_part.log" 2>&1 && summarise "fsdp_${n}gpu_resumed_on_${n}" /tmp/frn ;;
   scaling)
-    n=$(nvidia-smi --query-gpu=name --format=csv,noheader | wc -l)
     for p in 1 4; do
       timeout 150 python3 -m parscale.cli train $common --streams $p --steps 30 --batch-size 16 --compile \
           --out /tmp/s1_p$p > "$OUT/scaling_1gpu_p$p.log" 2>&1 && summarise "1gpu_p${p}_compile" /tmp/s1_p$p
@@ -65,7 +64,6 @@ case "${1:-speed}" in
       done
     done ;;
   accum)
-    n=$(nvidia-smi --query-gpu=name --format=csv,noheader | wc -l)
     for mode in ddp fsdp; do
       flag=(); [ $mode = fsdp ] && flag=(--fsdp)
       for sync in "" "--sync-every-micro-step"; do
