@@ -292,6 +292,11 @@ def main() -> None:
     for arm in arms:
         if arm in LEVERS:  # the lever's own effect: the plain arm of the same P, same seeds
             summary["lever_vs_plain"][arm] = paired(results, arm, arm.split("-")[0])
+    # The levers against each other: the warm-up lever (the one the later arms use) minus each other lever
+    # of the same P, paired by seed (positive: the warm-up lever's loss is lower).
+    summary["aggwarm_vs_lever"] = {arm: paired(results, f"{arm.split('-')[0]}-aggwarm", arm) for arm in arms
+                                   if arm in LEVERS and not arm.endswith("-aggwarm")
+                                   and any((f"{arm.split('-')[0]}-aggwarm", s) in results for s in seeds)}
     # Each doubling of P: plain from P = 1, and under each lever from the prefix control (the lever arms'
     # own P = 1 is the control, since every P > 1 arm has the prefix).
     summary["steps"]["plain"] = doubling_steps(results, ["p1", "p2", "p4", "p8"])
@@ -325,6 +330,11 @@ def main() -> None:
     summary["long_ladder"] = long_lad = ladder(results, LONG_LADDER)
     summary["long_local_k"] = [k for k in (local_k(results, long_lad, f"long-p{p}-aggwarm", base, p) for p in (2, 4, 8)
                                            for base in ("long-p1", "long-p1prefix")) if k]
+    # Eq. 5 at ~100M tokens: the width ladder of this length and the warm-up arms, with the seed bootstrap
+    long_warm = {p: f"long-p{p}-aggwarm" for p in (2, 4, 8)}
+    summary["long_eq5_fit"] = None if not long_lad["slope_per_ln_n"] else {
+        "fit": eq5_fit(results, long_warm, LONG_LADDER),
+        "seed_bootstrap": eq5_seed_bootstrap(results, long_warm, LONG_LADDER)}
     summary["rerun_spread"] = rerun_spread(results)
     # The base arms ran on an H100, the later ones on an H200: the prefix control on both, paired by seed.
     summary["gpu_confound"] = paired(results, "repeat-p1prefix", "p1prefix")
@@ -364,7 +374,8 @@ def main() -> None:
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     _plot(results, seeds, arms, out / "endpoints.png")
     _plot_weights(results, out / "cap_share_curves.png")
-    _plot_p_and_n(results, summary["ladder_tuned"] or summary["ladder"], out / "loss_vs_p_and_n.png")
+    _plot_p_and_n(results, summary["ladder_tuned"] or summary["ladder"], summary["long_ladder"],
+                  out / "loss_vs_p_and_n.png")
     _print(summary, seeds)
 
 
@@ -411,10 +422,11 @@ def _plot_weights(results, path) -> None:
     plt.close(fig)
 
 
-def _plot_p_and_n(results, lad, path) -> None:
+def _plot_p_and_n(results, lad, long_lad, path) -> None:
     """Left: mean endpoint ± SE against P, plain and under the warm-up lever (whose P = 1 is the prefix
-    control). Middle: the same at ~100M tokens, every seed. Right: the P = 1 width ladder (each width at its
-    best learning rate where one was checked) against non-embedding parameters, every seed."""
+    control). Middle: the same at ~100M tokens, every seed. Right: the P = 1 width ladders at 39M and ~100M
+    tokens (each width at its best learning rate where one was checked) against non-embedding parameters,
+    every seed."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -453,12 +465,15 @@ def _plot_p_and_n(results, lad, path) -> None:
     long.set_ylabel("held-out loss, ~100M tokens")
     long.legend(fontsize=8)
     long.grid(alpha=0.3)
-    for h, row in lad["endpoints"].items():
-        n = lad["non_embedding_params"][h]
-        right.plot([n] * len(row), list(row.values()), "o", color="C2", alpha=0.6)
-        lr = results[(lad["arms"][h], next(iter(row)))]["settings"].get("lr") if row else None
-        right.annotate(f"h{h}" + (f", lr {lr:g}" if lr else ""), (n, min(row.values())), textcoords="offset points",
-                       xytext=(4, -10), fontsize=8)
+    for ladder_, color, label in ((lad, "C2", "39M tokens"), (long_lad, "C3", "~100M tokens")):
+        for i, (h, row) in enumerate(ladder_["endpoints"].items() if ladder_ else ()):
+            n = ladder_["non_embedding_params"][h]
+            right.plot([n] * len(row), list(row.values()), "o", color=color, alpha=0.6,
+                       label=label if i == 0 else None)
+            lr = results[(ladder_["arms"][h], next(iter(row)))]["settings"].get("lr") if row else None
+            right.annotate(f"h{h}" + (f", lr {lr:g}" if lr else ""), (n, min(row.values())),
+                           textcoords="offset points", xytext=(4, -10), fontsize=8)
+    right.legend(fontsize=8)
     right.set_xscale("log")
     right.set_xlabel("non-embedding parameters (P = 1)")
     right.set_ylabel("held-out loss, every seed")
@@ -477,6 +492,7 @@ def _print(summary, seeds) -> None:
         ("vs P=1", summary["gain_vs_p1"]),
         ("vs prefix control", summary["gain_vs_prefix"]),
         ("of the lever (vs the plain arm of the same P)", summary["lever_vs_plain"]),
+        ("of the warm-up lever over each other lever of the same P", summary["aggwarm_vs_lever"]),
     ):
         print(f"paired gain {name}:")
         for arm, g in block.items():
@@ -552,6 +568,12 @@ def _print(summary, seeds) -> None:
         print(f"  ~100M tokens, local k of {k['arm']} over {k['base']}: {k['mean']:.3f} ± {k['se']:.3f} "
               f"(95% t-interval {k['ci95'][0]:.3f} .. {k['ci95'][1]:.3f}) "
               f"per seed {[round(x, 3) for x in k['per_seed']]}")
+    f = summary["long_eq5_fit"]
+    if f and f["fit"]:
+        b = f["seed_bootstrap"]
+        print(f"  ~100M tokens, Eq. 5 fit, width ladder + warm-up arms ({f['fit']['points']} points): "
+              f"k {f['fit']['k']:.3g}, alpha {f['fit']['alpha']:.3f}, R2 {f['fit']['r2']:.3f}; seed bootstrap k 95% "
+              f"{b['k_2.5%']:.3g} .. {b['k_97.5%']:.3g} ({b['draws']} draws, {b['seed_sets']} seed sets)")
     r = summary["rerun_spread"]
     if r:
         print(f"  the same run twice ({len(r['runs'])} runs): re-run - first {r['mean']:+.4f}, sd {r['sd'] or 0:.4f}, "
