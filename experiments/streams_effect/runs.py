@@ -16,16 +16,16 @@ arm: parscale's paired seeds), named d8-{arm}-s{seed}:
              much of the gain is the prefix itself, as learned memory or attention sink);
 - p2, p4, p8 ParScale with P streams;
 - p2-*, p4-*, p8-* the same with one lever against collapse (LEVER_ARMS: aggregator z-loss, stream
-             dropout, a longer warm-up of prefixes and aggregator, prefix reparameterisation); p4-zloss
-             and p{2,4,8}-aggwarm have run, the rest is configured;
+             dropout, a longer warm-up of prefixes and aggregator, prefix reparameterisation); p4-zloss,
+             p4-sdrop, p4-reparam and p{2,4,8}-aggwarm have run, the rest is configured;
 - map-*      the collapse map: P = 4 over depth {4, 8, 12} x prefix {8, 48}, plain and with the warm-up
              lever, seeds 0 and 1 (seed 0 has run);
 - ladder-*   P = 1 at hidden 192 and 384, for the slope of loss in ln N (have run);
 - lr-*       P = 1 at hidden 256 and 384 with lr 1e-3 and 5e-4 (have run: the ladder's learning-rate
              check); 192 at 1e-3 and 4e-3, 256 at 4e-3, and the prefix control and P = 4 + warm-up at 1e-3
              and 4e-3 (seed 0 has run), P = 4 + warm-up at 8e-3 (configured);
-- long-*     P = 1, the prefix control, P = 4 and 8 with the warm-up lever at ~100M tokens (have run),
-             P = 2 with it and the width ladder (192 and 384, each at its best lr at 39M) (configured);
+- long-*     P = 1, the prefix control, P = 2, 4 and 8 with the warm-up lever and the width ladder (192 and
+             384, each at its best lr at 39M) at ~100M tokens (have run);
 - repeat-*   the prefix control again, on the GPU model of the later arms (have run).
 Every run evaluates the whole held-out split at 90, 95 and 100% of training (`eval_at`); the endpoint
 is their mean. After training, `parscale streams` measures the final model's streams on 16 held-out
