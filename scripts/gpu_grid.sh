@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The benchmark grid of benchmarks/README.md, in the parts that fit one 10-minute command each.
-#   bash scripts/gpu_grid.sh small    1.6B and 2.8B, every P, batch, length (graph engine)
+#   bash scripts/gpu_grid.sh small    1.6B and 2.8B, every P, batch, length (graph engine); GRID_FROM=DIR continues the
+#                                     cut-short grid_graph_small.json in DIR (also for large)
 #   bash scripts/gpu_grid.sh large    4.4B (graph engine), then the compiled engine at batch 1
 #   bash scripts/gpu_grid.sh memory   peak memory of every point, one process per (shape, P)
 #   bash scripts/gpu_grid.sh long     a 64 + 64-token talk in a 128- and a 4096-token cache, bounded reads off / on, graph and compiled engines
@@ -22,9 +23,13 @@ OUT=${OUT:-/tmp/out}
 bench() { timeout "$1" python3 -m parscale.cli bench "${@:2}"; }
 case "${1:-small}" in
   small)
-    bench 560 --shapes paper-1.6b,paper-2.8b --engine graph --kernels --out "$OUT/grid_graph_small.json" ;;
+    # --resume: with GRID_FROM set to a folder holding an earlier, cut-short grid_graph_small.json (fetched back into
+    # the checkout), that run is continued rather than started again
+    [ -n "${GRID_FROM:-}" ] && cp "$GRID_FROM/grid_graph_small.json" "$OUT/"
+    bench 560 --shapes paper-1.6b,paper-2.8b --engine graph --kernels --resume --out "$OUT/grid_graph_small.json" ;;
   large)
-    bench 300 --shapes paper-4.4b --engine graph --out "$OUT/grid_graph_large.json"
+    [ -n "${GRID_FROM:-}" ] && cp "$GRID_FROM/grid_graph_large.json" "$OUT/"
+    bench 300 --shapes paper-4.4b --engine graph --resume --out "$OUT/grid_graph_large.json"
     bench 260 --shapes paper-1.6b --streams 1,2,4,8 --batches 1 --lengths 64,128 --engine compile \
         --out "$OUT/grid_compile_b1.json" ;;
   memory)

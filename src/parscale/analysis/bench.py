@@ -19,12 +19,17 @@ Engines: `graph` (static cache, eager kernels, one CUDA graph per step), `compil
 compiled by torch.compile, then captured), `plain` (eager, growing cache: the naive baseline).
 With --anchors, transformers' own P = 1 model of each shape is timed first in the same process
 (anchors.py: static cache, greedy generate, batch 1), so every speed claim can be a ratio within one run.
-Progress and an ETA go to stderr; the JSON is rewritten after every point, atomically.
+Progress and an ETA go to stderr; the JSON is rewritten after every point, atomically. With --resume an
+existing --out file measured with the same settings is continued: its points are kept and skipped, and each
+point records the process that measured it (`process`, an index into `processes`, the environments), so a
+grid too long for one sitting is finished by the next; anchors are re-timed in every process and a point's
+ratios are to the anchors of its own process.
 """
 
 from __future__ import annotations
 
 import gc
+import json
 import platform
 import statistics
 import sys
@@ -195,15 +200,48 @@ def anchor_ratios(point: dict, anchors: list[dict]) -> dict[str, float]:
     """A point's decode ms/token over each anchor's measured in the same process, where the two are alike
     (shape, batch and prompt length): {anchor name: ratio}; below 1 the ParScale point is faster."""
     return {a["anchor"]: point["decode_ms_per_token"] / a["decode_ms_per_token"] for a in anchors
-            if (a["shape"], a["batch"], a["length"]) == (point["shape"], point["batch"], point["length"])}
+            if (a["shape"], a["batch"], a["length"]) == (point["shape"], point["batch"], point["length"])
+            and a.get("process", 0) == point.get("process", 0)}
+
+
+# What makes two runs' points comparable: a resumed file must have been measured with the same values.
+RESUME_SETTINGS = ("engine", "dtype", "quantize", "fuse", "memory_only", "requested")
+
+
+def resumed(out: Path, fresh: dict) -> dict:
+    """The result in `out` to continue, checked against this run's settings (`fresh`), with this process
+    added to its `processes`; `fresh` itself when there is nothing to resume."""
+    if not out.exists():
+        return fresh
+    try:
+        old = json.loads(out.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"--resume: {out} is not a bench JSON file ({e})") from None
+    if not isinstance(old, dict) or not isinstance(old.get("points"), list):
+        raise ValueError(f"--resume: {out} is not a bench JSON file (no 'points' list)")
+    for key in RESUME_SETTINGS:
+        if old.get(key) != fresh[key]:
+            raise ValueError(f"--resume: {out} was measured with {key} = {old.get(key)!r} and this run asks for "
+                             f"{fresh[key]!r}; its points would not be comparable (write to another --out)")
+    for key in ("gpu", "torch"):  # a grid is one GPU model and one software stack
+        was, now = old.get("environment", {}).get(key), fresh["environment"][key]
+        if was != now:
+            raise ValueError(f"--resume: {out} was measured with {key} {was!r}, this process has {now!r}; "
+                             "its points would not be comparable (write to another --out)")
+    old.setdefault("processes", [old["environment"]])
+    old["processes"].append(fresh["environment"])
+    old.setdefault("kernels", [])
+    old.setdefault("anchors", [])
+    return old
 
 
 def run(shapes, streams, batches, lengths, engine: str, out: Path, kernels: bool = False,
         memory_only: bool = False, bounded_reads: bool | None = None, cache_len: int | None = None,
         quantize: str | None = None, anchors: bool = False, padded_prefill: bool | None = None,
-        fuse: bool | None = None, gptfast_model: str | None = None) -> dict:
+        fuse: bool | None = None, gptfast_model: str | None = None, resume: bool = False) -> dict:
     """Time every (shape, P, batch, length) point and write the JSON to `out` as it goes. `fuse`: fused q/k/v
-    and gate/up projections; None (the default) fuses unless `quantize`, as `parscale generate` does."""
+    and gate/up projections; None (the default) fuses unless `quantize`, as `parscale generate` does.
+    `resume`: continue `out` if it exists (the module docstring says how)."""
     from parscale.inference.fuse import fuse_wanted
 
     if not torch.cuda.is_available():
@@ -213,9 +251,16 @@ def run(shapes, streams, batches, lengths, engine: str, out: Path, kernels: bool
         from parscale.analysis.anchors import load_gptfast_module
 
         load_gptfast_module(gptfast_model)
-    result = {"environment": environment(), "engine": engine, "dtype": "bfloat16", "quantize": quantize,
+    env = environment()
+    result = {"environment": env, "processes": [env], "engine": engine, "dtype": "bfloat16", "quantize": quantize,
               "fuse": fuse, "memory_only": memory_only,
+              "requested": {"bounded_reads": bounded_reads, "padded_prefill": padded_prefill, "cache_len": cache_len},
               "points": [], "kernels": [], "anchors": []}
+    if resume:
+        result = resumed(out, result)
+    process = len(result["processes"]) - 1
+    done = {(q["shape"], q["P"], q["batch"], q["length"]) for q in result["points"]}
+    kernels_done = {(k["shape"], k["P"], k["batch"]) for k in result["kernels"]}
     # Anchors first, on an empty GPU, so a ratio to them is measured in this very process: transformers' model
     # (--anchors), then the user's copy of gpt-fast's model.py (--gptfast-model), a compiled plain decoder.
     from parscale.analysis.anchors import gptfast_anchor, hf_static_cache_anchor
@@ -224,7 +269,7 @@ def run(shapes, streams, batches, lengths, engine: str, out: Path, kernels: bool
         [lambda shape: gptfast_anchor(shape, gptfast_model, batch=1, length=lengths[0])] if gptfast_model else [])
     for timer in timers:
         for shape in shapes:
-            row = timer(shape)
+            row = {**timer(shape), "process": process}
             result["anchors"].append(row)
             version = f", transformers {row['transformers']}" if "transformers" in row else ""
             print(f"{shape} anchor ({row['anchor']}{version}): {row['decode_ms_per_token']:.3f} ms/token",
@@ -233,10 +278,16 @@ def run(shapes, streams, batches, lengths, engine: str, out: Path, kernels: bool
             torch._dynamo.reset()
             torch.cuda.empty_cache()
             write_json_atomic(result, out)
-    total = len(shapes) * len(streams) * len(batches) * len(lengths)
-    bar = progress_bar(total=total, desc="bench", unit="point")
+    todo = {shape: {p: [(b, length) for b in batches for length in lengths if (shape, p, b, length) not in done]
+                    for p in streams} for shape in shapes}
+    if resume and done:
+        print(f"resuming {out}: {len(done)} points kept", file=sys.stderr, flush=True)
+    bar = progress_bar(total=sum(len(v) for by_p in todo.values() for v in by_p.values()), desc="bench", unit="point")
     for shape in shapes:
         for p in streams:
+            kernel_batches = [b for b in sorted({1, max(batches)}) if kernels and (shape, p, b) not in kernels_done]
+            if not todo[shape][p] and not kernel_batches:
+                continue  # measured by an earlier process
             model = random_model(shape, p)
             if quantize == "int8":
                 from parscale.inference.quantize import quantize_int8
@@ -247,26 +298,24 @@ def run(shapes, streams, batches, lengths, engine: str, out: Path, kernels: bool
 
                 fuse_projections(model)
             counts = model.config.param_counts()
-            if kernels:
-                for b in sorted({1, max(batches)}):
-                    result["kernels"].append({"shape": shape, "P": p, "batch": b, "length": 64,
-                                              "top": kernel_report(model, b, 64)})
+            for b in kernel_batches:
+                result["kernels"].append({"shape": shape, "P": p, "batch": b, "length": 64,
+                                          "top": kernel_report(model, b, 64), "process": process})
                 gc.collect()
-            for b in batches:
-                for length in lengths:
-                    point = {"shape": shape, "P": p, "non_embedding_params": counts["non_embedding"],
-                             **measure_point(model, b, length, engine, memory_only, bounded_reads, cache_len,
-                                                    padded_prefill)}
-                    point["vs_anchors"] = anchor_ratios(point, result["anchors"])
-                    gc.collect()  # engines sit in reference cycles: free their caches and graphs now
-                    result["points"].append(point)
-                    ratios = "".join(f", {r:.3f}x {name}" for name, r in point["vs_anchors"].items())
-                    bar.write(f"{shape} P={p} B={b} L={length}: "
-                              f"{point['decode_ms_per_token']:.3f} ms/token, prefill {point['prefill_ms']:.1f} ms, "
-                              f"{point['peak_memory_gib']:.3f} GiB, {point['achieved_bandwidth_tb_s']:.2f} TB/s"
-                              + ratios)
-                    bar.update(1)
-                    write_json_atomic(result, out)
+            for b, length in todo[shape][p]:
+                point = {"shape": shape, "P": p, "non_embedding_params": counts["non_embedding"],
+                         **measure_point(model, b, length, engine, memory_only, bounded_reads, cache_len,
+                                         padded_prefill), "process": process}
+                point["vs_anchors"] = anchor_ratios(point, result["anchors"])
+                gc.collect()  # engines sit in reference cycles: free their caches and graphs now
+                result["points"].append(point)
+                ratios = "".join(f", {r:.3f}x {name}" for name, r in point["vs_anchors"].items())
+                bar.write(f"{shape} P={p} B={b} L={length}: "
+                          f"{point['decode_ms_per_token']:.3f} ms/token, prefill {point['prefill_ms']:.1f} ms, "
+                          f"{point['peak_memory_gib']:.3f} GiB, {point['achieved_bandwidth_tb_s']:.2f} TB/s"
+                          + ratios)
+                bar.update(1)
+                write_json_atomic(result, out)
             del model
             gc.collect()
             torch._dynamo.reset()  # compiled steps hold the old model alive otherwise

@@ -21,7 +21,7 @@ def cmd_bench(args):
     run(args.shapes.split(","), ints(args.streams), ints(args.batches), ints(args.lengths), args.engine,
         Path(args.out), kernels=args.kernels, memory_only=args.memory_only, bounded_reads=args.bounded_reads,
         cache_len=args.cache_len, quantize=args.quantize, anchors=args.anchors, padded_prefill=args.padded_prefill,
-        fuse=args.fuse, gptfast_model=args.gptfast_model)
+        fuse=args.fuse, gptfast_model=args.gptfast_model, resume=args.resume)
     print(f"wrote {args.out}")
 
 
@@ -276,6 +276,9 @@ def add_parsers(sub) -> None:
     p.add_argument("--cache-len", type=int, default=None,
                    help="cache size in tokens (default: 2 x length), e.g. 4096 for a short talk in a long cache")
     p.add_argument("--out", required=True)
+    p.add_argument("--resume", action="store_true",
+                   help="continue --out if it exists (same settings, GPU and torch): its points are kept and "
+                        "skipped, so a grid cut short is finished by running the same command again")
     p = sub.add_parser("bench-report", help=cmd_bench_report.__doc__)
     p.add_argument("--latency", nargs="+", required=True, help="bench JSON files with timings")
     p.add_argument("--memory", nargs="+", required=True, help="bench JSON files with peak memory")
