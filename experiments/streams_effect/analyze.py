@@ -483,6 +483,33 @@ def _plot_p_and_n(results, lad, long_lad, path) -> None:
     plt.close(fig)
 
 
+def _print_slope(label: str, lad: dict) -> None:
+    """A ladder's slope in ln N and its segments, if it has one."""
+    sl = lad["slope_per_ln_n"]
+    if not sl:
+        return
+    print(f"{label}: slope per ln N {sl['mean']:+.4f} ± {sl['se'] or 0:.4f}; segments "
+          + ", ".join(f"{k}: {v['mean']:+.4f} ± {v['se'] or 0:.4f}" for k, v in lad["segment_slopes"].items() if v)
+          + ("" if lad["every_segment_negative_by_2se"] else "  -> not every segment < -2 SE: no local k"))
+
+
+def _print_local_k(prefix: str, ks: list[dict]) -> None:
+    for k in ks:
+        print(f"{prefix}local k of {k['arm']} over {k['base']}: {k['mean']:.3f} ± {k['se']:.3f} "
+              f"(95% t-interval {k['ci95'][0]:.3f} .. {k['ci95'][1]:.3f}) "
+              f"per seed {[round(x, 3) for x in k['per_seed']]}")
+
+
+def _print_eq5(label: str, f: dict) -> None:
+    """An Eq. 5 fit with its seed bootstrap ({"fit": ..., "seed_bootstrap": ...}), if the fit exists."""
+    if not f["fit"]:
+        return
+    b = f["seed_bootstrap"]
+    print(f"{label} ({f['fit']['points']} points): k {f['fit']['k']:.3g}, alpha {f['fit']['alpha']:.3f}, "
+          f"R2 {f['fit']['r2']:.3f}; seed bootstrap k 95% {b['k_2.5%']:.3g} .. {b['k_97.5%']:.3g} "
+          f"({b['draws']} draws, {b['seed_sets']} seed sets)")
+
+
 def _print(summary, seeds) -> None:
     print("endpoint (mean of the whole-split held-out loss at 90/95/100%)")
     print(f"{'arm':>9} " + " ".join(f"{'seed ' + str(s):>8}" for s in seeds))
@@ -531,21 +558,11 @@ def _print(summary, seeds) -> None:
               + f"  best {row['best_lr']:g}{'' if row['bracketed'] else ' (not bracketed)'}"
               + (f", by seed 0 {row['best_lr_seed0']:g}" if row["best_lr_seed0"] else ""))
     tl = summary["ladder_tuned"]
-    if tl and tl["slope_per_ln_n"]:
-        sl = tl["slope_per_ln_n"]
-        print(f"  tuned ladder {tl['arms']}: slope per ln N {sl['mean']:+.4f} ± {sl['se']:.4f}; segments "
-              + ", ".join(f"{k}: {v['mean']:+.4f} ± {v['se']:.4f}" for k, v in tl["segment_slopes"].items() if v)
-              + ("" if tl["every_segment_negative_by_2se"] else "  -> not every segment < -2 SE: no local k"))
-    for k in summary.get("local_k", []):
-        print(f"  local k of {k['arm']} over {k['base']}: {k['mean']:.3f} ± {k['se']:.3f} "
-              f"(95% t-interval {k['ci95'][0]:.3f} .. {k['ci95'][1]:.3f}) "
-              f"per seed {[round(x, 3) for x in k['per_seed']]}")
+    if tl:
+        _print_slope(f"  tuned ladder {tl['arms']}", tl)
+    _print_local_k("  ", summary.get("local_k", []))
     for name, f in summary.get("eq5_fit_tuned_ladder", {}).items():
-        if f["fit"]:
-            b = f["seed_bootstrap"]
-            print(f"Eq. 5 fit, tuned ladder + {name} arms ({f['fit']['points']} points): k {f['fit']['k']:.3g}, "
-                  f"alpha {f['fit']['alpha']:.3f}, R2 {f['fit']['r2']:.3f}; seed bootstrap k 95% "
-                  f"{b['k_2.5%']:.3g} .. {b['k_97.5%']:.3g} ({b['draws']} draws, {b['seed_sets']} seed sets)")
+        _print_eq5(f"Eq. 5 fit, tuned ladder + {name} arms", f)
     g = summary["gpu_confound"]
     if g:
         print(f"prefix control, H200 repeat - H100 original: {-g['mean']:+.4f} ± {g['se']:.4f} (paired)")
@@ -558,22 +575,10 @@ def _print(summary, seeds) -> None:
     for g in summary["long_doubling"]:
         print(f"  ~100M tokens, {g['to']} over {g['from']}: {g['mean']:+.4f} ± {g['se'] or 0:.4f} ({g['n']} seeds)"
               f"{' > 2 SE' if g['exceeds_2se'] else ''}")
-    ll = summary["long_ladder"]
-    if ll["slope_per_ln_n"]:
-        sl = ll["slope_per_ln_n"]
-        print(f"  ~100M tokens, width ladder: slope per ln N {sl['mean']:+.4f} ± {sl['se'] or 0:.4f}; segments "
-              + ", ".join(f"{k}: {v['mean']:+.4f} ± {v['se'] or 0:.4f}" for k, v in ll["segment_slopes"].items() if v)
-              + ("" if ll["every_segment_negative_by_2se"] else "  -> not every segment < -2 SE: no local k"))
-    for k in summary["long_local_k"]:
-        print(f"  ~100M tokens, local k of {k['arm']} over {k['base']}: {k['mean']:.3f} ± {k['se']:.3f} "
-              f"(95% t-interval {k['ci95'][0]:.3f} .. {k['ci95'][1]:.3f}) "
-              f"per seed {[round(x, 3) for x in k['per_seed']]}")
-    f = summary["long_eq5_fit"]
-    if f and f["fit"]:
-        b = f["seed_bootstrap"]
-        print(f"  ~100M tokens, Eq. 5 fit, width ladder + warm-up arms ({f['fit']['points']} points): "
-              f"k {f['fit']['k']:.3g}, alpha {f['fit']['alpha']:.3f}, R2 {f['fit']['r2']:.3f}; seed bootstrap k 95% "
-              f"{b['k_2.5%']:.3g} .. {b['k_97.5%']:.3g} ({b['draws']} draws, {b['seed_sets']} seed sets)")
+    _print_slope("  ~100M tokens, width ladder", summary["long_ladder"])
+    _print_local_k("  ~100M tokens, ", summary["long_local_k"])
+    if summary["long_eq5_fit"]:
+        _print_eq5("  ~100M tokens, Eq. 5 fit, width ladder + warm-up arms", summary["long_eq5_fit"])
     r = summary["rerun_spread"]
     if r:
         print(f"  the same run twice ({len(r['runs'])} runs): re-run - first {r['mean']:+.4f}, sd {r['sd'] or 0:.4f}, "
