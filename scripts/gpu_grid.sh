@@ -2,7 +2,7 @@
 # The benchmark grid of benchmarks/README.md, in the parts that fit one 10-minute command each.
 #   bash scripts/gpu_grid.sh small    1.6B and 2.8B, every P, batch, length (graph engine); GRID_FROM=DIR continues the
 #                                     cut-short grid_graph_small.json in DIR (also for large)
-#   bash scripts/gpu_grid.sh large    4.4B (graph engine), then the compiled engine at batch 1
+#   bash scripts/gpu_grid.sh large    4.4B (graph engine)
 #   bash scripts/gpu_grid.sh memory   peak memory of every point, one process per (shape, P)
 #   bash scripts/gpu_grid.sh long     a 64 + 64-token talk in a 128- and a 4096-token cache, bounded reads off / on, graph and compiled engines
 #   bash scripts/gpu_grid.sh int8     bf16 vs int8 weights, graph and compiled engines, P 1 and 8 (the compiled step can fuse the cast)
@@ -29,18 +29,23 @@ case "${1:-small}" in
     bench 560 --shapes paper-1.6b,paper-2.8b --engine graph --kernels --resume --out "$OUT/grid_graph_small.json" ;;
   large)
     [ -n "${GRID_FROM:-}" ] && cp "$GRID_FROM/grid_graph_large.json" "$OUT/"
-    bench 300 --shapes paper-4.4b --engine graph --resume --out "$OUT/grid_graph_large.json"
-    bench 260 --shapes paper-1.6b --streams 1,2,4,8 --batches 1 --lengths 64,128 --engine compile \
-        --out "$OUT/grid_compile_b1.json" ;;
+    bench ${GRID_LIMIT:-560} --shapes paper-4.4b --engine graph --resume --out "$OUT/grid_graph_large.json" ;;
   memory)
-    # Peak memory with a fresh process per (shape, P): nothing of an earlier model can linger.
+    # Peak memory with a fresh process per (shape, P): nothing of an earlier model can linger. The four P of a shape
+    # run at once (all twelve at once do not fit in 140 GiB): the peak is each process's own allocator's
+    # (torch.cuda.max_memory_allocated), not the device's, so the processes beside it do not change it.
     mkdir -p /tmp/mem
-    for shape in paper-1.6b paper-2.8b paper-4.4b; do for p in 1 2 4 8; do
-      bench 120 --shapes $shape --streams $p --engine graph --memory-only --out /tmp/mem/$shape-P$p.json
-    done; done
+    for shape in paper-1.6b paper-2.8b paper-4.4b; do
+      for p in 1 2 4 8; do
+        bench ${MEMORY_LIMIT:-200} --shapes $shape --streams $p --engine graph --memory-only \
+            --out /tmp/mem/$shape-P$p.json > /tmp/mem/$shape-P$p.log 2>&1 &
+      done
+      wait
+    done
     python3 -c "import json,glob,sys; parts=[json.load(open(f)) for f in sorted(glob.glob('/tmp/mem/*.json'))]; \
 m=parts[0]; m['points']=[q for d in parts for q in d['points']]; m['environment']['command']=sys.argv[1]; \
-json.dump(m, open('$OUT/memory_fresh.json','w'), indent=1)" "bash scripts/gpu_grid.sh memory" ;;
+json.dump(m, open('$OUT/memory_fresh.json','w'), indent=1)" "bash scripts/gpu_grid.sh memory"
+    tail -n 2 /tmp/mem/*.log ;;
   long)
     for cache in 128 4096; do
       for engine in graph compile; do
@@ -77,10 +82,10 @@ json.dump(m, open('$OUT/memory_fresh.json','w'), indent=1)" "bash scripts/gpu_gr
     done ;;
   headline-compile)
     b=${2:-1}
-    bench 270 --shapes paper-1.6b --streams 1,8 --batches "$b" --lengths 64 --engine compile --padded-prefill \
-        --out "$OUT/headline_compile_1.6b_b${b//,/-}.json"
-    bench 300 --shapes paper-2.8b,paper-4.4b --streams 1 --batches "$b" --lengths 64 --engine compile --padded-prefill \
-        --out "$OUT/headline_compile_p1_b${b//,/-}.json" ;;
+    bench ${HEADLINE_LIMIT:-270} --shapes paper-1.6b --streams 1,8 --batches "$b" --lengths 64 --engine compile \
+        --padded-prefill --resume --out "$OUT/headline_compile_1.6b_b${b//,/-}.json"
+    bench ${HEADLINE_LIMIT:-300} --shapes paper-2.8b,paper-4.4b --streams 1 --batches "$b" --lengths 64 --engine compile \
+        --padded-prefill --resume --out "$OUT/headline_compile_p1_b${b//,/-}.json" ;;
   warm-start)
     for run in cold warm; do
       bench 200 --shapes paper-1.6b --streams 1,8 --batches 1 --lengths 64 --engine compile \
