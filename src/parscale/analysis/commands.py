@@ -332,7 +332,7 @@ def add_parsers(sub) -> None:
             p.add_argument("--streams", type=int, required=True, help="P")
             p.add_argument("--target", type=float, default=None, help="a target loss")
         else:
-            p.add_argument("--gpu", default="h100", choices=["h100", "h200", "a100"])
+            p.add_argument("--gpu", default="h200", choices=["h100", "h200", "a100"])
             p.add_argument("--engine", default="graph", choices=["graph", "compile"])
             p.add_argument("--memory-gib", type=float, required=True)
             p.add_argument("--latency-ms", type=float, required=True, help="decode budget per token")
@@ -347,7 +347,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--input-len", type=int, default=64)
     p.add_argument("--output-len", type=int, default=128)
-    p.add_argument("--gpu", default="h100", choices=["h100", "h200", "a100"])
+    p.add_argument("--gpu", default="h200", choices=["h100", "h200", "a100"])
     p.add_argument("--engine", default="graph", choices=["graph", "compile"])
     p.add_argument("--validate-latency", nargs="*", default=None, help="measured bench JSON (timings)")
     p.add_argument("--validate-memory", nargs="*", default=None, help="measured bench JSON (peak memory)")

@@ -1,34 +1,35 @@
 """Analytic cost model: memory and latency of ParScale inference for any shape, P, batch and length.
 
+It models the decode engine as it runs today (inference/engine.py): fused projections, the LM head on the
+last prompt position only, bounded cache reads and a padded prompt prefilled through captured graphs.
+
 Memory = weights + KV cache (the engine's static buffer: prefix + input + output slots per stream)
-+ prefill activations (hidden states, MLP intermediates and the logits of every prompt position)
++ prefill activations (hidden states and MLP intermediates of the padded prompt, the last position's logits)
 + a constant runtime overhead (cuBLAS workspaces, graph pools).
 
 Latency = prefill + output tokens × decode step.
 - A decode step sums, over every operation, max(FLOPs / (peak · compute efficiency),
   bytes / (bandwidth · memory efficiency)) — every weight read once, a GEMM over P·B rows (the LM head
-  and aggregator over B rows), attention reading the whole static KV buffer — plus a per-layer
-  floor for the many small kernels each layer launches (launch-to-launch time inside a CUDA graph).
-- Prefill is max(compute time, per-layer floor of eager launches).
+  and aggregator over B rows), attention reading the cache slots the step reads (with bounded reads the
+  smallest of 256, 512, ... that holds the tokens written, at the middle of the answer) — plus a per-layer
+  floor for the small kernels each layer launches (launch-to-launch time inside a CUDA graph).
+- Prefill is max(compute time, one read of the weights, a per-layer floor): the captured floor when the
+  padded prompt has fewer than 4,096 rows (P · batch · padded length), else the eager one.
 
-The two floors and the runtime overhead depend on the engine, not on the model, so they are
-calibrated once from the measured H100 benchmark at its smallest point (1.6B, P = 1, batch 1,
-length 64; benchmarks/README.md) and the model is validated on every other measured point
-(`parscale cost --validate FILE.json`). GPU specs are datasheet peak numbers with the measured
-device-to-device bandwidth of an H100 (3.0 TB/s) standing in for its datasheet 3.35 TB/s.
-
-It models the engine as it was when benchmarks/raw was measured: the whole static cache read every step,
-the LM head applied to every prompt position and the prompt prefilled eagerly. The engine now bounds its
-reads (graph engine), applies the head to the last position only and prefills through captured graphs
-of the padded prompt (graph engine; measured on an H200, 1.6B, batch 1: 7.5 ms instead of 26.8 at 64
-tokens), so until it is re-calibrated on new measurements the model over-predicts memory by up to
-batch × prompt × vocab × 2 bytes, long-cache decode time, and prefill time at short prompts.
+The floors and the runtime overhead depend on the engine, not on the model: `calibrate` derives them from one
+measured point (1.6B, P = 1, batch 1, 64 + 64 tokens; for the graph engine a second one of 64 rows sets how
+its floor grows with P · batch) and the model is validated on every other measured point (`parscale cost
+--validate-latency ... --validate-memory ...`, which leaves those points out). ENGINES
+holds the constants calibrated on one H200 (benchmarks/raw, CALIBRATION_FILES; a test re-derives them from
+those files). GPU specs are datasheet peak numbers with measured device-to-device bandwidths standing in
+for the datasheet ones; the floors were measured on an H200 and are used as they are for the other GPUs.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from parscale.model.config import ModelConfig
@@ -50,19 +51,37 @@ GPUS = {
     "a100": GPU("A100 80GB", 79.2, 1.9e12, 312e12),
 }
 
+READ_STEP, PREFILL_STEP, PREFILL_GRAPH_MAX_ROWS = 256, 64, 4096  # as in inference/engine.py
+
 
 @dataclass(frozen=True)
 class Engine:
-    """Engine-dependent constants, calibrated on the measured H100 run (see module docstring)."""
+    """Engine-dependent constants (see the module docstring); `calibrate` sets the floors and the overhead."""
 
-    decode_layer_floor_s: float = 108.7e-6  # graph engine: (5.252 − 1.339 ms) / 36 layers
-    prefill_layer_floor_s: float = 1.70e-3  # eager prefill: 61.1 ms / 36 layers, launch-bound
-    runtime_overhead_bytes: float = 0.095 * 2**30  # 3.482 GiB measured − 3.387 GiB modelled
+    decode_layer_floor_s: float  # at one row
+    prefill_layer_floor_s: float  # the padded prompt replayed from captured graphs
+    runtime_overhead_bytes: float
+    eager_prefill_layer_floor_s: float = 0.74e-3  # graph engine, eager prefill: 26.8 ms / 36 layers (H200)
+    bounded_reads: bool = True
+    padded_prefill: bool = True
+    decode_floor_per_doubling_s: float = 0.0  # the floor's growth per doubling of the step's rows (P · batch)
 
 
-ENGINES = {"graph": Engine(), "compile": Engine(decode_layer_floor_s=53.7e-6)}  # (3.271 − 1.339 ms) / 36
-# The measured point the engine constants were calibrated on: validation leaves it out.
+# Calibrated by `calibrate` on the CALIBRATION_POINT of CALIBRATION_FILES (one H200, torch 2.11.0+cu130).
+ENGINES = {
+    "graph": Engine(decode_layer_floor_s=93.525e-6, prefill_layer_floor_s=171.79e-6,
+                    runtime_overhead_bytes=0.097704 * 2**30, decode_floor_per_doubling_s=4.5615e-6),
+    # the compiled engine as `parscale bench --engine compile --padded-prefill` runs it (whole-cache reads)
+    "compile": Engine(decode_layer_floor_s=35.685e-6, prefill_layer_floor_s=125.70e-6,
+                      runtime_overhead_bytes=0.15584 * 2**30, bounded_reads=False),
+}
+# The measured points the engine constants were calibrated on: validation leaves them out. The graph engine's
+# floor grows with the rows of a step (it keeps every element-wise kernel separate), so a point of many rows
+# sets that growth; the compiled engine's P = 8 / P = 1 is 1.02-1.04 and keeps a flat floor.
 CALIBRATION_POINT = {"shape": "paper-1.6b", "P": 1, "batch": 1, "length": 64}
+MANY_ROWS_POINT = {"shape": "paper-1.6b", "P": 8, "batch": 8, "length": 64}
+CALIBRATION_FILES = {"graph": ("h200_grid_graph_small.json", "h200_memory_fresh.json"),
+                     "compile": ("h200_headline_compile_1.6b_b1.json", "h200_headline_compile_1.6b_b1.json")}
 
 
 def _gemm(m, k, n, gpu: GPU, bytes_per=2):
@@ -71,17 +90,42 @@ def _gemm(m, k, n, gpu: GPU, bytes_per=2):
     return max(flops / (gpu.bf16_flops * gpu.compute_eff), nbytes / (gpu.bandwidth * gpu.mem_eff))
 
 
+def _doubling(start: int, at_least: int, cap: int) -> int:
+    length = start
+    while length < at_least:
+        length *= 2
+    return min(length, cap)
+
+
+def read_slots(cfg: ModelConfig, in_len: int, out_len: int, engine: Engine) -> int:
+    """Cache slots (prefix included) a decode step reads, at the middle of the answer."""
+    max_len = in_len + out_len
+    read = _doubling(READ_STEP, in_len + out_len // 2, max_len) if engine.bounded_reads else max_len
+    return cfg.prefix_len + read
+
+
+def prefill_rows(cfg: ModelConfig, batch: int, in_len: int, engine: Engine) -> tuple[int, bool]:
+    """Rows the prompt runs as (P · batch · padded length) and whether they replay captured graphs."""
+    padded = _doubling(PREFILL_STEP, in_len, cfg.max_position_embeddings)
+    padded = max(in_len, padded)
+    rows = cfg.parscale_n * batch * padded
+    if engine.padded_prefill and rows < PREFILL_GRAPH_MAX_ROWS:
+        return rows, True
+    return cfg.parscale_n * batch * in_len, False
+
+
 def decode_step_s(cfg: ModelConfig, batch: int, cache_slots: int, gpu: GPU, engine: Engine) -> float:
-    """One decode step: P·B rows through every layer, cache of `cache_slots` (prefix included) read."""
+    """One decode step: P·B rows through every layer, `cache_slots` (prefix included) read."""
     p, h, hd = cfg.parscale_n, cfg.hidden_size, cfg.head_dim
     m = p * batch
     q_out, kv_out = cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd
-    per_layer = (_gemm(m, h, q_out, gpu) + 2 * _gemm(m, h, kv_out, gpu) + _gemm(m, q_out, h, gpu)
-                 + 2 * _gemm(m, h, cfg.intermediate_size, gpu) + _gemm(m, cfg.intermediate_size, h, gpu))
+    per_layer = (_gemm(m, h, q_out + 2 * kv_out, gpu) + _gemm(m, q_out, h, gpu)
+                 + _gemm(m, h, 2 * cfg.intermediate_size, gpu) + _gemm(m, cfg.intermediate_size, h, gpu))
     kv_bytes = 2 * m * kv_out * cache_slots * 2
     attn_flops = 4.0 * m * cfg.num_attention_heads * cache_slots * hd
     per_layer += max(kv_bytes / (gpu.bandwidth * gpu.mem_eff), attn_flops / (gpu.bf16_flops * gpu.compute_eff))
-    total = cfg.num_hidden_layers * (per_layer + engine.decode_layer_floor_s)
+    floor = engine.decode_layer_floor_s + engine.decode_floor_per_doubling_s * math.log2(m)
+    total = cfg.num_hidden_layers * (per_layer + floor)
     total += _gemm(batch, h, cfg.vocab_size, gpu)
     if p > 1:
         total += _gemm(batch, p * h, h, gpu) + _gemm(batch, h, p, gpu)
@@ -89,16 +133,17 @@ def decode_step_s(cfg: ModelConfig, batch: int, cache_slots: int, gpu: GPU, engi
 
 
 def prefill_s(cfg: ModelConfig, batch: int, length: int, gpu: GPU, engine: Engine) -> float:
-    p = cfg.parscale_n
-    rows = p * batch * length
+    rows, captured = prefill_rows(cfg, batch, length, engine)
+    per_row_len = rows // (cfg.parscale_n * batch)
     counts = cfg.param_counts()
     flops = 2.0 * rows * (counts["non_embedding"] - counts["parscale"])
-    flops += 2.0 * batch * length * cfg.hidden_size * cfg.vocab_size  # LM head on every position
-    q = length + cfg.prefix_len
-    flops += cfg.num_hidden_layers * 4.0 * p * batch * cfg.num_attention_heads * cfg.head_dim * q * q / 2
+    flops += 2.0 * batch * cfg.hidden_size * cfg.vocab_size  # LM head on the last position
+    q = per_row_len + cfg.prefix_len
+    flops += cfg.num_hidden_layers * 4.0 * cfg.parscale_n * batch * cfg.num_attention_heads * cfg.head_dim * q * q / 2
     compute = flops / (gpu.bf16_flops * gpu.compute_eff)
     weights = counts["total"] * 2 / (gpu.bandwidth * gpu.mem_eff)
-    return max(compute, weights, cfg.num_hidden_layers * engine.prefill_layer_floor_s)
+    floor = engine.prefill_layer_floor_s if captured else engine.eager_prefill_layer_floor_s
+    return max(compute, weights, cfg.num_hidden_layers * floor)
 
 
 def memory_bytes(cfg: ModelConfig, batch: int, in_len: int, out_len: int, engine: Engine) -> dict:
@@ -106,27 +151,66 @@ def memory_bytes(cfg: ModelConfig, batch: int, in_len: int, out_len: int, engine
 
     weights = weight_bytes(cfg, 2)
     kv = kv_cache_bytes(cfg, batch, in_len + out_len, 2)
-    rows = cfg.parscale_n * batch * in_len
+    rows, _ = prefill_rows(cfg, batch, in_len, engine)
     activations = rows * (4 * cfg.hidden_size + 3 * cfg.intermediate_size) * 2
-    activations += batch * in_len * cfg.vocab_size * 2
+    activations += batch * cfg.vocab_size * 2
     return {"weights": weights, "kv_cache": kv, "activations": activations,
             "overhead": engine.runtime_overhead_bytes,
             "total": weights + kv + activations + engine.runtime_overhead_bytes}
 
 
-def predict(cfg: ModelConfig, batch: int, in_len: int, out_len: int, gpu: GPU | str = "h100",
+def calibrate(latency_point: dict, memory_point: dict, gpu: GPU | str = "h200", engine: Engine | str = "graph",
+              many_rows_point: dict | None = None) -> Engine:
+    """The engine constants that make the model reproduce one measured point exactly: the decode floor from
+    its ms/token, the prefill floor from its prefill (assumed floor-bound, as short prompts are) and the
+    overhead from its peak memory. With `many_rows_point` (the same shape and length, more P · batch rows) the
+    floor's growth per doubling of the rows is set to reproduce that point's ms/token too."""
+    gpu = GPUS[gpu] if isinstance(gpu, str) else gpu
+    base = ENGINES[engine] if isinstance(engine, str) else engine
+    cfg = ModelConfig.preset(latency_point["shape"], parscale_n=latency_point["P"])
+    b, n = latency_point["batch"], latency_point["length"]
+    bare = replace(base, decode_layer_floor_s=0.0, runtime_overhead_bytes=0.0, decode_floor_per_doubling_s=0.0)
+    layers = cfg.num_hidden_layers
+
+    def floor_of(point):  # the per-layer floor that point needs, over the rows' own GEMMs and attention
+        c = ModelConfig.preset(point["shape"], parscale_n=point["P"])
+        m = point["length"]
+        modelled = decode_step_s(c, point["batch"], read_slots(c, m, m, bare), gpu, bare)
+        return (point["decode_ms_per_token"] / 1e3 - modelled) / layers, math.log2(point["P"] * point["batch"])
+
+    decode_floor, rows_log = floor_of(latency_point)
+    per_doubling = 0.0
+    if many_rows_point is not None:
+        many_floor, many_log = floor_of(many_rows_point)
+        per_doubling = (many_floor - decode_floor) / (many_log - rows_log)
+        decode_floor -= per_doubling * rows_log
+    prefill_floor = latency_point["prefill_ms"] / 1e3 / layers
+    overhead = memory_point["peak_memory_gib"] * 2**30 - memory_bytes(cfg, b, n, n, bare)["total"]
+    return replace(base, decode_layer_floor_s=decode_floor, prefill_layer_floor_s=prefill_floor,
+                   runtime_overhead_bytes=overhead, decode_floor_per_doubling_s=per_doubling)
+
+
+def calibration_point(path, point: dict | None = None) -> dict:
+    """The CALIBRATION_POINT (or `point`) of a measured bench JSON (the first, if a grid holds it twice)."""
+    point = point or CALIBRATION_POINT
+    for p in json.loads(Path(path).read_text())["points"]:
+        if all(p[k] == v for k, v in point.items()):
+            return p
+    raise ValueError(f"{path} has no point {point}")
+
+
+def predict(cfg: ModelConfig, batch: int, in_len: int, out_len: int, gpu: GPU | str = "h200",
             engine: Engine | str = "graph") -> dict:
     gpu = GPUS[gpu] if isinstance(gpu, str) else gpu
     engine = ENGINES[engine] if isinstance(engine, str) else engine
-    slots = cfg.prefix_len + in_len + out_len  # the static buffer is read whole every step
-    step = decode_step_s(cfg, batch, slots, gpu, engine)
+    step = decode_step_s(cfg, batch, read_slots(cfg, in_len, out_len, engine), gpu, engine)
     pre = prefill_s(cfg, batch, in_len, gpu, engine)
     mem = memory_bytes(cfg, batch, in_len, out_len, engine)
     return {"decode_ms_per_token": step * 1e3, "prefill_ms": pre * 1e3, "latency_s": pre + out_len * step,
             "memory_gib": mem["total"] / 2**30, "memory": mem}
 
 
-def validate(latency_files, memory_files, gpu="h100", engine="graph") -> dict:
+def validate(latency_files, memory_files, gpu="h200", engine="graph") -> dict:
     """Per-point relative error of the model against measured benchmark JSON: timings from
     `latency_files`, peak memory from `memory_files` (measured one process per model); the calibration
     point is left out."""
@@ -137,7 +221,7 @@ def validate(latency_files, memory_files, gpu="h100", engine="graph") -> dict:
         errs = []
         for f in files:
             for p in json.loads(Path(f).read_text())["points"]:
-                if all(p[k] == v for k, v in CALIBRATION_POINT.items()):
+                if any(all(p[k] == v for k, v in c.items()) for c in (CALIBRATION_POINT, MANY_ROWS_POINT)):
                     continue  # judged only on points it was not calibrated on
                 cfg = ModelConfig.preset(p["shape"], parscale_n=p["P"])
                 pred = predict(cfg, p["batch"], p["length"], p["length"], gpu, engine)[key]
