@@ -210,7 +210,7 @@ class DecodeEngine:
         def run():
             return self.prefill_fn(ids, mask)
 
-        side = torch.cuda.Stream()
+        side = warmup_stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(2):  # warm-up: compilation, cuBLAS handles, kernel choice
@@ -264,7 +264,7 @@ class DecodeEngine:
             cache.key_valid.copy_(saved[1])
             self.positions.copy_(saved[2])
 
-        side = torch.cuda.Stream()
+        side = warmup_stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(3):  # warm-up: compilation, cuBLAS handles, autotuning
@@ -293,6 +293,20 @@ def _left_pad(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, leng
 
 
 _ENGINES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+_WARMUP_STREAMS: dict[int, torch.cuda.Stream] = {}
+
+
+def warmup_stream() -> torch.cuda.Stream:
+    """The one side stream the warm-up before every graph capture runs on, per device. cuBLAS keeps a workspace
+    for each stream it has run on until the process ends (tens of MiB each on Hopper): with a new stream per
+    capture every captured graph leaked one, ~60 MiB per engine measured in a benchmark process
+    (benchmarks/README.md)."""
+    device = torch.cuda.current_device()
+    if device not in _WARMUP_STREAMS:
+        _WARMUP_STREAMS[device] = torch.cuda.Stream()
+    return _WARMUP_STREAMS[device]
 
 
 def engine_for(model, compile: bool = False, padded_prefill: bool | None = None) -> DecodeEngine:
