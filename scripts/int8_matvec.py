@@ -26,6 +26,8 @@ import time
 import torch
 import torch.nn.functional as F
 
+from parscale.inference.engine import warmup_stream
+
 LAYERS = 6
 HIDDEN, INTER, KV = 1536, 8320, 192  # paper-1.6b: 16 heads of 96, 2 KV heads
 
@@ -86,7 +88,7 @@ def time_form(form: str, rows: int, tuning: bool, layers) -> dict:
     compile_s = time.perf_counter() - start
     ref = step("bf16" if form == "bf16" else "int8-linear", layers, x)  # eager, for the error
     graph = torch.cuda.CUDAGraph()
-    stream = torch.cuda.Stream()
+    stream = warmup_stream()  # the engine's: a new stream per form would hold a cuBLAS workspace each
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
         fn(x)

@@ -32,6 +32,7 @@ import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from parscale.inference.engine import DecodeEngine
 from parscale.model.config import ModelConfig
 
 
@@ -51,7 +52,9 @@ GPUS = {
     "a100": GPU("A100 80GB", 79.2, 1.9e12, 312e12),
 }
 
-READ_STEP, PREFILL_STEP, PREFILL_GRAPH_MAX_ROWS = 256, 64, 4096  # as in inference/engine.py
+# The engine's own read and padding steps, so that the model cannot drift from what it models.
+READ_STEP, PREFILL_STEP = DecodeEngine.READ_STEP, DecodeEngine.PREFILL_STEP
+PREFILL_GRAPH_MAX_ROWS = DecodeEngine.PREFILL_GRAPH_MAX_ROWS
 
 
 @dataclass(frozen=True)

@@ -12,11 +12,11 @@ as one fp32 reduction that reads the int8 weight once (forward): 2.57 ms/token a
 P = 1 (26.7 ms as F.linear on the cast weight) and 12.1 against 2.26 at P = 8 (1.6B shape, one H200) —
 at this shape a step is bound by its kernels' count, not by the weight bytes, so halving them gains
 nothing, and the reduction re-reads the weight for every row. More rows (prefill) keep F.linear on the
-cast weight. The embedding, the LM head, the
-norms, the prefixes and the aggregator keep their dtype (they hold the ParScale parameters, and the
-LM head's errors reach every logit). The model stays the same function otherwise: generate, the decode
-engine, CUDA graphs and `.to(dtype)` work on it (the int8 tensors keep their dtype; the scales follow
-the model's). A quantized model is for inference: saving it is refused, save the original.
+cast weight. The embedding, the LM head, the norms, the prefixes and the aggregator keep their dtype (they
+hold the ParScale parameters, and the LM head's errors reach every logit). The model stays the same
+function otherwise: generate, the decode engine, CUDA graphs and `.to(dtype)` work on it (the int8 tensors
+keep their dtype; the scales follow the model's). A quantized model is for inference: saving it is
+refused, save the original.
 """
 
 from __future__ import annotations
