@@ -73,10 +73,10 @@ class Engine:
 # Calibrated by `calibrate` on the CALIBRATION_POINT of CALIBRATION_FILES (one H200, torch 2.11.0+cu130).
 ENGINES = {
     "graph": Engine(decode_layer_floor_s=93.525e-6, prefill_layer_floor_s=171.79e-6,
-                    runtime_overhead_bytes=0.097704 * 2**30, decode_floor_per_doubling_s=4.5615e-6),
+                    runtime_overhead_bytes=0.069171 * 2**30, decode_floor_per_doubling_s=4.5615e-6),
     # the compiled engine as `parscale bench --engine compile --padded-prefill` runs it (whole-cache reads)
-    "compile": Engine(decode_layer_floor_s=35.685e-6, prefill_layer_floor_s=125.70e-6,
-                      runtime_overhead_bytes=0.15584 * 2**30, bounded_reads=False),
+    "compile": Engine(decode_layer_floor_s=35.607e-6, prefill_layer_floor_s=96.648e-6,
+                      runtime_overhead_bytes=0.12361 * 2**30, bounded_reads=False),
 }
 # The measured points the engine constants were calibrated on: validation leaves them out. The graph engine's
 # floor grows with the rows of a step (it keeps every element-wise kernel separate), so a point of many rows
