@@ -110,6 +110,10 @@ def measure_point(model, batch: int, length: int, engine: str, memory_only: bool
     """One (batch, length) point: prompt and output of `length` tokens each, in a cache of 2 × length
     tokens or cache_len (to see what a long cache costs a short conversation)."""
     device = model.model.embed_tokens.weight.device
+    # The model keeps its last decode cache for the next request (setup_cache): released here, or a point
+    # after a larger one reports the earlier point's cache as its own peak.
+    model.release_cache()
+    gc.collect()
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     max_len = max(cache_len or 0, 2 * length)
