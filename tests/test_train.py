@@ -180,16 +180,24 @@ def test_prefix_reparam_trains_merges_and_resumes(data_dir, tmp_path):
     assert torch.isfinite(model(torch.ones(1, 5, dtype=torch.long))).all()
 
 
-@pytest.mark.parametrize("mode", ["ddp", "fsdp", "fsdp-frozen"])
+def _checkpoint_weights(out):
+    from safetensors.torch import load_file
+
+    return load_file(Path(out) / "checkpoints" / "latest" / "model" / "model.safetensors")
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp", "fsdp-frozen", "fsdp-untied"])
 def test_torchrun_two_processes_match_one(data_dir, tmp_path, mode):
-    """DDP / FSDP2 over gloo with 2 processes and the same global batch give the single-process losses (with
-    gradient accumulation, whose first micro-step skips the gradient sync), their checkpoint resumes in one
-    process, and a one-process checkpoint resumes in two."""
+    """DDP / FSDP2 over gloo with 2 processes and the same global batch give the single-process losses and
+    weights (with gradient accumulation, whose first micro-step skips the gradient sync), their checkpoint
+    resumes in one process, and a one-process checkpoint resumes in two. `tiny` ties its LM head to the
+    embedding (one tensor in FSDP2's root group, updated by both uses); `fsdp-untied` checks the untied form."""
     import os
     import subprocess
     import sys
 
-    args = ["train", "--model", "tiny", "--streams", "2", "--n-tokens", "4", "--data", str(data_dir), "--grad-accum",
+    model = "tiny-llama" if mode == "fsdp-untied" else "tiny"
+    args = ["train", "--model", model, "--streams", "2", "--n-tokens", "4", "--data", str(data_dir), "--grad-accum",
             "2", "--steps", "4", "--batch-size", "4", "--seq-len", "32", "--eval-every", "0", "--save-every", "0"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     if mode == "fsdp-frozen":  # frozen-backbone (adapter) training, sharded
@@ -211,6 +219,14 @@ def test_torchrun_two_processes_match_one(data_dir, tmp_path, mode):
         assert one_adapter.keys() == two_adapter.keys()
         for k in one_adapter:
             torch.testing.assert_close(two_adapter[k], one_adapter[k], atol=1e-5, rtol=1e-4)
+        return
+    # the weights written by 2 processes are the ones written by 1 (a tied model writes no separate LM head)
+    one_weights, two_weights = _checkpoint_weights(tmp_path / "one"), _checkpoint_weights(tmp_path / "two")
+    assert two_weights.keys() == one_weights.keys()
+    assert ("lm_head.weight" in one_weights) == (mode == "fsdp-untied")
+    for k in one_weights:
+        torch.testing.assert_close(two_weights[k], one_weights[k], atol=1e-5, rtol=1e-4, msg=k)
+    if mode == "fsdp-untied":
         return
     # a checkpoint written by 2 processes resumes in 1
     cont = subprocess.run([sys.executable, "-m", "parscale.cli", *args[:-6], "--steps", "6", "--seq-len", "32",
