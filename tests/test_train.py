@@ -197,19 +197,25 @@ def test_torchrun_two_processes_match_one(data_dir, tmp_path, mode):
     import sys
 
     model = "tiny-llama" if mode == "fsdp-untied" else "tiny"
-    args = ["train", "--model", model, "--streams", "2", "--n-tokens", "4", "--data", str(data_dir), "--grad-accum",
-            "2", "--steps", "4", "--batch-size", "4", "--seq-len", "32", "--eval-every", "0", "--save-every", "0"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    common = ["train", "--model", model, "--streams", "2", "--n-tokens", "4", "--data", str(data_dir), "--grad-accum",
+              "2", "--batch-size", "4", "--seq-len", "32", "--eval-every", "0", "--save-every", "0"]
     if mode == "fsdp-frozen":  # frozen-backbone (adapter) training, sharded
-        args += ["--trainable", "parscale"]
-    one = subprocess.run([sys.executable, "-m", "parscale.cli", *args, "--out", str(tmp_path / "one")], env=env,
-                         capture_output=True, text=True, timeout=300)
-    assert one.returncode == 0, one.stderr[-2000:]
+        common += ["--trainable", "parscale"]
     flags = ["--fsdp"] if mode.startswith("fsdp") else []
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          "-m", "parscale.cli", *args, *flags, "--out", str(tmp_path / "two")], env=env,
-                         capture_output=True, text=True, timeout=300)
-    assert two.returncode == 0, two.stderr[-2000:]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def train_in(processes: int, out: str, steps: int, resume: bool = False) -> None:
+        launcher = (["-m", "parscale.cli"] if processes == 1 else
+                    ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
+                     "-m", "parscale.cli"])
+        cmd = [sys.executable, *launcher, *common, *(flags if processes > 1 else []), "--steps", str(steps),
+               "--out", str(tmp_path / out), *(["--resume"] if resume else [])]
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert len(_losses(tmp_path / out)) == steps
+
+    train_in(1, "one", 4)
+    train_in(2, "two", 4)
     assert _losses(tmp_path / "two") == pytest.approx(_losses(tmp_path / "one"), abs=1e-5)
     if mode == "fsdp-frozen":  # the adapter written by 2 processes is the one written by 1
         from safetensors.torch import load_file
@@ -228,18 +234,11 @@ def test_torchrun_two_processes_match_one(data_dir, tmp_path, mode):
         torch.testing.assert_close(two_weights[k], one_weights[k], atol=1e-5, rtol=1e-4, msg=k)
     if mode == "fsdp-untied":
         return
-    # a checkpoint written by 2 processes resumes in 1
-    cont = subprocess.run([sys.executable, "-m", "parscale.cli", *args[:-6], "--steps", "6", "--seq-len", "32",
-                           "--eval-every", "0", "--save-every", "0", "--out", str(tmp_path / "two"), "--resume"],
-                          env=env, capture_output=True, text=True, timeout=300)
-    assert cont.returncode == 0, cont.stderr[-2000:]
-    assert len(_losses(tmp_path / "two")) == 6
-    # and one written by 1 process resumes in 2: both runs then hold the same 6 losses
-    resume_in_two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-                                    "2", "-m", "parscale.cli", *args[:-6], *flags, "--steps", "6", "--seq-len", "32",
-                                    "--eval-every", "0", "--save-every", "0", "--out", str(tmp_path / "one"),
-                                    "--resume"], env=env, capture_output=True, text=True, timeout=300)
-    assert resume_in_two.returncode == 0, resume_in_two.stderr[-2000:]
+    train_in(1, "two", 6, resume=True)  # written by 2 processes, resumed in 1
+    train_in(2, "one", 6, resume=True)  # written by 1 process, resumed in 2
+    assert _losses(tmp_path / "one") == pytest.approx(_losses(tmp_path / "two"), abs=1e-5)
+    train_in(2, "one", 8, resume=True)  # written by 2 processes, resumed in 2
+    train_in(1, "two", 8, resume=True)
     assert _losses(tmp_path / "one") == pytest.approx(_losses(tmp_path / "two"), abs=1e-5)
 
 
