@@ -9,6 +9,8 @@
 #   bash scripts/gpu_train.sh accum   P=4 compiled, 4 accumulation micro-steps, DDP and FSDP2 on every GPU, gradients
 #                                     reduced on the last micro-step only (the default) and on every one
 #                                     (--sync-every-micro-step): what skipping the sync saves
+#   bash scripts/gpu_train.sh large   SHAPE (default paper-2.8b) at P=4 with activation checkpointing, 1 GPU and FSDP2
+#                                     on every GPU (8 sequences per GPU): tokens/s, MFU and peak memory per GPU
 # speed also runs P=4 compiled with --log-every 1 (the host waits for every step, as before step_metrics.py)
 # Data: the demo's token shards in runs/demo/data (`parscale demo` writes them).
 set -uo pipefail
@@ -24,6 +26,7 @@ rows = [json.loads(l) for l in open(sys.argv[2] + "/metrics.jsonl")][5:]  # skip
 print(json.dumps({"run": sys.argv[1], "gpu": torch.cuda.get_device_name(0), "torch": torch.__version__,
                   "steps_measured": len(rows), "tokens_per_s": statistics.median(r["tokens_per_s"] for r in rows),
                   "mfu": statistics.median(r["mfu"] for r in rows) if "mfu" in rows[0] else None,
+                  "peak_memory_gib": max(r.get("peak_memory_gib", 0) for r in rows),
                   "losses": [round(r["loss"], 5) for r in rows]}))
 PY
 }
@@ -51,7 +54,16 @@ case "${1:-speed}" in
     runn --steps 10 --save-every 10 --out /tmp/fr1 > "$OUT/fsdp_part.log" 2>&1
     cp -r /tmp/fr1 /tmp/frn
     run1 --steps 20 --resume --out /tmp/fr1 >> "$OUT/fsdp_part.log" 2>&1 && summarise "fsdp_${n}gpu_resumed_on_1" /tmp/fr1
-    runn --steps 20 --resume --out /tmp/frn >> "$OUT/fsdp_part.log" 2>&1 && summarise "fsdp_${n}gpu_resumed_on_${n}" /tmp/frn ;;
+    runn --steps 20 --resume --out /tmp/frn >> "$OUT/fsdp_part.log" 2>&1 && summarise "fsdp_${n}gpu_resumed_on_${n}" /tmp/frn
+    # every step's loss against the 1-GPU run's (bf16 autocast: a sum reduced in another order differs a little)
+    python3 - /tmp/f1 /tmp/fn /tmp/fr1 /tmp/frn <<'PY' >> "$OUT/train_runs.jsonl"
+import json, sys
+losses = {d: [json.loads(l)["loss"] for l in open(d + "/metrics.jsonl")] for d in sys.argv[1:]}
+ref = losses[sys.argv[1]]
+print(json.dumps({"max_abs_loss_diff_vs_1gpu": {d: max(abs(a - b) for a, b in zip(ref, v)) for d, v in losses.items()
+                                               if d != sys.argv[1] and len(v) == len(ref)}}))
+PY
+    ;;
   scaling)
     for p in 1 4; do
       timeout 150 python3 -m parscale.cli train $common --streams $p --steps 30 --batch-size 16 --compile \
@@ -73,5 +85,13 @@ case "${1:-speed}" in
             > "$OUT/$name.log" 2>&1 && summarise "$name" /tmp/$name
       done
     done ;;
+  large)
+    shape=${SHAPE:-paper-2.8b}
+    big="--model $shape --data runs/demo/data --seq-len 512 --eval-every 0 --save-every 0 --lr 3e-4 --warmup 5 \
+      --log-every 5 --streams 4 --steps 20 --activation-checkpointing"
+    timeout 280 python3 -m parscale.cli train $big --batch-size 8 --out /tmp/l1 > "$OUT/large_1gpu.log" 2>&1 \
+        && summarise "1gpu_${shape}_p4_ac" /tmp/l1
+    timeout 280 torchrun --standalone --nproc_per_node="$n" -m parscale.cli train $big --batch-size $((8 * n)) --fsdp \
+        --out /tmp/ln > "$OUT/large_fsdp.log" 2>&1 && summarise "${n}gpu_fsdp_${shape}_p4_ac" /tmp/ln ;;
 esac
 cat "$OUT/train_runs.jsonl"

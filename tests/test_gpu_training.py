@@ -1,5 +1,7 @@
 """Every training option runs on a CUDA GPU (bf16 autocast, fused AdamW) and resumes exactly there."""
 
+import json
+
 import pytest
 import torch
 from test_train import _cfg, _losses
@@ -26,6 +28,9 @@ def test_option_trains_and_resumes_on_cuda(data_dir, tmp_path, option):
     losses = _losses(tmp_path / "full")
     assert len(losses) == 6 and all(torch.isfinite(torch.tensor(losses)))
     assert losses[-1] < losses[0] and result["val_loss"] is not None
+    rows = [json.loads(line) for line in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    peaks = [r["peak_memory_gib"] for r in rows]  # a high-water mark: positive, never falling
+    assert peaks[0] > 0 and peaks == sorted(peaks)
     train(_cfg(data_dir, tmp_path / "part", **kw), stop_after=3)
     train(_cfg(data_dir, tmp_path / "part", **kw), resume=True)
     assert _losses(tmp_path / "part") == pytest.approx(losses, abs=2e-3)  # bf16 autocast: not bit-exact

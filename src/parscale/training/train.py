@@ -581,9 +581,13 @@ def _train(cfg: TrainConfig, resume: bool, stop_after: int | None, overwrite: bo
                 bar.update(1)
                 continue
             record = records[-1]
+            # this process's high-water mark so far (under FSDP2: its shard of weights and optimizer state)
+            peak_gib = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
             for r in records:
                 if peak:
                     r["mfu"] = r["tokens_per_s"] * token_flops / (peak * world)
+                if peak_gib is not None:
+                    r["peak_memory_gib"] = peak_gib
             if evaluating:
                 last_eval = evaluate_loss(loss_module, val, cfg.eval_batches, device)
                 record["val_loss"] = last_eval
