@@ -186,21 +186,24 @@ def _checkpoint_weights(out):
     return load_file(Path(out) / "checkpoints" / "latest" / "model" / "model.safetensors")
 
 
-@pytest.mark.parametrize("mode", ["ddp", "fsdp", "fsdp-frozen", "fsdp-untied"])
+@pytest.mark.parametrize("mode", ["ddp", "fsdp", "fsdp-frozen", "fsdp-untied-ac"])
 def test_torchrun_two_processes_match_one(data_dir, tmp_path, mode):
     """DDP / FSDP2 over gloo with 2 processes and the same global batch give the single-process losses and
     weights (with gradient accumulation, whose first micro-step skips the gradient sync), their checkpoint
     resumes in one process, and a one-process checkpoint resumes in two. `tiny` ties its LM head to the
-    embedding (one tensor in FSDP2's root group, updated by both uses); `fsdp-untied` checks the untied form."""
+    embedding (one tensor in FSDP2's root group, updated by both uses); `fsdp-untied-ac` checks the untied form,
+    with activation checkpointing (layers wrapped for recomputation, then sharded) in both runs."""
     import os
     import subprocess
     import sys
 
-    model = "tiny-llama" if mode == "fsdp-untied" else "tiny"
+    model = "tiny-llama" if mode == "fsdp-untied-ac" else "tiny"
     common = ["train", "--model", model, "--streams", "2", "--n-tokens", "4", "--data", str(data_dir), "--grad-accum",
               "2", "--batch-size", "4", "--seq-len", "32", "--eval-every", "0", "--save-every", "0"]
     if mode == "fsdp-frozen":  # frozen-backbone (adapter) training, sharded
         common += ["--trainable", "parscale"]
+    if mode == "fsdp-untied-ac":
+        common += ["--activation-checkpointing"]
     flags = ["--fsdp"] if mode.startswith("fsdp") else []
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
 
@@ -229,10 +232,10 @@ def test_torchrun_two_processes_match_one(data_dir, tmp_path, mode):
     # the weights written by 2 processes are the ones written by 1 (a tied model writes no separate LM head)
     one_weights, two_weights = _checkpoint_weights(tmp_path / "one"), _checkpoint_weights(tmp_path / "two")
     assert two_weights.keys() == one_weights.keys()
-    assert ("lm_head.weight" in one_weights) == (mode == "fsdp-untied")
+    assert ("lm_head.weight" in one_weights) == (mode == "fsdp-untied-ac")
     for k in one_weights:
         torch.testing.assert_close(two_weights[k], one_weights[k], atol=1e-5, rtol=1e-4, msg=k)
-    if mode == "fsdp-untied":
+    if mode == "fsdp-untied-ac":
         return
     train_in(1, "two", 6, resume=True)  # written by 2 processes, resumed in 1
     train_in(2, "one", 6, resume=True)  # written by 1 process, resumed in 2
