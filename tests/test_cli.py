@@ -21,6 +21,13 @@ def test_new_info_generate_convert(tmp_path, capsys):
     # 2 (K,V) * 2 layers * 4 streams * 2 batch * 2 kv heads * (8 + 10) slots * 16 dims * 2 bytes
     assert info["kv_cache_bytes"] == 2 * 2 * 4 * 2 * 2 * 18 * 16 * 2
     assert (tmp_path / "c" / "tokenizer.json").is_file()
+    # the default length is the model's 512 positions (fewer than 2048); a cache it cannot use is refused
+    assert main(["info", "--model", str(tmp_path / "c"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["length"] == 512
+    for flags, message in ((["--length", "513"], "between 1 and the model's 512 positions"),
+                           (["--length", "-5"], "between 1 and"), (["--batch", "0"], "--batch must be at least 1")):
+        assert main(["info", "--model", str(tmp_path / "c"), *flags]) == 2
+        assert message in capsys.readouterr().err
     assert main(["generate", "--model", str(tmp_path / "c"), "--prompt", "abc", "--max-new-tokens", "5"]) == 0
     text = capsys.readouterr().out
     assert text.startswith("abc")

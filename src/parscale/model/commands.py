@@ -52,6 +52,12 @@ def cmd_info(args):
     from parscale.model.checkpoint import read_config, read_generation_config
 
     cfg = read_config(args.model)
+    positions = cfg.max_position_embeddings
+    length = min(2048, positions) if args.length is None else args.length
+    if args.batch < 1:
+        raise ValueError(f"--batch must be at least 1, got {args.batch}")
+    if not 1 <= length <= positions:
+        raise ValueError(f"--length must be between 1 and the model's {positions} positions, got {length}")
     counts = cfg.param_counts()
     elem = torch.finfo(torch.bfloat16).bits // 8 if args.dtype in ("bfloat16", "float16") else 4
     info = {
@@ -63,8 +69,8 @@ def cmd_info(args):
         "params_total": counts["total"], "params_non_embedding": counts["non_embedding"],
         "params_parscale": counts["parscale"], "dtype": args.dtype,
         "weights_bytes": weight_bytes(cfg, elem),
-        "kv_cache_bytes": kv_cache_bytes(cfg, args.batch, args.length, elem), "batch": args.batch,
-        "length": args.length, "generation_defaults": read_generation_config(args.model),
+        "kv_cache_bytes": kv_cache_bytes(cfg, args.batch, length, elem), "batch": args.batch,
+        "length": length, "generation_defaults": read_generation_config(args.model),
     }
     if args.json:
         print(json.dumps(info, indent=2))
@@ -109,7 +115,8 @@ def add_parsers(sub) -> None:
     p.add_argument("--model", required=True, help=MODEL_HELP)
     p.add_argument("--revision", default=None, help="branch, tag or commit when --model is a Hub id (org/name)")
     p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--length", type=int, default=2048, help="tokens in the KV cache (prefix excluded)")
+    p.add_argument("--length", type=int, default=None,
+                   help="tokens in the KV cache (prefix excluded; default 2048, or the model's positions if fewer)")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--json", action="store_true")
     p = sub.add_parser("convert", help=cmd_convert.__doc__)
