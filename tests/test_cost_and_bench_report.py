@@ -22,6 +22,19 @@ def test_cost_grows_with_size_streams_and_batch():
         predict(ModelConfig.preset("paper-1.6b"), 8, 64, 64, gpu="h100")["decode_ms_per_token"]
 
 
+def test_a_workload_the_model_cannot_run_is_one_error(capsys):
+    from parscale.cli import main
+
+    cfg = ModelConfig.preset("paper-1.6b")
+    for args, message in (((0, 64, 64), "--batch"), ((1, 0, 64), "--input-len"), ((1, 64, -1), "--output-len"),
+                          ((1, 2000, 49), "exceed the model's 2048 positions")):
+        with pytest.raises(ValueError, match=message):
+            predict(cfg, *args)
+    assert main(["cost", "--batch", "0"]) == 2 and "--batch" in capsys.readouterr().err
+    assert main(["plan", "--paper", "stack", "--memory-gib", "-1", "--latency-ms", "7"]) == 2
+    assert "--memory-gib and --latency-ms must be > 0" in capsys.readouterr().err
+
+
 def test_kv_cache_bytes_of_paper_shape():
     # measurements.md: 27.6 KB per token per stream for the 1.6B shape in bf16
     cfg = ModelConfig.preset("paper-1.6b", parscale_n=8)

@@ -126,6 +126,8 @@ def cmd_plan(args):
     from parscale.analysis.cost import predict
     from parscale.model.config import PRESETS, ModelConfig
 
+    if not (args.memory_gib > 0 and args.latency_ms > 0):
+        raise ValueError(f"--memory-gib and --latency-ms must be > 0, got {args.memory_gib} and {args.latency_ms}")
     f = _load_fit(args)
     rows = []
     for name in sorted(k for k in PRESETS if k.startswith("paper-")):

@@ -202,8 +202,20 @@ def calibration_point(path, point: dict | None = None) -> dict:
     raise ValueError(f"{path} has no point {point}")
 
 
+def check_workload(cfg: ModelConfig, batch: int, in_len: int, out_len: int) -> None:
+    """One clear error for a workload the model cannot run (the formulas would return a number for it)."""
+    if batch < 1:
+        raise ValueError(f"the batch (--batch) must be at least 1, got {batch}")
+    if in_len < 1 or out_len < 0:
+        raise ValueError(f"the prompt (--input-len) needs at least 1 token and the answer (--output-len) at least 0, "
+                         f"got {in_len} and {out_len}")
+    if in_len + out_len > cfg.max_position_embeddings:
+        raise ValueError(f"{in_len} + {out_len} tokens exceed the model's {cfg.max_position_embeddings} positions")
+
+
 def predict(cfg: ModelConfig, batch: int, in_len: int, out_len: int, gpu: GPU | str = "h200",
             engine: Engine | str = "graph") -> dict:
+    check_workload(cfg, batch, in_len, out_len)
     gpu = GPUS[gpu] if isinstance(gpu, str) else gpu
     engine = ENGINES[engine] if isinstance(engine, str) else engine
     step = decode_step_s(cfg, batch, read_slots(cfg, in_len, out_len, engine), gpu, engine)
