@@ -11,6 +11,8 @@ from parscale.analysis.memory import kv_cache_bytes
 from parscale.model.config import ModelConfig
 
 RAW = Path(__file__).parent.parent / "benchmarks" / "raw"
+GRID = [RAW / "h200_grid_graph_small.json", RAW / "h200_grid_graph_large.json"]
+MEMORY = RAW / "h200_memory_fresh.json"
 
 
 def test_cost_grows_with_size_streams_and_batch():
@@ -35,14 +37,42 @@ def test_a_workload_the_model_cannot_run_is_one_error(capsys):
     assert "--memory-gib and --latency-ms must be > 0" in capsys.readouterr().err
 
 
+def test_a_file_that_is_not_a_benchmark_is_one_error_naming_it(tmp_path, capsys):
+    from parscale.cli import main
+
+    not_json, no_points, memory_only = tmp_path / "a.csv", tmp_path / "b.json", tmp_path / "c.json"
+    not_json.write_text("params,P,loss\n")
+    no_points.write_text('{"eq5": {}}')
+    memory_only.write_text(json.dumps({"points": [{"shape": "paper-1.6b", "P": 1, "batch": 1, "length": 64,
+                                                   "peak_memory_gib": 3.1}]}))
+    for args, message in (
+            (["bench-report", "--latency", str(not_json), "--memory", str(MEMORY)], f"{not_json} is not a benchmark"),
+            (["bench-report", "--latency", str(no_points), "--memory", str(MEMORY)], "no 'points' list"),
+            (["bench-report", "--latency", str(memory_only), "--memory", str(MEMORY)], "point 0 has no decode_ms"),
+            (["bench-report", "--latency", str(tmp_path / "none.json"), "--memory", str(MEMORY)], "no such benchmark"),
+            (["cost", "--validate-latency", str(memory_only)], "point 0 has no decode_ms_per_token"),
+            (["cost", "--validate-latency"], "nothing to validate against"),
+            (["plan", "--paper", "stack", "--memory-gib", "8", "--latency-ms", "7", "--law", str(no_points)],
+             "is not a fit written by `parscale fit --out`")):
+        assert main(args) == 2, args
+        err = capsys.readouterr().err
+        assert err.startswith("error:") and message in err and err.count("\n") == 1, err
+
+
+@pytest.mark.skipif(not MEMORY.exists(), reason="no committed measurements")
+def test_validation_against_one_kind_of_measurement_reports_that_kind(tmp_path, capsys):
+    from parscale.cli import main
+
+    assert main(["cost", "--validate-memory", str(MEMORY), "--out", str(tmp_path / "v.json")]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert list(summary) == ["memory_gib"] and summary["memory_gib"]["points"] > 0
+    assert json.loads((tmp_path / "v.json").read_text())["summary"] == summary
+
+
 def test_kv_cache_bytes_of_paper_shape():
     # measurements.md: 27.6 KB per token per stream for the 1.6B shape in bf16
     cfg = ModelConfig.preset("paper-1.6b", parscale_n=8)
     assert kv_cache_bytes(cfg, 1, 1) - kv_cache_bytes(cfg, 1, 0) == 8 * 27_648
-
-
-GRID = [RAW / "h200_grid_graph_small.json", RAW / "h200_grid_graph_large.json"]
-MEMORY = RAW / "h200_memory_fresh.json"
 
 
 @pytest.mark.skipif(not MEMORY.exists(), reason="no committed measurements")

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 import parscale
+from parscale.io.files import write_json_atomic
 from parscale.training.data import build_shards
 from parscale.training.tokenizer import train_bpe
 from parscale.training.train import TrainConfig, train
@@ -78,7 +79,7 @@ def run_demo(out, steps: int = 200, corpus_mb: int = 4, vocab_size: int = 4096) 
         print(f"[demo] P={p}: held-out loss {result['val_loss']:.4f} after {result['tokens']:,} tokens "
               f"({result['seconds']:.0f} s); sample:\n{prompt}{sample}\n")
     _plot(out, report)
-    (out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
+    write_json_atomic(report, out / "report.json")
     print(f"[demo] report: {out / 'report.json'}, plot: {out / 'loss.png'}")
     return report
 

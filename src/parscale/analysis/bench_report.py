@@ -15,10 +15,10 @@ and the summary name the GPU, engine and lengths the latency files hold.
 
 from __future__ import annotations
 
-import json
 from collections import defaultdict
 from pathlib import Path
 
+from parscale.analysis.bench_files import LATENCY_KEYS, MEMORY_KEYS, read_bench_json
 from parscale.analysis.scaling_law import paper_points
 from parscale.io.files import write_json_atomic
 from parscale.model.config import ModelConfig
@@ -36,10 +36,10 @@ def _paper_losses() -> dict[str, dict[int, float]]:
 PAPER_LOSS = _paper_losses()
 
 
-def _points(files, lengths=None) -> list[dict]:
+def _points(files, needs, lengths=None) -> list[dict]:
     out = []
     for f in files:
-        out.extend(p for p in json.loads(Path(f).read_text())["points"] if lengths is None or p["length"] in lengths)
+        out.extend(p for p in read_bench_json(f, needs)["points"] if lengths is None or p["length"] in lengths)
     return out
 
 
@@ -47,21 +47,21 @@ def describe(latency_files, lengths=None) -> dict:
     """What the latency files measured: GPUs, engines and input = output lengths (after the `lengths` filter)."""
     gpus, engines = set(), set()
     for f in latency_files:
-        data = json.loads(Path(f).read_text())
-        gpus.add(data["environment"]["gpu"])
-        engines.add(data["engine"])
+        data = read_bench_json(f, LATENCY_KEYS)
+        gpus.add(data.get("environment", {}).get("gpu", "unknown GPU"))
+        engines.add(data.get("engine", "unknown"))
     return {"gpu": sorted(gpus), "engine": sorted(engines),
-            "lengths": sorted({p["length"] for p in _points(latency_files, lengths)})}
+            "lengths": sorted({p["length"] for p in _points(latency_files, LATENCY_KEYS, lengths)})}
 
 
 def aggregate(latency_files, memory_files, lengths=None) -> dict:
     """{(shape, P, batch): {'latency_s', 'memory_gib', 'decode_ms'}} averaged over lengths (all, or `lengths`)."""
     acc = defaultdict(lambda: defaultdict(list))
-    for p in _points(latency_files, lengths):
+    for p in _points(latency_files, LATENCY_KEYS, lengths):
         key = (p["shape"], p["P"], p["batch"])
         acc[key]["latency_s"].append(p["latency_s"])
         acc[key]["decode_ms"].append(p["decode_ms_per_token"])
-    for p in _points(memory_files, lengths):
+    for p in _points(memory_files, MEMORY_KEYS, lengths):
         acc[(p["shape"], p["P"], p["batch"])]["memory_gib"].append(p["peak_memory_gib"])
     if not acc:
         raise ValueError(f"no benchmark points{f' of length {sorted(lengths)}' if lengths else ''} in the files given")

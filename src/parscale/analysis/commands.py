@@ -97,9 +97,16 @@ def _load_fit(args):
     from parscale.analysis.scaling_law import Fit, fit
 
     if args.law:
-        d = json.loads(Path(args.law).read_text())
-        d = d.get("eq5", d)
-        return Fit("eq5", d["E"], d["A"], d["alpha"], d["k"], d.get("r2", float("nan")), 0.0)
+        try:
+            d = json.loads(Path(args.law).read_text())
+            d = d.get("eq5", d)
+            return Fit("eq5", *(float(d[k]) for k in ("E", "A", "alpha", "k")), float(d.get("r2", "nan")), 0.0)
+        except FileNotFoundError:
+            raise ValueError(f"no such file: {args.law}") from None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError, KeyError, TypeError,
+                ValueError) as e:
+            raise ValueError(f"--law {args.law} is not a fit written by `parscale fit --out` (it needs E, A, "
+                             f"alpha and k, alone or under 'eq5'; {type(e).__name__}: {e})") from None
     return fit(_law_points(args), "eq5")
 
 
@@ -159,10 +166,12 @@ def cmd_cost(args):
     from parscale.analysis.cost import predict, validate
     from parscale.model.config import ModelConfig
 
-    if args.validate_latency or args.validate_memory:
+    if args.validate_latency is not None or args.validate_memory is not None:
         v = validate(args.validate_latency or [], args.validate_memory or [], args.gpu, args.engine)
         if args.out:
-            Path(args.out).write_text(json.dumps(v, indent=1) + "\n")
+            from parscale.io.files import write_json_atomic
+
+            write_json_atomic(v, Path(args.out))
         print(json.dumps(v["summary"], indent=1))
         return
     cfg = ModelConfig.preset(args.shape, parscale_n=args.streams)

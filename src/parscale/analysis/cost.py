@@ -27,11 +27,10 @@ for the datasheet ones; the floors were measured on an H200 and are used as they
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, replace
-from pathlib import Path
 
+from parscale.analysis.bench_files import LATENCY_KEYS, MEMORY_KEYS, read_bench_json
 from parscale.inference.engine import DecodeEngine
 from parscale.model.config import ModelConfig
 
@@ -196,8 +195,8 @@ def calibrate(latency_point: dict, memory_point: dict, gpu: GPU | str = "h200", 
 def calibration_point(path, point: dict | None = None) -> dict:
     """The CALIBRATION_POINT (or `point`) of a measured bench JSON (the first, if a grid holds it twice)."""
     point = point or CALIBRATION_POINT
-    for p in json.loads(Path(path).read_text())["points"]:
-        if all(p[k] == v for k, v in point.items()):
+    for p in read_bench_json(path)["points"]:
+        if all(p.get(k) == v for k, v in point.items()):
             return p
     raise ValueError(f"{path} has no point {point}")
 
@@ -229,13 +228,19 @@ def validate(latency_files, memory_files, gpu="h200", engine="graph") -> dict:
     """Per-point relative error of the model against measured benchmark JSON: timings from
     `latency_files`, peak memory from `memory_files` (measured one process per model); the calibration
     point is left out."""
-    metrics = {"decode_ms_per_token": ("decode_ms_per_token", latency_files),
-               "latency_s": ("latency_s", latency_files), "memory_gib": ("peak_memory_gib", memory_files)}
+    if not latency_files and not memory_files:
+        raise ValueError("nothing to validate against: give measured bench JSON (--validate-latency / "
+                         "--validate-memory)")
+    metrics = {"decode_ms_per_token": ("decode_ms_per_token", latency_files, LATENCY_KEYS),
+               "latency_s": ("latency_s", latency_files, LATENCY_KEYS),
+               "memory_gib": ("peak_memory_gib", memory_files, MEMORY_KEYS)}
     rows, summary = [], {}
-    for key, (measured_key, files) in metrics.items():
+    for key, (measured_key, files, needs) in metrics.items():
+        if not files:  # only the metrics whose measurements were given
+            continue
         errs = []
         for f in files:
-            for p in json.loads(Path(f).read_text())["points"]:
+            for p in read_bench_json(f, needs)["points"]:
                 if any(all(p[k] == v for k, v in c.items()) for c in (CALIBRATION_POINT, MANY_ROWS_POINT)):
                     continue  # judged only on points it was not calibrated on
                 cfg = ModelConfig.preset(p["shape"], parscale_n=p["P"])
@@ -244,6 +249,8 @@ def validate(latency_files, memory_files, gpu="h200", engine="graph") -> dict:
                 errs.append(abs(err))
                 rows.append({"metric": key, "shape": p["shape"], "P": p["P"], "batch": p["batch"],
                              "length": p["length"], "measured": p[measured_key], "predicted": pred, "error": err})
+        if not errs:
+            raise ValueError(f"{', '.join(map(str, files))}: no points besides the calibration points")
         summary[key] = {"points": len(errs), "mean_abs_error": sum(errs) / len(errs), "max_abs_error": max(errs),
                         "share_within_15pct": sum(e <= 0.15 for e in errs) / len(errs)}
     return {"gpu": gpu, "engine": engine, "summary": summary, "points": rows}
