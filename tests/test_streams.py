@@ -79,3 +79,12 @@ def test_training_logs_and_cli_writes_diagnostics(data_dir, tmp_path, capsys):
     d = json.loads(out.read_text())
     assert d["parscale_n"] == 2 and len(d["hidden_cosine"]) == 2 and plot.stat().st_size > 0
     assert "each stream alone" in capsys.readouterr().out
+    # the validation shard itself (uint16 ids on disk) gives the same windows, so the same diagnostics
+    assert main(["streams", "--model", str(tmp_path / "run"), "--data", str(data_dir / "val.bin"), "--batches", "2",
+                 "--batch-size", "2", "--seq-len", "32", "--out", str(tmp_path / "bin.json")]) == 0
+    from_shard = json.loads((tmp_path / "bin.json").read_text())
+    assert from_shard["loss_stream"] == pytest.approx(d["loss_stream"], abs=1e-6), "not the folder's windows"
+    for flags, message in ((["--seq-len", "513"], "--seq-len must be between 1 and the model's 512 positions"),
+                           (["--batches", "0"], "--batches and --batch-size must be at least 1")):
+        assert main(["streams", "--model", str(tmp_path / "run"), "--data", str(data_dir), *flags]) == 2
+        assert message in capsys.readouterr().err

@@ -237,24 +237,42 @@ def cmd_streams(args):
 
 
 def _held_out_windows(args, model):
-    """Batches of (x, y) windows: the validation split of a `parscale data` folder, or any text eval reads."""
+    """Batches of (x, y) windows evenly spaced over the validation split of a `parscale data` folder, or over
+    any text or token shard eval reads."""
     import numpy as np
     import torch
 
+    cfg = model.config
+    if args.batches < 1 or args.batch_size < 1:
+        raise ValueError(f"--batches and --batch-size must be at least 1, got {args.batches} and {args.batch_size}")
+    if not 1 <= args.seq_len <= cfg.max_position_embeddings:
+        raise ValueError(f"--seq-len must be between 1 and the model's {cfg.max_position_embeddings} positions, "
+                         f"got {args.seq_len}")
     data = Path(args.data)
     if (data / "manifest.json").is_file():
         from parscale.training.data import TokenLoader
 
         loader = TokenLoader(data, "val", args.batch_size, args.seq_len)
+        if loader.manifest["vocab_size"] > cfg.vocab_size:
+            raise ValueError(f"{data}'s tokenizer has {loader.manifest['vocab_size']} ids but the model's vocabulary "
+                             f"only {cfg.vocab_size}")
         return list(loader.windows(limit=args.batches * args.batch_size))
     import parscale
     from parscale.analysis.evaluate import iter_documents
 
-    ids = np.concatenate([d.ids for d in iter_documents(data, parscale.load_tokenizer(args.model))])
-    n = min(args.batches * args.batch_size, (len(ids) - 1) // args.seq_len)
+    tokenizer = parscale.load_tokenizer(args.model) if data.suffix != ".bin" else None
+    # a token shard's uint16 / uint32 ids become the int64 indices the embedding takes
+    ids = np.concatenate([d.ids for d in iter_documents(data, tokenizer, token_dtype=args.token_dtype)]).astype(
+        np.int64)
+    bad = (ids < 0) | (ids >= cfg.vocab_size)
+    if bad.any():
+        raise ValueError(f"{data}: token id {int(ids[bad.argmax()])} is outside the vocabulary [0, {cfg.vocab_size})")
+    n_windows = (len(ids) - 1) // args.seq_len
+    n = min(args.batches * args.batch_size, n_windows)
     if n == 0:
         raise ValueError(f"{str(data)!r} holds {len(ids)} tokens: fewer than one window of {args.seq_len + 1}")
-    rows = torch.from_numpy(np.stack([ids[i * args.seq_len : (i + 1) * args.seq_len + 1] for i in range(n)]))
+    starts = [i * n_windows // n for i in range(n)]  # evenly spaced over the data, as for a data folder
+    rows = torch.from_numpy(np.stack([ids[j * args.seq_len : (j + 1) * args.seq_len + 1] for j in starts]))
     return [(rows[i : i + args.batch_size, :-1], rows[i : i + args.batch_size, 1:])
             for i in range(0, n, args.batch_size)]
 
@@ -313,7 +331,9 @@ def add_parsers(sub) -> None:
     p = sub.add_parser("streams", help=cmd_streams.__doc__)
     p.add_argument("--model", required=True, help=MODEL_HELP)
     p.add_argument("--revision", default=None, help="branch, tag or commit when --model is a Hub id (org/name)")
-    p.add_argument("--data", required=True, help="a `parscale data` folder (its validation split) or text/JSONL")
+    p.add_argument("--data", required=True,
+                   help="a `parscale data` folder (its validation split), text/JSONL, or a *.bin token shard")
+    p.add_argument("--token-dtype", default="uint16", choices=["uint16", "uint32"], help="of a *.bin token shard")
     p.add_argument("--batches", type=int, default=8)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=512)
