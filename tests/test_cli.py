@@ -45,6 +45,14 @@ def test_errors_are_one_line(tmp_path, capsys):
                  "--streams", "2"]) == 2
     assert "already has parscale_n=2" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+    # a request generate refuses prints its error alone, not the prompt first
+    assert main(["new", "--preset", "tiny", "--out", str(tmp_path / "m")]) == 0
+    capsys.readouterr()
+    assert main(["generate", "--model", str(tmp_path / "m"), "--prompt", "abc", "--max-new-tokens", "600"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith("error:") and "exceeds the model's 512 positions" in err
+    assert main(["generate", "--model", str(tmp_path / "m"), "--prompt", "abc", "--max-new-tokens", "0"]) == 0
+    assert capsys.readouterr().out == "abc"  # nothing new: the prompt alone
 
 
 def test_demo_data_train_end_to_end(tmp_path, capsys):

@@ -48,8 +48,9 @@ def _generation_flags(args) -> dict:
     return flags
 
 
-def _stream(model, tok, ids, eos: list[int], flags: dict, skip_ids=()) -> list[int]:
-    """Generate from ids, writing the text to stdout as it comes; returns the new ids."""
+def _stream(model, tok, ids, eos: list[int], flags: dict, skip_ids=(), lead: str = "") -> list[int]:
+    """Generate from ids, writing the text to stdout as it comes; returns the new ids. `lead` (the prompt)
+    is written with the first new token, so a request that generate refuses prints only its error."""
     import parscale
 
     produced: list[int] = []
@@ -57,6 +58,8 @@ def _stream(model, tok, ids, eos: list[int], flags: dict, skip_ids=()) -> list[i
 
     def on_token(token):
         nonlocal printed
+        if not produced:
+            sys.stdout.write(lead)
         produced.append(int(token[0]))
         text = tok.decode([t for t in produced if t not in skip_ids])
         if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
@@ -65,6 +68,8 @@ def _stream(model, tok, ids, eos: list[int], flags: dict, skip_ids=()) -> list[i
             printed = len(text)
 
     parscale.generate(model, ids, eos_token_id=eos, on_token=on_token, **flags)
+    if not produced:
+        sys.stdout.write(lead)
     return produced
 
 
@@ -83,8 +88,7 @@ def cmd_generate(args):
     if ids.shape[1] == 0:
         raise ValueError("the prompt encodes to no tokens")
     start = time.perf_counter()
-    sys.stdout.write(args.prompt)
-    produced = _stream(model, tok, ids, eos, _generation_flags(args))
+    produced = _stream(model, tok, ids, eos, _generation_flags(args), lead=args.prompt)
     elapsed = time.perf_counter() - start
     print(f"\n[{len(produced)} tokens in {elapsed:.2f} s, {len(produced) / elapsed:.1f} tokens/s]", file=sys.stderr)
 
