@@ -161,6 +161,7 @@ def test_bad_settings_fail_before_any_work(data_dir, tmp_path, capsys):
     for flags, message in ((["--steps", "0"], "steps must be > 0"), (["--grad-accum", "0"], "grad_accum must be > 0"),
                            (["--batch-size", "0"], "batch_size must be > 0"),
                            (["--eval-every", "-1"], "eval_every must be >= 0"),
+                           (["--grad-clip", "-1"], "grad_clip must be >= 0"), (["--grad-clip", "nan"], "grad_clip"),
                            (["--schedule", "linear"], "schedule must be 'cosine' or 'wsd'"),
                            (["--seq-len", "600", "--batch-size", "1"], "exceeds the model's 512 positions")):
         assert main(base + flags) == 2, flags

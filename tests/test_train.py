@@ -110,6 +110,13 @@ def test_divergence_stops_and_keeps_checkpoint(data_dir, tmp_path, monkeypatch):
     assert torch.isfinite(model(torch.ones(1, 4).long())).all()
 
 
+def test_grad_clip_zero_means_no_clipping(data_dir, tmp_path):
+    train(_cfg(data_dir, tmp_path / "off", grad_clip=0.0, steps=3))
+    train(_cfg(data_dir, tmp_path / "huge", grad_clip=1e30, steps=3))
+    train(_cfg(data_dir, tmp_path / "tight", grad_clip=1e-3, steps=3))
+    assert _losses(tmp_path / "off") == _losses(tmp_path / "huge") != _losses(tmp_path / "tight")
+
+
 def test_loss_trace_is_reproduced(data_dir, tmp_path):
     train(_cfg(data_dir, tmp_path / "trace", streams=1, steps=10))
     losses = _losses(tmp_path / "trace")

@@ -172,7 +172,7 @@ class TrainConfig:
     weight_decay: float = 0.1
     """AdamW weight decay on matrices (never on norms, biases or prefixes)."""
     grad_clip: float = 1.0
-    """Gradient-norm clipping threshold."""
+    """Gradient-norm clipping threshold (0: no clipping; the norm is still logged)."""
     eval_every: int = 50
     """Evaluate on held-out windows every this many steps (0: only at the end)."""
     eval_batches: int = 16
@@ -421,6 +421,9 @@ def check_config(cfg: TrainConfig) -> None:
         raise ValueError(f"trainable must be 'all' or 'parscale', got {cfg.trainable!r}")
     if cfg.parscale_lr_mult <= 0 or (cfg.parscale_warmup is not None and cfg.parscale_warmup <= 0):
         raise ValueError("parscale_lr_mult and parscale_warmup must be > 0")
+    # clip_grad_norm_ scales the gradients by max_norm / norm: a negative threshold would reverse them
+    if not (math.isfinite(cfg.grad_clip) and cfg.grad_clip >= 0):
+        raise ValueError(f"grad_clip must be >= 0 (0: no clipping), got {cfg.grad_clip}")
     if not 0 <= cfg.min_lr_ratio <= 1:
         raise ValueError(f"min_lr_ratio must be in [0, 1], got {cfg.min_lr_ratio}")
 
@@ -563,7 +566,7 @@ def _train(cfg: TrainConfig, resume: bool, stop_after: int | None, overwrite: bo
                 if weights is not None:
                     w = weights.detach().float().flatten(0, 1)
                     weights_sum = w if weights_sum is None else torch.cat([weights_sum, w])
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
             optimizer.step()
             scheduler.step()
             window.add(step + 1, lr, loss_sum, grad_norm, weights_sum)
