@@ -409,9 +409,11 @@ def _plain_model(model, loss_module, fsdp: bool):
 def check_config(cfg: TrainConfig) -> None:
     """One error naming the first setting that cannot work, before anything is read or written."""
     positive = ("steps", "batch_size", "seq_len", "grad_accum", "lr", "warmup", "eval_batches", "log_every")
+    if cfg.prefix_reparam:
+        positive += ("reparam_latent", "reparam_hidden")
     for name in positive:
-        if not getattr(cfg, name) > 0:
-            raise ValueError(f"{name} must be > 0, got {getattr(cfg, name)}")
+        if not (getattr(cfg, name) > 0 and math.isfinite(getattr(cfg, name))):
+            raise ValueError(f"{name} must be > 0 and finite, got {getattr(cfg, name)}")
     for name in ("eval_every", "save_every", "keep_checkpoints", "stream_batches", "data_start", "weight_decay"):
         if getattr(cfg, name) < 0:
             raise ValueError(f"{name} must be >= 0, got {getattr(cfg, name)}")
@@ -419,7 +421,7 @@ def check_config(cfg: TrainConfig) -> None:
         raise ValueError(f"schedule must be 'cosine' or 'wsd', got {cfg.schedule!r}")
     if cfg.trainable not in ("all", "parscale"):
         raise ValueError(f"trainable must be 'all' or 'parscale', got {cfg.trainable!r}")
-    if cfg.parscale_lr_mult <= 0 or (cfg.parscale_warmup is not None and cfg.parscale_warmup <= 0):
+    if not (0 < cfg.parscale_lr_mult < math.inf) or (cfg.parscale_warmup is not None and cfg.parscale_warmup <= 0):
         raise ValueError("parscale_lr_mult and parscale_warmup must be > 0")
     # clip_grad_norm_ scales the gradients by max_norm / norm: a negative threshold would reverse them
     if not (math.isfinite(cfg.grad_clip) and cfg.grad_clip >= 0):
