@@ -210,6 +210,19 @@ def test_corpus_rejects_a_val_fraction_outside_0_1(tmp_path, capsys):
     assert not (tmp_path / "c.jsonl").exists()
 
 
+def test_data_refuses_settings_it_cannot_honour_before_any_work(tmp_path, capsys):
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "a.txt").write_text("hello world, some text to tokenise\n")
+    base = ["data", str(tmp_path / "src"), "--out", str(tmp_path / "d")]
+    for flags, message in ((["--vocab-size", "0"], "at least 257 (the 256 bytes and <|endoftext|>), got 0"),
+                           (["--vocab-size", "256"], "at least 257"), (["--val-fraction", "1"], "--val-fraction"),
+                           (["--bpe-sample", "0"], "--bpe-sample")):
+        assert main(base + flags) == 2, flags
+        assert message in capsys.readouterr().err, flags
+        assert not (tmp_path / "d").exists()
+    assert main(base + ["--vocab-size", "257"]) == 0  # the smallest: bytes and the end-of-text token
+
+
 def test_generate_arguments(checkpoint_dir, capsys):
     base = ["generate", "--model", str(checkpoint_dir), "--max-new-tokens", "3"]
     for flags, message in ((["--prompt", ""], "the prompt is empty"),

@@ -30,12 +30,14 @@ def cmd_data(args):
     """Tokenise text sources into shards + manifest (training a BPE tokenizer unless one is given)."""
     from parscale.io.files import check_writable
     from parscale.training.data import DATA_FILES, build_shards, iter_texts
-    from parscale.training.tokenizer import train_bpe
+    from parscale.training.tokenizer import check_vocab_size, train_bpe
 
     if not 0 <= args.val_fraction < 1:
         raise ValueError(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
     if not 0 < args.bpe_sample <= 1:
         raise ValueError(f"--bpe-sample must be in (0, 1], got {args.bpe_sample}")
+    if args.tokenizer is None:
+        check_vocab_size(args.vocab_size)
     check_writable(Path(args.out), DATA_FILES, args.overwrite)  # before the long work
     if args.tokenizer:
         import parscale

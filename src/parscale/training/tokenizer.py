@@ -44,9 +44,20 @@ def _gpt2_bytes_to_unicode() -> list[str]:
     return [chr(by_byte[b]) for b in range(256)]
 
 
+MIN_VOCAB_SIZE = 257  # the 256 byte tokens and <|endoftext|>: a byte-level BPE has them whatever it is asked
+
+
+def check_vocab_size(vocab_size: int) -> None:
+    if vocab_size < MIN_VOCAB_SIZE:
+        raise ValueError(f"a byte-level BPE needs a vocabulary of at least {MIN_VOCAB_SIZE} (the 256 bytes and "
+                         f"{EOS_TOKEN}), got {vocab_size}")
+
+
 def train_bpe(texts: Iterable[str], vocab_size: int, min_frequency: int = 2):
     """A byte-level BPE with `vocab_size` entries (including `<|endoftext|>`) trained on `texts`."""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    check_vocab_size(vocab_size)
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer, tok.decoder = _byte_level_parts()
