@@ -120,28 +120,47 @@ def test_registered_name():
     assert get_model("parscale").__name__ == "ParScaleLM"
 
 
-@pytest.mark.parametrize("variant", ["qwen2", "llama"])
+@pytest.mark.parametrize("variant", ["qwen2", "llama", "llama-bos", "llama-bos-named"])
 def test_agrees_with_lm_eval_hf_model(variant, tmp_path):
+    """Scores equal lm-eval's `hf` model's. "llama-bos" has a tokenizer whose post-processor adds a BOS token
+    (as Llama 3's does): kept in contexts, left out of a continuation after an empty context; with
+    "-named" the folder's tokenizer_config.json names it bos_token, and it becomes the prefix token."""
     pytest.importorskip("accelerate")
     from hf_oracle import make_hf_model
     from lm_eval.api.instance import Instance
     from lm_eval.models.huggingface import HFLM
+    from tokenizers.processors import TemplateProcessing
     from transformers import PreTrainedTokenizerFast
 
     from parscale.analysis.lm_eval_model import ParScaleLM
 
-    hf = make_hf_model(variant, tmp_path)
-    byte_tokenizer().save(str(tmp_path / "tokenizer.json"))
-    tok = PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "tokenizer.json"), eos_token="<|endoftext|>")
-    ours = ParScaleLM(pretrained=str(tmp_path), batch_size=3, max_length=64)
-    ours.eot_token_id = 256  # the HF config names a different EOS id than the byte tokenizer
-    ref = HFLM(pretrained=hf, tokenizer=tok, batch_size=3, max_length=64)
+    hf = make_hf_model(variant.split("-")[0], tmp_path)
+    tokenizer = byte_tokenizer()
+    named = {}
+    if variant.startswith("llama-bos"):
+        tokenizer.add_special_tokens(["<|begin_of_text|>"])
+        bos = tokenizer.token_to_id("<|begin_of_text|>")
+        tokenizer.post_processor = TemplateProcessing(single="<|begin_of_text|> $A", pair="<|begin_of_text|> $A $B",
+                                                      special_tokens=[("<|begin_of_text|>", bos)])
+        assert tokenizer.encode("a").ids[0] == bos
+    if variant == "llama-bos-named":
+        named = {"bos_token": "<|begin_of_text|>"}
+        (tmp_path / "tokenizer_config.json").write_text(json.dumps(named))
+    tokenizer.save(str(tmp_path / "tokenizer.json"))
+    tok = PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "tokenizer.json"), eos_token="<|endoftext|>",
+                                  **named)
     pairs = [("hello", " world"), ("", "abc"), ("def f(x):", "\n    return x "), ("a" * 100, "bc")]
     reqs = [Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)]
-    for (a, ga), (b, gb) in zip(ours.loglikelihood(reqs), ref.loglikelihood(reqs), strict=True):
-        assert a == pytest.approx(b, abs=1e-4) and ga == gb
     rolling = [Instance("loglikelihood_rolling", {}, ("some text " * 20,), 0)]
-    assert ours.loglikelihood_rolling(rolling)[0] == pytest.approx(ref.loglikelihood_rolling(rolling)[0], abs=1e-3)
+    for add_bos in [None] + ([False] if variant.startswith("llama-bos") else []):  # the default, then forced off
+        ours = ParScaleLM(pretrained=str(tmp_path), batch_size=3, max_length=64,
+                          **({} if add_bos is None else {"add_bos_token": str(add_bos).lower()}))
+        ours.eot_token_id = 256  # the HF config names a different EOS id than the byte tokenizer
+        ref = HFLM(pretrained=hf, tokenizer=tok, batch_size=3, max_length=64, add_bos_token=add_bos)
+        for (a, ga), (b, gb) in zip(ours.loglikelihood(reqs), ref.loglikelihood(reqs), strict=True):
+            assert a == pytest.approx(b, abs=1e-4) and ga == gb, add_bos
+        assert ours.loglikelihood_rolling(rolling)[0] == pytest.approx(ref.loglikelihood_rolling(rolling)[0],
+                                                                       abs=1e-3)
 
 
 @pytest.mark.parametrize("suffix", [".jsonl", ".jsonl.gz", ".jsonl.xz"])

@@ -7,11 +7,15 @@ and then hands every argument to lm-eval's own command line:
     parscale-lm-eval --model parscale --model_args pretrained=DIR,dtype=bfloat16 \
         --tasks parscale_ppl_example --include_path examples/lm_eval_tasks
 
-Scoring follows lm-eval's `hf` model so numbers are comparable: a context's trailing spaces move
-to the continuation; an empty context is replaced by the EOS token; continuations are scored
-given at most `max_length` tokens; rolling log-likelihoods use lm-eval's own disjoint windows with
-the EOS token as prefix. Requests are batched longest-first with right padding (causal attention
-never lets a real token see the padding after it).
+Scoring follows lm-eval's `hf` model (0.4.13) so numbers are comparable: text is encoded with the
+tokenizer's own added tokens (a post-processor's BOS, as Llama 3's, is kept; `add_bos_token=true|false`
+forces it, as for `hf`), unless it already starts with the prefix token's text; the prefix token is the
+folder's bos_token (tokenizer_config.json / special_tokens_map.json), else the EOS token; a context's
+trailing spaces move to the continuation; an empty context becomes the prefix token, its continuation
+encoded without added tokens; continuations are scored given at most `max_length` tokens; rolling
+log-likelihoods use lm-eval's own disjoint windows with the prefix token in front. Requests are
+batched longest-first with right padding (causal attention never lets a real token see the padding
+after it).
 """
 
 from __future__ import annotations
@@ -24,13 +28,15 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
 import parscale
-from parscale.model.checkpoint import parse_dtype
+from parscale.inference.chat import special_tokens
+from parscale.model.checkpoint import model_folder, parse_dtype
 
 
 @register_model("parscale")
 class ParScaleLM(LM):
     def __init__(self, pretrained: str, dtype=None, device: str | None = None, batch_size: int | str = 8,
-                 max_length: int | None = None, max_gen_toks: int = 256, **_ignored):
+                 max_length: int | None = None, max_gen_toks: int = 256, add_bos_token: bool | str | None = None,
+                 **_ignored):
         super().__init__()
         if device is None or (str(device).startswith("cuda") and not torch.cuda.is_available()):
             device = "cuda" if torch.cuda.is_available() else "cpu"  # lm-eval's command line defaults to cuda
@@ -45,18 +51,32 @@ class ParScaleLM(LM):
         self.eot_token_id = eos if eos is not None else self.tokenizer.token_to_id("<|endoftext|>")
         if self.eot_token_id is None:
             raise ValueError(f"{pretrained}: neither config.json nor the tokenizer names an EOS token")
+        self.add_bos_token = None if add_bos_token is None else str(add_bos_token).lower() in ("true", "1")
+        bos = special_tokens(model_folder(pretrained)).get("bos_token")
+        self.bos_token_id = self.tokenizer.token_to_id(bos) if bos is not None else None
+
+    @property
+    def prefix_token_id(self) -> int:
+        """What an empty context becomes and what rolling windows start from (lm-eval's `hf`: BOS, else EOS)."""
+        return self.bos_token_id if self.bos_token_id is not None else self.eot_token_id
 
     # ------------------------------------------------------------------------------------------
-    def encode(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text).ids
+    def encode(self, text: str, add_special_tokens: bool | None = None) -> list[int]:
+        if add_special_tokens is None:
+            add_special_tokens = self.add_bos_token if self.add_bos_token is not None else True
+            if text.startswith(self.tokenizer.decode([self.prefix_token_id], skip_special_tokens=False)):
+                add_special_tokens = False  # the text brings its own BOS
+        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
 
     def _encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+        if not context:
+            # the continuation without added tokens, after the prefix token (unless it starts with it)
+            cont = self.encode(continuation, add_special_tokens=False)
+            return ([self.prefix_token_id], cont) if cont[:1] != [self.prefix_token_id] else (cont[:1], cont[1:])
         n_spaces = len(context) - len(context.rstrip())
         if n_spaces:
             continuation = context[-n_spaces:] + continuation
             context = context[:-n_spaces]
-        if not context:
-            return [self.eot_token_id], self.encode(continuation)
         whole = self.encode(context + continuation)
         context_ids = self.encode(context)
         return context_ids, whole[len(context_ids):]
@@ -93,7 +113,7 @@ class ParScaleLM(LM):
         for req in requests:
             (text,) = req.args
             wins = [make_disjoint_window(w) for w in get_rolling_token_windows(
-                token_list=self.encode(text), prefix_token=self.eot_token_id, max_seq_len=self.max_length,
+                token_list=self.encode(text), prefix_token=self.prefix_token_id, max_seq_len=self.max_length,
                 context_len=1)]
             out.append(sum(ll for ll, _ in self._score(wins, "rolling")))
         return out
