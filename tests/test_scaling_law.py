@@ -123,6 +123,8 @@ def test_cli_fit_json_and_plots(tmp_path, capsys):
     assert (tmp_path / "pile_contours.png").stat().st_size > 10_000
     assert main(["fit", str(tmp_path / "missing.csv")]) == 2
     assert "no such file" in capsys.readouterr().err
+    assert main(["fit", "--paper", "pile", "--bootstrap", "-5"]) == 2  # was silently no interval
+    assert "--bootstrap takes a number of resamples >= 0" in capsys.readouterr().err
 
 
 def test_cli_plan_picks_lowest_loss_within_budget(capsys):

@@ -52,6 +52,8 @@ def cmd_fit(args):
     """Fit the parallel scaling law (Eq. 5 and the ρ form, Eq. 4) to params,P,loss points."""
     from parscale.analysis.scaling_law import bootstrap, fit, k_profile
 
+    if args.bootstrap < 0:
+        raise ValueError(f"--bootstrap takes a number of resamples >= 0 (0: none), got {args.bootstrap}")
     points = _law_points(args)
     eq5, eq4 = fit(points, "eq5"), fit(points, "eq4")
     result = {**eq5.as_dict(), "eq5": eq5.as_dict(), "eq4": eq4.as_dict(), "n_points": len(points)}
