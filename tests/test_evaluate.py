@@ -4,6 +4,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import tiny_model
@@ -86,6 +87,24 @@ def test_bad_input(checkpoint, tmp_path, capsys):
         evaluate(model, tok, tmp_path / "blank.txt", progress=False)
     assert main(["eval", "--model", str(tmp_path), "--data", str(tmp_path / "bad.jsonl")]) == 2
     assert "no config.json" in capsys.readouterr().err
+
+
+def test_a_token_shard_is_read_in_the_dtype_its_manifest_names(checkpoint, tmp_path, capsys):
+    """A uint32 shard of a `parscale data` folder (vocabulary > 65,536) read as uint16 would give two ids per
+    token, every one inside a large vocabulary: a wrong loss without an error. The manifest's dtype is used."""
+    model = parscale.load(checkpoint)
+    ids = np.random.default_rng(0).integers(1, 250, 300)
+    (tmp_path / "val.bin").write_bytes(ids.astype(np.uint32).tobytes())
+    (tmp_path / "manifest.json").write_text(json.dumps({"dtype": "uint32", "vocab_size": 300}))
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "plain" / "val.bin").write_bytes(ids.astype(np.uint16).tobytes())  # no manifest: uint16
+    expected = evaluate(model, None, tmp_path / "plain" / "val.bin", progress=False)
+    assert evaluate(model, None, tmp_path / "val.bin", progress=False)["tokens"] == expected["tokens"]
+    assert evaluate(model, None, tmp_path / "val.bin", progress=False)["loss"] == pytest.approx(expected["loss"])
+    # a --token-dtype that contradicts the manifest is one error
+    assert main(["eval", "--model", str(checkpoint), "--data", str(tmp_path / "val.bin"), "--token-dtype",
+                 "uint16"]) == 2
+    assert "manifest.json says its shards are uint32" in capsys.readouterr().err
 
 
 lm_eval = pytest.importorskip("lm_eval")

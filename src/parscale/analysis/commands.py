@@ -324,7 +324,8 @@ def add_parsers(sub) -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--glob", default="**/*.txt", help="files to read in a folder")
     p.add_argument("--text-field", default="text")
-    p.add_argument("--token-dtype", default="uint16", choices=["uint16", "uint32"])
+    p.add_argument("--token-dtype", default=None, choices=["uint16", "uint32"],
+                   help="of a *.bin token shard (default: its folder's manifest.json, else uint16)")
     p.add_argument("--dtype", default=None)
     p.add_argument("--device", default=None)
     p.add_argument("--quantize", default=None, choices=["int8"], help=QUANTIZE_HELP)
@@ -335,7 +336,8 @@ def add_parsers(sub) -> None:
     p.add_argument("--revision", default=None, help="branch, tag or commit when --model is a Hub id (org/name)")
     p.add_argument("--data", required=True,
                    help="a `parscale data` folder (its validation split), text/JSONL, or a *.bin token shard")
-    p.add_argument("--token-dtype", default="uint16", choices=["uint16", "uint32"], help="of a *.bin token shard")
+    p.add_argument("--token-dtype", default=None, choices=["uint16", "uint32"],
+                   help="of a *.bin token shard (default: its folder's manifest.json, else uint16)")
     p.add_argument("--batches", type=int, default=8)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=512)

@@ -4,7 +4,8 @@
 
 PATH is a text file, a folder (files matching --glob, recursively), a JSONL file (`.jsonl`, `.jsonl.gz`
 or `.jsonl.xz`; one document per line, text in --text-field; an optional "domain" field groups results),
-or a token shard `*.bin` (raw uint16/uint32 ids, --token-dtype). Each document is tokenised with the
+or a token shard `*.bin` (raw uint16/uint32 ids: the dtype its folder's manifest.json names, else
+--token-dtype, default uint16). Each document is tokenised with the
 checkpoint's tokenizer.json and preceded by the EOS id when the tokenizer has one, so its first token is
 predicted too. Files are read by documents.py, the reader `parscale data` uses.
 
@@ -18,6 +19,7 @@ bits per byte = total NLL / ln 2 / UTF-8 bytes of the scored text (not defined f
 
 from __future__ import annotations
 
+import json
 import math
 from collections import defaultdict
 from collections.abc import Iterator
@@ -42,13 +44,34 @@ class Document:
     n_bytes: int | None
 
 
+def shard_dtype(path: Path, token_dtype: str | None) -> str:
+    """The id type of a token shard: the one the `parscale data` manifest beside it names (a contradicting
+    `token_dtype` is an error: uint32 ids read as uint16 give two in-vocabulary ids each, silently), else
+    `token_dtype`, else uint16."""
+    manifest = path.parent / "manifest.json"
+    named = None
+    if manifest.is_file():
+        try:
+            named = json.loads(manifest.read_text()).get("dtype")
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+            named = None  # not a data folder's manifest: nothing to go by
+    if named in ("uint16", "uint32"):
+        if token_dtype is not None and token_dtype != named:
+            raise EvalDataError(f"{path}: its folder's manifest.json says its shards are {named}, not {token_dtype} "
+                                f"(leave --token-dtype out)")
+        return named
+    return token_dtype or "uint16"
+
+
 def iter_documents(path, tokenizer, glob: str = "**/*.txt", text_field: str = "text",
-                   token_dtype: str = "uint16") -> Iterator[Document]:
-    """Tokenised documents of a text file, folder, JSONL (.gz / .xz too) or `*.bin` token shard."""
+                   token_dtype: str | None = None) -> Iterator[Document]:
+    """Tokenised documents of a text file, folder, JSONL (.gz / .xz too) or `*.bin` token shard (ids in the
+    dtype its folder's manifest names, else `token_dtype`, else uint16)."""
     path = Path(path)
     if not path.exists():
         raise EvalDataError(f"evaluation data {str(path)!r} does not exist")
     if path.suffix == ".bin":
+        token_dtype = shard_dtype(path, token_dtype)
         itemsize = np.dtype(token_dtype).itemsize
         if path.stat().st_size % itemsize:
             raise EvalDataError(f"{path} holds {path.stat().st_size} bytes: not a whole number of {token_dtype} "
@@ -121,7 +144,7 @@ def score_windows(model, chunks: list[tuple[list[int], int]], device) -> list[fl
     width = max(len(ids) for ids, _ in chunks)
     batch = torch.zeros(len(chunks), width, dtype=torch.long)
     for i, (ids, _) in enumerate(chunks):
-        batch[i, : len(ids)] = torch.as_tensor(ids)
+        batch[i, : len(ids)] = torch.from_numpy(np.asarray(ids, dtype=np.int64))  # a copy: shards are read-only
     # Right padding needs no mask: causal attention never lets a real token see the padding after it.
     logits = model(batch.to(device)).float()
     out = []
@@ -134,7 +157,7 @@ def score_windows(model, chunks: list[tuple[list[int], int]], device) -> list[fl
 
 
 def evaluate(model, tokenizer, data, max_length: int | None = None, stride: int | None = None,
-             batch_size: int = 8, glob: str = "**/*.txt", text_field: str = "text", token_dtype: str = "uint16",
+             batch_size: int = 8, glob: str = "**/*.txt", text_field: str = "text", token_dtype: str | None = None,
              progress: bool = True) -> dict:
     cfg = model.config
     max_length, stride = check_window_settings(cfg.max_position_embeddings, max_length, stride, batch_size)
