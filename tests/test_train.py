@@ -164,6 +164,20 @@ def test_adapter_refuses_another_backbone(data_dir, tmp_path):
         load_adapter(other, tmp_path / "a2" / "adapter")
 
 
+def test_a_p_streams_checkpoint_refuses_prefix_settings_it_would_not_use(data_dir, tmp_path):
+    """Training on from a P > 1 checkpoint keeps its prefixes and aggregator: an --n-tokens or --smooth that
+    differs from theirs would be recorded in train_config.json but not used, so it is refused."""
+    train(_cfg(data_dir, tmp_path / "p2", steps=2, smooth=0.05))
+    ckpt = str(tmp_path / "p2" / "checkpoints" / "latest" / "model")
+    for setting, message in ((dict(n_tokens=8), "has n-tokens 4; --n-tokens 8 cannot be applied"),
+                             (dict(n_tokens=None, smooth=0.1), "has smooth 0.05; --smooth 0.1 cannot be applied")):
+        with pytest.raises(ValueError, match=message):
+            train(_cfg(data_dir, tmp_path / "next", model=ckpt, steps=2, **setting))
+    train(_cfg(data_dir, tmp_path / "same", model=ckpt, steps=2, smooth=0.05))  # its own values, or none
+    result = train(_cfg(data_dir, tmp_path / "none", model=ckpt, steps=2, n_tokens=None))
+    assert parscale.load(tmp_path / "none").config.parscale_attn_smooth == 0.05 and result["parscale_n"] == 2
+
+
 def test_two_stage_from_p1_checkpoint(data_dir, tmp_path):
     train(_cfg(data_dir, tmp_path / "s1", streams=1, steps=6))
     result = train(_cfg(data_dir, tmp_path / "s2", model=str(tmp_path / "s1" / "checkpoints" / "latest" / "model"),

@@ -124,6 +124,9 @@ class StopRequest:
             signal.signal(sig, handler)
 
 
+DEFAULT_SMOOTH = 0.1  # ε of a model built here (a preset, or streams added to a P = 1 checkpoint)
+
+
 @dataclass
 class TrainConfig:
     model: str = "tiny"
@@ -138,8 +141,8 @@ class TrainConfig:
     """Prefix tokens per stream and layer (default: the preset's; 48 when adding streams to a checkpoint)."""
     p1_prefix: bool = False
     """With streams = 1: give the model a learned prefix of n_tokens (the prefix control, no aggregator)."""
-    smooth: float = 0.1
-    """ε of the aggregation smoothing w·(1−ε) + ε/P."""
+    smooth: float | None = None
+    """ε of the aggregation smoothing w·(1−ε) + ε/P (default: a P > 1 checkpoint's own, else 0.1)."""
     prefix_reparam: bool = False
     """Produce the prefixes by a small MLP from per-stream latents while training (reparam.py)."""
     reparam_latent: int = 64
@@ -302,7 +305,8 @@ def _initial_model(cfg: TrainConfig, vocab_size: int, eos_id: int):
         if unknown:
             raise ValueError(f"model_overrides: unknown model settings {', '.join(unknown)}")
         overrides = {**shape, "parscale_n": cfg.streams, "vocab_size": vocab_size, "eos_token_id": eos_id,
-                     "parscale_attn_smooth": cfg.smooth, "parscale_p1_prefix": cfg.p1_prefix}
+                     "parscale_attn_smooth": DEFAULT_SMOOTH if cfg.smooth is None else cfg.smooth,
+                     "parscale_p1_prefix": cfg.p1_prefix}
         if cfg.n_tokens is not None:
             overrides["parscale_n_tokens"] = cfg.n_tokens
         return build_model(ModelConfig.preset(cfg.model, **overrides), seed=cfg.seed)
@@ -312,9 +316,18 @@ def _initial_model(cfg: TrainConfig, vocab_size: int, eos_id: int):
     if model.config.vocab_size < vocab_size:
         raise ValueError(f"{cfg.model} has {model.config.vocab_size} token ids but the data uses {vocab_size}")
     if cfg.streams > 1 and model.config.parscale_n == 1:
-        model = add_streams(model, cfg.streams, n_tokens=cfg.n_tokens or 48, smooth=cfg.smooth, seed=cfg.seed)
+        model = add_streams(model, cfg.streams, n_tokens=cfg.n_tokens or 48,
+                            smooth=DEFAULT_SMOOTH if cfg.smooth is None else cfg.smooth, seed=cfg.seed)
     elif cfg.streams != model.config.parscale_n:
         raise ValueError(f"{cfg.model} has P={model.config.parscale_n}; --streams {cfg.streams} cannot be applied")
+    elif model.config.parscale_n > 1:
+        # its prefixes and aggregator exist already: a different setting would be recorded but not used
+        own = {"n_tokens": model.config.parscale_n_tokens, "smooth": model.config.parscale_attn_smooth}
+        for name, value in own.items():
+            asked = getattr(cfg, name)
+            if asked is not None and asked != value:
+                raise ValueError(f"{cfg.model} has {name.replace('_', '-')} {value}; --{name.replace('_', '-')} "
+                                 f"{asked} cannot be applied to its prefixes and aggregator (leave it out)")
     return model
 
 
