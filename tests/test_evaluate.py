@@ -209,3 +209,28 @@ def test_bad_jsonl_rows_name_file_and_line(checkpoint, tmp_path):
         (tmp_path / "bad.jsonl").write_text(body)
         with pytest.raises(EvalDataError, match=match):
             evaluate(model, tok, tmp_path / "bad.jsonl", progress=False)
+
+
+@pytest.mark.parametrize("style", ["chatml", "llama3"])
+def test_chat_templates_render_as_lm_eval_hf_model_renders_them(style, tmp_path):
+    """`lm_eval --apply_chat_template`: the same prompts as lm-eval's `hf` model on the same tokenizer files,
+    with a generation prompt, and continuing a final assistant message (a prefill) without one."""
+    pytest.importorskip("accelerate")
+    from hf_oracle import make_hf_model
+    from lm_eval.models.huggingface import HFLM
+    from test_everyday import MESSAGES, chat_folder
+    from transformers import AutoTokenizer
+
+    from parscale.analysis.lm_eval_model import ParScaleLM
+
+    folder = chat_folder(tmp_path / "m", style)
+    ours = ParScaleLM(pretrained=str(folder), batch_size=1, max_length=64)
+    ref = HFLM(pretrained=make_hf_model("qwen2", tmp_path / "hf"), tokenizer=AutoTokenizer.from_pretrained(str(folder)),
+               batch_size=1, max_length=64)
+    history = [{"role": "system", "content": "Be brief."}, *MESSAGES]
+    prefilled = [*history, {"role": "assistant", "content": "4 "}]
+    for messages, add_generation_prompt in ((history, True), (prefilled, False)):
+        theirs = ref.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+        assert ours.apply_chat_template(messages, add_generation_prompt=add_generation_prompt) == theirs
+    assert ours.chat_template(True) == ref.chat_template(True) and ours.chat_template(False) is None
+    assert ours.tokenizer_name == str(folder).replace("/", "__")

@@ -64,6 +64,24 @@ def test_chat_template_renders_as_transformers_does(tmp_path, style, add_generat
     assert ours.startswith("<|im_start|>system\nYou are a helpful" if style == "chatml" else "<|begin_of_text|>")
 
 
+@pytest.mark.parametrize("style", ["chatml", "llama3"])
+@pytest.mark.parametrize("prefill", ["The answer is", "The answer is  ", "  "])
+def test_continuing_the_final_message_renders_as_transformers_does(tmp_path, style, prefill):
+    """An assistant prefill: the text stops inside the last message (ChatML keeps its spacing, the Llama 3
+    template trims it), as transformers' continue_final_message does."""
+    import transformers
+
+    folder = chat_folder(tmp_path / "m", style)
+    messages = [*MESSAGES, {"role": "assistant", "content": prefill}]
+    theirs = transformers.AutoTokenizer.from_pretrained(str(folder)).apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=False, continue_final_message=True)
+    ours = apply_chat_template(folder, messages, add_generation_prompt=False, continue_final_message=True)
+    assert ours == theirs and not ours.endswith(("<|im_end|>\n", "<|eot_id|>"))
+    assert messages[-1]["content"] == prefill  # the caller's messages are left as they were
+    with pytest.raises(ChatTemplateError, match="nothing to continue"):
+        apply_chat_template(folder, messages, template="{{ 'fixed' }}", continue_final_message=True)
+
+
 def test_chat_template_errors(tmp_path):
     folder = chat_folder(tmp_path / "m", "chatml")
     with pytest.raises(ChatTemplateError, match="refused the conversation: no system turns"):

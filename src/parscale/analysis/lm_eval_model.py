@@ -20,6 +20,8 @@ after it).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from lm_eval.api.model import LM
@@ -28,7 +30,8 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
 import parscale
-from parscale.inference.chat import special_tokens
+from parscale.inference.chat import ChatTemplateError, apply_chat_template, special_tokens
+from parscale.inference.chat import chat_template as chat_template_of
 from parscale.model.checkpoint import model_folder, parse_dtype
 
 
@@ -52,13 +55,35 @@ class ParScaleLM(LM):
         if self.eot_token_id is None:
             raise ValueError(f"{pretrained}: neither config.json nor the tokenizer names an EOS token")
         self.add_bos_token = None if add_bos_token is None else str(add_bos_token).lower() in ("true", "1")
-        bos = special_tokens(model_folder(pretrained)).get("bos_token")
+        self.folder = model_folder(pretrained)
+        self.pretrained = str(pretrained)
+        bos = special_tokens(self.folder).get("bos_token")
         self.bos_token_id = self.tokenizer.token_to_id(bos) if bos is not None else None
 
     @property
     def prefix_token_id(self) -> int:
         """What an empty context becomes and what rolling windows start from (lm-eval's `hf`: BOS, else EOS)."""
         return self.bos_token_id if self.bos_token_id is not None else self.eot_token_id
+
+    # chat templates (`lm_eval --apply_chat_template`), rendered as lm-eval's `hf` model renders them ------
+    @property
+    def tokenizer_name(self) -> str:
+        return self.pretrained.replace("/", "__")
+
+    def chat_template(self, chat_template: bool | str = False) -> str | None:
+        return chat_template_of(self.folder) if chat_template else None
+
+    def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        """The prompt for lm-eval's chat history; without a generation prompt the last (assistant) message is
+        continued. A template that refuses a system turn is tried again without it, as `hf` does."""
+        render = functools.partial(apply_chat_template, self.folder, add_generation_prompt=add_generation_prompt,
+                                   continue_final_message=not add_generation_prompt)
+        try:
+            return render(chat_history)
+        except ChatTemplateError as e:
+            if "refused the conversation" not in str(e) or not any(m["role"] == "system" for m in chat_history):
+                raise
+            return render([m for m in chat_history if m["role"] != "system"])
 
     # ------------------------------------------------------------------------------------------
     def encode(self, text: str, add_special_tokens: bool | None = None) -> list[int]:

@@ -91,27 +91,60 @@ def _environment():
     return env
 
 
+_CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "
+
+
+def _tag_final_message(messages: list[dict]) -> list[dict]:
+    """A copy whose last message's text ends with _CONTINUE_TAG (its last text block, for block content)."""
+    import copy
+
+    messages = copy.deepcopy(messages)
+    if not messages:
+        raise ChatTemplateError("continue_final_message needs a conversation to continue; it is empty")
+    content = messages[-1].get("content")
+    if isinstance(content, str):
+        messages[-1]["content"] = content + _CONTINUE_TAG
+        return messages
+    for block in reversed(content if isinstance(content, list) else []):
+        if isinstance(block, dict) and isinstance(block.get("text"), str):
+            block["text"] += _CONTINUE_TAG
+            return messages
+    raise ChatTemplateError("continue_final_message: the final message has no text to continue")
+
+
 def apply_chat_template(tokenizer_dir, messages: list[dict], add_generation_prompt: bool = True,
-                        template: str | None = None, **variables) -> str:
+                        template: str | None = None, continue_final_message: bool = False, **variables) -> str:
     """The prompt text for a conversation [{"role": ..., "content": ...}, ...] (see the module docstring).
 
     tokenizer_dir: a model folder (or Hub id) holding the tokenizer files; template overrides its template;
-    other keyword arguments become template variables (e.g. tools=[...], enable_thinking=False)."""
+    continue_final_message: end the text inside the last message, without its end-of-turn, so that a reply
+    continues it (an assistant prefill), as transformers' option of that name does; other keyword arguments
+    become template variables (e.g. tools=[...], enable_thinking=False)."""
     from parscale.model.checkpoint import model_folder
 
     folder = Path(tokenizer_dir) if Path(tokenizer_dir).is_dir() else model_folder(tokenizer_dir)
     if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m for m in messages):
         raise ChatTemplateError("messages must be a list of {'role': ..., 'content': ...} dicts")
+    if continue_final_message:
+        messages = _tag_final_message(messages)
     source = template if template is not None else chat_template(folder)
     import jinja2
 
     try:
         compiled = _environment().from_string(source)
-        return compiled.render(messages=messages, tools=variables.pop("tools", None),
+        text = compiled.render(messages=messages, tools=variables.pop("tools", None),
                                documents=variables.pop("documents", None),
                                add_generation_prompt=add_generation_prompt, **{**special_tokens(folder), **variables})
     except jinja2.exceptions.TemplateError as e:
         raise ChatTemplateError(f"the chat template of {str(folder)!r} refused the conversation: {e}") from None
+    if continue_final_message:
+        if _CONTINUE_TAG.strip() not in text:
+            raise ChatTemplateError(f"continue_final_message: the chat template of {str(folder)!r} does not "
+                                    "render the final message as given, so there is nothing to continue")
+        at = text.rindex(_CONTINUE_TAG.strip())
+        # a template that keeps the message's spacing shows the whole tag; one that strips it, a trimmed one
+        text = text[:at] if text[at : at + len(_CONTINUE_TAG)] == _CONTINUE_TAG else text[:at].rstrip()
+    return text
 
 
 def stop_token_ids(folder, tokenizer, generation_config: dict | None = None) -> list[int]:
