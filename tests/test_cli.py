@@ -45,6 +45,12 @@ def test_errors_are_one_line(tmp_path, capsys):
                  "--streams", "2"]) == 2
     assert "already has parscale_n=2" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+    # converting into the source folder would replace the user's P = 1 model: only with --overwrite
+    assert main(["new", "--preset", "tiny", "--out", str(tmp_path / "p1")]) == 0
+    before = (tmp_path / "p1" / "model.safetensors").read_bytes()
+    assert main(["convert", "--model", str(tmp_path / "p1"), "--out", str(tmp_path / "p1"), "--streams", "2"]) == 2
+    assert "is the source model's folder" in capsys.readouterr().err
+    assert (tmp_path / "p1" / "model.safetensors").read_bytes() == before
     # a request generate refuses prints its error alone, not the prompt first
     assert main(["new", "--preset", "tiny", "--out", str(tmp_path / "m")]) == 0
     capsys.readouterr()

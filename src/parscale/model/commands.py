@@ -90,6 +90,9 @@ def cmd_convert(args):
     import parscale
     from parscale.model.convert import add_streams
 
+    if Path(args.out).resolve() == Path(args.model).resolve() and not args.overwrite:
+        raise ValueError(f"--out {args.out} is the source model's folder: converting in place replaces its P = 1 "
+                         f"model; write to another folder, or pass --overwrite to replace it")
     model = parscale.load(args.model)
     new = add_streams(model, args.streams, n_tokens=args.n_tokens, smooth=args.smooth, seed=args.seed)
     parscale.save(new, args.out, tokenizer_from=args.model, dtype=args.dtype, overwrite=args.overwrite,
