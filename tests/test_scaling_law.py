@@ -104,7 +104,8 @@ def test_predictions_are_consistent():
 @pytest.mark.parametrize("text,message", [
     ("params,loss\n1,2\n", "missing column"),
     ("params,P,loss\n1e9,1,abc\n", "not a number"),
-    ("params,P,loss\n1e9,0,1.2\n", "P must be >= 1"),
+    ("params,P,loss\n1e9,0,1.2\n", "P must be a whole number of streams >= 1"),
+    ("params,P,loss\n1e9,1.5,1.2\n", "P must be a whole number of streams >= 1"),
     ("params,P,loss\n-5,1,1.2\n", "must be > 0"),
     ("params,P,loss\n1e9,1,1.2\n2e9,1,1.1\n", "at least 5"),
 ])

@@ -68,14 +68,14 @@ def read_points(path) -> Points:
 def validate(points: Points, where: str = "data") -> Points:
     if len(points) == 0:
         raise LawDataError(f"{where}: no data points")
-    if np.any(points.params <= 0):
-        raise LawDataError(f"{where}: every params value (N) must be > 0")
-    if np.any(points.P < 1):
-        raise LawDataError(f"{where}: every P must be >= 1")
-    if np.any(points.loss <= 0):
-        raise LawDataError(f"{where}: every loss must be > 0")
     if not np.all(np.isfinite(np.concatenate([points.params, points.P, points.loss]))):
         raise LawDataError(f"{where}: values must be finite")
+    if np.any(points.params <= 0):
+        raise LawDataError(f"{where}: every params value (N) must be > 0")
+    if np.any(points.P < 1) or np.any(points.P != np.round(points.P)):
+        raise LawDataError(f"{where}: every P must be a whole number of streams >= 1")
+    if np.any(points.loss <= 0):
+        raise LawDataError(f"{where}: every loss must be > 0")
     return points
 
 
