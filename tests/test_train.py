@@ -174,8 +174,12 @@ def test_a_p_streams_checkpoint_refuses_prefix_settings_it_would_not_use(data_di
         with pytest.raises(ValueError, match=message):
             train(_cfg(data_dir, tmp_path / "next", model=ckpt, steps=2, **setting))
     train(_cfg(data_dir, tmp_path / "same", model=ckpt, steps=2, smooth=0.05))  # its own values, or none
-    result = train(_cfg(data_dir, tmp_path / "none", model=ckpt, steps=2, n_tokens=None))
+    # no --streams either: the checkpoint's own P (was an error: "--streams 1 cannot be applied")
+    result = train(_cfg(data_dir, tmp_path / "none", model=ckpt, steps=2, n_tokens=None, streams=None))
     assert parscale.load(tmp_path / "none").config.parscale_attn_smooth == 0.05 and result["parscale_n"] == 2
+    with pytest.raises(ValueError, match="has P=2; --streams 4 cannot be applied"):
+        train(_cfg(data_dir, tmp_path / "four", model=ckpt, steps=2, n_tokens=None, streams=4))
+    assert train(_cfg(data_dir, tmp_path / "preset", steps=1, streams=None))["parscale_n"] == 1  # a preset: 1
 
 
 def test_two_stage_from_p1_checkpoint(data_dir, tmp_path):

@@ -133,8 +133,9 @@ class TrainConfig:
     """A preset name (built from scratch) or a checkpoint folder to start from."""
     model_overrides: dict | None = None
     """ModelConfig fields replacing the preset's (a TOML table `[model_overrides]`: hidden_size = 192, ...)."""
-    streams: int = 1
-    """P, the number of parallel streams (a checkpoint with P = 1 gets fresh prefixes and aggregator)."""
+    streams: int | None = None
+    """P, the number of parallel streams (default: a checkpoint's own P, 1 for a preset; a checkpoint with
+    P = 1 given P > 1 gets fresh prefixes and aggregator)."""
     trainable: str = "all"
     """'all', or 'parscale': a frozen backbone, only prefixes and aggregator train (saved as an adapter)."""
     n_tokens: int | None = None
@@ -304,7 +305,7 @@ def _initial_model(cfg: TrainConfig, vocab_size: int, eos_id: int):
         unknown = sorted(set(shape) - known)
         if unknown:
             raise ValueError(f"model_overrides: unknown model settings {', '.join(unknown)}")
-        overrides = {**shape, "parscale_n": cfg.streams, "vocab_size": vocab_size, "eos_token_id": eos_id,
+        overrides = {**shape, "parscale_n": cfg.streams or 1, "vocab_size": vocab_size, "eos_token_id": eos_id,
                      "parscale_attn_smooth": DEFAULT_SMOOTH if cfg.smooth is None else cfg.smooth,
                      "parscale_p1_prefix": cfg.p1_prefix}
         if cfg.n_tokens is not None:
@@ -315,10 +316,10 @@ def _initial_model(cfg: TrainConfig, vocab_size: int, eos_id: int):
     model = load(cfg.model, dtype=torch.float32)
     if model.config.vocab_size < vocab_size:
         raise ValueError(f"{cfg.model} has {model.config.vocab_size} token ids but the data uses {vocab_size}")
-    if cfg.streams > 1 and model.config.parscale_n == 1:
+    if cfg.streams is not None and cfg.streams > 1 and model.config.parscale_n == 1:
         model = add_streams(model, cfg.streams, n_tokens=cfg.n_tokens or 48,
                             smooth=DEFAULT_SMOOTH if cfg.smooth is None else cfg.smooth, seed=cfg.seed)
-    elif cfg.streams != model.config.parscale_n:
+    elif cfg.streams is not None and cfg.streams != model.config.parscale_n:
         raise ValueError(f"{cfg.model} has P={model.config.parscale_n}; --streams {cfg.streams} cannot be applied")
     elif model.config.parscale_n > 1:
         # its prefixes and aggregator exist already: a different setting would be recorded but not used
@@ -399,7 +400,7 @@ def save_checkpoint(out: Path, model, optim_state: dict, scheduler, loader, step
         tokens = step * cfg.batch_size * cfg.seq_len * cfg.grad_accum
         save(model, folder / "model", tokenizer_from=tokenizer_dir, card_name=f"{Path(cfg.out).name} (step {step})",
              base_model=None if cfg.model in PRESETS else cfg.model,
-             training={"data": str(cfg.data), "tokens": tokens, "steps": step, "streams": cfg.streams,
+             training={"data": str(cfg.data), "tokens": tokens, "steps": step, "streams": model.config.parscale_n,
                        "trainable": cfg.trainable, "seed": cfg.seed})
         (folder / "train_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1) + "\n")
         torch.save({"optimizer": optim_state, "scheduler": scheduler.state_dict(), "step": step,
@@ -421,6 +422,8 @@ def _plain_model(model, loss_module, fsdp: bool):
 
 def check_config(cfg: TrainConfig) -> None:
     """One error naming the first setting that cannot work, before anything is read or written."""
+    if cfg.streams is not None and not (isinstance(cfg.streams, int) and cfg.streams >= 1):
+        raise ValueError(f"streams must be an integer >= 1, got {cfg.streams}")
     positive = ("steps", "batch_size", "seq_len", "grad_accum", "lr", "warmup", "eval_batches", "log_every")
     if cfg.prefix_reparam:
         positive += ("reparam_latent", "reparam_hidden")
