@@ -1,6 +1,7 @@
 """The `parscale` command end to end on tiny models."""
 
 import json
+from pathlib import Path
 
 import pytest
 from conftest import FIXTURES
@@ -68,6 +69,18 @@ def test_demo_data_train_end_to_end(tmp_path, capsys):
     assert set(report["runs"]) == {"P=1", "P=4"}
     assert all(r["val_loss"] > 0 and r["tokens"] == 3 * 16 * 128 for r in report["runs"].values())
     assert (out / "loss.png").stat().st_size > 5_000
+    # the README's examples that use the demo's outputs name folders the demo writes
+    import re
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    paths = set(re.findall(r"runs/demo(/[\w/.]*\w)?", readme))
+    models = set(re.findall(r"(?:pretrained=|--model )runs/demo(/[\w/.]*\w)?", readme))
+    assert paths and models, "the README no longer uses the demo's outputs: drop this check"
+    assert all((out / sub.lstrip("/")).exists() for sub in paths), paths
+    from parscale.model.checkpoint import read_config
+
+    for sub in models:  # each names a model (or a run folder holding one), as --model and pretrained= take it
+        read_config(out / sub.lstrip("/"))
     # the CLI pieces on their own: data from the demo corpus with its tokenizer, then a resumed run
     assert main(["data", str(out / "corpus"), "--glob", "*.py", "--out", str(tmp_path / "d"),
                  "--tokenizer", str(out / "data")]) == 0
