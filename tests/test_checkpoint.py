@@ -130,6 +130,21 @@ def test_bad_folders(tmp_path):
         parscale.load(folder)
 
 
+def test_a_device_this_machine_lacks_is_one_error(tmp_path, capsys):
+    from parscale.cli import main
+
+    parscale.save(tiny_model(), tmp_path / "m")
+    with pytest.raises(ValueError, match="unknown device 'gpu0'"):
+        parscale.load(tmp_path / "m", device="gpu0")
+    missing = f"cuda:{torch.cuda.device_count()}"  # one past the last GPU, or any GPU on a CPU machine
+    with pytest.raises(ValueError, match=f"device '{missing}': this machine has"):
+        parscale.load(tmp_path / "m", device=missing)
+    if not torch.cuda.is_available():  # every command that loads a model says so in one line
+        assert main(["eval", "--model", str(tmp_path / "m"), "--data", str(tmp_path / "m" / "config.json"),
+                     "--device", "cuda"]) == 2
+        assert capsys.readouterr().err.startswith("error: device 'cuda': this machine has no CUDA GPU")
+
+
 def test_failed_save_leaves_nothing_and_keeps_old(tmp_path, monkeypatch):
     model = tiny_model(streams=2)
     parscale.save(model, tmp_path / "m")

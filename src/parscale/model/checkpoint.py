@@ -55,6 +55,24 @@ def parse_dtype(dtype) -> torch.dtype | None:
     return names[dtype]
 
 
+def parse_device(device) -> torch.device | None:
+    """None, or a device this machine has: one clear error for a misspelt one or a GPU that is not there
+    (instead of torch's assertion deep inside the first copy)."""
+    if device is None:
+        return None
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"unknown device {str(device)!r} ({e})") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"device {str(device)!r}: this machine has no CUDA GPU (use cpu)")
+        if device.index is not None and device.index >= count:
+            raise ValueError(f"device {str(device)!r}: this machine has {count} CUDA GPU(s), cuda:0..{count - 1}")
+    return device
+
+
 # ----------------------------------------------------------------------------------------------
 # Reading
 def model_folder(path: str | os.PathLike, revision: str | None = None) -> Path:
@@ -241,9 +259,9 @@ def load(path, dtype=None, device=None, revision: str | None = None) -> ParScale
     The folder's generation_config.json, if any, becomes `model.generation_config` (a dict), the
     defaults `generate` uses for settings its caller leaves out.
     """
+    dtype, device = parse_dtype(dtype), parse_device(device)
     folder = model_folder(path, revision)
     config = read_config(folder)
-    dtype = parse_dtype(dtype)
     tensors: dict[str, torch.Tensor] = {}
     for file in _weight_files(folder):
         for name, t in mmap_safetensors(file).items():
