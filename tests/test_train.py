@@ -270,7 +270,7 @@ def test_torchrun_two_processes_match_one(data_dir, tmp_path, mode):
     assert _losses(tmp_path / "one") == pytest.approx(_losses(tmp_path / "two"), abs=1e-5)
 
 
-def test_toml_config_with_overrides_and_activation_checkpointing(data_dir, tmp_path):
+def test_toml_config_with_overrides_and_activation_checkpointing(data_dir, tmp_path, capsys):
     from parscale.cli import main
 
     (tmp_path / "run.toml").write_text(f'model = "tiny"\nstreams = 2\nn_tokens = 4\ndata = "{data_dir}"\n'
@@ -281,8 +281,18 @@ def test_toml_config_with_overrides_and_activation_checkpointing(data_dir, tmp_p
     assert main(["train", "--config", str(tmp_path / "run.toml"), "--out", str(tmp_path / "b"), "--steps", "3",
                  "--activation-checkpointing"]) == 0
     assert _losses(tmp_path / "b") == pytest.approx(_losses(tmp_path / "a"), abs=1e-6)
-    (tmp_path / "bad.toml").write_text("stepz = 3\n")
-    assert main(["train", "--config", str(tmp_path / "bad.toml")]) == 2
+    for text, message in (("stepz = 3\n", "unknown training settings stepz"),
+                          ('steps = "x"\n', "steps must be int, got 'x'"), ("streams = 2.5\n", "streams must be int"),
+                          ('lr = "1e-3"\n', "lr must be float"), ("compile = 1\n", "compile must be bool"),
+                          ("eval_at = 0.9\n", "eval_at must be list"), ("steps = [1\n", "is not valid TOML")):
+        (tmp_path / "bad.toml").write_text(text)
+        assert main(["train", "--config", str(tmp_path / "bad.toml")]) == 2, text
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {tmp_path / 'bad.toml'}") and message in err, err
+    (tmp_path / "ok.toml").write_text("lr = 1\nsmooth = 0\nn_tokens = 4\n")  # ints where floats go are fine
+    from parscale.training.train import load_config_file
+
+    assert load_config_file(tmp_path / "ok.toml") == {"lr": 1, "smooth": 0, "n_tokens": 4}
 
 
 def test_sync_every_micro_step_syncs_each_micro_step_and_trains_the_same(data_dir, tmp_path, monkeypatch):

@@ -243,15 +243,39 @@ def apply_activation_checkpointing(model) -> None:
         layer.forward = lambda *a, _f=inner, **k: checkpoint(_f, *a, use_reentrant=False, **k)
 
 
-def load_config_file(path) -> dict:
-    """TrainConfig fields from a TOML file (command-line flags override them)."""
-    import tomllib
+def _type_error(value, annotation: str) -> str | None:
+    """Why value cannot be a TrainConfig field annotated `annotation` (None if it can)."""
+    kinds = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,), "dict": (dict,), "list": (list,)}
+    allowed = [k.strip() for k in annotation.split("|")]
+    if value is None:
+        return None if "None" in allowed else "a value"
+    for name in allowed:
+        types = kinds.get(name)
+        if types is not None and isinstance(value, types) and not (name != "bool" and isinstance(value, bool)):
+            return None
+    return " or ".join(a for a in allowed if a != "None")
 
-    data = tomllib.loads(Path(path).read_text())
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
-    unknown = sorted(set(data) - known)
+
+def load_config_file(path) -> dict:
+    """TrainConfig fields from a TOML file (command-line flags override them); a setting of the wrong type
+    (`steps = "x"`) or a file that is not TOML is one error naming the file."""
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        import tomli as tomllib
+
+    try:
+        data = tomllib.loads(Path(path).read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ValueError(f"{path} is not valid TOML: {e}") from None
+    fields = {f.name: str(f.type) for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(data) - set(fields))
     if unknown:
         raise ValueError(f"{path}: unknown training settings {', '.join(unknown)}")
+    for name, value in data.items():
+        wanted = _type_error(value, fields[name])
+        if wanted is not None:
+            raise ValueError(f"{path}: {name} must be {wanted}, got {value!r}")
     return data
 
 
