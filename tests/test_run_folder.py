@@ -162,7 +162,7 @@ def test_bad_settings_fail_before_any_work(data_dir, tmp_path, capsys):
                            (["--batch-size", "0"], "batch_size must be > 0"),
                            (["--eval-every", "-1"], "eval_every must be >= 0"),
                            (["--grad-clip", "-1"], "grad_clip must be >= 0"), (["--grad-clip", "nan"], "grad_clip"),
-                           (["--lr", "inf"], "lr must be > 0 and finite"),
+                           (["--lr", "inf"], "lr must be > 0 and finite"), (["--seed", "-1"], "seed must be >= 0"),
                            (["--streams", "2", "--parscale-lr-mult", "nan"], "parscale_lr_mult"),
                            (["--streams", "2", "--prefix-reparam", "--reparam-latent", "0"], "reparam_latent must be"),
                            (["--schedule", "linear"], "schedule must be 'cosine' or 'wsd'"),

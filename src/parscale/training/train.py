@@ -454,7 +454,8 @@ def check_config(cfg: TrainConfig) -> None:
     for name in positive:
         if not (getattr(cfg, name) > 0 and math.isfinite(getattr(cfg, name))):
             raise ValueError(f"{name} must be > 0 and finite, got {getattr(cfg, name)}")
-    for name in ("eval_every", "save_every", "keep_checkpoints", "stream_batches", "data_start", "weight_decay"):
+    for name in ("eval_every", "save_every", "keep_checkpoints", "stream_batches", "data_start", "weight_decay",
+                 "seed"):
         if getattr(cfg, name) < 0:
             raise ValueError(f"{name} must be >= 0, got {getattr(cfg, name)}")
     if cfg.schedule not in ("cosine", "wsd"):
