@@ -234,3 +234,17 @@ def test_chat_templates_render_as_lm_eval_hf_model_renders_them(style, tmp_path)
         assert ours.apply_chat_template(messages, add_generation_prompt=add_generation_prompt) == theirs
     assert ours.chat_template(True) == ref.chat_template(True) and ours.chat_template(False) is None
     assert ours.tokenizer_name == str(folder).replace("/", "__")
+
+
+def test_a_continuation_that_cannot_be_scored_is_one_error(checkpoint):
+    """Longer than max_length (the slice of its log-probabilities would start before the window) or empty:
+    lm-eval's `hf` model asserts both; this model says which."""
+    from lm_eval.api.instance import Instance
+
+    from parscale.analysis.lm_eval_model import ParScaleLM
+
+    lm = ParScaleLM(pretrained=str(checkpoint), batch_size=2, max_length=16)
+    assert len(lm.loglikelihood([Instance("loglikelihood", {}, ("ab", "c" * 16), 0)])) == 1  # 16 tokens: fine
+    for context, continuation in (("ab", "c" * 17), ("ab", "")):
+        with pytest.raises(ValueError, match="cannot be scored: it needs 1 to max_length = 16"):
+            lm.loglikelihood([Instance("loglikelihood", {}, (context, continuation), 0)])

@@ -109,6 +109,10 @@ class ParScaleLM(LM):
     @torch.no_grad()
     def _score(self, pairs: list[tuple[list[int], list[int]]], desc: str) -> list[tuple[float, bool]]:
         """Log-probability of each continuation given its context, and whether it is the greedy one."""
+        for _, cont in pairs:  # what lm-eval's `hf` model asserts, as one clear error
+            if not 0 < len(cont) <= self.max_length:
+                raise ValueError(f"a continuation of {len(cont)} tokens cannot be scored: it needs 1 to max_length "
+                                 f"= {self.max_length} tokens")
         order = sorted(range(len(pairs)), key=lambda i: -(len(pairs[i][0]) + len(pairs[i][1])))
         results: list[tuple[float, bool] | None] = [None] * len(pairs)
         for start in tqdm(range(0, len(order), self.batch_size), desc=desc, disable=len(order) < 2 * self.batch_size):
