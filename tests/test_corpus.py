@@ -99,6 +99,11 @@ def test_split_field_and_compressed_jsonl(tmp_path, jsonl_xz):
     bad.write_text(json.dumps({"text": "x", "split": "test"}) + "\n")
     with pytest.raises(DataError, match="not 'train' or 'val'"):
         build_shards([bad], tmp_path / "bad", tok, split_field="split", progress=False)
+    # every row labelled train: no row is moved to validation against its label
+    bad.write_text("".join(json.dumps({"text": f"doc {i}", "split": "train"}) + "\n" for i in range(3)))
+    with pytest.raises(DataError, match="no row has 'split' = 'val'"):
+        build_shards([bad], tmp_path / "bad", tok, split_field="split", progress=False)
+    assert not (tmp_path / "bad").exists()
 
 
 def test_loader_skip_and_spread_windows(tmp_path, jsonl_xz):

@@ -132,6 +132,10 @@ def build_shards(sources, out_dir, tokenizer, glob: str = "**/*.txt", text_field
         raise DataError("no training text found in the sources"
                         + (f" ({len(skipped)} files skipped as not UTF-8 text)" if skipped else ""))
     held_out_from = None
+    if not tokens["val"] and split_field:
+        # the rows name their split: moving one the user labelled "train" would overrule them
+        raise DataError(f"no row has {split_field!r} = 'val': label the validation rows, or leave --split-field "
+                        f"out to hold out documents by --val-fraction")
     if not tokens["val"]:
         held_out_from = _hold_out(tokens, val_fraction)
     manifest = {"dtype": np.dtype(dtype).name, "eos_id": eos, "vocab_size": vocab,
