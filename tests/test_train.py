@@ -379,7 +379,7 @@ def test_merged_copy_leaves_the_reparameterised_model_intact():
     assert model.model.layers[0].self_attn.parametrizations.prefix_k[0].latent.grad is not None
 
 
-def test_one_document_corpus_holds_out_its_tail(tmp_path):
+def test_one_document_corpus_holds_out_its_tail(tmp_path, capsys):
     from parscale.training.data import build_shards
     from parscale.training.tokenizer import byte_tokenizer
 
@@ -392,6 +392,11 @@ def test_one_document_corpus_holds_out_its_tail(tmp_path):
     (tmp_path / "tiny" / "t.txt").write_text("ab")
     with pytest.raises(DataError, match="too short to hold any of it out"):
         build_shards([tmp_path / "tiny"], tmp_path / "d2", byte_tokenizer(), progress=False)
+    # the command says what it held out
+    from parscale.cli import main
+
+    assert main(["data", str(tmp_path / "src"), "--out", str(tmp_path / "d3"), "--vocab-size", "300"]) == 0
+    assert "no document fell into validation at --val-fraction 0.05: held out the last" in capsys.readouterr().out
 
 
 def test_full_split_evaluations_at_fractions(data_dir, tmp_path):

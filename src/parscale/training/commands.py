@@ -52,8 +52,10 @@ def cmd_data(args):
     m = build_shards(args.sources, args.out, tok, glob=args.glob, text_field=args.text_field,
                      val_fraction=args.val_fraction, split_field=args.split_field, overwrite=args.overwrite)
     skipped = f"; {m['skipped_files']} files skipped as not UTF-8 text" if m["skipped_files"] else ""
+    held = (f"; no document fell into validation at --val-fraction {args.val_fraction}: held out "
+            f"{m['val_held_out_from']}" if m.get("val_held_out_from") else "")
     print(f"wrote {args.out}: {m['train_tokens']:,} train / {m['val_tokens']:,} validation tokens "
-          f"({m['train_documents']} / {m['val_documents']} documents, {m['dtype']}){skipped}")
+          f"({m['train_documents']} / {m['val_documents']} documents, {m['dtype']}){skipped}{held}")
 
 
 @command
