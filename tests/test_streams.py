@@ -85,6 +85,8 @@ def test_training_logs_and_cli_writes_diagnostics(data_dir, tmp_path, capsys):
     from_shard = json.loads((tmp_path / "bin.json").read_text())
     assert from_shard["loss_stream"] == pytest.approx(d["loss_stream"], abs=1e-6), "not the folder's windows"
     for flags, message in ((["--seq-len", "513"], "--seq-len must be between 1 and the model's 512 positions"),
-                           (["--batches", "0"], "--batches and --batch-size must be at least 1")):
+                           (["--batches", "0"], "--batches and --batch-size must be at least 1"),
+                           (["--out", str(tmp_path)], "is a folder, not a file"),
+                           (["--plot", str(tmp_path)], "is a folder, not a file")):
         assert main(["streams", "--model", str(tmp_path / "run"), "--data", str(data_dir), *flags]) == 2
         assert message in capsys.readouterr().err

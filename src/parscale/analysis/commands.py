@@ -54,6 +54,10 @@ def cmd_fit(args):
 
     if args.bootstrap < 0:
         raise ValueError(f"--bootstrap takes a number of resamples >= 0 (0: none), got {args.bootstrap}")
+    if args.out:
+        from parscale.io.files import check_output_file
+
+        check_output_file(args.out)  # before the fits and the bootstrap
     points = _law_points(args)
     eq5, eq4 = fit(points, "eq5"), fit(points, "eq4")
     result = {**eq5.as_dict(), "eq5": eq5.as_dict(), "eq4": eq4.as_dict(), "n_points": len(points)}
@@ -168,6 +172,10 @@ def cmd_cost(args):
     from parscale.analysis.cost import predict, validate
     from parscale.model.config import ModelConfig
 
+    if args.out:
+        from parscale.io.files import check_output_file
+
+        check_output_file(args.out)
     if args.validate_latency is not None or args.validate_memory is not None:
         v = validate(args.validate_latency or [], args.validate_memory or [], args.gpu, args.engine)
         if args.out:
@@ -217,8 +225,11 @@ def cmd_streams(args):
     resolve_model(args)
     import parscale
     from parscale.analysis.streams import plot_diagnostics, stream_diagnostics
-    from parscale.io.files import write_json_atomic
+    from parscale.io.files import check_output_file, write_json_atomic
 
+    for output in (args.out, args.plot):  # before any work
+        if output:
+            check_output_file(output)
     model = parscale.load(args.model, dtype=args.dtype, device=args.device)
     batches = _held_out_windows(args, model)
     diag = stream_diagnostics(model, batches)
