@@ -173,3 +173,16 @@ def test_bad_settings_fail_before_any_work(data_dir, tmp_path, capsys):
     if not torch.cuda.is_available():
         assert main(base + ["--device", "cuda", "--steps", "1"]) == 2
         assert "has no CUDA GPU" in capsys.readouterr().err
+
+
+def test_tensorboard_missing_is_refused_before_the_run_folder_is_made(data_dir, tmp_path, monkeypatch, capsys):
+    import importlib.util
+
+    from parscale.cli import main
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else real(name, *a))
+    assert main(["train", "--data", str(data_dir), "--out", str(tmp_path / "r"), "--steps", "1", "--batch-size", "2",
+                 "--seq-len", "16", "--tensorboard"]) == 2
+    assert "--tensorboard needs the tensorboard package" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()

@@ -467,6 +467,11 @@ def check_config(cfg: TrainConfig) -> None:
     # clip_grad_norm_ scales the gradients by max_norm / norm: a negative threshold would reverse them
     if not (math.isfinite(cfg.grad_clip) and cfg.grad_clip >= 0):
         raise ValueError(f"grad_clip must be >= 0 (0: no clipping), got {cfg.grad_clip}")
+    if cfg.tensorboard:
+        import importlib.util
+
+        if importlib.util.find_spec("tensorboard") is None:
+            raise ValueError("--tensorboard needs the tensorboard package (pip install tensorboard)")
     if not 0 <= cfg.min_lr_ratio <= 1:
         raise ValueError(f"min_lr_ratio must be in [0, 1], got {cfg.min_lr_ratio}")
 
