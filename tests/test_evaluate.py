@@ -248,3 +248,15 @@ def test_a_continuation_that_cannot_be_scored_is_one_error(checkpoint):
     for context, continuation in (("ab", "c" * 17), ("ab", "")):
         with pytest.raises(ValueError, match="cannot be scored: it needs 1 to max_length = 16"):
             lm.loglikelihood([Instance("loglikelihood", {}, (context, continuation), 0)])
+
+
+def test_lm_eval_command_names_a_model_it_cannot_load(tmp_path):
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "parscale.analysis.lm_eval_model", "--model", "parscale",
+                           "--model_args", f"pretrained={tmp_path / 'none'}", "--tasks", "parscale_mc_example",
+                           "--include_path", str(ROOT / "examples" / "lm_eval_tasks")],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and done.stderr.strip().splitlines()[-1] == \
+        f"error: checkpoint folder '{tmp_path / 'none'}' does not exist", done.stderr[-2000:]

@@ -173,10 +173,19 @@ class ParScaleLM(LM):
 
 
 def main() -> None:
-    """`parscale-lm-eval`: lm-eval's own command line with the `parscale` model registered."""
+    """`parscale-lm-eval`: lm-eval's own command line with the `parscale` model registered. A model that
+    cannot be loaded (wrong path, bad dtype or device) is one `error:` line and exit code 2, as for `parscale`."""
+    import sys
+
     from lm_eval.__main__ import cli_evaluate
 
-    cli_evaluate()
+    from parscale.model.checkpoint import CheckpointError
+
+    try:
+        cli_evaluate()
+    except (CheckpointError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":
