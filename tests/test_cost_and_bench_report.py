@@ -52,6 +52,8 @@ def test_a_file_that_is_not_a_benchmark_is_one_error_naming_it(tmp_path, capsys)
             (["bench-report", "--latency", str(tmp_path / "none.json"), "--memory", str(MEMORY)], "no such benchmark"),
             (["cost", "--validate-latency", str(memory_only)], "point 0 has no decode_ms_per_token"),
             (["cost", "--validate-latency"], "nothing to validate against"),
+            (["bench-report", "--latency", str(GRID[0]), "--memory", str(MEMORY), "--out", str(tmp_path / "r")],
+             "the headline needs the latency_s of paper-4.4b at P = 1, batch 1: no such point in the latency"),
             (["plan", "--paper", "stack", "--memory-gib", "8", "--latency-ms", "7", "--law", str(no_points)],
              "is not a fit written by `parscale fit --out`")):
         assert main(args) == 2, args

@@ -85,10 +85,17 @@ def _equal_loss_cost(costs: dict, metric: str, batch, target: float) -> float:
 
 
 def cost_of(costs: dict, shape: str, p: int, batch, metric: str) -> float:
+    """A point's cost (batch "avg": the mean over the batches measured); one error naming a point the files
+    do not hold (e.g. a latency grid of some shapes given with a memory grid of all)."""
     if batch == "avg":
-        values = [v[metric] for (s, pp, _), v in costs.items() if s == shape and pp == p]
-        return sum(values) / len(values)
-    return costs[(shape, p, batch)][metric]
+        values = [v[metric] for (s, pp, _), v in costs.items() if s == shape and pp == p and metric in v]
+    else:
+        values = [costs[(shape, p, batch)][metric]] if metric in costs.get((shape, p, batch), {}) else []
+    if not values:
+        source = "memory" if metric == "memory_gib" else "latency"
+        raise ValueError(f"the headline needs the {metric} of {shape} at P = {p}, batch {batch}: no such point in "
+                         f"the {source} files given")
+    return sum(values) / len(values)
 
 
 def headline(costs: dict, batches=(1, "avg")) -> dict:
@@ -120,15 +127,14 @@ def plot_figure4(costs: dict, path: Path, heading: str) -> None:
         for row, (metric, label) in enumerate((("memory_gib", "peak memory (GiB)"), ("latency_s", "latency (s)"))):
             ax = axes[row][col]
             for shape, marker in markers.items():
-                xs = [costs[(shape, p, batch)][metric] for p in (1, 2, 4, 8) if (shape, p, batch) in costs]
-                ys = [PAPER_LOSS[shape][p] for p in (1, 2, 4, 8) if (shape, p, batch) in costs]
-                ax.plot(xs, ys, color="gray", lw=0.8, zorder=1)
-                for p in (1, 2, 4, 8):
-                    if (shape, p, batch) in costs:
-                        ax.scatter(costs[(shape, p, batch)][metric], PAPER_LOSS[shape][p], marker=marker,
-                                   color=colors[p], zorder=2, label=f"{shape[6:]} P={p}" if col == 0 else None)
-            p1 = [costs[(s, 1, batch)][metric] for s in markers if (s, 1, batch) in costs]
-            ax.plot(p1, [PAPER_LOSS[s][1] for s in markers if (s, 1, batch) in costs], "k--", lw=1)
+                here = [p for p in (1, 2, 4, 8) if metric in costs.get((shape, p, batch), {})]  # measured points
+                ax.plot([costs[(shape, p, batch)][metric] for p in here], [PAPER_LOSS[shape][p] for p in here],
+                        color="gray", lw=0.8, zorder=1)
+                for p in here:
+                    ax.scatter(costs[(shape, p, batch)][metric], PAPER_LOSS[shape][p], marker=marker,
+                               color=colors[p], zorder=2, label=f"{shape[6:]} P={p}" if col == 0 else None)
+            p1 = [s for s in markers if metric in costs.get((s, 1, batch), {})]
+            ax.plot([costs[(s, 1, batch)][metric] for s in p1], [PAPER_LOSS[s][1] for s in p1], "k--", lw=1)
             ax.set_xlabel(label)
             ax.set_title(f"batch {batch}")
             if col == 0:
