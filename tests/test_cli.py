@@ -91,6 +91,15 @@ def test_demo_data_train_end_to_end(tmp_path, capsys):
     assert len((tmp_path / "t" / "metrics.jsonl").read_text().splitlines()) == 3
 
 
+def test_demo_checks_its_arguments_before_writing(tmp_path, capsys):
+    for flags, message in ((["--steps", "0"], "--steps and --corpus-mb must be at least 1"),
+                           (["--corpus-mb", "0"], "--steps and --corpus-mb must be at least 1"),
+                           (["--vocab-size", "100"], "at least 257")):
+        assert main(["demo", "--out", str(tmp_path / "d"), *flags]) == 2, flags
+        assert message in capsys.readouterr().err, flags
+        assert not (tmp_path / "d").exists(), flags
+
+
 def test_demo_refuses_a_folder_it_did_not_write(tmp_path, capsys):
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "corpus").mkdir()

@@ -19,7 +19,7 @@ import torch
 import parscale
 from parscale.io.files import write_json_atomic
 from parscale.training.data import build_shards
-from parscale.training.tokenizer import train_bpe
+from parscale.training.tokenizer import check_vocab_size, train_bpe
 from parscale.training.train import TrainConfig, train
 
 
@@ -42,6 +42,9 @@ def stdlib_sources(limit_bytes: int) -> list[Path]:
 
 
 def run_demo(out, steps: int = 200, corpus_mb: int = 4, vocab_size: int = 4096) -> dict:
+    if steps < 1 or corpus_mb < 1:  # before anything is written
+        raise ValueError(f"--steps and --corpus-mb must be at least 1, got {steps} and {corpus_mb}")
+    check_vocab_size(vocab_size)
     out = Path(out)
     marker = out / ".parscale-demo"
     if out.is_dir() and any(out.iterdir()) and not marker.is_file():
