@@ -182,6 +182,25 @@ def test_a_p_streams_checkpoint_refuses_prefix_settings_it_would_not_use(data_di
     assert train(_cfg(data_dir, tmp_path / "preset", steps=1, streams=None))["parscale_n"] == 1  # a preset: 1
 
 
+def test_a_checkpoint_refuses_data_of_another_tokenizer(data_dir, tmp_path):
+    """Data made with another tokenizer of no larger a vocabulary passes the vocabulary check, but its ids
+    mean other tokens to the model: refused, before any step."""
+    from conftest import synthetic_corpus
+
+    from parscale.training.data import build_shards
+    from parscale.training.tokenizer import byte_tokenizer
+
+    train(_cfg(data_dir, tmp_path / "s1", streams=1, steps=2))
+    ckpt = str(tmp_path / "s1" / "checkpoints" / "latest" / "model")
+    (tmp_path / "src").mkdir()
+    synthetic_corpus(tmp_path / "src")  # the same text, in byte ids: 257 <= the model's 512, other meanings
+    build_shards([tmp_path / "src"], tmp_path / "other", byte_tokenizer(), glob="*.py", val_fraction=0.2,
+                 progress=False)
+    with pytest.raises(ValueError, match="was tokenized with another tokenizer than"):
+        train(_cfg(tmp_path / "other", tmp_path / "s2", model=ckpt, streams=2, steps=2))
+    assert not (tmp_path / "s2" / "checkpoints").exists()
+
+
 def test_two_stage_from_p1_checkpoint(data_dir, tmp_path):
     train(_cfg(data_dir, tmp_path / "s1", streams=1, steps=6))
     result = train(_cfg(data_dir, tmp_path / "s2", model=str(tmp_path / "s1" / "checkpoints" / "latest" / "model"),

@@ -356,6 +356,20 @@ def _initial_model(cfg: TrainConfig, vocab_size: int, eos_id: int):
     return model
 
 
+def check_same_tokenizer(model, data) -> None:
+    """A checkpoint trains on data made with its own tokenizer: ids of another tokenizer inside its vocabulary
+    would train it on the wrong tokens without any error."""
+    from tokenizers import Tokenizer
+
+    from parscale.model.checkpoint import model_folder
+
+    ours, theirs = model_folder(model) / "tokenizer.json", Path(data) / "tokenizer.json"
+    if ours.is_file() and theirs.is_file() and \
+            Tokenizer.from_file(str(ours)).to_str() != Tokenizer.from_file(str(theirs)).to_str():
+        raise ValueError(f"{data} was tokenized with another tokenizer than {model}'s: its ids would mean other "
+                         f"tokens to the model; rebuild it with `parscale data SOURCES --tokenizer {model}`")
+
+
 @torch.no_grad()
 def evaluate_loss(loss_module: LossModule, loader: TokenLoader, batches: int | None, device) -> float:
     """Mean loss over `batches` batches of windows evenly spaced over the split (None: every window)."""
@@ -528,6 +542,8 @@ def _train(cfg: TrainConfig, resume: bool, stop_after: int | None, overwrite: bo
             start_fresh(out, overwrite)
         barrier(world)
         model = _initial_model(cfg, loader.manifest["vocab_size"], loader.manifest["eos_id"]).to(device)
+        if cfg.model not in PRESETS:
+            check_same_tokenizer(cfg.model, cfg.data)
         loader.skip(cfg.data_start)
     if loader.manifest["vocab_size"] > model.config.vocab_size:
         raise ValueError(f"the data's tokenizer has {loader.manifest['vocab_size']} ids but the model's vocabulary "
