@@ -271,15 +271,13 @@ def _held_out_windows(args, model):
                              f"only {cfg.vocab_size}")
         return list(loader.windows(limit=args.batches * args.batch_size))
     import parscale
-    from parscale.analysis.evaluate import iter_documents
+    from parscale.analysis.evaluate import check_ids, iter_documents
 
     tokenizer = parscale.load_tokenizer(args.model) if data.suffix != ".bin" else None
     # a token shard's uint16 / uint32 ids become the int64 indices the embedding takes
     ids = np.concatenate([d.ids for d in iter_documents(data, tokenizer, token_dtype=args.token_dtype)]).astype(
         np.int64)
-    bad = (ids < 0) | (ids >= cfg.vocab_size)
-    if bad.any():
-        raise ValueError(f"{data}: token id {int(ids[bad.argmax()])} is outside the vocabulary [0, {cfg.vocab_size})")
+    check_ids(ids, cfg.vocab_size, data)
     n_windows = (len(ids) - 1) // args.seq_len
     n = min(args.batches * args.batch_size, n_windows)
     if n == 0:

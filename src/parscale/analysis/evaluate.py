@@ -63,6 +63,13 @@ def shard_dtype(path: Path, token_dtype: str | None) -> str:
     return token_dtype or "uint16"
 
 
+def check_ids(ids: np.ndarray, vocab_size: int, source) -> None:
+    """One error naming the first token id outside [0, vocab_size) (an index error, or a device assert, later)."""
+    bad = (ids < 0) | (ids >= vocab_size)
+    if bad.any():
+        raise EvalDataError(f"{source}: token id {int(ids[bad.argmax()])} is outside the vocabulary [0, {vocab_size})")
+
+
 def iter_documents(path, tokenizer, glob: str = "**/*.txt", text_field: str = "text",
                    token_dtype: str | None = None) -> Iterator[Document]:
     """Tokenised documents of a text file, folder, JSONL (.gz / .xz too) or `*.bin` token shard (ids in the
@@ -166,10 +173,7 @@ def evaluate(model, tokenizer, data, max_length: int | None = None, stride: int 
     if not docs or all(len(d.ids) < 2 for d in docs):
         raise EvalDataError(f"evaluation data {str(data)!r} holds no text to score")
     for d in docs:
-        bad = (d.ids < 0) | (d.ids >= cfg.vocab_size)
-        if bad.any():
-            raise EvalDataError(f"{d.source}: token id {int(d.ids[bad.argmax()])} is outside the vocabulary "
-                                f"[0, {cfg.vocab_size})")
+        check_ids(d.ids, cfg.vocab_size, d.source)
     jobs = [(d_i, d.ids[b:e], n) for d_i, d in enumerate(docs) for b, e, n in windows(len(d.ids), max_length, stride)]
     jobs.sort(key=lambda j: len(j[1]))  # similar lengths share a batch: less padding
     nll = defaultdict(float)
