@@ -26,11 +26,18 @@ arm: parscale's paired seeds), named d8-{arm}-s{seed}:
              and 4e-3 (seed 0 has run), P = 4 + warm-up at 8e-3 (configured);
 - long-*     P = 1, the prefix control, P = 2, 4 and 8 with the warm-up lever and the width ladder (192 and
              384, each at its best lr at 39M) at ~100M tokens (have run);
-- repeat-*   the prefix control again, on the GPU model of the later arms (have run).
+- repeat-*   the prefix control again, on the GPU model of the later arms (have run);
+- long-p1prefix-aggwarm, long-p1prefix384-aggwarm, long-p8: the matched controls at ~100M tokens (the
+             prefix control with the P > 1 arms' warm-up lever; the same with P = 8's 384 prefix tokens,
+             matching its prefix parameters; plain P = 8 without the lever), seeds 0-5 (long-p8: 0-2); the
+             long arms gain seeds 3-5.
 Every run evaluates the whole held-out split at 90, 95 and 100% of training (`eval_at`); the endpoint
 is their mean. After training, `parscale streams` measures the final model's streams on 16 held-out
 batches. `run` starts each run as its own `parscale train` process, `per_gpu` at a time on every
-visible GPU (largest P first), skips runs whose result exists, and writes results/{run}.json.
+visible GPU (largest P first), skips runs whose result exists, and writes results/{run}.json. A runner
+stopped by SIGTERM (a time limit) stops its trainers the same way, each writing a checkpoint; started
+again over the same --work folder it continues them with `--resume` (bit-exact), and `wall_seconds` is
+then the last segment's.
 """
 
 from __future__ import annotations
@@ -102,6 +109,15 @@ LONG = {f"long-{arm}": {**fields, "steps": LONG_STEPS, "eval_every": 750} for ar
 # The base arms ran on an H100, everything since on an H200: the prefix control again, on the other GPU,
 # bounds that confound (same settings as d8-p1prefix). Named repeat-p1prefix-s{seed}.
 REPEAT = {"repeat-p1prefix": {"streams": 1, "p1_prefix": True}}
+# Matched controls at ~100M tokens, seeds 0-5 (the long arms above gain seeds 3-5): the prefix control with
+# the same warm-up lever as the P > 1 arms; a parameter-matched one with P = 8's prefix size (8 x 48 = 384
+# prefix tokens per layer, the lever too); plain P = 8 without the lever (does collapse recover with
+# longer training?). Named long-{arm}-s{seed}.
+MATCHED = {f"long-{arm}": {**fields, "steps": LONG_STEPS, "eval_every": 750} for arm, fields in
+           (("p1prefix-aggwarm", {"streams": 1, "p1_prefix": True, "parscale_warmup": 600}),
+            ("p1prefix384-aggwarm", {"streams": 1, "p1_prefix": True, "n_tokens": 384, "parscale_warmup": 600}),
+            ("p8", {"streams": 8}))}
+MORE_SEEDS = (3, 4, 5)   # for the arms that enter a claim: the long arms and the matched controls
 
 
 def _shape(fields: dict) -> dict:
@@ -116,12 +132,16 @@ def _shape(fields: dict) -> dict:
 
 def runs() -> dict[str, dict]:
     out = {}
-    for seed in SEEDS:
+    for seed in SEEDS + MORE_SEEDS:
         for arm, fields in {**ARMS, **LEVER_ARMS}.items():
+            if seed in MORE_SEEDS:
+                continue
             out[f"d8-{arm}-s{seed}"] = {"arm": arm, "seed": seed, "cost": fields["streams"],
                                         "train": {**TRAIN, **fields, "seed": seed, "model_overrides": SHAPE}}
-        for arm, fields in {**COLLAPSE_MAP, **LADDER, **LR_CHECK, **LR_CHECK_P, **LONG, **REPEAT}.items():
+        for arm, fields in {**COLLAPSE_MAP, **LADDER, **LR_CHECK, **LR_CHECK_P, **LONG, **REPEAT, **MATCHED}.items():
             if arm.startswith("map-") and seed not in MAP_SEEDS:
+                continue
+            if seed in MORE_SEEDS and not arm.startswith("long-") or arm == "long-p8" and seed in MORE_SEEDS:
                 continue
             shape = _shape(fields)
             train = {**TRAIN, **{k: v for k, v in fields.items() if k not in ("depth", "width")}, "seed": seed,
@@ -173,6 +193,8 @@ def collect(name: str, run: dict, run_dir: Path, wall: float) -> dict:
 def run_all(data: Path, work: Path, only: list[str], per_gpu: int) -> None:
     import torch
 
+    from parscale.training.run_folder import latest_checkpoint
+
     RESULTS.mkdir(exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
     todo = {n: r for n, r in runs().items() if any(fnmatch.fnmatch(n, pat) for pat in only)
@@ -198,18 +220,26 @@ def run_all(data: Path, work: Path, only: list[str], per_gpu: int) -> None:
                                 "--out", str(run_dir / "streams.json")], env=env, check=False,
                                stdout=subprocess.DEVNULL)
                 result = collect(name, todo[name], run_dir, time.time() - t0)
-                (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
+                text = json.dumps(result, indent=1) + "\n"
+                (run_dir / "result.json").write_text(text)   # so a runner started again collects, not retrains
+                (RESULTS / f"{name}.json").write_text(text)
                 print(f"[runs] done {name}: endpoint {result['endpoint']:.4f}, {result['wall_seconds']:.0f} s, "
                       f"{result['tokens_per_s_median']:,.0f} tok/s", flush=True)
             while queue and len(slots[g]) < per_gpu:
                 name = queue.pop(0)
+                if (work / name / "result.json").is_file():   # finished under a runner that was stopped
+                    (RESULTS / f"{name}.json").write_text((work / name / "result.json").read_text())
+                    print(f"[runs] collected {name} from its run folder", flush=True)
+                    continue
+                # A run stopped by SIGTERM (the runner's time limit) wrote a checkpoint: continue it, bit-exact.
+                start = ["--resume"] if latest_checkpoint(work / name) else ["--overwrite"]
                 cmd = [sys.executable, "-m", "parscale.cli", "train", "--config", str(CONFIGS / f"{name}.toml"),
-                       "--data", str(data), "--out", str(work / name), "--overwrite"]
-                log = open(work / f"{name}.log", "w")
+                       "--data", str(data), "--out", str(work / name), *start]
+                log = open(work / f"{name}.log", "a")
                 proc = subprocess.Popen(cmd, env={**env, "CUDA_VISIBLE_DEVICES": str(g)}, stdout=log,
                                         stderr=subprocess.STDOUT)
                 slots[g].append((proc, name, time.time()))
-                print(f"[runs] start {name} on GPU {g}", flush=True)
+                print(f"[runs] {'resume' if start == ['--resume'] else 'start'} {name} on GPU {g}", flush=True)
         time.sleep(2)
 
 
