@@ -155,7 +155,7 @@ def test_failed_save_leaves_nothing_and_keeps_old(tmp_path, monkeypatch):
 
     monkeypatch.setattr("parscale.model.checkpoint.save_file", boom)
     with pytest.raises(OSError, match="disk full"):
-        parscale.save(tiny_model(streams=2, seed=9), tmp_path / "m")
+        parscale.save(tiny_model(streams=2, seed=9), tmp_path / "m", overwrite=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]  # no temporary folder left
     assert (tmp_path / "m" / "model.safetensors").read_bytes() == before
 
@@ -245,9 +245,12 @@ def test_save_never_deletes_files_it_did_not_write(tmp_path):
     parscale.save(tiny_model(streams=1), folder, overwrite=True, max_shard_bytes=50_000)  # sharded now
     assert not (folder / "model.safetensors").exists()  # the stale single file of the old model is gone
     assert (folder / "notes.txt").read_text() == "my notes"
-    # A folder that holds only a model written before is replaced as a whole.
+    # A folder that holds only a model written before is replaced as a whole, and only when asked to.
     parscale.save(tiny_model(streams=2), tmp_path / "m")
-    parscale.save(tiny_model(streams=4), tmp_path / "m")
+    with pytest.raises(ValueError, match="already holds parscale's output .* --overwrite"):
+        parscale.save(tiny_model(streams=4), tmp_path / "m")
+    assert parscale.load(tmp_path / "m").config.parscale_n == 2
+    parscale.save(tiny_model(streams=4), tmp_path / "m", overwrite=True)
     assert parscale.load(tmp_path / "m").config.parscale_n == 4
 
 
@@ -280,7 +283,7 @@ def test_interrupted_swap_puts_the_old_folder_back(tmp_path, monkeypatch):
 
     monkeypatch.setattr(os, "replace", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        parscale.save(tiny_model(streams=2, seed=5), tmp_path / "m")
+        parscale.save(tiny_model(streams=2, seed=5), tmp_path / "m", overwrite=True)
     monkeypatch.setattr(os, "replace", real)
     assert (tmp_path / "m" / "model.safetensors").read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]

@@ -105,7 +105,7 @@ def test_demo_refuses_a_folder_it_did_not_write(tmp_path, capsys):
     (tmp_path / "mine" / "corpus").mkdir()
     (tmp_path / "mine" / "corpus" / "precious.txt").write_text("keep me")
     assert main(["demo", "--out", str(tmp_path / "mine"), "--steps", "1"]) == 2
-    assert "was not written by `parscale demo`" in capsys.readouterr().err
+    assert "holds files parscale did not write (corpus)" in capsys.readouterr().err
     assert (tmp_path / "mine" / "corpus" / "precious.txt").read_text() == "keep me"
 
 

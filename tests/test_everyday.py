@@ -235,7 +235,7 @@ def test_save_writes_a_model_card_the_hub_can_read(tmp_path, capsys):
     assert (block["streams"], block["prefix_tokens"], block["smoothing"]) == (4, 8, 0.1)
     assert meta["parscale"]["parameters"] == counts
     # Saving again replaces parscale's own card...
-    parscale.save(parscale.load(tmp_path / "p4"), tmp_path / "p4", base_model="other")
+    parscale.save(parscale.load(tmp_path / "p4"), tmp_path / "p4", base_model="other", overwrite=True)
     assert ModelCard.load(tmp_path / "p4" / "README.md").data.to_dict()["base_model"] == "other"
     # ... but never a card the user wrote: refused without overwrite, kept with it.
     (tmp_path / "p4" / "README.md").write_text("# my notes\n")

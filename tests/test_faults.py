@@ -147,7 +147,7 @@ def test_an_interrupted_rebuild_keeps_the_previous_data_folder(tmp_path, monkeyp
 
     monkeypatch.setattr(data, "atomic_write", dies_on_manifest)
     with pytest.raises(KeyboardInterrupt):
-        build_shards([src], out, byte_tokenizer(), val_fraction=0.3, progress=False)
+        build_shards([src], out, byte_tokenizer(), val_fraction=0.3, progress=False, overwrite=True)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == files_before  # shards and manifest still agree
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no half-written folder left
     assert TokenLoader(out, "train", 1, 8).manifest == before

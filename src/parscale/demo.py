@@ -2,14 +2,13 @@
 token shards, then a tiny P = 1 and a tiny P = 4 model trained alike, their held-out losses, samples,
 `report.json` and `loss.png`. About 2 minutes on 2 CPU cores, no download.
 
-The output folder is the demo's own: it refuses a non-empty folder that an earlier demo did not write
-(marked by `.parscale-demo`), and replaces only its own corpus/, data/, p1/ and p4/ inside it.
+The output folder is the demo's own: it refuses a folder holding anything parscale did not write
+(io/ownership.py) and on a rerun replaces its own corpus/, data/, p1/, p4/, report.json and loss.png.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 import sysconfig
 from pathlib import Path
@@ -17,7 +16,8 @@ from pathlib import Path
 import torch
 
 import parscale
-from parscale.io.files import write_json_atomic
+from parscale.io.files import real_target, write_json_atomic
+from parscale.io.ownership import FolderInUseError, describe, foreign_entries, record, remove_owned
 from parscale.training.data import build_shards
 from parscale.training.tokenizer import check_vocab_size, train_bpe
 from parscale.training.train import TrainConfig, train
@@ -45,23 +45,25 @@ def run_demo(out, steps: int = 200, corpus_mb: int = 4, vocab_size: int = 4096) 
     if steps < 1 or corpus_mb < 1:  # before anything is written
         raise ValueError(f"--steps and --corpus-mb must be at least 1, got {steps} and {corpus_mb}")
     check_vocab_size(vocab_size)
-    out = Path(out)
-    marker = out / ".parscale-demo"
-    if out.is_dir() and any(out.iterdir()) and not marker.is_file():
-        raise ValueError(f"{str(out)!r} is not empty and was not written by `parscale demo`; choose another --out")
+    out = real_target(out)
+    if out.is_dir():  # the demo's folder is its own: every entry in it must be one an earlier demo wrote
+        foreign = foreign_entries(out)
+        if foreign:
+            raise FolderInUseError(f"{str(out)!r} holds files parscale did not write ({describe(foreign)}); "
+                                   f"the demo replaces its whole folder: choose another --out")
     out.mkdir(parents=True, exist_ok=True)
-    marker.write_text("written by parscale demo; its corpus/, data/, p1/, p4/ are replaced on every run\n")
     corpus = out / "corpus"
-    if corpus.exists():
-        shutil.rmtree(corpus)
-    corpus.mkdir(parents=True)
+    remove_owned(out, "corpus")
+    corpus.mkdir()
+    record(out, ["corpus"])
     files = stdlib_sources(corpus_mb * 2**20)
     for f in files:  # one flat folder of the chosen files, named by their path in the stdlib
         (corpus / "__".join(f.parts[-3:])).write_text(f.read_text(encoding="utf-8", errors="replace"))
     print(f"[demo] corpus: {len(files)} standard-library files of Python {sys.version.split()[0]} in {corpus}")
     texts = [p.read_text() for p in sorted(corpus.glob("*.py"))]
     tok = train_bpe(texts, vocab_size)
-    manifest = build_shards([corpus], out / "data", tok, glob="*.py", val_fraction=0.1)
+    manifest = build_shards([corpus], out / "data", tok, glob="*.py", val_fraction=0.1, overwrite=True)
+    record(out, ["data"])
     print(f"[demo] {manifest['train_tokens']:,} training / {manifest['val_tokens']:,} validation tokens")
     report = {"corpus_files": len(files), "train_tokens": manifest["train_tokens"],
               "val_tokens": manifest["val_tokens"], "vocab_size": tok.get_vocab_size(), "runs": {}}
@@ -71,6 +73,7 @@ def run_demo(out, steps: int = 200, corpus_mb: int = 4, vocab_size: int = 4096) 
                           batch_size=16, seq_len=128, lr=3e-3, warmup=20, eval_every=max(1, steps // 5),
                           eval_batches=8, save_every=0, seed=0)
         result = train(cfg, overwrite=True)
+        record(out, [f"p{p}"])
         model = parscale.load(result["checkpoint"])
         ids = torch.tensor([tok.encode(prompt).ids])
         new = parscale.generate(model, ids, max_new_tokens=48, eos_token_id=manifest["eos_id"])
@@ -83,6 +86,7 @@ def run_demo(out, steps: int = 200, corpus_mb: int = 4, vocab_size: int = 4096) 
               f"({result['seconds']:.0f} s); sample:\n{prompt}{sample}\n")
     _plot(out, report)
     write_json_atomic(report, out / "report.json")
+    record(out, ["loss.png", "report.json"])
     print(f"[demo] report: {out / 'report.json'}, plot: {out / 'loss.png'}")
     return report
 

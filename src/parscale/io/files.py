@@ -2,11 +2,11 @@
 
 - `atomic_write(path, data)` / `write_json_atomic(obj, path)`: a temporary file in the same folder,
   then one rename.
-- `publish_folder(tmp, target, owned, overwrite)`: put a finished folder (written under a temporary
-  name beside the target) in place. parscale replaces only what it owns: a target that is absent,
-  empty, or holds only files parscale writes (`owned`, glob patterns) is swapped for the new folder;
-  a target holding anything else is refused with one error naming those files, unless
-  `overwrite=True`, in which case only parscale's own files are replaced and the others are kept.
+- `temporary_folder(target)` / `publish_folder(tmp, target, writes, overwrite)`: write a folder under a
+  temporary name beside the target, then put it in place under the ownership rule of ownership.py:
+  parscale removes or replaces only what it can prove it wrote (the folder's `.parscale-owned.json`);
+  a target holding anything is refused unless `overwrite=True`, which replaces parscale's own entries
+  and never a file it did not write. A symbolic link at the target is written through, never replaced.
   An exception between the two renames of a swap puts the old folder back.
 - `RunLock`: an exclusive lock on a run folder, so two processes never write one run.
 """
@@ -19,6 +19,21 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+
+from parscale.io.ownership import (
+    MARKER,
+    FolderInUseError,
+    add_entries,
+    describe,
+    foreign_entries,
+    is_owned,
+    mark_temporary,
+    read_marker,
+    record_all,
+    remove_owned,
+    sweep_stale,
+    temporary_name_prefix,
+)
 
 
 def _umask() -> int:
@@ -38,10 +53,6 @@ def new_temporary_folder(prefix: str, parent: Path) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
     user_permissions(tmp, folder=True)
     return tmp
-
-
-class FolderInUseError(ValueError):
-    """A folder parscale was asked to write holds files it did not write, or another process holds it."""
 
 
 def atomic_write(path, data) -> None:
@@ -80,55 +91,90 @@ def write_json_atomic(obj, path) -> None:
     atomic_write(path, (json.dumps(obj, indent=1) + "\n").encode())
 
 
-def foreign_entries(folder: Path, owned) -> list[str]:
-    """Names in folder that match none of the owned glob patterns."""
-    return sorted(p.name for p in folder.iterdir() if not any(fnmatch.fnmatch(p.name, pat) for pat in owned))
+def real_target(target) -> Path:
+    """The folder a write goes to: target itself, or the folder a symbolic link at target points to
+    (a link is written through, never replaced)."""
+    target = Path(target)
+    if target.is_symlink():
+        real = target.resolve()
+        if not real.is_dir():
+            raise FolderInUseError(f"{str(target)!r} is a link to {str(real)!r}, which is not a folder; "
+                                   f"choose another folder")
+        return real
+    return target
 
 
 def temporary_folder(target: Path) -> Path:
-    """A new empty folder beside target (same file system, so it can be renamed into place)."""
+    """A new empty folder beside target (same file system, so it can be renamed into place), marked as
+    parscale's; stale ones a killed process left for this target are swept first (ownership.sweep_stale)."""
+    target = real_target(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    return new_temporary_folder(f".{target.name}.tmp-", target.parent)
+    sweep_stale(target)
+    tmp = new_temporary_folder(temporary_name_prefix(target, "tmp"), target.parent)
+    mark_temporary(tmp)
+    return tmp
 
 
-def check_writable(target: Path, owned, overwrite: bool = False) -> None:
-    """Raise FolderInUseError now if publishing into target would be refused (call before long work)."""
+def _entries(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name != MARKER)
+
+
+def check_writable(target, writes=(), overwrite: bool = False) -> Path:
+    """Raise FolderInUseError now if publishing into target would be refused (call before long work).
+
+    writes: glob patterns of the names this writer puts in the folder. Returns the real target."""
+    target = real_target(target)
     if target.exists() and not target.is_dir():
         raise FolderInUseError(f"{str(target)!r} exists and is not a folder")
-    if target.is_dir() and not overwrite:
-        foreign = foreign_entries(target, owned)
+    if not target.is_dir() or not _entries(target):
+        return target
+    foreign = foreign_entries(target)
+    if not overwrite:
         if foreign:
-            shown = ", ".join(foreign[:8]) + (" ..." if len(foreign) > 8 else "")
             raise FolderInUseError(
-                f"{str(target)!r} holds files parscale did not write ({shown}); choose another folder or "
-                f"overwrite (only parscale's own files are then replaced, the others are kept)")
+                f"{str(target)!r} holds files parscale did not write ({describe(foreign)}); choose another folder "
+                f"(with --overwrite parscale writes its files beside them and replaces only its own)")
+        raise FolderInUseError(f"{str(target)!r} already holds parscale's output ({describe(_entries(target))}); "
+                               f"replace it with --overwrite, or choose another folder")
+    clash = [n for n in foreign if any(fnmatch.fnmatch(n, pat) for pat in writes)]
+    if clash:
+        raise FolderInUseError(f"{str(target)!r} holds {describe(clash)}, which parscale did not write (or which "
+                               f"changed since) and would have to replace; --overwrite never replaces such files: "
+                               f"move them away or choose another folder")
+    return target
 
 
-def publish_folder(tmp: Path, target: Path, owned, overwrite: bool = False) -> Path:
-    """Move the finished folder tmp to target (see the module docstring); tmp is gone afterwards."""
+def publish_folder(tmp: Path, target: Path, writes=(), overwrite: bool = False) -> Path:
+    """Move the finished folder tmp to target under the ownership rule (ownership.py); tmp is gone afterwards.
+
+    Absent or empty target: tmp is renamed into place. A target holding only parscale's own entries
+    (overwrite=True) is swapped for tmp in two renames (an exception between them puts the old folder
+    back). A target that also holds the user's files (overwrite=True, none in the way) keeps them:
+    parscale's own entries are replaced one by one. Returns the real target (through a link)."""
     try:
         for f in tmp.rglob("*"):  # some writers (safetensors) create files 0600 whatever the umask
             if not f.is_symlink():
                 user_permissions(f, folder=f.is_dir())
-        check_writable(target, owned, overwrite)
+        (tmp / MARKER).unlink(missing_ok=True)
+        record_all(tmp)
+        target = check_writable(target, [p.name for p in tmp.iterdir() if p.name != MARKER], overwrite)
         if not target.exists():
             os.replace(tmp, target)
-        elif not any(target.iterdir()):
+        elif not _entries(target):
+            (target / MARKER).unlink(missing_ok=True)
             target.rmdir()
             os.replace(tmp, target)
-        elif not foreign_entries(target, owned):
+        elif not foreign_entries(target):
             _swap(tmp, target)
-        else:  # overwrite=True with the user's files inside: replace our files one by one, keep theirs
-            new = {p.name for p in tmp.iterdir()}
-            for p in target.iterdir():
-                if p.name not in new and any(fnmatch.fnmatch(p.name, pat) for pat in owned):
-                    shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
-            for name in sorted(new):
-                dest = target / name
-                if dest.is_dir() and not dest.is_symlink():
-                    shutil.rmtree(dest)
-                os.replace(tmp / name, dest)
-            tmp.rmdir()
+        else:  # overwrite=True with the user's files inside: replace our entries one by one, keep theirs
+            new = [p.name for p in tmp.iterdir() if p.name != MARKER]
+            for name in _entries(target):
+                if is_owned(target, name):
+                    remove_owned(target, name)
+            for name in new:
+                os.replace(tmp / name, target / name)
+            add_entries(target, read_marker(tmp)["entries"])
+            shutil.rmtree(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -136,7 +182,7 @@ def publish_folder(tmp: Path, target: Path, owned, overwrite: bool = False) -> P
 
 
 def _swap(tmp: Path, target: Path) -> None:
-    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+    old = Path(tempfile.mkdtemp(prefix=temporary_name_prefix(target, "old"), dir=target.parent))
     old.rmdir()
     os.replace(target, old)
     try:

@@ -27,7 +27,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from parscale.io.files import check_writable, publish_folder, temporary_folder
+from parscale.io.files import check_writable, publish_folder, real_target, temporary_folder
+from parscale.io.ownership import is_owned
 from parscale.model.config import ModelConfig
 from parscale.model.transformer import ParScaleForCausalLM
 
@@ -342,19 +343,19 @@ def save(model: ParScaleForCausalLM, path, tokenizer_from=None, dtype=None, max_
          card_name: str | None = None):
     """Write model (and tokenizer files copied from `tokenizer_from`, a folder) as a HF folder, atomically.
 
-    The folder is written beside the target and renamed into place. A target that holds other files
-    than a model folder's is refused unless overwrite=True, which replaces only the model's files.
-    A model card (README.md, card.py) is written with base_model and training facts when given; a
-    README.md that parscale did not write is kept as it is, with a note on stderr.
+    The folder is written beside the target and renamed into place. A target that holds anything is
+    refused unless overwrite=True, which replaces only what parscale wrote there (io/ownership.py) and
+    never another file. A model card (README.md, card.py) is written with base_model and training facts
+    when given; a README.md that parscale did not write is kept as it is, with a note on stderr.
     """
     import sys
 
-    from parscale.model.card import is_parscale_card, model_card
+    from parscale.model.card import model_card
 
-    target = Path(path)
-    users_card = (target / "README.md").is_file() and not is_parscale_card(target / "README.md")
+    target = real_target(path)
+    users_card = (target / "README.md").exists() and not is_owned(target, "README.md")
     owned = MODEL_FILES if users_card else (*MODEL_FILES, "README.md")
-    check_writable(target, owned, overwrite)
+    target = check_writable(target, owned, overwrite)
     state = state_for_saving(model, dtype)
     stored = state["model.embed_tokens.weight"].dtype
     hf = model.config.to_hf_dict()

@@ -21,7 +21,8 @@ def cmd_corpus(args):
         paths = sysconfig.get_paths()
         stdlib.append(paths["stdlib"])
         roots.extend(dict.fromkeys(p for p in (paths["purelib"], paths["platlib"]) if Path(p).is_dir()))
-    totals = python_corpus(roots, args.out, val_fraction=args.val_fraction, stdlib_roots=stdlib)
+    totals = python_corpus(roots, args.out, val_fraction=args.val_fraction, stdlib_roots=stdlib,
+                           overwrite=args.overwrite)
     print(json.dumps({k: v for k, v in totals.items() if k != "val_packages"}, indent=1))
 
 
@@ -61,16 +62,18 @@ def cmd_data(args):
 @command
 def cmd_verify_data(args):
     """Check a `parscale data` folder: shard sizes, token ids, tokenizer and source files against its manifest."""
-    from parscale.training.data import DataError, changed_sources, check_data_folder
+    from parscale.training.data import DataError, changed_sources, check_data_folder, shard_hashes_recorded
 
-    manifest = check_data_folder(args.folder)
+    manifest = check_data_folder(args.folder, full_hash=True)
     changed = changed_sources(manifest)
     if changed:
         shown = ", ".join(changed[:5]) + (" ..." if len(changed) > 5 else "")
         raise DataError(f"{len(changed)} source files changed since {args.folder} was built ({shown}); "
                         f"the shards hold their old text: rebuild with `parscale data` to use the new one")
     present = sum(Path(f["path"]).is_file() for f in manifest.get("files", []))
-    print(f"{args.folder}: shards, token ids and tokenizer match the manifest; {present} of "
+    hashes = ("shards (sha256)" if shard_hashes_recorded(manifest) else
+              "shard sizes (the manifest records no shard hashes: rebuild with `parscale data` to get them)")
+    print(f"{args.folder}: {hashes}, token ids and tokenizer match the manifest; {present} of "
           f"{len(manifest.get('files', []))} source files found here, all unchanged")
 
 
@@ -87,7 +90,8 @@ def _train_config(args):
         out = flags.get("out", file_settings.get("out", TrainConfig.out))
         ckpt = latest_checkpoint(out)
         if ckpt is None:
-            raise ValueError(f"--resume: {str(out)!r} holds no checkpoint to resume from (check --out)")
+            raise ValueError(f"--resume: {str(out)!r} holds no checkpoint to resume from (check --out; a run "
+                             f"stopped before its first checkpoint starts over without --resume)")
         saved = {k: v for k, v in json.loads((ckpt / "train_config.json").read_text()).items() if k in fields}
     return TrainConfig(**{**saved, **file_settings, **flags})
 
@@ -138,6 +142,8 @@ def add_parsers(sub) -> None:
                    help="add the running interpreter's standard library and site-packages")
     p.add_argument("--out", required=True, help="the corpus JSONL to write (manifest beside it)")
     p.add_argument("--val-fraction", type=float, default=0.02, help="share of bytes held out, whole packages")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a corpus parscale wrote at --out (a file it did not write is never replaced)")
 
     p = sub.add_parser("data", help=cmd_data.__doc__)
     p.add_argument("sources", nargs="+", help="files, folders or JSONL files")

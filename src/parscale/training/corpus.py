@@ -83,14 +83,50 @@ def choose_validation_packages(package_bytes: dict[str, int], val_fraction: floa
     return chosen
 
 
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(2**20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def check_corpus_target(out: Path, overwrite: bool) -> None:
+    """Refuse an --out parscale may not replace (before any work): a folder, a file that is not a corpus
+    parscale wrote (proof: its manifest beside it names the file's sha256), or one of ours without
+    overwrite. A manifest beside it that is not parscale's is refused too."""
+    manifest_file = Path(f"{out}.manifest.json")
+    if out.is_dir():
+        raise CorpusError(f"--out {str(out)!r} is a folder; give the JSONL file to write (e.g. {out}/corpus.jsonl)")
+    if not out.exists() and not manifest_file.exists():
+        return
+    try:
+        manifest = json.loads(manifest_file.read_text())
+        ours = isinstance(manifest, dict) and "files" in manifest and (
+            not out.exists() or manifest.get("corpus_sha256") == _file_sha256(out))
+    except (OSError, ValueError):
+        ours = False
+    if not ours:
+        shown = str(out) if out.exists() else str(manifest_file)
+        raise CorpusError(f"{shown!r} exists and is not a corpus parscale wrote (its manifest does not prove it); "
+                          f"choose another --out")
+    if not overwrite:
+        raise CorpusError(f"{str(out)!r} already holds a corpus parscale wrote; replace it with --overwrite, or "
+                          f"choose another --out")
+
+
 def python_corpus(roots, out_file, val_fraction: float = 0.02, max_val_package: float = 0.01,
-                  stdlib_roots=(), progress: bool = True) -> dict:
-    """Build the corpus JSONL and its manifest; returns the manifest's totals."""
+                  stdlib_roots=(), progress: bool = True, overwrite: bool = False) -> dict:
+    """Build the corpus JSONL and its manifest; returns the manifest's totals.
+
+    An existing out_file is replaced only with overwrite=True and only if it is a corpus parscale wrote
+    (`check_corpus_target`)."""
     if not 0 <= val_fraction < 1:
         raise CorpusError(f"val_fraction is the share of bytes held out: it must be in [0, 1), got {val_fraction}")
     if not 0 < max_val_package <= 1:
         raise CorpusError(f"max_val_package must be in (0, 1], got {max_val_package}")
     out = Path(out_file)
+    check_corpus_target(out, overwrite)
     entries, kept, seen_hashes = [], [], {}
     all_roots = [(Path(r), False) for r in roots] + [(Path(r), True) for r in stdlib_roots]
     if not all_roots:

@@ -12,8 +12,9 @@ split; a JSONL corpus that decides its own split (held out by package, say) name
 (`split_field`, values "train" / "val"). Documents are tokenised in batches on all cores. Each split is
 one flat token stream in which every document is followed by the EOS id (packing with EOS separators)
 and written as `{split}.bin` with `manifest.json`
-(source files with sha256, token counts, dtype, tokenizer). Files are written to temporary names and
-renamed, so an interrupted build leaves no half shard.
+(source files with sha256, token counts, dtype, tokenizer, and each shard's sha256, taken while writing,
+and the sha256 of its first and last MiB, checked at every start; `verify-data` checks the full one).
+Files are written to temporary names and renamed, so an interrupted build leaves no half shard.
 
 The loader cuts the stream into consecutive windows of seq_len + 1 tokens and visits them in a seeded
 random order, epoch after epoch; its state is (epoch, index) and resuming continues with exactly the
@@ -34,6 +35,7 @@ import torch
 
 from parscale.io.documents import DocumentError, is_jsonl, read_documents
 from parscale.io.files import atomic_write, check_writable, publish_folder, temporary_folder
+from parscale.io.ownership import fingerprint
 from parscale.io.progress import progress_bar
 
 DataError = DocumentError  # bad data input: one error type for every reader of documents
@@ -147,10 +149,14 @@ def build_shards(sources, out_dir, tokenizer, glob: str = "**/*.txt", text_field
     tmp = temporary_folder(out)
     try:
         for split, parts in tokens.items():
-            # Written part by part: concatenating first would hold the corpus twice in memory.
-            atomic_write(tmp / f"{split}.bin", (memoryview(part) for part in parts))
+            # Written part by part: concatenating first would hold the corpus twice in memory. The sha256
+            # is taken on the way, so hashing costs no second pass over the data.
+            digest = hashlib.sha256()
+            atomic_write(tmp / f"{split}.bin", _hashed((memoryview(part) for part in parts), digest))
             manifest[f"{split}_tokens"] = int(sum(part.size for part in parts))
             manifest[f"{split}_documents"] = len(parts)
+            manifest[f"{split}_sha256"] = digest.hexdigest()
+            manifest[f"{split}_head_tail_sha256"] = fingerprint(tmp / f"{split}.bin")["head_tail_sha256"]
         atomic_write(tmp / "tokenizer.json", tokenizer.to_str().encode())
         atomic_write(tmp / "manifest.json", (json.dumps(manifest, indent=1) + "\n").encode())
     except BaseException:
@@ -158,6 +164,12 @@ def build_shards(sources, out_dir, tokenizer, glob: str = "**/*.txt", text_field
         raise
     publish_folder(tmp, out, DATA_FILES, overwrite)
     return manifest
+
+
+def _hashed(parts, digest):
+    for part in parts:
+        digest.update(part)
+        yield part
 
 
 def _sha256(file: Path) -> str:
@@ -168,10 +180,13 @@ def _sha256(file: Path) -> str:
     return h.hexdigest()
 
 
-def check_data_folder(folder, splits=("train", "val")) -> dict:
-    """The manifest of a `parscale data` folder after checking, cheaply, that the folder is what it says:
-    each shard's size against its token count, every id inside the vocabulary, and tokenizer.json against
-    the manifest's hash. One DataError names the first file that is wrong."""
+def check_data_folder(folder, splits=("train", "val"), full_hash: bool = False) -> dict:
+    """The manifest of a `parscale data` folder after checking that the folder is what it says: each
+    shard's size against its token count and the SHA-256 of its first and last MiB against the manifest
+    (every start of training or evaluation: cheap at any size), or with full_hash its whole SHA-256
+    (`parscale verify-data`: one pass over the data); every id inside the vocabulary; tokenizer.json against
+    the manifest's hash. One DataError names the first file that is wrong. A manifest written before
+    shards were hashed has no hashes to compare (see `shard_hashes_recorded`)."""
     folder = Path(folder)
     manifest_file = folder / "manifest.json"
     if not manifest_file.is_file():
@@ -197,11 +212,23 @@ def check_data_folder(folder, splits=("train", "val")) -> dict:
         top = int(tokens.max()) if tokens.size else 0
         if top >= vocab:
             raise DataError(f"{shard} holds token id {top}, outside the manifest's vocabulary of {vocab}; {rebuild}")
+        key = f"{split}_sha256" if full_hash else f"{split}_head_tail_sha256"
+        recorded = manifest.get(key)
+        if recorded is not None:
+            actual = _sha256(shard) if full_hash else fingerprint(shard)["head_tail_sha256"]
+            if actual != recorded:
+                what = "its sha256" if full_hash else "the sha256 of its first and last MiB"
+                raise DataError(f"{shard} is not the shard the manifest describes ({what} differs): it was "
+                                f"rewritten since it was built; {rebuild}")
     tok_file = folder / "tokenizer.json"
     if manifest.get("tokenizer_sha256") and tok_file.is_file() and _sha256(tok_file) != manifest["tokenizer_sha256"]:
         raise DataError(f"{tok_file} is not the tokenizer the shards were made with (its sha256 differs from "
                         f"the manifest's); put the original back or {rebuild}")
     return manifest
+
+
+def shard_hashes_recorded(manifest: dict, splits=("train", "val")) -> bool:
+    return all(f"{split}_sha256" in manifest for split in splits)
 
 
 def changed_sources(manifest: dict) -> list[str]:

@@ -20,9 +20,11 @@ import json
 import os
 import re
 import shutil
+import sys
 from pathlib import Path
 
-from parscale.io.files import FolderInUseError, atomic_write, new_temporary_folder
+from parscale.io.files import atomic_write, new_temporary_folder, real_target
+from parscale.io.ownership import FolderInUseError, describe, is_owned, record, remove_owned
 
 RUN_ENTRIES = ("metrics.jsonl", "checkpoints", "adapter", "tensorboard")
 _STEP = re.compile(r"^step-(\d+)$")
@@ -57,7 +59,9 @@ def clean_interrupted(out) -> None:
 def write_checkpoint(out, step: int, write, keep: int = 2) -> Path:
     """Write one checkpoint with write(folder) into checkpoints/step-N, point `latest` at it, prune."""
     ckdir = Path(out) / "checkpoints"
-    ckdir.mkdir(parents=True, exist_ok=True)
+    if not ckdir.is_dir():
+        ckdir.mkdir(parents=True)
+        record(out, ["checkpoints"])
     final = ckdir / checkpoint_name(step)
     if not _complete(final):
         tmp = new_temporary_folder(f".{final.name}.tmp-", ckdir)
@@ -82,26 +86,36 @@ def write_checkpoint(out, step: int, write, keep: int = 2) -> Path:
 
 
 def has_run(out) -> bool:
-    out = Path(out)
-    metrics = out / "metrics.jsonl"
-    return latest_checkpoint(out) is not None or (metrics.is_file() and metrics.stat().st_size > 0)
+    """A run that can be resumed: one with a checkpoint (metrics alone cannot be continued)."""
+    return latest_checkpoint(out) is not None
 
 
 def start_fresh(out, overwrite: bool) -> None:
-    """Prepare out for a new run: refuse one that holds a run unless overwrite (then remove only the run's files)."""
-    out = Path(out)
-    if has_run(out) and not overwrite:
+    """Prepare out for a new run under the ownership rule (io/ownership.py).
+
+    A run's entries (metrics.jsonl, checkpoints/, adapter/, tensorboard/) already there are removed only
+    if parscale wrote them: with overwrite, or without it when the run there has no checkpoint (it was
+    stopped before its first save, so nothing can be resumed and nothing is lost: it starts over, with a
+    note). An entry of those names that parscale did not write is refused, overwrite or not."""
+    out = real_target(out)
+    present = [n for n in RUN_ENTRIES if (out / n).exists() or (out / n).is_symlink()]
+    foreign = [n for n in present if not is_owned(out, n)]
+    if foreign:
+        raise FolderInUseError(f"{str(out)!r} holds {describe(foreign)}, which parscale did not write (a run "
+                               f"writes these names); --overwrite never removes them: move them away or choose "
+                               f"another --out")
+    if present and has_run(out) and not overwrite:
         raise FolderInUseError(f"{str(out)!r} already holds a training run; continue it with --resume, or "
                                f"start over with --overwrite (removes its checkpoints and metrics), or choose "
                                f"another --out")
-    for name in RUN_ENTRIES:
-        p = out / name
-        if p.is_dir() and not p.is_symlink():
-            shutil.rmtree(p)
-        elif p.exists() or p.is_symlink():
-            p.unlink()
+    if present and not overwrite:
+        print(f"note: {str(out)!r} holds a run stopped before its first checkpoint; starting it over",
+              file=sys.stderr)
+    for name in present:
+        remove_owned(out, name)
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.jsonl").write_text("")
+    record(out, ["metrics.jsonl"], grows=True)
 
 
 def cut_metrics(out, step: int) -> None:

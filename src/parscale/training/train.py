@@ -54,6 +54,7 @@ import numpy as np
 import torch
 
 from parscale.io.files import RunLock
+from parscale.io.ownership import record as record_owned
 from parscale.io.progress import progress_bar
 from parscale.model.checkpoint import load, save
 from parscale.model.config import PRESETS, ModelConfig
@@ -524,7 +525,8 @@ def _train(cfg: TrainConfig, resume: bool, stop_after: int | None, overwrite: bo
     if resume:
         ckpt = latest_checkpoint(out)
         if ckpt is None:
-            raise ValueError(f"--resume: {str(out)!r} holds no checkpoint to resume from (check --out)")
+            raise ValueError(f"--resume: {str(out)!r} holds no checkpoint to resume from (check --out; a run "
+                             f"stopped before its first checkpoint starts over without --resume)")
         state = torch.load(ckpt / "trainer.pt", weights_only=False)
         check_resume_config(state["config"], cfg)
         if "data" in state and state["data"] != _data_identity(loader.manifest):
@@ -599,7 +601,10 @@ def _train(cfg: TrainConfig, resume: bool, stop_after: int | None, overwrite: bo
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
             raise ValueError("--tensorboard needs the tensorboard package (pip install tensorboard)") from None
+        new_board = not (out / "tensorboard").exists()
         board = SummaryWriter(str(out / "tensorboard"))
+        if new_board and (out / "tensorboard").is_dir():
+            record_owned(out, ["tensorboard"])
     if not all(0 < f <= 1 for f in cfg.eval_at):
         raise ValueError(f"eval_at takes fractions of the run in (0, 1], got {cfg.eval_at}")
     full_eval_steps = {max(1, round(f * cfg.steps)) for f in cfg.eval_at}
@@ -680,6 +685,7 @@ def _train(cfg: TrainConfig, resume: bool, stop_after: int | None, overwrite: bo
                                                  reparam_state(model))
                     if cfg.trainable == "parscale" and step + 1 == cfg.steps:
                         save_adapter(plain, out / "adapter", backbone=cfg.model, overwrite=True)
+                        record_owned(out, ["adapter"])
                 barrier(world)
             window.restart_clock()  # the evaluation and the checkpoint are not training time
             if stopping and step + 1 < cfg.steps:
