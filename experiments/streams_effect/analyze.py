@@ -61,6 +61,61 @@ def paired(results, arm: str, base: str) -> dict | None:
     return {"n": len(diffs), "mean": mean, "se": se, "diffs": diffs}
 
 
+def paired_t(results, arm: str, base: str) -> dict | None:
+    """`paired` with a Student-t 95% interval and two-sided p-value (n − 1 degrees of freedom)."""
+    g = paired(results, arm, base)
+    if g is None or g["se"] is None:
+        return g
+    from scipy import stats
+
+    t = stats.t.ppf(0.975, g["n"] - 1)
+    p = 2 * stats.t.sf(abs(g["mean"] / g["se"]), g["n"] - 1) if g["se"] > 0 else 0.0
+    return {**g, "ci95": [g["mean"] - t * g["se"], g["mean"] + t * g["se"]], "p": p}
+
+
+def arm_parameters(results, arm: str) -> dict | None:
+    """Parameter counts of an arm (parscale's param_counts of the run's model shape and P)."""
+    from parscale.model.config import ModelConfig
+
+    run = next((r for (a, _), r in results.items() if a == arm), None)
+    if run is None:
+        return None
+    st = run["settings"]
+    cfg = ModelConfig.preset("small", **st["model_overrides"], vocab_size=8192, parscale_n=st["streams"],
+                             parscale_n_tokens=st["n_tokens"], parscale_p1_prefix=st.get("p1_prefix", False))
+    return cfg.param_counts()
+
+
+# The matched controls at ~100M tokens: what the parallel part is read against once the prefix control
+# has the same warm-up lever as the P > 1 arms (and once it also has P = 8's prefix parameters).
+MATCHED_COMPARISONS = (
+    ("long-p1prefix-aggwarm", "long-p1prefix", "the warm-up lever on the prefix control"),
+    ("long-p1prefix", "long-p1", "the prefix over plain P = 1"),
+    ("long-p1prefix384-aggwarm", "long-p1prefix-aggwarm", "384 prefix tokens instead of 48 (both with the lever)"),
+    ("long-p2-aggwarm", "long-p1prefix-aggwarm", "P = 2 over the matched control"),
+    ("long-p4-aggwarm", "long-p1prefix-aggwarm", "P = 4 over the matched control"),
+    ("long-p8-aggwarm", "long-p1prefix-aggwarm", "P = 8 over the matched control"),
+    ("long-p8-aggwarm", "long-p1prefix384-aggwarm", "P = 8 over the parameter-matched control"),
+    ("long-p8-aggwarm", "long-p1prefix", "P = 8 over the unmatched control (as first reported)"),
+    ("long-p8", "long-p1prefix", "plain P = 8 (no lever) over the prefix control"),
+)
+
+
+def matched_controls(results) -> dict:
+    rows = []
+    for arm, base, what in MATCHED_COMPARISONS:
+        g = paired_t(results, arm, base)
+        if g is not None:
+            gpus = sorted({results[(a, s)]["environment"]["gpu"] for a in (arm, base) for s in range(10)
+                           if (a, s) in results})
+            rows.append({"arm": arm, "base": base, "what": what, **g, "gpus": gpus})
+    arms = ("long-p1", "long-p1prefix", "long-p1prefix-aggwarm", "long-p1prefix384-aggwarm", "long-p2-aggwarm",
+            "long-p4-aggwarm", "long-p8-aggwarm")
+    params = {arm: arm_parameters(results, arm) for arm in arms}
+    return {"comparisons": rows, "parameters": {a: c for a, c in params.items() if c},
+            "endpoints": {a: {s: results[(a, s)]["endpoint"] for s in range(10) if (a, s) in results} for a in arms}}
+
+
 def rerun_spread(results) -> dict | None:
     """The same run twice on one GPU: the first attempts of the ~100M-token P = 1 arms (results_stopped/, cut
     by a time limit) against their complete re-runs (same config, seed and GPU model), compared on the mean of
@@ -84,10 +139,12 @@ def rerun_spread(results) -> dict | None:
 
 
 def doubling_steps(results, chain: list[str]) -> list[dict]:
-    """Paired gain of each arm of `chain` over the one before it; a step counts when it exceeds 2 SE."""
+    """Paired gain of each arm of `chain` over the one before it, with its t-based 95% interval and p-value.
+    (The experiment first counted a step when it exceeded 2 SE; at n = 3 that is p ≈ 0.18, so the t-test's
+    p is the reading now, `exceeds_2se` kept for the record.)"""
     steps = []
     for before, after in pairwise(chain):
-        g = paired(results, after, before)
+        g = paired_t(results, after, before)
         if g is None:
             continue
         steps.append({"from": before, "to": after, **g, "exceeds_2se": g["se"] is not None and g["mean"] > 2 * g["se"]})
@@ -156,7 +213,8 @@ def ladder(results, arms_by_width: dict[int, str] = LADDER) -> dict:
     }
 
 
-def eq5_fit(results, arms: dict[int, str], ladder_arms: dict[int, str] = LADDER, seeds=(0, 1, 2)) -> dict | None:
+def eq5_fit(results, arms: dict[int, str], ladder_arms: dict[int, str] = LADDER, seeds=(0, 1, 2),
+            diagnostics: bool = True) -> dict | None:
     """The paper's Eq. 5 fitted (its procedure, parscale.analysis.scaling_law) to every seed's endpoints of
     the P = 1 ladder and of `arms` (P -> arm at the recipe's width). With one width for P > 1, k is pinned
     by the P = 1 ladder's slope alone, so the fit is only as good as that slope (see ladder())."""
@@ -172,7 +230,25 @@ def eq5_fit(results, arms: dict[int, str], ladder_arms: dict[int, str] = LADDER,
     if len({(N, P) for N, P, _ in rows}) < 5:
         return None
     N, P, L = (np.array(c, dtype=float) for c in zip(*rows, strict=True))
-    return {"points": len(rows), **law.fit(law.Points(N, P, L)).as_dict()}
+    points = law.Points(N, P, L)
+    best = law.fit(points)
+    if not diagnostics:
+        return {"points": len(rows), **best.as_dict()}
+    # Does the design pin k at all? (parscale fit's identification check: halving or doubling k, the other
+    # parameters refitted, must raise the objective >= 1.5x.) And k with alpha held at the paper's 0.19.
+    alpha_paper = 0.19
+
+    def fixed_alpha(x):
+        return law._objective([x[0], x[1], alpha_paper, x[2]], points, "eq5")
+
+    from scipy.optimize import minimize
+
+    held = min((minimize(fixed_alpha, [e0, a0, k0], method="L-BFGS-B", bounds=[(1e-8, None)] * 3)
+                for e0 in (1.0, 1.5, best.E) for a0 in np.logspace(-11, -3, 9) for k0 in (0.1, 0.4, 1.0, 3.0)),
+               key=lambda r: r.fun)
+    return {"points": len(rows), "distinct_cells": len({(a, b) for a, b, _ in rows}), **best.as_dict(),
+            "k_profile": law.k_profile(points, best),
+            "alpha_fixed_0.19": {"k": float(held.x[2]), "objective_ratio": float(held.fun / best.objective)}}
 
 
 def eq5_seed_bootstrap(results, arms: dict[int, str], ladder_arms: dict[int, str]) -> dict | None:
@@ -193,7 +269,7 @@ def eq5_seed_bootstrap(results, arms: dict[int, str], ladder_arms: dict[int, str
     sets = Counter(tuple(sorted(pick)) for pick in itertools.product(seeds, repeat=len(seeds)))
     ks = []
     for pick, count in sets.items():
-        f = eq5_fit(results, arms, ladder_arms, seeds=pick)
+        f = eq5_fit(results, arms, ladder_arms, seeds=pick, diagnostics=False)
         if f is not None:
             ks += [f["k"]] * count
     if not ks:
@@ -335,6 +411,7 @@ def main() -> None:
     summary["long_eq5_fit"] = None if not long_lad["slope_per_ln_n"] else {
         "fit": eq5_fit(results, long_warm, LONG_LADDER),
         "seed_bootstrap": eq5_seed_bootstrap(results, long_warm, LONG_LADDER)}
+    summary["matched_controls"] = matched_controls(results)
     summary["rerun_spread"] = rerun_spread(results)
     # The base arms ran on an H100, the later ones on an H200: the prefix control on both, paired by seed.
     summary["gpu_confound"] = paired(results, "repeat-p1prefix", "p1prefix")
@@ -534,6 +611,7 @@ def _print(summary, seeds) -> None:
             print(
                 f"  {chain:>8}: {st['from']:>11} -> {st['to']:<11} {st['mean']:+.4f}{se} "
                 f"{'> 2 SE' if st['exceeds_2se'] else 'not > 2 SE'}"
+                + (f", t-test p = {st['p']:.3f}" if "p" in st else "")
             )
     lad = summary["ladder"]
     if lad["slope_per_ln_n"]:
@@ -574,7 +652,7 @@ def _print(summary, seeds) -> None:
             f"{name} {v['mean']:+.4f} ± {v['se'] or 0:.4f} ({v['n']} seeds)" for name, v in g.items() if v))
     for g in summary["long_doubling"]:
         print(f"  ~100M tokens, {g['to']} over {g['from']}: {g['mean']:+.4f} ± {g['se'] or 0:.4f} ({g['n']} seeds)"
-              f"{' > 2 SE' if g['exceeds_2se'] else ''}")
+              f"{' > 2 SE' if g['exceeds_2se'] else ''}" + (f", t-test p = {g['p']:.3f}" if "p" in g else ""))
     _print_slope("  ~100M tokens, width ladder", summary["long_ladder"])
     _print_local_k("  ~100M tokens, ", summary["long_local_k"])
     if summary["long_eq5_fit"]:
@@ -597,6 +675,15 @@ def _print(summary, seeds) -> None:
                 for s, v in row.items()
             )
         )
+    m = summary["matched_controls"]
+    print("matched controls at ~100M tokens (paired; mean ± SE, t-based 95% interval, two-sided p):")
+    for row in m["comparisons"]:
+        ci = row.get("ci95")
+        print(f"  {row['what']}: {row['mean']:+.4f} ± {row['se'] or 0:.4f} (n = {row['n']}"
+              + (f", 95% {ci[0]:+.4f} .. {ci[1]:+.4f}, p = {row['p']:.3g}" if ci else "")
+              + f"; {', '.join(row['gpus'])})")
+    for arm, c in m["parameters"].items():
+        print(f"  {arm}: non-embedding {c['non_embedding'] / 1e6:.2f}M, ParScale {c['parscale'] / 1e6:.3f}M")
     print("collapse (final diagnostics):")
     for name, d in summary["streams"].items():
         if d["collapsed"] is not None:
