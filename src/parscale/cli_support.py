@@ -19,6 +19,20 @@ MODEL_HELP = ("a model folder, a training run folder (its latest checkpoint) or 
               "local Hub cache, or downloaded into it; HF_HUB_OFFLINE=1 stays offline)")
 
 
+def positive_int_list(text: str) -> list[int]:
+    """argparse type for comma-separated counts ("1,2,4,8"): one usage error naming the bad item."""
+    items = []
+    for part in text.split(","):
+        try:
+            value = int(part)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{part!r} in {text!r} is not an integer (give e.g. 1,2,4,8)") from None
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"{value} in {text!r} must be >= 1")
+        items.append(value)
+    return items
+
+
 def resolve_model(args) -> None:
     """Replace args.model by the local folder it names (a Hub id becomes its cached snapshot), once, so
     every later read (weights, tokenizer, generation and chat files) sees the same files."""

@@ -4,10 +4,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
-from parscale.cli_support import FUSE_HELP, MODEL_HELP, QUANTIZE_HELP, command, maybe_quantize, resolve_model
+from parscale.cli_support import (
+    FUSE_HELP,
+    MODEL_HELP,
+    QUANTIZE_HELP,
+    command,
+    maybe_quantize,
+    positive_int_list,
+    resolve_model,
+)
 
 
 @command
@@ -15,10 +24,7 @@ def cmd_bench(args):
     """Measure decode ms/token, prefill time and peak memory on the GPU (random bf16 weights)."""
     from parscale.analysis.bench import run
 
-    def ints(text):
-        return [int(x) for x in text.split(",")]
-
-    run(args.shapes.split(","), ints(args.streams), ints(args.batches), ints(args.lengths), args.engine,
+    run(args.shapes.split(","), args.streams, args.batches, args.lengths, args.engine,
         Path(args.out), kernels=args.kernels, memory_only=args.memory_only, bounded_reads=args.bounded_reads,
         cache_len=args.cache_len, quantize=args.quantize, anchors=args.anchors, padded_prefill=args.padded_prefill,
         fuse=args.fuse, gptfast_model=args.gptfast_model, resume=args.resume)
@@ -121,8 +127,11 @@ def cmd_predict(args):
     """Predicted loss at (N, P), the multiplier k·ln P + 1, the equal-loss P=1 size, the P for a target."""
     from parscale.analysis.scaling_law import equivalent_params, multiplier, smallest_P
 
-    if args.params <= 0 or args.streams < 1:
-        raise ValueError("--params must be > 0 and --streams >= 1")
+    if not (math.isfinite(args.params) and args.params > 0) or args.streams < 1:
+        raise ValueError(f"--params must be a finite number > 0 and --streams >= 1, got {args.params:g} and "
+                         f"{args.streams}")
+    if args.target is not None and not (math.isfinite(args.target) and args.target > 0):
+        raise ValueError(f"--target is a loss: a finite number > 0, got {args.target:g}")
     f = _load_fit(args)
     out = {"params": args.params, "P": args.streams, "loss": float(f.predict(args.params, args.streams)),
            "multiplier": multiplier(f.shape, args.streams),
@@ -292,9 +301,11 @@ def add_parsers(sub) -> None:
     """Add this module's sub-commands to the `parscale` parser."""
     p = sub.add_parser("bench", help=cmd_bench.__doc__)
     p.add_argument("--shapes", default="paper-1.6b,paper-2.8b,paper-4.4b", help="comma-separated presets")
-    p.add_argument("--streams", default="1,2,4,8")
-    p.add_argument("--batches", default="1,2,4,8")
-    p.add_argument("--lengths", default="64,128,256,512", help="input = output lengths")
+    p.add_argument("--streams", type=positive_int_list, default="1,2,4,8", help="comma-separated P (default 1,2,4,8)")
+    p.add_argument("--batches", type=positive_int_list, default="1,2,4,8",
+                   help="comma-separated batch sizes (default 1,2,4,8)")
+    p.add_argument("--lengths", type=positive_int_list, default="64,128,256,512",
+                   help="comma-separated input = output lengths (default 64,128,256,512)")
     p.add_argument("--engine", default="graph", choices=["graph", "compile", "plain"])
     p.add_argument("--kernels", action="store_true", help="also record the kernels of one decode step")
     p.add_argument("--memory-only", action="store_true", help="peak memory only (short decode)")

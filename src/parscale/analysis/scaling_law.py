@@ -49,12 +49,15 @@ def read_points(path) -> Points:
     path = Path(path)
     if not path.is_file():
         raise LawDataError(f"no such file: {path}")
-    with open(path, newline="") as fh:
-        reader = csv.DictReader(fh)
-        missing = {"params", "P", "loss"} - set(reader.fieldnames or [])
-        if missing:
-            raise LawDataError(f"{path}: missing column(s) {', '.join(sorted(missing))}; need params,P,loss")
-        rows = list(reader)
+    try:
+        with open(path, newline="", encoding="utf-8") as fh:
+            reader = csv.DictReader(fh)
+            missing = {"params", "P", "loss"} - set(reader.fieldnames or [])
+            if missing:
+                raise LawDataError(f"{path}: missing column(s) {', '.join(sorted(missing))}; need params,P,loss")
+            rows = list(reader)
+    except UnicodeDecodeError as e:
+        raise LawDataError(f"{path} is not UTF-8 text (byte {e.start}): save it as a UTF-8 CSV") from None
     values = {"params": [], "P": [], "loss": []}
     for line, row in enumerate(rows, start=2):
         for key in values:

@@ -103,9 +103,14 @@ class StaticKVCache(KVCache):
                 and self.device == torch.device(device))
 
     def reset(self, model) -> None:
-        """Empty it for the next request and rewrite the prefix slots from the model's live parameters."""
+        """Empty it for the next request and rewrite the prefix slots from the model's live parameters.
+
+        The token slots are zeroed too: a hidden slot gets attention weight 0, but 0 x NaN is NaN, so a
+        non-finite value an earlier request left there (an fp16 overflow, say) would reach this one."""
         self.length, self.decoding = 0, False
         self.key_valid.zero_()
+        for buffer in (*self.k, *self.v):
+            buffer[:, :, self.prefix_len :].zero_()
         self.write_prefixes(model)
 
     def start_decoding(self, attention_mask: torch.Tensor | None) -> None:

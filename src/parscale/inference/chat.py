@@ -2,10 +2,11 @@
 
     text = parscale.apply_chat_template("ParScale-1.8B-P8-Inst", [{"role": "user", "content": "Hi"}])
 
-A folder's chat template is the `chat_template` of tokenizer_config.json (a string, or a list of named
-templates of which "default" is used), else chat_template.jinja, else chat_template.json. It is rendered
-with Jinja2 in the environment transformers' `apply_chat_template` uses (sandboxed, trim_blocks,
-lstrip_blocks, loop controls, its `tojson`, `raise_exception` and `strftime_now`), with the messages,
+A folder's chat template is chat_template.jinja, else the `chat_template` of tokenizer_config.json (a
+string, or a list of named templates of which "default" is used), else chat_template.json: transformers'
+order. It is rendered with Jinja2 in the environment transformers' `apply_chat_template` uses (sandboxed,
+trim_blocks, lstrip_blocks, loop controls, its `tojson`, `raise_exception` and `strftime_now`), with the
+messages (keys whose value is None dropped, as transformers drops them),
 `add_generation_prompt` and the tokenizer's special tokens (bos_token, eos_token, ...) as variables, so
 the same folder gives the same string. The rendered text already holds the special tokens, so it is
 encoded without adding any. A reply ends at the end-of-turn token: the tokenizer_config's eos_token
@@ -56,12 +57,14 @@ def special_tokens(folder) -> dict[str, str]:
 def chat_template(folder) -> str:
     """The folder's chat template (see the module docstring); ChatTemplateError if it has none."""
     folder = Path(folder)
-    template = _read_json(folder / "tokenizer_config.json").get("chat_template")
+    template = None
+    if (folder / "chat_template.jinja").is_file():  # as transformers: the file wins over tokenizer_config.json
+        template = (folder / "chat_template.jinja").read_text(encoding="utf-8")
+    if template is None:
+        template = _read_json(folder / "tokenizer_config.json").get("chat_template")
     if isinstance(template, list):
         named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
         template = named.get("default")
-    if template is None and (folder / "chat_template.jinja").is_file():
-        template = (folder / "chat_template.jinja").read_text(encoding="utf-8")
     if template is None:
         template = _read_json(folder / "chat_template.json").get("chat_template")
     if not isinstance(template, str) or not template:
@@ -125,6 +128,9 @@ def apply_chat_template(tokenizer_dir, messages: list[dict], add_generation_prom
     folder = Path(tokenizer_dir) if Path(tokenizer_dir).is_dir() else model_folder(tokenizer_dir)
     if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m for m in messages):
         raise ChatTemplateError("messages must be a list of {'role': ..., 'content': ...} dicts")
+    # as transformers does: keys whose value is None are dropped (an API's content=None beside tool_calls), which
+    # templates handle as absent, where rendering them would print "None"
+    messages = [{k: v for k, v in m.items() if v is not None} for m in messages]
     if continue_final_message:
         messages = _tag_final_message(messages)
     source = template if template is not None else chat_template(folder)

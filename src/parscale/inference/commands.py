@@ -93,12 +93,35 @@ def cmd_generate(args):
     print(f"\n[{len(produced)} tokens in {elapsed:.2f} s, {len(produced) / elapsed:.1f} tokens/s]", file=sys.stderr)
 
 
+def _fit_conversation(args, tok, messages: list[dict], positions: int):
+    """The prompt ids of the conversation in its template, leaving at least one position for the reply: the
+    oldest turns (after a system message) are left out, with a note, until it fits; a new message that
+    cannot fit alone is dropped with a note (None), and the chat goes on."""
+    import torch
+
+    from parscale.inference.chat import apply_chat_template
+
+    first = 1 if messages and messages[0]["role"] == "system" else 0
+    while True:
+        prompt = apply_chat_template(args.model, messages, add_generation_prompt=True)
+        ids = torch.tensor([tok.encode(prompt, add_special_tokens=False).ids])
+        if ids.shape[1] < positions:
+            return ids
+        if len(messages) - first <= 1:
+            print(f"[this message makes a prompt of {ids.shape[1]} tokens, more than the model's {positions} "
+                  f"positions allow: it is left out; write a shorter one]", file=sys.stderr)
+            messages.pop()
+            return None
+        del messages[first : first + 2]  # the oldest user turn and the reply to it
+        print(f"[the conversation is longer than the model's {positions} positions: the oldest turn is left "
+              f"out]", file=sys.stderr)
+
+
 @command
 def cmd_chat(args):
     """Chat with an instruct model in its own chat template: one line per turn, replies streamed."""
-    import torch
 
-    from parscale.inference.chat import apply_chat_template, chat_template, stop_token_ids
+    from parscale.inference.chat import chat_template, stop_token_ids
 
     _check_generation_flags(args)
     model, tok, eos = _load_for_generation(args)
@@ -116,9 +139,14 @@ def cmd_chat(args):
         if not line.strip():
             continue
         messages.append({"role": "user", "content": line.rstrip("\n")})
-        prompt = apply_chat_template(args.model, messages, add_generation_prompt=True)
-        ids = torch.tensor([tok.encode(prompt, add_special_tokens=False).ids])
-        produced = _stream(model, tok, ids, stops, _generation_flags(args), skip_ids=set(stops))
+        ids = _fit_conversation(args, tok, messages, model.config.max_position_embeddings)
+        if ids is None:
+            continue
+        flags = _generation_flags(args)
+        room = model.config.max_position_embeddings - ids.shape[1]
+        if flags["max_new_tokens"] is not None and flags["max_new_tokens"] > room:
+            flags["max_new_tokens"] = room  # the reply ends at the model's last position, as transformers' would
+        produced = _stream(model, tok, ids, stops, flags, skip_ids=set(stops))
         sys.stdout.write("\n")
         sys.stdout.flush()
         messages.append({"role": "assistant", "content": tok.decode([t for t in produced if t not in stops])})
@@ -138,7 +166,8 @@ def add_parsers(sub) -> None:
         unset = " (default: the model's generation_config.json, else %s)"
         p.add_argument("--max-new-tokens", type=int, default=None, help="tokens per reply" + unset % "32")
         p.add_argument("--temperature", type=float, default=None, help="0 = greedy" + unset % "greedy")
-        p.add_argument("--top-k", type=int, default=None, help="sample among the k likeliest" + unset % "off")
+        p.add_argument("--top-k", type=int, default=None,
+                       help="sample among the k likeliest, 0 for all" + unset % "50, as transformers")
         p.add_argument("--top-p", type=float, default=None, help="nucleus sampling" + unset % "off")
         p.add_argument("--repetition-penalty", type=float, default=None, help="1 = off" + unset % "off")
         p.add_argument("--seed", type=int, default=0)

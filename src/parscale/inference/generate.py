@@ -5,11 +5,15 @@ ids [B, N]. Prompts are left-padded; a padded row generates exactly what it woul
 positions count real tokens only and padded keys are masked. Rows that hit an EOS id stop and are
 padded with `pad_token_id` (default: the first EOS id, else 0); generation ends when every row
 stopped or after max_new_tokens. Sampling (temperature, top-k, top-p) draws from a
-`torch.Generator` seeded with `seed`, so a seeded call is reproducible.
+`torch.Generator` seeded with `seed`, so a seeded call is reproducible; without a seed it draws from torch's
+global RNG, as transformers' generate does (so `torch.manual_seed` makes it repeatable). As in
+transformers, sampling keeps the 50 likeliest tokens unless top_k is given (by the caller or the folder's
+generation_config.json), and `top_k=0` means no top-k.
 
 Settings the caller leaves as None come from `generation_config` (default: `model.generation_config`,
 which `parscale.load` reads from the folder's generation_config.json, as transformers does), else from
-the library's defaults (32 new tokens, greedy, no EOS). Pass `generation_config={}` to ignore the file.
+the library's defaults (32 new tokens, greedy, no EOS, top-k 50 when sampling). Pass
+`generation_config={}` to ignore the file.
 `repetition_penalty` r divides positive logits and multiplies negative ones by r for every token the
 row has seen (its real prompt tokens and what it generated), as in transformers.
 """
@@ -78,7 +82,8 @@ def validate_sampling(temperature, top_k, top_p, repetition_penalty=None) -> Non
 
 # generation_config.json keys generate() takes, and the value each has when neither the caller nor the file
 # gives one.
-GENERATION_DEFAULTS = {"max_new_tokens": 32, "do_sample": False, "temperature": 1.0, "top_k": None, "top_p": None,
+# transformers' defaults where a setting is left unset by the caller and the folder (top-k 50 when sampling)
+GENERATION_DEFAULTS = {"max_new_tokens": 32, "do_sample": False, "temperature": 1.0, "top_k": 50, "top_p": None,
                        "repetition_penalty": 1.0, "eos_token_id": None, "pad_token_id": None}
 GENERATION_KEYS = tuple(GENERATION_DEFAULTS)
 
@@ -99,7 +104,12 @@ def sample_next(logits: torch.Tensor, do_sample: bool, temperature: float, top_k
     """Pick one token per row from last-position logits [B, V], on the logits' device."""
     if not do_sample or temperature == 0.0:
         return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
+    # Softmax does not change under a shift: taking the row's largest logit off first keeps a tiny temperature
+    # (1e-300) or a huge repetition penalty from turning logits into inf - inf = nan; such a row then samples
+    # its largest logits, the limit the setting asks for.
+    logits = logits.float().clamp(min=torch.finfo(torch.float32).min, max=torch.finfo(torch.float32).max)
+    temperature = max(temperature, torch.finfo(torch.float32).tiny)  # below it the float32 divisor would be 0
+    logits = (logits - logits.max(dim=-1, keepdim=True).values) / temperature
     if top_k is not None:
         kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -156,6 +166,10 @@ def generate(
     if max_new_tokens_given is None and isinstance(input_ids, torch.Tensor) and input_ids.dim() == 2:
         # A default length (e.g. an instruct model's 2048) stops at the model's last position, as in transformers.
         max_new_tokens = min(max_new_tokens, max(0, model.config.max_position_embeddings - input_ids.shape[1]))
+    if top_k == 0:  # transformers' convention (generation_config.json included): 0 means no top-k
+        top_k = None
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64):
+        raise ValueError(f"seed must be an integer in [0, 2**64), got {seed!r}")
     validate_prompt(model, input_ids, attention_mask, max_new_tokens)
     validate_sampling(temperature, top_k, top_p, repetition_penalty)
     device = model.model.embed_tokens.weight.device
@@ -165,13 +179,10 @@ def generate(
     pad = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
     if max_new_tokens == 0:
         return input_ids.new_zeros(b, 0)
-    generator = None
-    if do_sample:
+    generator = None  # unseeded sampling draws from torch's global RNG, so torch.manual_seed makes it repeatable
+    if do_sample and seed is not None:  # a seed gets a generator of its own; the global RNG is left alone
         generator = torch.Generator(device=device)
-        if seed is None:
-            generator.seed()  # a fresh seed for this generator only; the global RNG is left alone
-        else:
-            generator.manual_seed(seed)
+        generator.manual_seed(seed)
     mask = (attention_mask.to(device=device, dtype=torch.long) if attention_mask is not None
             else torch.ones(b, t, dtype=torch.long, device=device))
     if use_engine is None:

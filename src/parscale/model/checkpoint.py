@@ -293,7 +293,23 @@ def read_generation_config(folder) -> dict:
         raise CheckpointError(f"{file} is not valid JSON: {e}") from None
     if not isinstance(data, dict):
         raise CheckpointError(f"{file}: expected a JSON object")
-    return {k: data[k] for k in GENERATION_KEYS if data.get(k) is not None}
+    settings = {k: data[k] for k in GENERATION_KEYS if data.get(k) is not None}
+    for k in ("eos_token_id", "pad_token_id"):  # transformers takes an id or a list of ids, never a string
+        v = settings.get(k)
+        ids = v if isinstance(v, list) else [v]
+        if v is not None and not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+            raise CheckpointError(f"{file}: {k} must be a token id or a list of them, got {v!r}")
+    for k in ("max_new_tokens", "top_k"):
+        v = settings.get(k)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
+            raise CheckpointError(f"{file}: {k} must be an integer >= 0, got {v!r}")
+    for k in ("temperature", "top_p", "repetition_penalty"):
+        v = settings.get(k)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
+            raise CheckpointError(f"{file}: {k} must be a number, got {v!r}")
+    if "do_sample" in settings and not isinstance(settings["do_sample"], bool):
+        raise CheckpointError(f"{file}: do_sample must be true or false, got {settings['do_sample']!r}")
+    return settings
 
 
 def load_tokenizer(path, revision: str | None = None):

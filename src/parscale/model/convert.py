@@ -33,4 +33,6 @@ def add_streams(model: ParScaleForCausalLM, parscale_n: int, n_tokens: int = 48,
             state[name] = torch.zeros(param.shape, dtype=ref.dtype, device=ref.device)
     new = ParScaleForCausalLM.from_state_dict(cfg, state, ref.device)
     new.init_parscale_parameters(parscale_generator(seed))
+    if getattr(model, "generation_config", None) is not None:  # the folder's defaults travel with the weights
+        new.generation_config = dict(model.generation_config)
     return new.train(model.training)

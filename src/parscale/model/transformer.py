@@ -339,9 +339,22 @@ class ParScaleForCausalLM(nn.Module):
     def last_logits(self, input_ids, attention_mask=None, position_ids=None, cache=None):
         """Logits of the last position only [B, vocab]: what generation needs after a prompt. The LM head over
         every prompt position would be a [B, T, vocab] tensor (155 MB for 512 tokens of a 151,936-entry
-        vocabulary in bf16) that is dropped at once."""
+        vocabulary in bf16) that is dropped at once.
+
+        With an attention_mask the last *real* token of each row is taken, so a right-padded batch (the
+        Hugging Face tokenizers' default side) gives each row's own next-token logits, as a left-padded one
+        does; a row with no real token among input_ids is an error."""
         hidden, _ = self.forward_hidden(input_ids, attention_mask, position_ids, cache)
-        return self.lm_head(hidden[:, -1])
+        if attention_mask is None:
+            return self.lm_head(hidden[:, -1])
+        real = attention_mask[:, -input_ids.shape[1]:].bool()
+        checkable = not torch.compiler.is_compiling() and not (
+            real.is_cuda and torch.cuda.is_current_stream_capturing())  # the check reads the GPU: eager only
+        if checkable and not bool(real.any(dim=1).all()):
+            raise ValueError("attention_mask has a row with no real token (all 0) among input_ids: nothing to "
+                             "predict from")
+        last = input_ids.shape[1] - 1 - real.flip(1).int().argmax(dim=1)  # index of each row's last 1
+        return self.lm_head(hidden[torch.arange(hidden.shape[0], device=hidden.device), last])
 
     def forward_hidden(self, input_ids, attention_mask=None, position_ids=None, cache=None):
         """Aggregated final hidden states [B, T, H] and the stream weights [B, T, P] (None if P = 1)."""
@@ -454,5 +467,7 @@ def _default_positions(attention_mask, b, past, t, device):
 
 def build_model(config: ModelConfig, seed: int = 0, dtype=None, device=None) -> ParScaleForCausalLM:
     """A new model with every parameter initialised explicitly."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+        raise ValueError(f"seed must be an integer in [0, 2**63), got {seed!r}")
     model = ParScaleForCausalLM(config).init_weights(seed)
     return model.to(device=device, dtype=dtype)

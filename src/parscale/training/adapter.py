@@ -96,7 +96,15 @@ def load_adapter(backbone, path):
     folder = Path(path)
     if not (folder / ADAPTER_CONFIG).is_file():
         raise CheckpointError(f"{str(folder)!r} is not an adapter: it has no {ADAPTER_CONFIG}")
-    meta = json.loads((folder / ADAPTER_CONFIG).read_text())
+    try:
+        meta = json.loads((folder / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+        if not isinstance(meta, dict):
+            raise ValueError("expected a JSON object")
+        for key in ("parscale_n", "parscale_n_tokens", "parscale_attn_smooth"):
+            if key not in meta:
+                raise ValueError(f"it has no {key}")
+    except (UnicodeDecodeError, ValueError) as e:
+        raise CheckpointError(f"{folder / ADAPTER_CONFIG} is damaged ({e})") from None
     if not isinstance(backbone, torch.nn.Module):
         backbone = load(backbone)
     if backbone.config.parscale_n != 1:
@@ -111,7 +119,11 @@ def load_adapter(backbone, path):
     model = add_streams(backbone, meta["parscale_n"], n_tokens=meta["parscale_n_tokens"],
                         smooth=meta["parscale_attn_smooth"])
     ref = backbone.model.embed_tokens.weight
-    tensors = load_file(str(folder / ADAPTER_WEIGHTS))
+    try:
+        tensors = load_file(str(folder / ADAPTER_WEIGHTS))
+    except Exception as e:  # safetensors raises its own error types for a truncated or foreign file
+        raise CheckpointError(f"{folder / ADAPTER_WEIGHTS} cannot be read ({type(e).__name__}: {e}); it is damaged "
+                              f"or missing") from None
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if is_parscale_parameter(k)}
     found = {k: tuple(v.shape) for k, v in tensors.items()}
     check_tensor_set(expected, found, f"adapter {str(folder)!r} does not fit its {ADAPTER_CONFIG}")

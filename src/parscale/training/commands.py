@@ -92,7 +92,14 @@ def _train_config(args):
         if ckpt is None:
             raise ValueError(f"--resume: {str(out)!r} holds no checkpoint to resume from (check --out; a run "
                              f"stopped before its first checkpoint starts over without --resume)")
-        saved = {k: v for k, v in json.loads((ckpt / "train_config.json").read_text()).items() if k in fields}
+        try:
+            saved = json.loads((ckpt / "train_config.json").read_text())
+            if not isinstance(saved, dict):
+                raise ValueError("not a JSON object")
+        except (OSError, UnicodeDecodeError, ValueError) as e:
+            raise ValueError(f"--resume: {ckpt / 'train_config.json'} cannot be read ({e}); the checkpoint is "
+                             f"damaged") from None
+        saved = {k: v for k, v in saved.items() if k in fields}
     return TrainConfig(**{**saved, **file_settings, **flags})
 
 

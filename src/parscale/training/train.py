@@ -321,6 +321,36 @@ def group_schedules(cfg: TrainConfig, n_groups: int) -> list:
     return backbone + [lambda s: cfg.parscale_lr_mult * lr_factor(own, s)] * 2
 
 
+def _load_trainer_state(ckpt: Path) -> dict:
+    """trainer.pt of a checkpoint, or one error naming the damaged file (and an earlier checkpoint, if any)."""
+    file = ckpt / "trainer.pt"
+    try:
+        state = torch.load(file, weights_only=False)
+        if not isinstance(state, dict) or not {"config", "step"} <= set(state):
+            raise ValueError("not a parscale trainer state")
+    except Exception as e:  # a truncated or foreign file: torch raises several kinds
+        earlier = sorted(p.name for p in ckpt.parent.glob("step-*") if p != ckpt)
+        hint = (f"point {ckpt.parent / 'latest'} at an earlier checkpoint ({', '.join(earlier)}) or start over "
+                f"with --overwrite" if earlier else "start over with --overwrite")
+        raise ValueError(f"--resume: {file} cannot be read ({type(e).__name__}: {str(e)[:200]}); it is damaged: "
+                         f"{hint}") from None
+    return state
+
+
+def _model_positions(cfg: TrainConfig) -> int | None:
+    """The model's max_position_embeddings, read before any data (None where it cannot be told yet)."""
+    try:
+        if cfg.model in PRESETS:
+            known = {f.name for f in dataclasses.fields(ModelConfig)}
+            shape = {k: v for k, v in (cfg.model_overrides or {}).items() if k in known}
+            return ModelConfig.preset(cfg.model, **shape).max_position_embeddings
+        from parscale.model.checkpoint import model_folder
+
+        return int(json.loads((model_folder(cfg.model) / "config.json").read_text())["max_position_embeddings"])
+    except Exception:  # the model's own checks, later, name what is wrong with it
+        return None
+
+
 def _initial_model(cfg: TrainConfig, vocab_size: int, eos_id: int):
     if cfg.model_overrides and cfg.model not in PRESETS:
         raise ValueError(f"model_overrides apply to a preset; {cfg.model!r} is not one")
@@ -441,7 +471,9 @@ def save_checkpoint(out: Path, model, optim_state: dict, scheduler, loader, step
              base_model=None if cfg.model in PRESETS else cfg.model,
              training={"data": str(cfg.data), "tokens": tokens, "steps": step, "streams": model.config.parscale_n,
                        "trainable": cfg.trainable, "seed": cfg.seed})
-        (folder / "train_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1) + "\n")
+        # data as an absolute path: `--resume` from another working folder must find it again
+        settings = {**dataclasses.asdict(cfg), "data": str(Path(cfg.data).resolve())}
+        (folder / "train_config.json").write_text(json.dumps(settings, indent=1) + "\n")
         torch.save({"optimizer": optim_state, "scheduler": scheduler.state_dict(), "step": step,
                     "loader": loader.state_dict(), "rng": _rng_state(), "config": dataclasses.asdict(cfg),
                     "data": _data_identity(loader.manifest), "reparam": reparam}, folder / "trainer.pt")
@@ -463,16 +495,23 @@ def check_config(cfg: TrainConfig) -> None:
     """One error naming the first setting that cannot work, before anything is read or written."""
     if cfg.streams is not None and not (isinstance(cfg.streams, int) and cfg.streams >= 1):
         raise ValueError(f"streams must be an integer >= 1, got {cfg.streams}")
-    positive = ("steps", "batch_size", "seq_len", "grad_accum", "lr", "warmup", "eval_batches", "log_every")
+    positive = ("steps", "batch_size", "seq_len", "grad_accum", "lr", "eval_batches", "log_every")
     if cfg.prefix_reparam:
         positive += ("reparam_latent", "reparam_hidden")
     for name in positive:
         if not (getattr(cfg, name) > 0 and math.isfinite(getattr(cfg, name))):
             raise ValueError(f"{name} must be > 0 and finite, got {getattr(cfg, name)}")
     for name in ("eval_every", "save_every", "keep_checkpoints", "stream_batches", "data_start", "weight_decay",
-                 "seed"):
-        if getattr(cfg, name) < 0:
-            raise ValueError(f"{name} must be >= 0, got {getattr(cfg, name)}")
+                 "seed", "warmup"):
+        if not (getattr(cfg, name) >= 0 and math.isfinite(getattr(cfg, name))):
+            raise ValueError(f"{name} must be >= 0 and finite, got {getattr(cfg, name)}")
+    if cfg.seed >= 2**63:  # torch.manual_seed takes a signed 64-bit integer
+        raise ValueError(f"seed must be below 2**63, got {cfg.seed}")
+    if cfg.device is not None:
+        from parscale.model.checkpoint import parse_device
+
+        if parse_device(cfg.device).type not in ("cpu", "cuda"):
+            raise ValueError(f"device {cfg.device!r}: training runs on cpu or cuda")
     if cfg.schedule not in ("cosine", "wsd"):
         raise ValueError(f"schedule must be 'cosine' or 'wsd', got {cfg.schedule!r}")
     if cfg.trainable not in ("all", "parscale"):
@@ -518,6 +557,10 @@ def _train(cfg: TrainConfig, resume: bool, stop_after: int | None, overwrite: bo
         raise ValueError(f"--batch-size {cfg.batch_size} (global) is not divisible by {world} processes")
     local = cfg.batch_size // world
     out = Path(cfg.out)
+    positions = _model_positions(cfg)
+    if positions is not None and cfg.seq_len > positions:  # before the loader, which would call it a data shortage
+        raise ValueError(f"seq_len {cfg.seq_len} exceeds the model's {positions} positions "
+                         f"(max_position_embeddings)")
     torch.manual_seed(cfg.seed)
     loader = TokenLoader(cfg.data, "train", cfg.batch_size, cfg.seq_len, seed=cfg.seed)
     val = TokenLoader(cfg.data, "val", cfg.batch_size, cfg.seq_len, seed=cfg.seed)
@@ -527,8 +570,11 @@ def _train(cfg: TrainConfig, resume: bool, stop_after: int | None, overwrite: bo
         if ckpt is None:
             raise ValueError(f"--resume: {str(out)!r} holds no checkpoint to resume from (check --out; a run "
                              f"stopped before its first checkpoint starts over without --resume)")
-        state = torch.load(ckpt / "trainer.pt", weights_only=False)
+        state = _load_trainer_state(ckpt)
         check_resume_config(state["config"], cfg)
+        if cfg.steps <= state["step"]:
+            raise ValueError(f"--resume: the run in {str(out)!r} is at step {state['step']}, and --steps "
+                             f"{cfg.steps} is not beyond it; give a larger --steps to train further")
         if "data" in state and state["data"] != _data_identity(loader.manifest):
             raise ValueError(f"--resume: the data in {cfg.data!r} is not the data the run was trained on "
                              f"(checkpoint {state['data']}, now {_data_identity(loader.manifest)})")
