@@ -164,7 +164,9 @@ def test_agrees_with_lm_eval_hf_model(variant, tmp_path):
         assert tokenizer.encode("a").ids[0] == bos
     if variant == "llama-bos-named":
         named = {"bos_token": "<|begin_of_text|>"}
-        (tmp_path / "tokenizer_config.json").write_text(json.dumps(named))
+    # the folder's tokenizer names its end-of-text token, as the `hf` model's tokenizer below does (config.json's
+    # EOS id differs: lm-eval reads the tokenizer's)
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|endoftext|>", **named}))
     tokenizer.save(str(tmp_path / "tokenizer.json"))
     tok = PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "tokenizer.json"), eos_token="<|endoftext|>",
                                   **named)
@@ -174,7 +176,6 @@ def test_agrees_with_lm_eval_hf_model(variant, tmp_path):
     for add_bos in [None] + ([False] if variant.startswith("llama-bos") else []):  # the default, then forced off
         ours = ParScaleLM(pretrained=str(tmp_path), batch_size=3, max_length=64,
                           **({} if add_bos is None else {"add_bos_token": str(add_bos).lower()}))
-        ours.eot_token_id = 256  # the HF config names a different EOS id than the byte tokenizer
         ref = HFLM(pretrained=hf, tokenizer=tok, batch_size=3, max_length=64, add_bos_token=add_bos)
         for (a, ga), (b, gb) in zip(ours.loglikelihood(reqs), ref.loglikelihood(reqs), strict=True):
             assert a == pytest.approx(b, abs=1e-4) and ga == gb, add_bos

@@ -145,7 +145,8 @@ def generate(
 ) -> torch.Tensor:
     """New token ids [B, max_new_tokens or fewer if every row stopped]; see the module docstring.
 
-    on_token: called with the [B] tensor of each step's tokens (for streaming output).
+    on_token: called with the [B] tensor of each step's tokens (for streaming output); if it returns True,
+    generation ends after that token (for every row).
     use_engine: decode with the static-cache engine (engine.py; a CUDA graph on GPU). Default: on
     CUDA yes, elsewhere no. Both paths give the same tokens.
     compile: the engine's decode step compiled by torch.compile (the first call compiles; faster steps after);
@@ -213,8 +214,8 @@ def generate(
             seen.scatter_(1, token[:, None], True)
         emitted = torch.where(done, torch.full_like(token, pad), token)  # finished rows show padding
         out.append(emitted)
-        if on_token is not None:
-            on_token(emitted)
+        if on_token is not None and on_token(emitted):
+            break  # the caller saw what it waited for (a stop string, say)
         if eos:
             done = done | torch.isin(emitted, eos_t)
             # Asking the device whether every row stopped waits for it; ask every 8 tokens.
