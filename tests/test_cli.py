@@ -121,3 +121,23 @@ def test_every_command_has_help(capsys):
         main(["train", "--help"])
     text = capsys.readouterr().out
     assert "--no-compile" in text and "Peak learning rate of AdamW" in text and "--keep-checkpoints" in text
+
+
+def test_every_option_of_every_command_has_help_and_shows_its_default_once():
+    import argparse
+
+    from parscale.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    bare, twice = [], []
+    for name, parser in sub.choices.items():
+        text = parser.format_help()
+        for action in parser._actions:
+            if isinstance(action, argparse._HelpAction):
+                continue
+            if not (action.help or "").strip():
+                bare.append(f"{name} {'/'.join(action.option_strings) or action.dest}")
+        # a default printed twice ("(default: x). (default: None)") reads as a contradiction
+        twice += [f"{name}: {line.strip()}" for line in text.split("\n  -") if line.lower().count("default") > 1]
+    assert not bare, f"options without help: {bare}"
+    assert not twice, twice

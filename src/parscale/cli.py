@@ -16,7 +16,7 @@ import argparse
 import sys
 
 from parscale.analysis import commands as analysis_commands
-from parscale.cli_support import COMMANDS
+from parscale.cli_support import COMMANDS, DefaultsHelpFormatter
 from parscale.inference import commands as inference_commands
 from parscale.model import commands as model_commands
 from parscale.training import commands as training_commands
@@ -29,6 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", required=True)
     for module in (training_commands, model_commands, inference_commands, analysis_commands):
         module.add_parsers(sub)
+    for command in sub.choices.values():  # every option's help shows its default (cli_support)
+        command.formatter_class = DefaultsHelpFormatter
     return ap
 
 

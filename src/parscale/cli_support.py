@@ -19,6 +19,19 @@ MODEL_HELP = ("a model folder, a training run folder (its latest checkpoint) or 
               "local Hub cache, or downloaded into it; HF_HUB_OFFLINE=1 stays offline)")
 
 
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """Appends "(default: X)" to an option's help unless the help already speaks of its default or there is
+    none to show (None, False, an empty list)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        default = action.default
+        if ("default" in text.lower() or not action.option_strings or default is None or default is False
+                or default is argparse.SUPPRESS or default == []):
+            return text
+        return text + " (default: %(default)s)"
+
+
 def positive_int_list(text: str) -> list[int]:
     """argparse type for comma-separated counts ("1,2,4,8"): one usage error naming the bad item."""
     items = []
@@ -86,8 +99,9 @@ def add_config_arguments(parser, cls) -> None:
     docs = field_docs(cls)
     for f in dataclasses.fields(cls):
         default = f.default_factory() if f.default is dataclasses.MISSING else f.default
-        flag, shown = "--" + f.name.replace("_", "-"), f" (default: {default})"
-        help_text = (docs.get(f.name, "") + shown).replace("%", "%%")  # argparse formats help with %
+        flag, doc = "--" + f.name.replace("_", "-"), docs.get(f.name, "")
+        shown = "" if "default" in doc.lower() else f" (default: {default})"  # a doc may say it in words already
+        help_text = (doc + shown).replace("%", "%%")  # argparse formats help with %
         if isinstance(default, dict) or "dict" in str(f.type):
             continue
         if isinstance(default, bool):

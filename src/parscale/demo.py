@@ -9,6 +9,7 @@ The output folder is the demo's own: it refuses a folder holding anything parsca
 from __future__ import annotations
 
 import json
+import re
 import sys
 import sysconfig
 from pathlib import Path
@@ -21,6 +22,14 @@ from parscale.io.ownership import FolderInUseError, describe, foreign_entries, r
 from parscale.training.data import build_shards
 from parscale.training.tokenizer import check_vocab_size, train_bpe
 from parscale.training.train import TrainConfig, train
+
+
+def readable(text: str) -> str:
+    """A sample as printed: runs of blank lines squeezed to one (a model this small often writes dozens),
+    trailing space dropped; report.json keeps the text as generated."""
+    squeezed = re.sub(r"\n[ \t]*(\n[ \t]*)+", "\n\n", text).rstrip()
+    blank = text.count("\n") - squeezed.count("\n")
+    return squeezed + (f"\n[{blank} more blank lines left out]" if blank > 2 else "")
 
 
 def stdlib_sources(limit_bytes: int) -> list[Path]:
@@ -83,7 +92,7 @@ def run_demo(out, steps: int = 200, corpus_mb: int = 4, vocab_size: int = 4096) 
                                     "tokens": result["tokens"], "params_non_embedding": counts["non_embedding"],
                                     "sample": prompt + sample}
         print(f"[demo] P={p}: held-out loss {result['val_loss']:.4f} after {result['tokens']:,} tokens "
-              f"({result['seconds']:.0f} s); sample:\n{prompt}{sample}\n")
+              f"({result['seconds']:.0f} s); sample:\n{readable(prompt + sample)}\n")
     _plot(out, report)
     write_json_atomic(report, out / "report.json")
     record(out, ["loss.png", "report.json"])

@@ -306,7 +306,8 @@ def add_parsers(sub) -> None:
                    help="comma-separated batch sizes (default 1,2,4,8)")
     p.add_argument("--lengths", type=positive_int_list, default="64,128,256,512",
                    help="comma-separated input = output lengths (default 64,128,256,512)")
-    p.add_argument("--engine", default="graph", choices=["graph", "compile", "plain"])
+    p.add_argument("--engine", default="graph", choices=["graph", "compile", "plain"],
+                   help="decode engine: CUDA graphs, torch.compile, or the plain eager loop")
     p.add_argument("--kernels", action="store_true", help="also record the kernels of one decode step")
     p.add_argument("--memory-only", action="store_true", help="peak memory only (short decode)")
     p.add_argument("--anchors", action="store_true",
@@ -326,7 +327,7 @@ def add_parsers(sub) -> None:
                         "(engine.py; default: on for the graph engine, off for the compiled one)")
     p.add_argument("--cache-len", type=int, default=None,
                    help="cache size in tokens (default: 2 x length), e.g. 4096 for a short talk in a long cache")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="the JSON file to write")
     p.add_argument("--resume", action="store_true",
                    help="continue --out if it exists (same settings, GPU and torch): its points are kept and "
                         "skipped, so a grid cut short is finished by running the same command again")
@@ -334,20 +335,20 @@ def add_parsers(sub) -> None:
     p.add_argument("--latency", nargs="+", required=True, help="bench JSON files with timings")
     p.add_argument("--memory", nargs="+", required=True, help="bench JSON files with peak memory")
     p.add_argument("--lengths", default=None, help="only these input = output lengths, e.g. 64 (default: all)")
-    p.add_argument("--out", default="benchmarks")
+    p.add_argument("--out", default="benchmarks", help="folder for the report (summary JSON, figures)")
     p = sub.add_parser("eval", help=cmd_eval.__doc__)
     p.add_argument("--model", required=True, help=MODEL_HELP)
     p.add_argument("--revision", default=None, help="branch, tag or commit when --model is a Hub id (org/name)")
     p.add_argument("--data", required=True, help="text file, folder, JSONL or *.bin token shard")
     p.add_argument("--max-length", type=int, default=None, help="window (default: the model's positions)")
     p.add_argument("--stride", type=int, default=None, help="window step (default: half the window)")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
     p.add_argument("--glob", default="**/*.txt", help="files to read in a folder")
-    p.add_argument("--text-field", default="text")
+    p.add_argument("--text-field", default="text", help="JSONL field holding the text")
     p.add_argument("--token-dtype", default=None, choices=["uint16", "uint32"],
                    help="of a *.bin token shard (default: its folder's manifest.json, else uint16)")
-    p.add_argument("--dtype", default=None)
-    p.add_argument("--device", default=None)
+    p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: the checkpoint's own)")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if there is a GPU, else cpu)")
     p.add_argument("--quantize", default=None, choices=["int8"], help=QUANTIZE_HELP)
     p.add_argument("--out", default=None, help="write the JSON result here")
 
@@ -358,11 +359,11 @@ def add_parsers(sub) -> None:
                    help="a `parscale data` folder (its validation split), text/JSONL, or a *.bin token shard")
     p.add_argument("--token-dtype", default=None, choices=["uint16", "uint32"],
                    help="of a *.bin token shard (default: its folder's manifest.json, else uint16)")
-    p.add_argument("--batches", type=int, default=8)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--seq-len", type=int, default=512)
-    p.add_argument("--dtype", default=None)
-    p.add_argument("--device", default=None)
+    p.add_argument("--batches", type=int, default=8, help="held-out batches to measure the streams on")
+    p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
+    p.add_argument("--seq-len", type=int, default=512, help="tokens per window")
+    p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: the checkpoint's own)")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if there is a GPU, else cpu)")
     p.add_argument("--out", default=None, help="write the diagnostics JSON here")
     p.add_argument("--plot", default=None, help="write a PNG of per-stream loss and hidden cosine here")
 
@@ -372,9 +373,9 @@ def add_parsers(sub) -> None:
 
     p = sub.add_parser("fit", help=cmd_fit.__doc__)
     law_inputs(p)
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--bootstrap", type=int, default=200, help="resamples for confidence intervals (0: none)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap resampling")
     p.add_argument("--plot", default=None, help="file stem: writes STEM_law.png and STEM_contours.png")
     p.add_argument("--out", default=None, help="also write the JSON here")
 
@@ -387,23 +388,27 @@ def add_parsers(sub) -> None:
             p.add_argument("--streams", type=int, required=True, help="P")
             p.add_argument("--target", type=float, default=None, help="a target loss")
         else:
-            p.add_argument("--gpu", default="h200", choices=["h100", "h200", "a100"])
-            p.add_argument("--engine", default="graph", choices=["graph", "compile"])
-            p.add_argument("--memory-gib", type=float, required=True)
+            p.add_argument("--gpu", default="h200", choices=["h100", "h200", "a100"],
+                           help="the GPU the cost model is calibrated for")
+            p.add_argument("--engine", default="graph", choices=["graph", "compile"],
+                           help="decode engine the cost model describes")
+            p.add_argument("--memory-gib", type=float, required=True, help="GPU memory budget in GiB")
             p.add_argument("--latency-ms", type=float, required=True, help="decode budget per token")
-            p.add_argument("--batch", type=int, default=1)
-            p.add_argument("--input-len", type=int, default=64)
-            p.add_argument("--output-len", type=int, default=128)
-            p.add_argument("--json", action="store_true")
+            p.add_argument("--batch", type=int, default=1, help="sequences decoded together")
+            p.add_argument("--input-len", type=int, default=64, help="prompt tokens")
+            p.add_argument("--output-len", type=int, default=128, help="generated tokens")
+            p.add_argument("--json", action="store_true", help="print the result as JSON")
 
     p = sub.add_parser("cost", help=cmd_cost.__doc__)
-    p.add_argument("--shape", default="paper-1.6b")
-    p.add_argument("--streams", type=int, default=1)
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--input-len", type=int, default=64)
-    p.add_argument("--output-len", type=int, default=128)
-    p.add_argument("--gpu", default="h200", choices=["h100", "h200", "a100"])
-    p.add_argument("--engine", default="graph", choices=["graph", "compile"])
+    p.add_argument("--shape", default="paper-1.6b", help="a model preset (parscale info lists their sizes)")
+    p.add_argument("--streams", type=int, default=1, help="P, the number of parallel streams")
+    p.add_argument("--batch", type=int, default=1, help="sequences decoded together")
+    p.add_argument("--input-len", type=int, default=64, help="prompt tokens")
+    p.add_argument("--output-len", type=int, default=128, help="generated tokens")
+    p.add_argument("--gpu", default="h200", choices=["h100", "h200", "a100"],
+                   help="the GPU the cost model is calibrated for")
+    p.add_argument("--engine", default="graph", choices=["graph", "compile"],
+                   help="decode engine the cost model describes")
     p.add_argument("--validate-latency", nargs="*", default=None, help="measured bench JSON (timings)")
     p.add_argument("--validate-memory", nargs="*", default=None, help="measured bench JSON (peak memory)")
-    p.add_argument("--out", default=None)
+    p.add_argument("--out", default=None, help="also write the result to this JSON file")

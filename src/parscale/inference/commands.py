@@ -159,7 +159,7 @@ def add_parsers(sub) -> None:
         p.add_argument("--model", required=True, help=MODEL_HELP)
         p.add_argument("--revision", default=None, help="branch, tag or commit when --model is a Hub id (org/name)")
         if name == "generate":
-            p.add_argument("--prompt", required=True)
+            p.add_argument("--prompt", required=True, help="the text to continue")
         else:
             p.add_argument("--system", default=None, help="a system prompt put first in the conversation")
         p.add_argument("--adapter", default=None, help="a frozen-backbone adapter folder to put on --model")
@@ -170,9 +170,9 @@ def add_parsers(sub) -> None:
                        help="sample among the k likeliest, 0 for all" + unset % "50, as transformers")
         p.add_argument("--top-p", type=float, default=None, help="nucleus sampling" + unset % "off")
         p.add_argument("--repetition-penalty", type=float, default=None, help="1 = off" + unset % "off")
-        p.add_argument("--seed", type=int, default=0)
-        p.add_argument("--dtype", default=None)
-        p.add_argument("--device", default=None)
+        p.add_argument("--seed", type=int, default=0, help="seed of the sampling (a run repeats with the same seed)")
+        p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: the checkpoint's own)")
+        p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if there is a GPU, else cpu)")
         p.add_argument("--quantize", default=None, choices=["int8"], help=QUANTIZE_HELP)
         p.add_argument("--fuse", action=argparse.BooleanOptionalAction, default=None, help=FUSE_HELP)
         p.add_argument("--compile", action="store_true",

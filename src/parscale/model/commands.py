@@ -105,31 +105,35 @@ def cmd_convert(args):
 def add_parsers(sub) -> None:
     """Add this module's sub-commands to the `parscale` parser."""
     p = sub.add_parser("new", help=cmd_new.__doc__)
-    p.add_argument("--preset", default="tiny")
+    p.add_argument("--preset", default="tiny",
+                   help="model shape: tiny, tiny-llama, tiny-qwen3, demo, small, paper-0.5b ... paper-4.4b")
     p.add_argument("--streams", type=int, default=1, help="P, the number of parallel streams")
     p.add_argument("--n-tokens", type=int, default=None, help="prefix tokens per stream (preset default)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", default=None)
-    p.add_argument("--out", required=True)
+    p.add_argument("--seed", type=int, default=0, help="seed of the random initialisation")
+    p.add_argument("--dtype", default=None,
+                   help="dtype of the saved weights: float32, bfloat16 or float16 (default: as built / as the source)")
+    p.add_argument("--out", required=True, help="the model folder to write")
     p.add_argument("--overwrite", action="store_true",
-                   help="write into a folder holding other files (only the model's own files are replaced)")
+                   help="write into a folder that is not empty (parscale replaces what it wrote, never your files)")
 
     p = sub.add_parser("info", help=cmd_info.__doc__)
     p.add_argument("--model", required=True, help=MODEL_HELP)
     p.add_argument("--revision", default=None, help="branch, tag or commit when --model is a Hub id (org/name)")
-    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--batch", type=int, default=1, help="sequences, for the KV-cache size")
     p.add_argument("--length", type=int, default=None,
                    help="tokens in the KV cache (prefix excluded; default 2048, or the model's positions if fewer)")
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
+                   help="the runtime dtype the sizes are computed for (the stored dtype is shown separately)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
     p = sub.add_parser("convert", help=cmd_convert.__doc__)
     p.add_argument("--model", required=True, help="a P=1 model (qwen2, llama, qwen3): " + MODEL_HELP)
     p.add_argument("--revision", default=None, help="branch, tag or commit when --model is a Hub id (org/name)")
-    p.add_argument("--out", required=True)
-    p.add_argument("--streams", type=int, required=True)
-    p.add_argument("--n-tokens", type=int, default=48)
-    p.add_argument("--smooth", type=float, default=0.1)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", default=None)
+    p.add_argument("--out", required=True, help="the model folder to write")
+    p.add_argument("--streams", type=int, required=True, help="P, the number of parallel streams to add (>= 2)")
+    p.add_argument("--n-tokens", type=int, default=48, help="prefix tokens per stream and layer")
+    p.add_argument("--smooth", type=float, default=0.1, help="ε of the aggregation smoothing w·(1−ε) + ε/P")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random initialisation")
+    p.add_argument("--dtype", default=None,
+                   help="dtype of the saved weights: float32, bfloat16 or float16 (default: as built / as the source)")
     p.add_argument("--overwrite", action="store_true",
-                   help="write into a folder holding other files (only the model's own files are replaced)")
+                   help="write into a folder that is not empty (parscale replaces what it wrote, never your files)")

@@ -140,7 +140,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--out", default="runs/demo", help="folder for the demo's outputs")
     p.add_argument("--steps", type=int, default=200, help="training steps per model")
     p.add_argument("--corpus-mb", type=int, default=4, help="standard-library source to use (MiB)")
-    p.add_argument("--vocab-size", type=int, default=4096)
+    p.add_argument("--vocab-size", type=int, default=4096, help="entries of the BPE the demo trains")
 
     p = sub.add_parser("corpus", help=cmd_corpus.__doc__)
     p.add_argument("roots", nargs="*", help="folders of installed packages (site-packages)")
@@ -154,18 +154,20 @@ def add_parsers(sub) -> None:
 
     p = sub.add_parser("data", help=cmd_data.__doc__)
     p.add_argument("sources", nargs="+", help="files, folders or JSONL files")
-    p.add_argument("--out", required=True)
-    p.add_argument("--glob", default="**/*.txt")
-    p.add_argument("--text-field", default="text")
+    p.add_argument("--out", required=True, help="the data folder to write (shards, manifest.json, tokenizer.json)")
+    p.add_argument("--glob", default="**/*.txt", help="files to read in a folder")
+    p.add_argument("--text-field", default="text", help="JSONL field holding the text")
     p.add_argument("--tokenizer", default=None, help="a tokenizer.json (or a folder holding one)")
-    p.add_argument("--vocab-size", type=int, default=8192)
-    p.add_argument("--val-fraction", type=float, default=0.05)
+    p.add_argument("--vocab-size", type=int, default=8192,
+                   help="entries of the BPE trained when no --tokenizer is given")
+    p.add_argument("--val-fraction", type=float, default=0.05,
+                   help="share of documents held out for validation (by a hash of their path)")
     p.add_argument("--split-field", default=None,
                    help="JSONL field that names each document's split ('train'/'val') instead of hashing")
     p.add_argument("--bpe-sample", type=float, default=1.0,
                    help="share of training documents the BPE is trained on (hash-chosen)")
     p.add_argument("--overwrite", action="store_true",
-                   help="write into a folder holding other files (only the data folder's own files are replaced)")
+                   help="write into a folder that is not empty (parscale replaces what it wrote, never your files)")
 
     p = sub.add_parser("verify-data", help=cmd_verify_data.__doc__)
     p.add_argument("folder", help="a folder written by `parscale data` (reads manifest.json, *.bin, tokenizer.json)")
