@@ -14,6 +14,12 @@ def test_new_info_generate_convert(tmp_path, capsys):
     assert main(["info", "--model", str(tmp_path / "m"), "--json", "--batch", "2", "--length", "10"]) == 0
     info = json.loads(capsys.readouterr().out.split("\n", 1)[1])
     assert info["parscale_n"] == 1 and info["params_parscale"] == 0
+    # the stored dtype and size apart from the runtime dtype the sizes below are computed in
+    assert main(["new", "--preset", "tiny", "--out", str(tmp_path / "m32"), "--dtype", "float32"]) == 0
+    assert main(["info", "--model", str(tmp_path / "m32"), "--json"]) == 0
+    info32 = json.loads(capsys.readouterr().out.split("\n", 1)[1])
+    assert (info32["stored_dtype"], info32["runtime_dtype"]) == ("float32", "bfloat16")
+    assert info32["stored_bytes"] > 2 * info32["weights_bytes"] - 4096  # fp32 on disk, bf16 at runtime
     assert main(["convert", "--model", str(tmp_path / "m"), "--out", str(tmp_path / "c"), "--streams", "4",
                  "--n-tokens", "8"]) == 0
     assert main(["info", "--model", str(tmp_path / "c"), "--json", "--batch", "2", "--length", "10"]) == 0

@@ -150,3 +150,32 @@ def test_constant_losses_get_one_error():
     pts = Points(np.array([1e6, 2e6, 4e6, 8e6, 1.6e7, 3.2e7]), np.array([1, 1, 2, 2, 4, 4]), np.full(6, 2.5))
     with pytest.raises(LawDataError, match="every loss is 2.5"):
         fit(pts, "eq5")
+
+
+@pytest.mark.parametrize("name", ["stack", "pile"])
+def test_the_shipped_paper_laws_are_what_fit_gives(name):
+    """predict / plan --paper read the shipped fit instead of refitting: it must be the fit of today's code."""
+    from importlib import resources
+
+    from parscale.analysis.scaling_law import fit, paper_points
+
+    shipped = json.loads(resources.files("parscale.analysis").joinpath("paper_data", f"fit_{name}.json").read_text())
+    fresh = fit(paper_points(name), "eq5")
+    for key, value in (("E", fresh.E), ("A", fresh.A), ("alpha", fresh.alpha), ("k", fresh.shape)):
+        assert shipped[key] == pytest.approx(value, rel=1e-3), key
+
+
+def test_predict_uses_the_shipped_law_and_flags_extrapolation(monkeypatch, capsys):
+    import parscale.analysis.scaling_law as law
+    from parscale.cli import main
+
+    monkeypatch.setattr(law, "fit", lambda *a, **k: (_ for _ in ()).throw(AssertionError("refitted")))
+    assert main(["predict", "--paper", "stack", "--params", "1.6e9", "--streams", "8"]) == 0
+    out = capsys.readouterr()
+    assert json.loads(out.out)["extrapolated"] == [] and "warning" not in out.err
+    assert main(["predict", "--paper", "stack", "--params", "1.6e9", "--streams", "8", "--target", "1.0"]) == 0
+    out = capsys.readouterr()
+    assert json.loads(out.out)["extrapolated"] == ["P = 578 is outside the fitted P 1..8"]
+    assert "warning: extrapolation: P = 578" in out.err
+    assert main(["predict", "--paper", "stack", "--params", "1e12", "--streams", "2"]) == 0
+    assert "N = 1e+12 is outside the fitted N" in capsys.readouterr().err

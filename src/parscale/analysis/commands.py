@@ -106,20 +106,51 @@ def cmd_fit(args):
 
 
 def _load_fit(args):
+    """(Eq. 5 fit, the (N, P) range it was fitted on or None): --law's file, the fit shipped for --paper (no
+    refit: `parscale fit --paper X --out` writes the same numbers), or a fit of the CSV's points."""
     from parscale.analysis.scaling_law import Fit, fit
+
+    def from_json(d: dict, where: str):
+        law = d.get("eq5", d)
+        f = Fit("eq5", *(float(law[k]) for k in ("E", "A", "alpha", "k")), float(law.get("r2", "nan")), 0.0)
+        span = d.get("fitted_range")
+        if span is None and isinstance(d.get("table"), list) and d["table"]:
+            span = {"params": [min(r["params"] for r in d["table"]), max(r["params"] for r in d["table"])],
+                    "P": [min(r["P"] for r in d["table"]), max(r["P"] for r in d["table"])]}
+        return f, span
 
     if args.law:
         try:
-            d = json.loads(Path(args.law).read_text())
-            d = d.get("eq5", d)
-            return Fit("eq5", *(float(d[k]) for k in ("E", "A", "alpha", "k")), float(d.get("r2", "nan")), 0.0)
+            return from_json(json.loads(Path(args.law).read_text()), args.law)
         except FileNotFoundError:
             raise ValueError(f"no such file: {args.law}") from None
         except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError, KeyError, TypeError,
                 ValueError) as e:
             raise ValueError(f"--law {args.law} is not a fit written by `parscale fit --out` (it needs E, A, "
                              f"alpha and k, alone or under 'eq5'; {type(e).__name__}: {e})") from None
-    return fit(_law_points(args), "eq5")
+    if args.paper:
+        from importlib import resources
+
+        shipped = resources.files("parscale.analysis").joinpath("paper_data", f"fit_{args.paper}.json")
+        return from_json(json.loads(shipped.read_text()), f"fit_{args.paper}.json")
+    points = _law_points(args)
+    span = {"params": [float(points.params.min()), float(points.params.max())],
+            "P": [float(points.P.min()), float(points.P.max())]}
+    return fit(points, "eq5"), span
+
+
+def _extrapolation(span, params: float, streams: float) -> list[str]:
+    """What lies outside the fitted (N, P) range (a law fitted on P <= 8 says little about P = 578)."""
+    if span is None:
+        return []
+    notes = []
+    lo, hi = span["P"]
+    if not lo <= streams <= hi:
+        notes.append(f"P = {streams:g} is outside the fitted P {lo:g}..{hi:g}")
+    lo, hi = span["params"]
+    if not lo <= params <= hi:
+        notes.append(f"N = {params:.3g} is outside the fitted N {lo:.3g}..{hi:.3g}")
+    return notes
 
 
 @command
@@ -132,14 +163,21 @@ def cmd_predict(args):
                          f"{args.streams}")
     if args.target is not None and not (math.isfinite(args.target) and args.target > 0):
         raise ValueError(f"--target is a loss: a finite number > 0, got {args.target:g}")
-    f = _load_fit(args)
+    f, span = _load_fit(args)
     out = {"params": args.params, "P": args.streams, "loss": float(f.predict(args.params, args.streams)),
            "multiplier": multiplier(f.shape, args.streams),
            "equivalent_P1_params": equivalent_params(f, args.params, args.streams)}
+    notes = _extrapolation(span, args.params, args.streams)
     if args.target is not None:
         out["target_loss"] = args.target
-        out["smallest_P_for_target"] = smallest_P(f, args.params, args.target)
+        out["smallest_P_for_target"] = best = smallest_P(f, args.params, args.target)
+        if best is not None:
+            notes += [n for n in _extrapolation(span, args.params, best) if n not in notes]
+    out["fitted_range"] = span
+    out["extrapolated"] = notes
     print(json.dumps(out, indent=1))
+    for note in notes:
+        print(f"warning: extrapolation: {note}; the law was not fitted there", file=sys.stderr)
 
 
 @command
@@ -150,7 +188,7 @@ def cmd_plan(args):
 
     if not (args.memory_gib > 0 and args.latency_ms > 0):
         raise ValueError(f"--memory-gib and --latency-ms must be > 0, got {args.memory_gib} and {args.latency_ms}")
-    f = _load_fit(args)
+    f, _ = _load_fit(args)
     rows = []
     for name in sorted(k for k in PRESETS if k.startswith("paper-")):
         for p in (1, 2, 4, 8):

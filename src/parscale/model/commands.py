@@ -67,8 +67,8 @@ def cmd_info(args):
         "heads": cfg.num_attention_heads, "kv_heads": cfg.num_key_value_heads, "head_dim": cfg.head_dim,
         "vocab_size": cfg.vocab_size, "tied": cfg.tie_word_embeddings,
         "params_total": counts["total"], "params_non_embedding": counts["non_embedding"],
-        "params_parscale": counts["parscale"], "dtype": args.dtype,
-        "weights_bytes": weight_bytes(cfg, elem),
+        "params_parscale": counts["parscale"], **_stored(args.model),
+        "runtime_dtype": args.dtype, "weights_bytes": weight_bytes(cfg, elem),
         "kv_cache_bytes": kv_cache_bytes(cfg, args.batch, length, elem), "batch": args.batch,
         "length": length, "generation_defaults": read_generation_config(args.model),
     }
@@ -81,6 +81,17 @@ def cmd_info(args):
         elif isinstance(v, int) and not isinstance(v, bool) and v > 9999:
             v = f"{v:,}"
         print(f"{k:24s} {v}")
+
+
+def _stored(model) -> dict:
+    """The dtype the folder's weights are stored in (its config.json) and their size on disk."""
+    from parscale.model.checkpoint import model_folder
+
+    folder = model_folder(model)
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    dtype = config.get("dtype") or config.get("torch_dtype")
+    return {"stored_dtype": dtype if isinstance(dtype, str) else None,
+            "stored_bytes": sum(f.stat().st_size for f in folder.glob("*.safetensors"))}
 
 
 @command
