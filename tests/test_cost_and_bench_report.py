@@ -191,3 +191,15 @@ def test_anchor_ratios_pair_a_point_with_the_anchors_of_its_shape_batch_and_leng
     assert anchor_ratios(point, anchors) == {"gpt-fast": 0.75, "transformers static cache": 0.375}
     assert anchor_ratios({**point, "length": 128}, anchors) == {}  # another prompt length: no like anchor
     assert anchor_ratios({**point, "batch": 2}, anchors) == {}
+
+
+def test_cost_prints_a_table_with_its_assumptions_and_json_on_request(capsys, tmp_path):
+    from parscale.cli import main
+
+    assert main(["cost", "--shape", "paper-1.6b", "--streams", "8", "--batch", "2"]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("paper-1.6b P = 8 on h200 (graph engine, bf16), batch 2, 64 prompt + 128 generated")
+    assert "ms/token" in text and "GiB" in text
+    assert main(["cost", "--streams", "8", "--json", "--out", str(tmp_path / "c.json")]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["assumed"]["P"] == 8 and shown == json.loads((tmp_path / "c.json").read_text())

@@ -90,3 +90,15 @@ def test_training_logs_and_cli_writes_diagnostics(data_dir, tmp_path, capsys):
                            (["--plot", str(tmp_path)], "is a folder, not a file")):
         assert main(["streams", "--model", str(tmp_path / "run"), "--data", str(data_dir), *flags]) == 2
         assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("diag", "label"), [
+    ({"parscale_n": 4, "cap_share": 0.9, "kl_mean": 1.2, "loss_best_stream": 2.31, "loss_mix": 2.30}, "collapsed"),
+    ({"parscale_n": 4, "cap_share": 0.01, "kl_mean": 0.0012, "loss_best_stream": 5.37, "loss_mix": 5.37}, "alike"),
+    ({"parscale_n": 8, "cap_share": 0.02, "kl_mean": 2.1, "loss_best_stream": 2.8, "loss_mix": 2.26}, "specialised"),
+    ({"parscale_n": 1, "loss_mix": 2.3}, "single")])
+def test_the_streams_verdict_follows_its_documented_thresholds(diag, label):
+    from parscale.analysis.streams import verdict
+
+    got, line = verdict(diag)
+    assert got == label and line.startswith(label if label != "single" else "one stream")

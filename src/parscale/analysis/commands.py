@@ -232,7 +232,28 @@ def cmd_cost(args):
         print(json.dumps(v["summary"], indent=1))
         return
     cfg = ModelConfig.preset(args.shape, parscale_n=args.streams)
-    print(json.dumps(predict(cfg, args.batch, args.input_len, args.output_len, args.gpu, args.engine), indent=1))
+    result = predict(cfg, args.batch, args.input_len, args.output_len, args.gpu, args.engine)
+    result["assumed"] = {"shape": args.shape, "P": args.streams, "gpu": args.gpu, "engine": args.engine,
+                         "batch": args.batch, "input_len": args.input_len, "output_len": args.output_len,
+                         "dtype": "bfloat16"}
+    if args.out:
+        from parscale.io.files import write_json_atomic
+
+        write_json_atomic(result, Path(args.out))
+    if args.json:
+        print(json.dumps(result, indent=1))
+        return
+    gib, mem = 2**30, result["memory"]
+    print(f"{args.shape} P = {args.streams} on {args.gpu} ({args.engine} engine, bf16), batch {args.batch}, "
+          f"{args.input_len} prompt + {args.output_len} generated tokens; predicted by the analytic cost model "
+          f"(parscale/analysis/cost.py, calibrated on measured benchmarks):")
+    for label, value in (("decode", f"{result['decode_ms_per_token']:.2f} ms/token"),
+                         ("prefill", f"{result['prefill_ms']:.2f} ms"),
+                         ("latency", f"{result['latency_s']:.3f} s for the whole request"),
+                         ("memory", f"{result['memory_gib']:.2f} GiB (weights {mem['weights'] / gib:.2f}, KV cache "
+                                    f"{mem['kv_cache'] / gib:.3f}, activations {mem['activations'] / gib:.3f}, "
+                                    f"runtime overhead {mem['overhead'] / gib:.2f})")):
+        print(f"  {label:8s} {value}")
 
 
 @command
@@ -271,7 +292,7 @@ def cmd_streams(args):
     """Stream diagnostics on held-out data: each stream alone, the mix, the ensemble, KL, cosine, weights."""
     resolve_model(args)
     import parscale
-    from parscale.analysis.streams import plot_diagnostics, stream_diagnostics
+    from parscale.analysis.streams import plot_diagnostics, stream_diagnostics, verdict
     from parscale.io.files import check_output_file, write_json_atomic
 
     for output in (args.out, args.plot):  # before any work
@@ -281,6 +302,7 @@ def cmd_streams(args):
     batches = _held_out_windows(args, model)
     diag = stream_diagnostics(model, batches)
     diag["model"], diag["data"] = str(args.model), str(args.data)
+    diag["verdict"], reading = verdict(diag)
     if args.out:
         write_json_atomic(diag, Path(args.out))
     if args.plot and diag["parscale_n"] > 1:
@@ -294,6 +316,7 @@ def cmd_streams(args):
               f"{diag['hidden_cosine'][-1]:.3f}; weight entropy {diag['weight_entropy']:.3f} of "
               f"{diag['weight_entropy_uniform']:.3f}; at floor {diag['floor_share']:.1%}, "
               f"at cap {diag['cap_share']:.1%}")
+        print(f"  verdict: {reading}")
 
 
 def _held_out_windows(args, model):
@@ -450,3 +473,4 @@ def add_parsers(sub) -> None:
     p.add_argument("--validate-latency", nargs="*", default=None, help="measured bench JSON (timings)")
     p.add_argument("--validate-memory", nargs="*", default=None, help="measured bench JSON (peak memory)")
     p.add_argument("--out", default=None, help="also write the result to this JSON file")
+    p.add_argument("--json", action="store_true", help="print the result as JSON instead of a table")

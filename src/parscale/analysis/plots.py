@@ -22,6 +22,17 @@ def _plt():
     return plt
 
 
+def _label_params_axis(ax, lo: float, hi: float) -> None:
+    """Log N axis with labels at 1-2-5 steps (a range inside one decade would otherwise show one label)."""
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
+
+    ticks = [m * 10.0**e for e in range(int(np.floor(np.log10(lo))), int(np.ceil(np.log10(hi))) + 1)
+             for m in (1, 2, 5) if lo <= m * 10.0**e <= hi]
+    ax.xaxis.set_major_locator(FixedLocator(ticks))
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v / 1e9:g}B" if v >= 1e9 else f"{v / 1e6:g}M"))
+
+
 def plot_law(points, fit, path, title: str = "") -> None:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 4.5))
@@ -32,9 +43,9 @@ def plot_law(points, fit, path, title: str = "") -> None:
         ax.scatter(points.params[sel], points.loss[sel], color=color, zorder=3, label=f"P = {int(p)}")
         ax.plot(grid, fit.predict(grid, p), color=color, lw=1.2)
     ax.set_xscale("log")
-    ax.xaxis.set_minor_formatter(plt.NullFormatter())
+    _label_params_axis(ax, grid[0], grid[-1])
     ax.set_xlabel("non-embedding parameters N")
-    ax.set_ylabel("loss")
+    ax.set_ylabel("loss (nats per token)")
     ax.set_title(title or f"L = {fit.E:.4f} + ({fit.A:.3g} / (N·({fit.shape:.4f}·ln P + 1)))^{fit.alpha:.4f}"
                           f"   R² = {fit.r2:.4f}", fontsize=9)
     ax.legend()
@@ -54,10 +65,11 @@ def plot_contours(fit, path, n_range=(3e8, 1e10), max_p: int = 16) -> None:
     filled = ax.contourf(nn, pp, loss, levels=20, cmap="viridis_r")
     lines = ax.contour(nn, pp, loss, levels=10, colors="white", linewidths=0.7)
     ax.clabel(lines, fmt="%.3f", fontsize=7)
-    fig.colorbar(filled, ax=ax, label="predicted loss")
+    fig.colorbar(filled, ax=ax, label="predicted loss (nats per token)")
     ax.set_xscale("log")
-    ax.xaxis.set_minor_formatter(plt.NullFormatter())
+    _label_params_axis(ax, *n_range)
     ax.set_yscale("log", base=2)
+    ax.yaxis.set_major_formatter(plt.FuncFormatter(lambda v, _: f"{v:g}"))  # 1, 2, 4, 8, 16, not 2^k
     ax.set_xlabel("non-embedding parameters N")
     ax.set_ylabel("parallel streams P")
     ax.set_title("predicted loss (Eq. 5) with iso-loss lines", fontsize=9)

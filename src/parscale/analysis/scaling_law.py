@@ -140,9 +140,37 @@ def _objective(x, points: Points, form: str):
     return _huber(np.log(points.loss) - np.log(pred))
 
 
+def _objective_and_gradient(x, points: Points, form: str, delta: float = 1e-3):
+    """The objective and its exact gradient in (E, A / A_UNIT, alpha, k or rho): L-BFGS-B then needs one
+    evaluation per step instead of five (finite differences), the same optimum ~5x faster."""
+    E, A, alpha, s = x
+    N, P = points.params, np.asarray(points.P, dtype=float)
+    lnP = np.log(P)
+    with np.errstate(all="ignore"):
+        if form == "eq5":
+            base = A * A_UNIT / (N * (s * lnP + 1))
+            t = base**alpha
+            pred = E + t
+            d_s = -alpha * t * lnP / (s * lnP + 1)
+            d_alpha, d_A = t * np.log(base), alpha * t / A
+        else:
+            base, g = A * A_UNIT / N, ((P - 1) * s + 1) / P
+            t = base**alpha
+            pred = E + t * g
+            d_s = t * (P - 1) / P
+            d_alpha, d_A = t * g * np.log(base), alpha * t * g / A
+        if np.any(pred <= 0) or not np.all(np.isfinite(pred)) or not np.all(np.isfinite(d_alpha)):
+            return 1e6, np.zeros(4)
+        r = np.log(points.loss) - np.log(pred)
+        huber = np.where(np.abs(r) <= delta, 0.5 * r**2, delta * (np.abs(r) - 0.5 * delta)).sum()
+        weight = -np.clip(r, -delta, delta) / pred  # d huber / d r, times d r / d pred
+        grad = np.array([weight.sum(), (weight * d_A).sum(), (weight * d_alpha).sum(), (weight * d_s).sum()])
+    return float(huber), grad
+
+
 def _minimize(points, form, x0):
     bounds = [(1e-8, None), (1e-8, None), (1e-8, None), FORMS[form][3]]
-    return minimize(_objective, x0, args=(points, form), method="L-BFGS-B", bounds=bounds)
+    return minimize(_objective_and_gradient, x0, args=(points, form), jac=True, method="L-BFGS-B", bounds=bounds)
 
 
 def fit(points: Points, form: str = "eq5", starts=None) -> Fit:

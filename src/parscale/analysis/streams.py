@@ -17,6 +17,14 @@
   one function, so this equals stream 0 alone (`loss_stream[0]`); a difference means the streams are
   not isolated from each other (a layout bug), which is why it is kept.
 For P = 1 (also the prefix control) only `loss_mix` is defined.
+
+`verdict(diag)` reads these in one line, with fixed thresholds:
+- **collapsed**: one stream takes the largest weight the ε smoothing allows on more than half of the tokens
+  (`cap_share` > 0.5): the model is, in effect, that one stream;
+- **alike**: otherwise, if the streams' next-token distributions barely differ (`kl_mean` < 0.05 nats): P
+  copies of one function, whatever the weights say;
+- **specialised**: otherwise: the streams differ, and the line says by how much the mix beats its best
+  stream alone (the aggregator's work).
 """
 
 from __future__ import annotations
@@ -140,11 +148,13 @@ def plot_diagnostics(diag: dict, path) -> None:
             a.axhline(diag[key], ls=style, color="k" if key == "loss_mix" else "C1" if "ens" in key else "C3",
                       label=key.removeprefix("loss_").replace("_", " "))
     a.set_xlabel("stream")
-    a.set_ylabel("held-out loss")
+    a.set_xticks(range(p))
+    a.set_ylabel("held-out loss (nats per token)")
     a.set_ylim(min(diag["loss_mix"], min(diag["loss_stream"])) - 0.1, max(diag["loss_stream"]) + 0.1)
     a.legend(fontsize=8)
     b.plot(range(1, len(diag["hidden_cosine"]) + 1), diag["hidden_cosine"], "o-")
     b.set_xlabel("layer")
+    b.set_xticks(range(1, len(diag["hidden_cosine"]) + 1))
     b.set_ylabel("mean cosine between streams")
     b.set_ylim(0, 1.02)
     b.grid(alpha=0.3)
@@ -153,3 +163,24 @@ def plot_diagnostics(diag: dict, path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+COLLAPSED_CAP_SHARE = 0.5
+ALIKE_KL_NATS = 0.05
+
+
+def verdict(diag: dict) -> tuple[str, str]:
+    """(collapsed | alike | specialised | single, one readable line): see the module docstring."""
+    if diag.get("parscale_n", 1) == 1:
+        return "single", "one stream: nothing to compare"
+    gain = diag["loss_best_stream"] - diag["loss_mix"]
+    if diag["cap_share"] > COLLAPSED_CAP_SHARE:
+        return "collapsed", (f"collapsed: one stream takes the largest weight allowed on {diag['cap_share']:.0%} of "
+                             f"the tokens (> {COLLAPSED_CAP_SHARE:.0%}); the mix is {gain:+.3f} nats from its best "
+                             f"stream")
+    if diag["kl_mean"] < ALIKE_KL_NATS:
+        return "alike", (f"alike: KL between streams {diag['kl_mean']:.4f} nats (< {ALIKE_KL_NATS}): the streams "
+                         f"compute nearly the same function")
+    return "specialised", (f"specialised: KL between streams {diag['kl_mean']:.3f} nats; the mix is {gain:.3f} nats "
+                           f"better than its best stream alone")
+
