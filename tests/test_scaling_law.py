@@ -179,3 +179,18 @@ def test_predict_uses_the_shipped_law_and_flags_extrapolation(monkeypatch, capsy
     assert "warning: extrapolation: P = 578" in out.err
     assert main(["predict", "--paper", "stack", "--params", "1e12", "--streams", "2"]) == 0
     assert "N = 1e+12 is outside the fitted N" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("form", ["eq5", "eq4"])
+def test_the_exact_gradient_matches_finite_differences(form):
+    import numpy as np
+    from scipy.optimize import approx_fprime
+
+    from parscale.analysis.scaling_law import _objective, _objective_and_gradient, paper_points
+
+    points = paper_points("stack")
+    for x in ([0.7, 0.011, 0.19, 0.39], [1.0, 1.0, 0.5, 0.6], [0.5, 5.0, 1.2, 0.2]):
+        value, grad = _objective_and_gradient(np.array(x), points, form)
+        numeric = approx_fprime(np.array(x), lambda y: _objective(y, points, form), 1e-7)
+        assert value == _objective(np.array(x), points, form)
+        np.testing.assert_allclose(grad, numeric, rtol=1e-3, atol=1e-4 * np.abs(numeric).max())

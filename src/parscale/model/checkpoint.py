@@ -260,6 +260,16 @@ def load(path, dtype=None, device=None, revision: str | None = None) -> ParScale
     The folder's generation_config.json, if any, becomes `model.generation_config` (a dict), the
     defaults `generate` uses for settings its caller leaves out.
     """
+    from parscale.model.gguf import is_gguf
+
+    if is_gguf(path):  # a GGUF file: dequantised into a temporary folder (model/gguf.py), then loaded
+        import tempfile
+
+        from parscale.model.gguf import gguf_to_folder
+
+        with tempfile.TemporaryDirectory(prefix="parscale-gguf-load-") as tmp:
+            folder = gguf_to_folder(path, Path(tmp) / "model", dtype="float32")
+            return load(folder, dtype=dtype, device=device)
     dtype, device = parse_dtype(dtype), parse_device(device)
     folder = model_folder(path, revision)
     config = read_config(folder)

@@ -96,7 +96,17 @@ def _stored(model) -> dict:
 
 @command
 def cmd_convert(args):
-    """Give a P=1 checkpoint P streams with fresh prefixes and aggregator; save in the released format."""
+    """Give a P=1 checkpoint P streams with fresh prefixes and aggregator; save in the released format.
+    A GGUF file (llama / qwen2 / qwen3) becomes a Hugging Face folder, with P streams if --streams > 1."""
+    from parscale.model.gguf import gguf_to_folder, is_gguf
+
+    if is_gguf(args.model):
+        out = gguf_to_folder(args.model, args.out, dtype=args.dtype or "float32", streams=args.streams or 1,
+                             n_tokens=args.n_tokens, smooth=args.smooth, seed=args.seed, overwrite=args.overwrite)
+        print(f"wrote {out}: {args.model} dequantised, P={args.streams or 1}")
+        return
+    if args.streams is None:
+        raise ValueError("--streams is required: the number of parallel streams to add (>= 2)")
     resolve_model(args)
     import parscale
     from parscale.model.convert import add_streams
@@ -137,10 +147,12 @@ def add_parsers(sub) -> None:
                    help="the runtime dtype the sizes are computed for (the stored dtype is shown separately)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p = sub.add_parser("convert", help=cmd_convert.__doc__)
-    p.add_argument("--model", required=True, help="a P=1 model (qwen2, llama, qwen3): " + MODEL_HELP)
+    p.add_argument("--model", required=True,
+                   help="a P=1 model (qwen2, llama, qwen3) or a GGUF file of one: " + MODEL_HELP)
     p.add_argument("--revision", default=None, help="branch, tag or commit when --model is a Hub id (org/name)")
     p.add_argument("--out", required=True, help="the model folder to write")
-    p.add_argument("--streams", type=int, required=True, help="P, the number of parallel streams to add (>= 2)")
+    p.add_argument("--streams", type=int, default=None,
+                   help="P, the number of parallel streams to add (>= 2; for a GGUF file 1 keeps P = 1)")
     p.add_argument("--n-tokens", type=int, default=48, help="prefix tokens per stream and layer")
     p.add_argument("--smooth", type=float, default=0.1, help="ε of the aggregation smoothing w·(1−ε) + ε/P")
     p.add_argument("--seed", type=int, default=0, help="seed of the random initialisation")
