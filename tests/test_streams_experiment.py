@@ -113,9 +113,26 @@ def test_every_committed_config_is_accepted_by_the_trainer_and_builds_its_model(
     configs = sorted((EXPERIMENT / "configs").glob("*.toml"))
     assert {c.stem for c in configs} == set(planned)  # the committed files are what runs.py writes
     built = set()
+    stage1 = None
     for path in configs:
         cfg = TrainConfig(**load_config_file(path), data="unused", out="unused")
         check_config(cfg)
+        if cfg.model == "STAGE1":  # stage 2 of a two-stage run: it continues its stage-1 run's checkpoint
+            after = planned[path.stem]["after"]
+            assert after in planned and planned[after]["train"]["streams"] == 1, after
+            if stage1 is None:
+                import dataclasses
+                import tempfile
+
+                import parscale
+
+                stage1 = Path(tempfile.mkdtemp()) / "stage1"
+                first = TrainConfig(**load_config_file(EXPERIMENT / "configs" / f"{after}.toml"), data="u", out="u")
+                parscale.save(_initial_model(first, vocab_size=8192, eos_id=0), stage1)
+            cfg = dataclasses.replace(cfg, model=str(stage1))
+            model = _initial_model(cfg, vocab_size=8192, eos_id=0)
+            assert model.config.parscale_n == cfg.streams and model.config.parscale_p1_prefix == cfg.p1_prefix
+            continue
         shape = planned[path.stem]["train"]["model_overrides"]
         kind = (tuple(sorted(shape.items())), cfg.streams, cfg.p1_prefix, cfg.n_tokens)
         if kind in built:  # one model per distinct shape: the rest differ in seed or training settings only

@@ -467,3 +467,18 @@ def test_fsdp_accumulation_reduces_gradients_once_per_step(tmp_path, monkeypatch
         (loss / 2).backward()
     for n, p in reference.named_parameters():
         torch.testing.assert_close(grads[n], p.grad, atol=1e-6, rtol=1e-5)
+
+
+def test_the_prefix_control_of_a_two_stage_run_starts_from_a_p1_checkpoint(data_dir, tmp_path):
+    """Stage 2's control: the stage-1 P = 1 checkpoint continued with a fresh learned prefix (no aggregator);
+    the backbone starts exactly as the checkpoint, and the prefix trains."""
+    train(_cfg(data_dir, tmp_path / "stage1", streams=1, steps=4))
+    base_dir = tmp_path / "stage1" / "checkpoints" / "latest" / "model"
+    base = parscale.load(base_dir)
+    train(_cfg(data_dir, tmp_path / "ctrl", model=str(base_dir), streams=1, p1_prefix=True, n_tokens=4, steps=3))
+    ctrl = parscale.load(tmp_path / "ctrl")
+    assert ctrl.config.parscale_p1_prefix and ctrl.config.parscale_n == 1 and ctrl.config.prefix_len == 4
+    moved = [k for k, v in base.state_dict().items() if not torch.equal(v, ctrl.state_dict()[k])]
+    assert moved  # the backbone trained on, from the checkpoint's weights
+    with pytest.raises(ValueError, match="p1_prefix adds a learned prefix to a plain P = 1 model"):
+        train(_cfg(data_dir, tmp_path / "bad", model=str(tmp_path / "ctrl"), streams=1, p1_prefix=True, steps=2))

@@ -27,6 +27,8 @@ arm: parscale's paired seeds), named d8-{arm}-s{seed}:
 - long-*     P = 1, the prefix control, P = 2, 4 and 8 with the warm-up lever and the width ladder (192 and
              384, each at its best lr at 39M) at ~100M tokens (have run);
 - repeat-*   the prefix control again, on the GPU model of the later arms (have run);
+- ts-*       two-stage: stage 2 from long-p1-s{seed}'s checkpoint at P = 2/4/8 and the two P = 1 controls,
+             +2/5/20% of stage 1's steps (TWO_STAGE; configured, not run);
 - long-p1prefix-aggwarm, long-p1prefix384-aggwarm, long-p8: the matched controls at ~100M tokens (the
              prefix control with the P > 1 arms' warm-up lever; the same with P = 8's 384 prefix tokens,
              matching its prefix parameters; plain P = 8 without the lever), seeds 0-5 (long-p8: 0-2); the
@@ -118,6 +120,23 @@ MATCHED = {f"long-{arm}": {**fields, "steps": LONG_STEPS, "eval_every": 750} for
             ("p1prefix384-aggwarm", {"streams": 1, "p1_prefix": True, "n_tokens": 384, "parscale_warmup": 600}),
             ("p8", {"streams": 8}))}
 MORE_SEEDS = (3, 4, 5)   # for the arms that enter a claim: the long arms and the matched controls
+# Two-stage training (the paper's Sec. 4.1 at this scale): stage 1 is long-p1-s{seed} (its final checkpoint,
+# on the same machine, so both stages run in one sitting); stage 2 continues it for +2 / 5 / 20% of its steps
+# at P = 2 / 4 / 8 (fresh prefixes and aggregator), against P = 1 and the P = 1 + prefix control continued
+# alike, on the data that follows stage 1's. The backbone keeps stage 1's final lr (2e-4, constant); the new
+# parameters warm up over the first 10% of stage 2 to 10x that (stage 1's peak): they start from random,
+# the backbone does not (the paper gives no stage-2 schedule; this one is a choice, to be checked).
+# Named ts-{arm}-plus{pct}-s{seed}.
+TWO_STAGE = {}
+for pct in (2, 5, 20):
+    steps = LONG_STEPS * pct // 100
+    stage2 = {"steps": steps, "lr": 2e-4, "warmup": 0, "min_lr_ratio": 1.0, "eval_every": max(30, steps // 4),
+              "data_start": LONG_STEPS * BATCH, "after": "long-p1"}
+    new_parameters = {"parscale_warmup": max(1, steps // 10), "parscale_lr_mult": 10.0}
+    TWO_STAGE[f"ts-p1-plus{pct}"] = {**stage2, "streams": 1}
+    TWO_STAGE[f"ts-p1prefix-plus{pct}"] = {**stage2, "streams": 1, "p1_prefix": True, **new_parameters}
+    for p in (2, 4, 8):
+        TWO_STAGE[f"ts-p{p}-plus{pct}"] = {**stage2, "streams": p, **new_parameters}
 
 
 def _shape(fields: dict) -> dict:
@@ -149,6 +168,12 @@ def runs() -> dict[str, dict]:
             cost = (fields["streams"] * shape["num_hidden_layers"] / 8 * (shape["hidden_size"] / 256) ** 2
                     * fields.get("steps", STEPS) / STEPS)
             out[f"{arm}-s{seed}"] = {"arm": arm, "seed": seed, "cost": cost, "train": train}
+        for arm, fields in TWO_STAGE.items():
+            train = {**TRAIN, **{k: v for k, v in fields.items() if k != "after"}, "seed": seed}
+            train.pop("model_overrides", None)  # the model is stage 1's checkpoint (--model, given at launch)
+            train["model"] = "STAGE1"
+            out[f"{arm}-s{seed}"] = {"arm": arm, "seed": seed, "cost": fields["streams"] * fields["steps"] / STEPS,
+                                     "train": train, "after": f"{fields['after']}-s{seed}"}
     return out
 
 
@@ -225,8 +250,18 @@ def run_all(data: Path, work: Path, only: list[str], per_gpu: int) -> None:
                 (RESULTS / f"{name}.json").write_text(text)
                 print(f"[runs] done {name}: endpoint {result['endpoint']:.4f}, {result['wall_seconds']:.0f} s, "
                       f"{result['tokens_per_s_median']:,.0f} tok/s", flush=True)
+            waiting = []
             while queue and len(slots[g]) < per_gpu:
                 name = queue.pop(0)
+                after = todo[name].get("after")
+                if after and not (work / after / "result.json").is_file():
+                    if any(after == n for n in queue + waiting) or any(after == n for _, n, _ in
+                                                                        sum(slots.values(), [])):
+                        waiting.append(name)  # stage 1 is still to come on this machine
+                    else:
+                        print(f"[runs] skip {name}: it continues {after}, which has not run on this machine "
+                              f"(--work {work}); include it in the patterns", flush=True)
+                    continue
                 if (work / name / "result.json").is_file():   # finished under a runner that was stopped
                     (RESULTS / f"{name}.json").write_text((work / name / "result.json").read_text())
                     print(f"[runs] collected {name} from its run folder", flush=True)
@@ -235,11 +270,14 @@ def run_all(data: Path, work: Path, only: list[str], per_gpu: int) -> None:
                 start = ["--resume"] if latest_checkpoint(work / name) else ["--overwrite"]
                 cmd = [sys.executable, "-m", "parscale.cli", "train", "--config", str(CONFIGS / f"{name}.toml"),
                        "--data", str(data), "--out", str(work / name), *start]
+                if after:
+                    cmd += ["--model", str(work / after)]
                 log = open(work / f"{name}.log", "a")
                 proc = subprocess.Popen(cmd, env={**env, "CUDA_VISIBLE_DEVICES": str(g)}, stdout=log,
                                         stderr=subprocess.STDOUT)
                 slots[g].append((proc, name, time.time()))
                 print(f"[runs] {'resume' if start == ['--resume'] else 'start'} {name} on GPU {g}", flush=True)
+            queue[:0] = waiting
         time.sleep(2)
 
 

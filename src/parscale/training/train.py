@@ -366,11 +366,15 @@ def _initial_model(cfg: TrainConfig, vocab_size: int, eos_id: int):
         if cfg.n_tokens is not None:
             overrides["parscale_n_tokens"] = cfg.n_tokens
         return build_model(ModelConfig.preset(cfg.model, **overrides), seed=cfg.seed)
-    if cfg.p1_prefix:
-        raise ValueError("p1_prefix builds the prefix control from a preset; it cannot be added to a checkpoint")
     model = load(cfg.model, dtype=torch.float32)
     if model.config.vocab_size < vocab_size:
         raise ValueError(f"{cfg.model} has {model.config.vocab_size} token ids but the data uses {vocab_size}")
+    if cfg.p1_prefix:  # the prefix control of a two-stage run: the P = 1 checkpoint gets a fresh prefix
+        if (cfg.streams or 1) != 1 or model.config.parscale_n != 1 or model.config.has_prefix:
+            raise ValueError(f"p1_prefix adds a learned prefix to a plain P = 1 model; {cfg.model} has "
+                             f"P = {model.config.parscale_n}{' and a prefix' if model.config.has_prefix else ''}"
+                             f" and --streams is {cfg.streams}")
+        return add_streams(model, 1, n_tokens=cfg.n_tokens or 48, seed=cfg.seed, p1_prefix=True)
     if cfg.streams is not None and cfg.streams > 1 and model.config.parscale_n == 1:
         model = add_streams(model, cfg.streams, n_tokens=cfg.n_tokens or 48,
                             smooth=DEFAULT_SMOOTH if cfg.smooth is None else cfg.smooth, seed=cfg.seed)
