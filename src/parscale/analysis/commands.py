@@ -110,7 +110,7 @@ def _load_fit(args):
     refit: `parscale fit --paper X --out` writes the same numbers), or a fit of the CSV's points."""
     from parscale.analysis.scaling_law import Fit, fit
 
-    def from_json(d: dict, where: str):
+    def from_json(d: dict):
         law = d.get("eq5", d)
         f = Fit("eq5", *(float(law[k]) for k in ("E", "A", "alpha", "k")), float(law.get("r2", "nan")), 0.0)
         span = d.get("fitted_range")
@@ -121,7 +121,7 @@ def _load_fit(args):
 
     if args.law:
         try:
-            return from_json(json.loads(Path(args.law).read_text()), args.law)
+            return from_json(json.loads(Path(args.law).read_text()))
         except FileNotFoundError:
             raise ValueError(f"no such file: {args.law}") from None
         except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError, KeyError, TypeError,
@@ -132,7 +132,7 @@ def _load_fit(args):
         from importlib import resources
 
         shipped = resources.files("parscale.analysis").joinpath("paper_data", f"fit_{args.paper}.json")
-        return from_json(json.loads(shipped.read_text()), f"fit_{args.paper}.json")
+        return from_json(json.loads(shipped.read_text()))
     points = _law_points(args)
     span = {"params": [float(points.params.min()), float(points.params.max())],
             "P": [float(points.P.min()), float(points.P.max())]}
