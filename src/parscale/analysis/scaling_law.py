@@ -173,28 +173,6 @@ def _minimize(points, form, x0):
     return minimize(_objective_and_gradient, x0, args=(points, form), jac=True, method="L-BFGS-B", bounds=bounds)
 
 
-def _minimize_all(points, form, starts) -> list:
-    return [_minimize(points, form, x0) for x0 in starts]
-
-
-def _map_chunks(fn, points, form, items: list, min_items: int = 64) -> list:
-    """fn(points, form, chunk) over the items, split between the CPU cores in forked processes where there
-    are several (the fits are independent and small: the optimiser's own overhead dominates), else in this
-    process. The order of the results is the items' order, so the outcome does not depend on the cores."""
-    import multiprocessing
-    import os
-
-    workers = min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1, 8)
-    if workers < 2 or len(items) < min_items or "fork" not in multiprocessing.get_all_start_methods() or \
-            multiprocessing.current_process().daemon:
-        return fn(points, form, items)
-    size = -(-len(items) // workers)
-    chunks = [items[i : i + size] for i in range(0, len(items), size)]
-    with multiprocessing.get_context("fork").Pool(len(chunks)) as pool:
-        parts = pool.starmap(fn, [(points, form, chunk) for chunk in chunks])
-    return [r for part in parts for r in part]
-
-
 def fit(points: Points, form: str = "eq5", starts=None) -> Fit:
     """Fit one form by the paper's grid of starting points (or the given starts)."""
     validate(points)
@@ -207,7 +185,8 @@ def fit(points: Points, form: str = "eq5", starts=None) -> Fit:
         starts = [[math.exp(e), math.exp(a), al, s] for e in (-1, -0.5, 0) for a in (-4, -2, 0, 2, 4)
                   for al in (0, 0.5, 1, 1.5, 2) for s in shape0]
     best = None
-    for res in _map_chunks(_minimize_all, points, form, starts):
+    for x0 in starts:
+        res = _minimize(points, form, x0)
         if best is None or res.fun < best.fun:
             best = res
     E, A, alpha, s = best.x
@@ -215,14 +194,6 @@ def fit(points: Points, form: str = "eq5", starts=None) -> Fit:
     ss_res = float(((points.loss - pred) ** 2).sum())
     ss_tot = float(((points.loss - points.loss.mean()) ** 2).sum())
     return Fit(form, float(E), float(A * A_UNIT), float(alpha), float(s), 1 - ss_res / ss_tot, float(best.fun))
-
-
-def _refit_all(points, form, jobs) -> list:
-    out = []
-    for idx, x0 in jobs:
-        f = fit(points.subset(idx), form, starts=x0)
-        out.append([f.E, f.A, f.alpha, f.shape])
-    return out
 
 
 def bootstrap(points: Points, best: Fit, n: int = 200, seed: int = 0, level: float = 0.95) -> dict:
@@ -238,7 +209,10 @@ def bootstrap(points: Points, best: Fit, n: int = 200, seed: int = 0, level: flo
         idx = rng.integers(0, len(points), len(points))
         if len(np.unique(idx)) > 4 and np.ptp(points.loss[idx]) > 0:
             samples.append(idx)
-    draws = _map_chunks(_refit_all, points, best.form, [(idx, x0) for idx in samples], min_items=16)
+    draws = []
+    for idx in samples:
+        f = fit(points.subset(idx), best.form, starts=x0)
+        draws.append([f.E, f.A, f.alpha, f.shape])
     arr = np.asarray(draws)
     lo, hi = (1 - level) / 2 * 100, (1 + level) / 2 * 100
     names = ["E", "A", "alpha", FORMS[best.form][1]]
