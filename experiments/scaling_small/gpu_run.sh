@@ -21,14 +21,14 @@ python3 -c "import torch, tokenizers; print('torch', torch.__version__, 'tokeniz
 CORPORA=${CORPORA:-code english}   # which corpora to build and run
 build_data() {
     if [[ " $CORPORA " == *" code "* ]] && [ ! -f "$W/code/data/manifest.json" ]; then
-        python3 -m parscale.cli corpus --this-python --out "$W/code/corpus.jsonl" --val-fraction 0.02 || return 1
+        python3 -m parscale.cli corpus --this-python --out "$W/code/corpus.jsonl" --val-fraction 0.02 --overwrite || return 1
         if [ -f $X/data/code-tokenizer.json ]; then tok=(--tokenizer $X/data/code-tokenizer.json)
         else tok=(--vocab-size 16384 --bpe-sample 0.25); fi
-        python3 -m parscale.cli data "$W/code/corpus.jsonl" --split-field split "${tok[@]}" --out "$W/code/data" || return 1
+        python3 -m parscale.cli data "$W/code/corpus.jsonl" --split-field split "${tok[@]}" --out "$W/code/data" --overwrite || return 1
     fi
     if [[ " $CORPORA " == *" english "* ]] && [ ! -f "$W/english/data/manifest.json" ]; then
         python3 -m parscale.cli data runs/english/english.jsonl.xz --tokenizer $X/data/english-tokenizer.json \
-            --val-fraction 0.03 --out "$W/english/data" || return 1
+            --val-fraction 0.03 --out "$W/english/data" --overwrite || return 1
     fi
 }
 

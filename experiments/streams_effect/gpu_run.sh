@@ -19,10 +19,10 @@ mkdir -p "$W" "$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch; print('torch', torch.__version__)"
 if [ ! -f "$W/data/manifest.json" ]; then
-    python3 -m parscale.cli corpus --this-python --out "$W/corpus.jsonl" --val-fraction 0.02 > "$W/corpus.txt" || exit 1
+    python3 -m parscale.cli corpus --this-python --out "$W/corpus.jsonl" --val-fraction 0.02 --overwrite > "$W/corpus.txt" || exit 1
     if [ -f $X/data/code-tokenizer-8k.json ]; then tok=(--tokenizer $X/data/code-tokenizer-8k.json)
     else tok=(--vocab-size 8192 --bpe-sample 0.25); fi
-    python3 -m parscale.cli data "$W/corpus.jsonl" --split-field split "${tok[@]}" --out "$W/data" || exit 1
+    python3 -m parscale.cli data "$W/corpus.jsonl" --split-field split "${tok[@]}" --out "$W/data" --overwrite || exit 1
 fi
 python3 - "$W/corpus.jsonl.manifest.json" experiments/scaling_small/data/code-corpus-manifest.json.xz <<'PY'
 import json, lzma, sys
