@@ -67,11 +67,10 @@ def _write_marker(folder: Path, data: dict) -> None:
     atomic_write(Path(folder) / MARKER, (json.dumps(data, indent=1, sort_keys=True) + "\n").encode())
 
 
-def record(folder, names, grows: bool = False, **extra) -> None:
+def record(folder, names, grows: bool = False) -> None:
     """Add entries of folder to its marker as parscale's (files fingerprinted unless `grows`)."""
     folder = Path(folder)
     data = read_marker(folder) or {"written_by": "parscale", "entries": {}}
-    data.update(extra)
     for name in names:
         path = folder / name
         if path.is_symlink() or not path.exists():
@@ -107,10 +106,11 @@ def forget(folder, names) -> None:
         _write_marker(Path(folder), data)
 
 
-def is_owned(folder, name: str) -> bool:
-    """True if folder/name exists and the marker proves parscale wrote it (unchanged, for a file)."""
+def is_owned(folder, name: str, marker: dict | None = None) -> bool:
+    """True if folder/name exists and the marker (read here unless given) proves parscale wrote it
+    (unchanged, for a file)."""
     path = Path(folder) / name
-    entry = read_marker(folder).get("entries", {}).get(name)
+    entry = (read_marker(folder) if marker is None else marker).get("entries", {}).get(name)
     if not isinstance(entry, dict) or path.is_symlink() or not path.exists():
         return False
     if entry.get("kind") == "folder":
@@ -123,7 +123,8 @@ def is_owned(folder, name: str) -> bool:
 def foreign_entries(folder) -> list[str]:
     """Names in folder that parscale cannot prove it wrote (the marker itself excluded)."""
     folder = Path(folder)
-    return sorted(p.name for p in folder.iterdir() if p.name != MARKER and not is_owned(folder, p.name))
+    marker = read_marker(folder)  # once for the whole folder
+    return sorted(p.name for p in folder.iterdir() if p.name != MARKER and not is_owned(folder, p.name, marker))
 
 
 def remove_owned(folder, name: str) -> None:

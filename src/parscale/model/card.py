@@ -2,25 +2,17 @@
 
 The metadata block uses the Hub's keys (`library_name: parscale`, `tags`, `base_model` when the model was
 converted or trained from another) and a `parscale` block with P, prefix tokens, ε and the parameter
-counts, and the training data and tokens when known. A card carries a marker line; `save` replaces only
-cards that have it and never a card a user wrote (see `checkpoint.save`).
+counts, and the training data and tokens when known. `save` replaces a card only while the folder's
+ownership marker proves parscale wrote it unchanged (io/ownership.py): an edited card is the user's and kept.
 """
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 from parscale.model.config import ModelConfig
 
-MARKER = "<!-- model card written by parscale; saving again replaces it: delete this line to keep your edits -->"
-
-
-def is_parscale_card(file: Path) -> bool:
-    try:
-        return MARKER in file.read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return False
+MARKER = "<!-- model card written by parscale; saving again replaces it unless you edit it -->"
 
 
 def _yaml(value) -> str:

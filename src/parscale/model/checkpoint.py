@@ -251,8 +251,8 @@ def _check_tensors(config: ModelConfig, tensors: dict[str, torch.Tensor], folder
 
 
 def load(path, dtype=None, device=None, revision: str | None = None) -> ParScaleForCausalLM:
-    """Load a Hugging Face folder, a training run folder (its latest checkpoint) or a Hub id `org/name`
-    as a model in eval mode.
+    """Load a Hugging Face folder, a training run folder (its latest checkpoint), a Hub id `org/name` or a
+    GGUF file (model/gguf.py) as a model in eval mode.
 
     dtype: None keeps the stored dtype; 'bfloat16' / torch.float16 / ... casts while loading.
     device: where the parameters end up (default CPU).
