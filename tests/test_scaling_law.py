@@ -192,5 +192,5 @@ def test_the_exact_gradient_matches_finite_differences(form):
     for x in ([0.7, 0.011, 0.19, 0.39], [1.0, 1.0, 0.5, 0.6], [0.5, 5.0, 1.2, 0.2]):
         value, grad = _objective_and_gradient(np.array(x), points, form)
         numeric = approx_fprime(np.array(x), lambda y: _objective(y, points, form), 1e-7)
-        assert value == _objective(np.array(x), points, form)
+        assert value == pytest.approx(_objective(np.array(x), points, form), rel=1e-12)
         np.testing.assert_allclose(grad, numeric, rtol=1e-3, atol=1e-4 * np.abs(numeric).max())

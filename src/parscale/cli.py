@@ -17,6 +17,7 @@ import sys
 
 from parscale.analysis import commands as analysis_commands
 from parscale.cli_support import COMMANDS, DefaultsHelpFormatter
+from parscale.errors import TrainingDiverged
 from parscale.inference import commands as inference_commands
 from parscale.model import commands as model_commands
 from parscale.training import commands as training_commands
@@ -38,9 +39,6 @@ def main(argv=None) -> int:
     """Run one command. Bad input exits 2 with one `error:` line; a closed output pipe (`| head`) exits
     quietly; Ctrl-C outside training (which checkpoints and says how to resume) exits 130."""
     args = build_parser().parse_args(argv)
-    from parscale.model.checkpoint import CheckpointError
-    from parscale.training.train import TrainingDiverged
-
     try:
         code = COMMANDS[args.command](args)
     except BrokenPipeError:
@@ -49,7 +47,7 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
-    except (CheckpointError, ValueError, OSError, TrainingDiverged) as e:
+    except (ValueError, OSError, TrainingDiverged) as e:  # CheckpointError is a ValueError
         print(f"error: {e}", file=sys.stderr)
         return 2
     try:

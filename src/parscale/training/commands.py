@@ -80,7 +80,7 @@ def cmd_verify_data(args):
 def _train_config(args):
     """TrainConfig from (on --resume) the checkpoint's saved settings, then --config, then explicit flags."""
     from parscale.training.run_folder import latest_checkpoint
-    from parscale.training.train import TrainConfig, load_config_file
+    from parscale.training.train_config import TrainConfig, load_config_file
 
     fields = {f for f in TrainConfig.__dataclass_fields__}
     file_settings = load_config_file(args.config) if args.config else {}
@@ -134,7 +134,7 @@ def cmd_demo(args):
 
 def add_parsers(sub) -> None:
     """Add this module's sub-commands to the `parscale` parser."""
-    from parscale.training.train import TrainConfig
+    from parscale.training.train_config import TrainConfig
 
     p = sub.add_parser("demo", help=cmd_demo.__doc__)
     p.add_argument("--out", default="runs/demo", help="folder for the demo's outputs")

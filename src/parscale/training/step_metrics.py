@@ -18,9 +18,9 @@ import time
 import torch
 import torch.distributed as dist
 
+from parscale.errors import TrainingDiverged
 
-class TrainingDiverged(RuntimeError):
-    """The training loss became NaN or inf."""
+__all__ = ["StepMetrics", "TrainingDiverged"]
 
 
 class StepMetrics:
