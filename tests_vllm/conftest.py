@@ -3,9 +3,15 @@
 Run from the repository root with the environment `.ci/run` makes: `.venv-vllm/bin/pytest -q tests_vllm`.
 """
 
+import contextlib
 import json
 import os
+import socket
+import subprocess
+import sys
 import tempfile
+import time
+import urllib.request
 from pathlib import Path
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # one process: the tests' plugin registration holds
@@ -17,11 +23,14 @@ import vllm  # noqa: E402, F401  -- a missing vLLM is an error here, by design
 
 import parscale  # noqa: E402
 
+CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
 
 def make_model(folder: Path, streams: int, n_tokens: int = 8, smooth: float = 0.1, tied: bool = True,
                p1_prefix: bool = False, released_p1: bool = False, family: str = "qwen2", seed: int = 0) -> Path:
     """A tiny random qwen2_parscale folder (head_dim 64, as vLLM's CPU attention needs) whose greedy output
-    is far from degenerate, with a byte-level tokenizer."""
+    is far from degenerate, with a byte-level tokenizer and a small chat template."""
     from parscale.training.tokenizer import byte_tokenizer
 
     extra = {"qwen3": dict(head_dim=64, rope_theta=1e6),
@@ -46,7 +55,8 @@ def make_model(folder: Path, streams: int, n_tokens: int = 8, smooth: float = 0.
     tok_dir = Path(tempfile.mkdtemp())
     byte_tokenizer().save(str(tok_dir / "tokenizer.json"))
     (tok_dir / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast",
-                                                               "eos_token": "<|endoftext|>"}))
+                                                               "eos_token": "<|endoftext|>",
+                                                               "chat_template": CHAT_TEMPLATE}))
     parscale.save(model, folder, tokenizer_from=tok_dir)
     if released_p1:  # as ParScale-*-P1 is released: model_type qwen2_parscale with parscale_n = 1
         config = json.loads((folder / "config.json").read_text())
@@ -54,6 +64,38 @@ def make_model(folder: Path, streams: int, n_tokens: int = 8, smooth: float = 0.
                       parscale_n_tokens=48, parscale_attn_smooth=0.01)
         (folder / "config.json").write_text(json.dumps(config))
     return folder
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def openai_server(folder: Path, max_model_len: int = 512):
+    """vLLM's OpenAI-compatible server on `folder`, in its own process; yields its base URL."""
+    port = _free_port()
+    # `vllm serve DIR` on vLLM's CUDA build; the CPU build's `vllm` command stops at start-up (it asks for the
+    # version of a distribution named "vllm"), so its server module is started directly.
+    server = subprocess.Popen([sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder),
+                               "--port", str(port), "--dtype", "float32", "--enforce-eager", "--max-model-len",
+                               str(max_model_len), "--gpu-memory-utilization", "0.1"], stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 240
+        while True:
+            assert server.poll() is None, server.stdout.read()[-3000:]
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+                break
+            except OSError:
+                assert time.time() < deadline, "the server did not come up"
+                time.sleep(1)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
 
 
 @pytest.fixture(scope="session")

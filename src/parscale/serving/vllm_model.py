@@ -10,7 +10,7 @@ aggregator mixes each token's P hidden states exactly as parscale's model does.
 The prefix, exactly. In the released model every layer's stream p attends first to n learned
 key/value pairs that carry no RoPE, while the real tokens keep positions 0..T−1, so the score of a
 query at t with a prefix key k is R(t)q·k. Here every prompt starts with n placeholder tokens
-(vllm_renderer.py) whose cache slots receive the prefix: the placeholders take positions 0..n−1, so a
+(vllm_placeholders.py) whose cache slots receive the prefix: the placeholders take positions 0..n−1, so a
 real token t sits at t + n, and each prefix key is stored rotated to position n. Then
 R(t+n)q·R(n)k = R(t)q·k for the prefix and R(t+n)q·R(s+n)k = R(t)q·R(s)k between real tokens: the
 same scores as the released model. The placeholders' own outputs are never used (their logits are
@@ -18,8 +18,9 @@ not defined); identical placeholders at the start of every prompt share their ca
 prefix caching, as they should, since their keys and values are the same constants.
 
 Supported: qwen2_parscale (the released format) and this library's llama_parscale / qwen3_parscale; P ≥ 1,
-any n_tokens, ε, tied or untied embeddings, prefix caching, chunked prefill, continuous batching. Not
-supported: tensor and pipeline parallelism (refused), LoRA, speculative decoding. Tested on vLLM's CPU
+any n_tokens, ε, tied or untied embeddings, prefix caching, chunked prefill, continuous batching. Refused
+at load (refuse_unsupported): tensor and pipeline parallelism, quantization, LoRA, sliding windows, RoPE
+types that are not a rotation linear in the position. Not supported: speculative decoding. Tested on vLLM's CPU
 build against parscale's own model (tests_vllm/).
 """
 
@@ -40,7 +41,41 @@ from vllm.model_executor.layers.rotary_embedding import get_rope
 from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
 from vllm.model_executor.models.utils import AutoWeightsLoader, WeightsMapper
 
-from parscale.serving.vllm_config import placeholder_count
+from parscale.model.config import SUPPORTED_ROPE_SCALING
+from parscale.serving.vllm_config import placeholder_count, placeholder_id
+from parscale.serving.vllm_placeholders import WORKER_PLACEHOLDERS
+
+
+def refuse_unsupported(vllm_config: VllmConfig) -> None:
+    """One error naming the setting this model cannot serve exactly, before any weight is read."""
+    config = vllm_config.model_config.hf_config
+    if get_tensor_model_parallel_world_size() > 1 or get_pp_group().world_size > 1:
+        raise ValueError("the parscale vLLM model runs on one device: tensor and pipeline parallelism "
+                         "are not supported yet")
+    if getattr(config, "use_sliding_window", False):
+        raise ValueError("use_sliding_window is not supported")
+    if vllm_config.quant_config is not None or getattr(vllm_config.model_config, "quantization", None):
+        raise ValueError(f"quantization ({vllm_config.model_config.quantization}) is not supported by the parscale "
+                         "vLLM model; serve the bf16 / fp32 folder (parscale's own engine has --quantize)")
+    if vllm_config.lora_config is not None:
+        raise ValueError("LoRA (enable_lora) is not supported by the parscale vLLM model")
+    # The placeholders sit at positions 0..n-1 and the prefix keys are stored rotated to position n; that equals
+    # parscale's unrotated prefix only for a RoPE that is a rotation linear in the position (vllm_model.py).
+    for rope in _rope_parameter_sets(config):
+        kind = rope.get("rope_type", rope.get("type", "default"))
+        if kind != "default" and kind not in SUPPORTED_ROPE_SCALING:
+            raise ValueError(f"RoPE type {kind!r} is not supported by the parscale vLLM model (supported: default, "
+                             f"{', '.join(SUPPORTED_ROPE_SCALING)}): its rotation is not linear in the position")
+
+
+def _rope_parameter_sets(config) -> list[dict]:
+    sets = []
+    for key in ("rope_parameters", "rope_scaling"):
+        value = getattr(config, key, None)
+        if isinstance(value, dict):
+            nested = [v for v in value.values() if isinstance(v, dict)]  # per-layer-type parameters
+            sets.extend(nested or [value])
+    return sets
 
 
 class ParScaleMLP(nn.Module):
@@ -84,11 +119,14 @@ class ParScaleAttention(nn.Module):
             # The cache slots of the placeholders: [n, P·KVH·d], keys rotated to position n (module docstring).
             self.register_buffer("slot_k", torch.empty(n_prefix, streams * kv * d), persistent=False)
             self.register_buffer("slot_v", torch.empty(n_prefix, streams * kv * d), persistent=False)
+            self._slot_versions = (-1, -1)  # filled by prepare_prefix
 
     @torch.no_grad()
     def prepare_prefix(self) -> None:
-        """Fill slot_k / slot_v from the loaded prefix (called once the weights are in place)."""
+        """Fill slot_k / slot_v from the loaded prefix (after load_weights, and again whenever the prefix
+        parameters were changed in place: see forward)."""
         n = self.n_prefix
+        self._slot_versions = (self.prefix_k._version, self.prefix_v._version)
         k = self.prefix_k.permute(2, 0, 1, 3).reshape(n, -1)  # [n, P·KVH·d], head p·KVH + h
         v = self.prefix_v.permute(2, 0, 1, 3).reshape(n, -1)
         positions = torch.full((n,), n, dtype=torch.long, device=k.device)
@@ -107,6 +145,12 @@ class ParScaleAttention(nn.Module):
         q, k, v = q.reshape(t, -1), k.reshape(t, -1), v.reshape(t, -1)  # [T, P·H·d], head p·H + h
         q, k = self.rotary_emb(positions, q, k)
         if self.n_prefix:
+            # A weight update that bypasses load_weights (an in-place copy into the prefix, as RL weight sync or
+            # LLM.apply_model may do) bumps the parameters' version counters: refresh the slots then. Inside a
+            # torch.compile trace the check cannot run; there load_weights is the way to update.
+            if not torch.compiler.is_compiling() and self._slot_versions != (self.prefix_k._version,
+                                                                             self.prefix_v._version):
+                self.prepare_prefix()
             is_slot = (positions < self.n_prefix)[:, None]
             index = positions.clamp(max=self.n_prefix - 1)
             k = torch.where(is_slot, self.slot_k[index].to(k.dtype), k)
@@ -140,13 +184,11 @@ class ParScaleModel(nn.Module):
     def __init__(self, vllm_config: VllmConfig, prefix: str = ""):
         super().__init__()
         config = vllm_config.model_config.hf_config
-        if get_tensor_model_parallel_world_size() > 1 or get_pp_group().world_size > 1:
-            raise ValueError("the parscale vLLM model runs on one device: tensor and pipeline parallelism "
-                             "are not supported yet")
-        if getattr(config, "use_sliding_window", False):
-            raise ValueError("use_sliding_window is not supported")
+        refuse_unsupported(vllm_config)
         self.streams = int(getattr(config, "parscale_n", 1))
         self.n_prefix = placeholder_count(config)
+        if self.n_prefix:  # the worker masks them out of the repetition penalty (vllm_placeholders.py)
+            WORKER_PLACEHOLDERS.update(n=self.n_prefix, id=placeholder_id(config))
         self.smooth = float(getattr(config, "parscale_attn_smooth", 0.0))
         cache, quant = vllm_config.cache_config, vllm_config.quant_config
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, quant_config=quant,

@@ -6,9 +6,9 @@ registers, without `trust_remote_code`:
   transformers' AutoConfig (vllm_config.py);
 - the architectures `Qwen2ParScaleForCausalLM`, `LlamaParScaleForCausalLM`, `Qwen3ParScaleForCausalLM`
   (vllm_model.py, imported lazily by vLLM);
-- a renderer for the default tokenizer mode that puts the prefix's placeholder tokens in front of every
-  prompt of a ParScale model (vllm_model.py explains why) and behaves exactly as vLLM's own for every
-  other model.
+- the wrappers that put the prefix's placeholder tokens in front of every prompt of a ParScale model at the
+  engine's door and keep them out of everything read back (vllm_placeholders.py); every other model is
+  served exactly as vLLM serves it.
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ def register() -> None:
         arch = f"{family}ParScaleForCausalLM"
         if arch not in ModelRegistry.get_supported_archs():
             ModelRegistry.register_model(arch, f"parscale.serving.vllm_model:{arch}")
-    from vllm.renderers.registry import RENDERER_REGISTRY
+    from parscale.serving.vllm_placeholders import install
 
-    if RENDERER_REGISTRY.renderers.get("hf") != ("parscale.serving.vllm_renderer", "PrefixPlaceholderRenderer"):
-        RENDERER_REGISTRY.renderers["hf"] = ("parscale.serving.vllm_renderer", "PrefixPlaceholderRenderer")
+    install()
