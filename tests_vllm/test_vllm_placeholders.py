@@ -155,3 +155,9 @@ def test_lora_is_refused_at_load(tmp_path, engine_args):
     folder = make_model(tmp_path / "m", streams=2, n_tokens=4)
     with pytest.raises(Exception, match="LoRA"):
         engine(folder, engine_args, enable_lora=True)
+
+
+def test_quantization_is_refused_at_load(tmp_path, engine_args):
+    folder = make_model(tmp_path / "m", streams=2, n_tokens=4)
+    with pytest.raises(Exception, match=r"quantization \(fp8\) is not supported by the parscale vLLM model"):
+        engine(folder, engine_args, dtype="bfloat16", quantization="fp8")
