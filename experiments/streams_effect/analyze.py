@@ -448,6 +448,7 @@ def main() -> None:
         }
     out = HERE / "analysis"
     out.mkdir(exist_ok=True)
+    summary["compute"] = _plot_compute(results, out / "loss_vs_tokens_and_flops.png")
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     _plot(results, seeds, arms, out / "endpoints.png")
     _plot_weights(results, out / "cap_share_curves.png")
@@ -497,6 +498,69 @@ def _plot_weights(results, path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+# The ~100M-token arms on the compute axis: P = 1 at three widths (the ladder), the prefix controls and P = 2,
+# 4, 8 with the warm-up lever.
+COMPUTE_ARMS = ("long-ladder-h192-p1", "long-p1", "long-ladder-h384-p1", "long-p1prefix-aggwarm",
+                "long-p1prefix384-aggwarm", "long-p2-aggwarm", "long-p4-aggwarm", "long-p8-aggwarm", "long-p8")
+
+
+def arm_flops_per_token(results, arm: str) -> float | None:
+    """Training FLOPs per token of an arm: parscale's flops_per_token (6 x (P x backbone + LM head + aggregator)
+    + P x attention over prefix and sequence), the count the library's MFU uses."""
+    from parscale.model.config import ModelConfig
+    from parscale.training.train import flops_per_token
+
+    run = next((r for (a, _), r in results.items() if a == arm), None)
+    if run is None:
+        return None
+    st = run["settings"]
+    cfg = ModelConfig.preset("small", **st["model_overrides"], vocab_size=8192, parscale_n=st["streams"],
+                             parscale_n_tokens=st["n_tokens"], parscale_p1_prefix=st.get("p1_prefix", False))
+    return flops_per_token(cfg, st["seq_len"])
+
+
+def _plot_compute(results, path) -> dict:
+    """Held-out loss (the 16-batch evaluation every 750 steps, mean of the seeds) against training tokens and
+    against training FLOPs, for the ~100M-token arms. Returns each arm's FLOPs per token and its final point."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (by_tokens, by_flops) = plt.subplots(1, 2, figsize=(12, 4.5))
+    out = {}
+    for i, arm in enumerate(COMPUTE_ARMS):
+        runs = [r for (a, _), r in sorted(results.items()) if a == arm]
+        if not runs:
+            continue
+        st = runs[0]["settings"]
+        per_token = arm_flops_per_token(results, arm)
+        steps = [e["step"] for e in runs[0]["eval_curve"]]
+        curves = [[e["val_loss"] for e in r["eval_curve"]] for r in runs if len(r["eval_curve"]) == len(steps)]
+        mean = [statistics.fmean(c) for c in zip(*curves, strict=True)]
+        tokens = [s * st["batch_size"] * st["seq_len"] for s in steps]
+        label = f"{arm.removeprefix('long-')} ({len(curves)} seeds)"
+        style = "--" if "p1" in arm and "prefix" not in arm else "-"
+        by_tokens.plot([t / 1e6 for t in tokens], mean, style, marker=".", color=f"C{i}", label=label)
+        by_flops.plot([t * per_token for t in tokens], mean, style, marker=".", color=f"C{i}", label=label)
+        out[arm] = {"flops_per_token": per_token, "seeds": len(curves), "final_tokens": tokens[-1],
+                    "final_flops": tokens[-1] * per_token, "final_eval_loss_mean": mean[-1]}
+    by_tokens.set_xlabel("training tokens (millions)")
+    by_flops.set_xlabel("training FLOPs (6 x params x tokens, P streams counted, + attention)")
+    by_flops.set_xscale("log")
+    for ax in (by_tokens, by_flops):
+        ax.set_ylabel("held-out loss (nats/token, 16-batch evaluation, seed mean)")
+        ax.set_ylim(top=2.6)
+        ax.grid(alpha=0.3)
+    by_tokens.set_title("Loss against training tokens (~100M-token arms)")
+    by_flops.set_title("Loss against training compute")
+    by_flops.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return out
 
 
 def _plot_p_and_n(results, lad, long_lad, path) -> None:
