@@ -3,6 +3,9 @@ echo and log-probs, chat completions with the folder's template, streamed and no
 against parscale's own model (tokens, log-probs) and against the same server on a plain model with the same
 tokenizer (usage counts, echo, the shape of the log-probs): the placeholders never show."""
 
+import json
+import urllib.request
+
 import pytest
 import torch
 from conftest import make_model, openai_server
@@ -29,8 +32,13 @@ def ask(base_url: str, folder) -> dict:
                                             stream=True, stream_options={"include_usage": True},
                                             extra_body={"ignore_eos": True})
     chunks = list(stream)
+    models = json.loads(urllib.request.urlopen(f"{base_url}/v1/models", timeout=60).read())
+    body = json.dumps({"model": model, "prompt": PROMPT}).encode()
+    tokenized = json.loads(urllib.request.urlopen(urllib.request.Request(
+        f"{base_url}/tokenize", body, {"Content-Type": "application/json"}), timeout=60).read())
     streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
-    return {"echo": echo, "ids": ids, "chat": chat, "streamed_text": streamed,
+    return {"echo": echo, "ids": ids, "chat": chat, "streamed_text": streamed, "models": models,
+            "tokenized": tokenized,
             "streamed_usage": next(c.usage for c in chunks if c.usage is not None)}
 
 
@@ -74,6 +82,8 @@ def test_usage_echo_and_logprob_shapes_match_a_plain_model(answers):
         assert ours[key].usage.completion_tokens == plain[key].usage.completion_tokens == NEW, key
     assert ours["streamed_usage"].prompt_tokens == plain["streamed_usage"].prompt_tokens
     assert ours["ids"].choices[0].prompt_token_ids == plain["ids"].choices[0].prompt_token_ids
+    assert ours["models"]["data"][0]["max_model_len"] == plain["models"]["data"][0]["max_model_len"] == 512
+    assert ours["tokenized"] == plain["tokenized"]  # tokens, count and max_model_len
     mine, theirs = ours["echo"].choices[0], plain["echo"].choices[0]
     n = len(plain["ids"].choices[0].prompt_token_ids)
     assert mine.text[:len(PROMPT)] == theirs.text[:len(PROMPT)] == PROMPT

@@ -22,9 +22,10 @@ the plugin in every vLLM process) wraps five places of vLLM 0.32:
   only (the placeholder id is a real token in an exact-size vocabulary). Presence and frequency penalties
   count generated tokens only, in vLLM as in transformers.
 
-Every wrapper leaves a model without a prefix exactly as vLLM treats it. Not hidden: the `max_model_len`
-that the OpenAI server lists under /v1/models is the engine's (the user's plus n), and the engine's own
-token counters in its metrics include the placeholders.
+- the OpenAI server's `/v1/models` and `/tokenize` answers: the `max_model_len` they report is the user's.
+
+Every wrapper leaves a model without a prefix exactly as vLLM treats it. Not hidden: the engine's own token
+counters in its metrics include the placeholders.
 """
 
 from __future__ import annotations
@@ -177,6 +178,21 @@ def _wrap_prompt_token_tensor(original):
     return _make_prompt_token_ids_cpu_tensor
 
 
+def _wrap_reported_max_len(original):
+    """An async answer of the OpenAI server that carries max_model_len (a ModelList's cards, or a response)."""
+
+    @functools.wraps(original)
+    async def answer(self, *args, **kwargs):
+        result = await original(self, *args, **kwargs)
+        n = _placeholders(self.model_config)[0]
+        for item in getattr(result, "data", None) or [result]:
+            if n and getattr(item, "max_model_len", None) is not None:
+                item.max_model_len = self.model_config.max_model_len - n
+        return result
+
+    return answer
+
+
 def install() -> None:
     """Apply the wrappers once per process (vLLM calls the plugin in every one of its processes)."""
     global _INSTALLED
@@ -197,4 +213,12 @@ def install() -> None:
     EngineCore.add_request = _wrap_add_request(EngineCore.add_request)
     InputBatch._make_prompt_token_ids_cpu_tensor = _wrap_prompt_token_tensor(
         InputBatch._make_prompt_token_ids_cpu_tensor)
+    try:  # the OpenAI server's modules (absent from a minimal vLLM install)
+        from vllm.entrypoints.openai.models.serving import OpenAIServingModels
+        from vllm.entrypoints.serve.tokenize.serving import ServingTokenization
+    except ImportError:
+        pass
+    else:
+        OpenAIServingModels.show_available_models = _wrap_reported_max_len(OpenAIServingModels.show_available_models)
+        ServingTokenization.create_tokenize = _wrap_reported_max_len(ServingTokenization.create_tokenize)
     _INSTALLED = True
