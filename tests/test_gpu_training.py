@@ -18,6 +18,8 @@ OPTIONS = {
     "compile": dict(compile=True),
     "grad_accum": dict(grad_accum=2),
     "wsd": dict(schedule="wsd"),
+    "loss_chunk_rows": dict(loss_chunk_rows=50),
+    "loss_chunk_rows+compile": dict(loss_chunk_rows=50, compile=True),
 }
 
 
@@ -76,3 +78,24 @@ def test_training_steps_do_not_wait_for_the_device(data_dir, tmp_path, monkeypat
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert checked.count(1) == 2 and max(checked) == 6  # two windows of 6 steps, 5 steps of each checked
+
+
+def test_chunked_loss_equals_the_plain_path_under_bf16_autocast():
+    """On CUDA under bf16 autocast (the trainer's setting) the chunked loss and its gradients equal lm_head +
+    float32 cross-entropy within bf16 matmul rounding."""
+    import torch.nn.functional as F
+
+    from parscale.training.chunked_loss import linear_cross_entropy
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    hidden = torch.randn(4, 256, 512, device="cuda", generator=g, requires_grad=True)
+    weight = (torch.randn(8192, 512, device="cuda", generator=g) * 0.05).requires_grad_()
+    targets = torch.randint(0, 8192, (4, 256), device="cuda", generator=g)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        ref = F.cross_entropy(F.linear(hidden, weight).float().flatten(0, 1), targets.flatten())
+        out = linear_cross_entropy(hidden, weight, targets, 300)
+    ref_grads = torch.autograd.grad(ref, (hidden, weight))
+    grads = torch.autograd.grad(out, (hidden, weight))
+    torch.testing.assert_close(out, ref, rtol=2e-3, atol=2e-3)
+    for mine, theirs in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(mine, theirs, rtol=2e-2, atol=2e-2 * theirs.abs().max().item())

@@ -18,6 +18,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from parscale.training.chunked_loss import linear_cross_entropy
+
 
 def setup(device: str | None = None) -> tuple[int, int, int]:
     """(rank, world size, local rank); initialises the process group when started by torchrun.
@@ -41,16 +43,21 @@ def barrier(world: int) -> None:
 class LossModule(nn.Module):
     """Model + next-token loss in one forward, so DDP sees (and synchronises) the whole step."""
 
-    def __init__(self, model, autocast: bool, hooks=None):
+    def __init__(self, model, autocast: bool, hooks=None, loss_chunk_rows: int = 0):
         super().__init__()
         self.model, self.autocast = model, autocast
         self.hooks = hooks  # levers.AggregatorHooks: its z-loss term is added to the training loss
+        self.loss_chunk_rows = loss_chunk_rows  # > 0: chunked_loss.py, no [tokens, vocab] logits at once
 
     def forward(self, x, y):
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
             hidden, weights = self.model.forward_hidden(x)
-            logits = self.model.lm_head(hidden)
-        loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+            if self.loss_chunk_rows:
+                loss = linear_cross_entropy(hidden, self.model.lm_head.weight, y, self.loss_chunk_rows)
+            else:
+                logits = self.model.lm_head(hidden)
+        if not self.loss_chunk_rows:
+            loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
         penalty = self.hooks.take_penalty() if self.hooks is not None else None
         return (loss if penalty is None else loss + penalty), weights
 

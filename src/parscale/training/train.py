@@ -374,7 +374,7 @@ def check_config(cfg: TrainConfig) -> None:
         if not (getattr(cfg, name) > 0 and math.isfinite(getattr(cfg, name))):
             raise ValueError(f"{name} must be > 0 and finite, got {getattr(cfg, name)}")
     for name in ("eval_every", "save_every", "keep_checkpoints", "stream_batches", "data_start", "weight_decay",
-                 "seed", "warmup"):
+                 "seed", "warmup", "loss_chunk_rows"):
         if not (getattr(cfg, name) >= 0 and math.isfinite(getattr(cfg, name))):
             raise ValueError(f"{name} must be >= 0 and finite, got {getattr(cfg, name)}")
     if cfg.seed >= 2**63:  # torch.manual_seed takes a signed 64-bit integer
@@ -490,7 +490,7 @@ def _train(cfg: TrainConfig, resume: bool, stop_after: int | None, overwrite: bo
     hooks = None
     if cfg.stream_dropout or cfg.aggregator_z_loss:
         hooks = AggregatorHooks(model, cfg.stream_dropout, cfg.aggregator_z_loss)
-    loss_module = LossModule(model, autocast, hooks)
+    loss_module = LossModule(model, autocast, hooks, loss_chunk_rows=cfg.loss_chunk_rows)
     fsdp = cfg.fsdp and world > 1
     if fsdp:
         if cfg.prefix_reparam:

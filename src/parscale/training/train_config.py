@@ -97,6 +97,9 @@ class TrainConfig:
     """torch.compile the training step (applied from outside the model)."""
     activation_checkpointing: bool = False
     """Recompute each decoder layer in the backward pass instead of storing its activations."""
+    loss_chunk_rows: int = 0
+    """Take the loss through the LM head this many tokens at a time, never holding all tokens' logits
+    (chunked_loss.py; 0: all at once, the plain path)."""
     tensorboard: bool = False
     """Also write the per-step scalars to {out}/tensorboard (needs the tensorboard package)."""
     progress: bool = True
