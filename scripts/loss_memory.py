@@ -52,7 +52,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=16 * 2048)
     args = ap.parse_args()
     rows = []
-    for hidden_size in (1024, 2048):  # paper-0.5b's and paper-1.6b's widths
+    for hidden_size in (896, 1536):  # paper-0.5b's and paper-1.6b's widths
         for chunk in (0, 8192, 4096):
             try:
                 rows.append(measure(args.tokens, hidden_size, 151_936, chunk))

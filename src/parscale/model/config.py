@@ -298,6 +298,11 @@ PRESETS: dict[str, dict] = {
     "paper-1.6b": _paper(1536, 8320),
     "paper-2.8b": _paper(2048, 11008),
     "paper-4.4b": _paper(2560, 13824),
+    # SmolLM2-135M(-Instruct)'s shape (Llama, GQA 9 / 3), for benchmarks of the recycled model (docs/formats.md).
+    "smollm2-135m": dict(family="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536,
+                         num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3, head_dim=64,
+                         max_position_embeddings=8192, rope_theta=100000.0, rms_norm_eps=1e-5,
+                         tie_word_embeddings=True, parscale_n_tokens=16),
     # Tiny sizes for tests and the CPU demo.
     "tiny": dict(family="qwen2", vocab_size=512, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, parscale_n_tokens=8),
