@@ -174,6 +174,32 @@ def test_convert_keeps_backbone_and_adds_streams(tmp_path):
         add_streams(new, 2)
 
 
+@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
+def test_backbone_prefix_init_holds_the_backbones_own_first_token_keys_and_values(family):
+    """prefix_init='backbone': every slot holds the P = 1 model's key (x BACKBONE_KEY_SCALE) and value of some
+    vocabulary token at position 0 — the oracle is the model's own decode cache after every token alone —
+    and the slots of the two streams differ."""
+    from parscale.inference.cache import KVCache
+    from parscale.model.convert import BACKBONE_KEY_SCALE
+
+    base = tiny_model(streams=1, family=family)
+    new = add_streams(base, 2, n_tokens=3, prefix_init="backbone", seed=5)
+    vocab = base.config.vocab_size
+    cache = KVCache.for_model(base, batch_size=vocab, max_len=1)
+    with torch.no_grad():
+        base(torch.arange(vocab)[:, None], cache=cache)
+    for i, layer in enumerate(new.model.layers):
+        keys, values = cache.k[i][:, :, 0].flatten(1), cache.v[i][:, :, 0].flatten(1)  # [vocab, kv_heads * d]
+        slots_k = layer.self_attn.prefix_k.transpose(1, 2).flatten(2).flatten(0, 1)  # [P * n, kv_heads * d]
+        slots_v = layer.self_attn.prefix_v.transpose(1, 2).flatten(2).flatten(0, 1)
+        token = torch.cdist(slots_v, values).argmin(dim=1)  # the token each slot was taken from
+        torch.testing.assert_close(slots_v, values[token], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(slots_k, keys[token] * BACKBONE_KEY_SCALE, rtol=1e-5, atol=1e-6)
+    assert not torch.equal(new.model.layers[0].self_attn.prefix_v[0], new.model.layers[0].self_attn.prefix_v[1])
+    with pytest.raises(ValueError, match="prefix_init must be one of random, backbone"):
+        add_streams(base, 2, prefix_init="zeros")
+
+
 @pytest.mark.parametrize("variant", ["qwen2", "llama", "qwen3"])
 def test_missing_tie_key_means_untied(tmp_path, variant):
     """transformers' families default to untied: a config.json without the key keeps its lm_head.weight."""

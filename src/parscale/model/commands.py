@@ -102,7 +102,8 @@ def cmd_convert(args):
 
     if is_gguf(args.model):
         out = gguf_to_folder(args.model, args.out, dtype=args.dtype or "float32", streams=args.streams or 1,
-                             n_tokens=args.n_tokens, smooth=args.smooth, seed=args.seed, overwrite=args.overwrite)
+                             n_tokens=args.n_tokens, smooth=args.smooth, seed=args.seed, overwrite=args.overwrite,
+                             prefix_init=args.prefix_init)
         print(f"wrote {out}: {args.model} dequantised, P={args.streams or 1}")
         return
     if args.streams is None:
@@ -115,7 +116,8 @@ def cmd_convert(args):
         raise ValueError(f"--out {args.out} is the source model's folder: converting in place replaces its P = 1 "
                          f"model; write to another folder, or pass --overwrite to replace it")
     model = parscale.load(args.model)
-    new = add_streams(model, args.streams, n_tokens=args.n_tokens, smooth=args.smooth, seed=args.seed)
+    new = add_streams(model, args.streams, n_tokens=args.n_tokens, smooth=args.smooth, seed=args.seed,
+                      prefix_init=args.prefix_init)
     parscale.save(new, args.out, tokenizer_from=args.model, dtype=args.dtype, overwrite=args.overwrite,
                   base_model=args.model_name)
     c = new.config.param_counts()
@@ -156,6 +158,9 @@ def add_parsers(sub) -> None:
     p.add_argument("--n-tokens", type=int, default=48, help="prefix tokens per stream and layer")
     p.add_argument("--smooth", type=float, default=0.1, help="ε of the aggregation smoothing w·(1−ε) + ε/P")
     p.add_argument("--seed", type=int, default=0, help="seed of the random initialisation")
+    p.add_argument("--prefix-init", choices=["random", "backbone"], default="random",
+                   help="new prefixes: random, or the source model's own keys and values of random tokens at "
+                        "position 0, which starts a trained model near its P = 1 loss (model/convert.py)")
     p.add_argument("--dtype", default=None,
                    help="dtype of the saved weights: float32, bfloat16 or float16 (default: as built / as the source)")
     p.add_argument("--overwrite", action="store_true",

@@ -85,7 +85,7 @@ def _end_of_turn_ids(tokenizer_dir: Path, eos_id: int | None) -> list[int]:
 
 
 def gguf_to_folder(path, out, dtype="float32", streams: int = 1, n_tokens: int = 48, smooth: float = 0.1,
-                   seed: int = 0, overwrite: bool = False) -> Path:
+                   seed: int = 0, prefix_init: str = "random", overwrite: bool = False) -> Path:
     """Write the GGUF file at path as a parscale model folder at out (P = streams; see the module docstring)."""
     import torch
 
@@ -134,7 +134,8 @@ def gguf_to_folder(path, out, dtype="float32", streams: int = 1, n_tokens: int =
         del model
         converted = parscale.load(work / "hf", dtype=torch.float32)
         if streams > 1:
-            converted = add_streams(converted, streams, n_tokens=n_tokens, smooth=smooth, seed=seed)
+            converted = add_streams(converted, streams, n_tokens=n_tokens, smooth=smooth, seed=seed,
+                                    prefix_init=prefix_init)
         return parscale.save(converted, out, tokenizer_from=work / "hf", dtype=parse_dtype(dtype),
                              overwrite=overwrite, base_model=path.name)
     finally:

@@ -242,10 +242,12 @@ def _initial_model(cfg: TrainConfig, vocab_size: int, eos_id: int):
             raise ValueError(f"p1_prefix adds a learned prefix to a plain P = 1 model; {cfg.model} has "
                              f"P = {model.config.parscale_n}{' and a prefix' if model.config.has_prefix else ''}"
                              f" and --streams is {cfg.streams}")
-        return add_streams(model, 1, n_tokens=cfg.n_tokens or 48, seed=cfg.seed, p1_prefix=True)
+        return add_streams(model, 1, n_tokens=cfg.n_tokens or 48, seed=cfg.seed, p1_prefix=True,
+                           prefix_init=cfg.prefix_init)
     if cfg.streams is not None and cfg.streams > 1 and model.config.parscale_n == 1:
         model = add_streams(model, cfg.streams, n_tokens=cfg.n_tokens or 48,
-                            smooth=DEFAULT_SMOOTH if cfg.smooth is None else cfg.smooth, seed=cfg.seed)
+                            smooth=DEFAULT_SMOOTH if cfg.smooth is None else cfg.smooth, seed=cfg.seed,
+                            prefix_init=cfg.prefix_init)
     elif cfg.streams is not None and cfg.streams != model.config.parscale_n:
         raise ValueError(f"{cfg.model} has P={model.config.parscale_n}; --streams {cfg.streams} cannot be applied")
     elif model.config.parscale_n > 1:
@@ -386,6 +388,8 @@ def check_config(cfg: TrainConfig) -> None:
             raise ValueError(f"device {cfg.device!r}: training runs on cpu or cuda")
     if cfg.schedule not in ("cosine", "wsd"):
         raise ValueError(f"schedule must be 'cosine' or 'wsd', got {cfg.schedule!r}")
+    if cfg.prefix_init not in ("random", "backbone"):
+        raise ValueError(f"prefix_init must be 'random' or 'backbone', got {cfg.prefix_init!r}")
     if cfg.trainable not in ("all", "parscale"):
         raise ValueError(f"trainable must be 'all' or 'parscale', got {cfg.trainable!r}")
     if not (0 < cfg.parscale_lr_mult < math.inf) or (cfg.parscale_warmup is not None and cfg.parscale_warmup <= 0):

@@ -21,6 +21,9 @@ class TrainConfig:
     P = 1 given P > 1 gets fresh prefixes and aggregator)."""
     trainable: str = "all"
     """'all', or 'parscale': a frozen backbone, only prefixes and aggregator train (saved as an adapter)."""
+    prefix_init: str = "random"
+    """How prefixes added to a P = 1 checkpoint start: 'random', or 'backbone' (the checkpoint's own keys and
+    values of random tokens at position 0: near its P = 1 loss at step 0; model/convert.py)."""
     n_tokens: int | None = None
     """Prefix tokens per stream and layer (default: the preset's; 48 when adding streams to a checkpoint)."""
     p1_prefix: bool = False
