@@ -43,7 +43,7 @@ def measure(tokens: int, hidden_size: int, vocab: int, chunk_rows: int, repeats:
         peak = torch.cuda.max_memory_allocated() - base
     return {"tokens": tokens, "hidden_size": hidden_size, "vocab": vocab, "chunk_rows": chunk_rows,
             "peak_above_inputs_gib": peak / 2**30, "ms_median": 1e3 * sorted(times[1:])[len(times[1:]) // 2],
-            "loss": float(loss), "inputs_gib": (hidden.numel() * 2 + weight.numel() * 4) / 2**30}
+            "loss": loss.item(), "inputs_gib": (hidden.numel() * 2 + weight.numel() * 4) / 2**30}
 
 
 def main() -> None:

@@ -28,7 +28,8 @@ arm: parscale's paired seeds), named d8-{arm}-s{seed}:
              384, each at its best lr at 39M) at ~100M tokens (have run);
 - repeat-*   the prefix control again, on the GPU model of the later arms (have run);
 - ts-*       two-stage: stage 2 from long-p1-s{seed}'s checkpoint at P = 2/4/8 and the two P = 1 controls,
-             +2/5/20% of stage 1's steps (TWO_STAGE; configured, not run);
+             +2/5/20% of stage 1's steps, and at +5% P = 4 and the prefix control with prefixes started from
+             the backbone (`-bbinit`, prefix_init = "backbone") (TWO_STAGE; configured, not run);
 - long-p1prefix-aggwarm, long-p1prefix384-aggwarm, long-p8: the matched controls at ~100M tokens (the
              prefix control with the P > 1 arms' warm-up lever; the same with P = 8's 384 prefix tokens,
              matching its prefix parameters; plain P = 8 without the lever), seeds 0-5 (long-p8: 0-2); the
@@ -137,6 +138,11 @@ for pct in (2, 5, 20):
     TWO_STAGE[f"ts-p1prefix-plus{pct}"] = {**stage2, "streams": 1, "p1_prefix": True, **new_parameters}
     for p in (2, 4, 8):
         TWO_STAGE[f"ts-p{p}-plus{pct}"] = {**stage2, "streams": p, **new_parameters}
+# The prefixes started from the backbone's own keys and values (model/convert.py: a trained model starts near
+# its P = 1 loss) against the random start, at +5% for P = 4 and the prefix control.
+for arm, fields in (("p4", {"streams": 4}), ("p1prefix", {"streams": 1, "p1_prefix": True})):
+    random_start = TWO_STAGE[f"ts-{arm}-plus5"]
+    TWO_STAGE[f"ts-{arm}-bbinit-plus5"] = {**random_start, **fields, "prefix_init": "backbone"}
 
 
 def _shape(fields: dict) -> dict:
