@@ -157,3 +157,35 @@ def test_every_arm_the_analysis_reads_is_a_configured_run(analyze):
         named |= {arm for by_lr in table.values() for arm in by_lr.values()}
     named |= {f"long-{arm}" for arm in ("p1", "p1prefix", "p2-aggwarm", "p4-aggwarm", "p8-aggwarm")}
     assert named - configured == set()
+
+
+def test_heldout_rows_are_labelled_by_package_with_twins_apart(tmp_path):
+    """write_heldout: every held-out row's domain is its package, " [twin]" where the same file is a training file
+    under the project's other name; heldout_summary pools them token-weighted, with and without the twins."""
+    import json
+
+    sys.path.insert(0, str(EXPERIMENT))
+    try:
+        import runs
+    finally:
+        sys.path.remove(str(EXPERIMENT))
+    site = "/env/site-packages"
+    rows = [("train", "pytorch_lightning", f"{site}/pytorch_lightning/trainer.py"),
+            ("val", "lightning", f"{site}/lightning/pytorch/trainer.py"),   # a twin
+            ("val", "lightning", f"{site}/lightning/pytorch/other.py"),     # no copy in training
+            ("val", "lightning", f"{site}/lightning/fabric/x.py"),          # its copy is not in training
+            ("val", "torchmetrics", f"{site}/torchmetrics/a.py"),
+            ("train", "numpy", f"{site}/numpy/core.py")]
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": f"text of {p}", "path": p, "package": pkg, "split": split}) + "\n"
+                              for split, pkg, p in rows))
+    counts = runs.write_heldout(corpus, tmp_path / "heldout.jsonl")
+    assert counts == {"lightning [twin]": 1, "lightning": 2, "torchmetrics": 1}
+    written = [json.loads(line) for line in (tmp_path / "heldout.jsonl").read_text().splitlines()]
+    assert [r["domain"] for r in written] == ["lightning [twin]", "lightning", "lightning", "torchmetrics"]
+    domains = {"lightning [twin]": {"tokens": 100, "loss": 1.0}, "lightning": {"tokens": 300, "loss": 2.0},
+               "torchmetrics": {"tokens": 100, "loss": 3.0}}
+    summary = runs.heldout_summary(domains)
+    assert summary["packages"]["lightning"] == {"tokens": 400, "loss": pytest.approx(1.75)}
+    assert summary["all"]["loss"] == pytest.approx((100 + 600 + 300) / 500)
+    assert summary["without_twins"] == {"tokens": 400, "loss": pytest.approx(2.25)}

@@ -36,6 +36,7 @@ left=$(( BUDGET - ($(date +%s) - t0) ))
 # On time-out `timeout` sends SIGTERM to the runner's whole process group: each trainer finishes its step,
 # writes a checkpoint and exits; running this script again on the same machine continues them.
 timeout "$left" python3 $X/runs.py run --data "$W/data" --work "$W/runs" --only "$@" --per-gpu "${PER_GPU:-5}" \
+    --heldout-corpus "$W/corpus.jsonl" \
     2>&1 | tee "$OUT/runner.log"
 for _ in $(seq 60); do pgrep -f "parscale.cli train" > /dev/null || break; sleep 1; done
 for f in "$W"/runs/*.log; do grep -q "Traceback" "$f" && { echo "== $f"; tail -20 "$f"; }; done

@@ -36,11 +36,12 @@ arm: parscale's paired seeds), named d8-{arm}-s{seed}:
              long arms gain seeds 3-5.
 Every run evaluates the whole held-out split at 90, 95 and 100% of training (`eval_at`); the endpoint
 is their mean. After training, `parscale streams` measures the final model's streams on 16 held-out
-batches. `run` starts each run as its own `parscale train` process, `per_gpu` at a time on every
-visible GPU (largest P first), skips runs whose result exists, and writes results/{run}.json. A runner
-stopped by SIGTERM (a time limit) stops its trainers the same way, each writing a checkpoint; started
-again over the same --work folder it continues them with `--resume` (bit-exact), and `wall_seconds` is
-then the last segment's.
+batches, and with `--heldout-corpus` (gpu_run.sh passes it) `parscale eval` scores every held-out package
+apart, the files with a training twin apart (write_heldout; result["heldout_by_package"]). `run` starts
+each run as its own `parscale train` process, `per_gpu` at a time on every visible GPU (largest P first),
+skips runs whose result exists, and writes results/{run}.json. A runner stopped by SIGTERM (a time limit)
+stops its trainers the same way, each writing a checkpoint; started again over the same --work folder it
+continues them with `--resume` (bit-exact), and `wall_seconds` is then the last segment's.
 """
 
 from __future__ import annotations
@@ -199,11 +200,50 @@ def write_configs() -> None:
         (CONFIGS / f"{name}.toml").write_text(_toml(run["train"]))
 
 
+# The held-out packages' files whose copies under another name are training files (the same project published
+# twice; README, "The held-out set, audited"): a held-out path containing the key is a twin when the path with
+# the key replaced by the value is a training path.
+TWIN_PATHS = {"/lightning/pytorch/": "/pytorch_lightning/", "/lightning/fabric/": "/lightning_fabric/"}
+
+
+def write_heldout(corpus: Path, out: Path) -> dict:
+    """The corpus's held-out rows as one JSONL for `parscale eval`, each row's "domain" its package, with
+    " [twin]" appended for a file with a training twin: the evaluation then reports every package, twins
+    apart. Returns {domain: files}."""
+    rows = [json.loads(line) for line in corpus.read_text().splitlines() if line.strip()]
+    train_paths = {r["path"] for r in rows if r["split"] == "train"}
+    counts: dict[str, int] = {}
+    lines = []
+    for r in rows:
+        if r["split"] != "val":
+            continue
+        twin = any(key in r["path"] and r["path"].replace(key, value, 1) in train_paths
+                   for key, value in TWIN_PATHS.items())
+        domain = r["package"] + (" [twin]" if twin else "")
+        counts[domain] = counts.get(domain, 0) + 1
+        lines.append(json.dumps({"text": r["text"], "domain": domain}))
+    out.write_text("\n".join(lines) + "\n")
+    return counts
+
+
+def heldout_summary(domains: dict) -> dict:
+    """Loss per package (twins included), and overall with and without the twin files, from the domains of
+    `parscale eval` (token-weighted)."""
+    def pooled(keys):
+        tokens = sum(domains[k]["tokens"] for k in keys)
+        return {"tokens": tokens, "loss": sum(domains[k]["loss"] * domains[k]["tokens"] for k in keys) / tokens}
+
+    packages = sorted({k.removesuffix(" [twin]") for k in domains})
+    return {"packages": {p: pooled([k for k in domains if k.removesuffix(" [twin]") == p]) for p in packages},
+            "all": pooled(list(domains)), "without_twins": pooled([k for k in domains if not k.endswith("[twin]")])}
+
+
 def collect(name: str, run: dict, run_dir: Path, wall: float) -> dict:
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     full = [(r["step"], r["val_loss_full"]) for r in rows if "val_loss_full" in r]
     tail = rows[-max(1, len(rows) // 20):]
     streams_file = run_dir / "streams.json"
+    heldout_file = run_dir / "heldout.json"
     import torch
 
     return {
@@ -216,18 +256,23 @@ def collect(name: str, run: dict, run_dir: Path, wall: float) -> dict:
         "tokens_per_s_median": statistics.median(r["tokens_per_s"] for r in rows[len(rows) // 10:]),
         "wall_seconds": wall,
         "streams_final": json.loads(streams_file.read_text()) if streams_file.is_file() else None,
+        "heldout_by_package": (heldout_summary(json.loads(heldout_file.read_text())["domains"])
+                               if heldout_file.is_file() else None),
         "environment": {"gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
                         "torch": torch.__version__, "python": platform.python_version()},
     }
 
 
-def run_all(data: Path, work: Path, only: list[str], per_gpu: int) -> None:
+def run_all(data: Path, work: Path, only: list[str], per_gpu: int, heldout_corpus: Path | None = None) -> None:
     import torch
 
     from parscale.training.run_folder import latest_checkpoint
 
     RESULTS.mkdir(exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
+    heldout = work / "heldout.jsonl"
+    if heldout_corpus is not None and not heldout.is_file():
+        print(f"[runs] held-out files by package: {write_heldout(heldout_corpus, heldout)}", flush=True)
     todo = {n: r for n, r in runs().items() if any(fnmatch.fnmatch(n, pat) for pat in only)
             and not (RESULTS / f"{n}.json").is_file()}
     queue = sorted(todo, key=lambda n: -todo[n]["cost"])
@@ -250,6 +295,11 @@ def run_all(data: Path, work: Path, only: list[str], per_gpu: int) -> None:
                                 "--device", f"cuda:{g}" if torch.cuda.is_available() else "cpu",
                                 "--out", str(run_dir / "streams.json")], env=env, check=False,
                                stdout=subprocess.DEVNULL)
+                if heldout.is_file():  # every held-out package scored apart, twins apart (write_heldout)
+                    subprocess.run([sys.executable, "-m", "parscale.cli", "eval", "--model", str(run_dir), "--data",
+                                    str(heldout), "--max-length", str(SEQ), "--batch-size", "32", "--device",
+                                    f"cuda:{g}" if torch.cuda.is_available() else "cpu", "--out",
+                                    str(run_dir / "heldout.json")], env=env, check=False, stdout=subprocess.DEVNULL)
                 result = collect(name, todo[name], run_dir, time.time() - t0)
                 text = json.dumps(result, indent=1) + "\n"
                 (run_dir / "result.json").write_text(text)   # so a runner started again collects, not retrains
@@ -297,6 +347,8 @@ def main(argv=None) -> None:
     r.add_argument("--work", required=True, help="where run folders and logs go")
     r.add_argument("--only", nargs="+", default=["*"], help="run-name patterns")
     r.add_argument("--per-gpu", type=int, default=5)
+    r.add_argument("--heldout-corpus", type=Path, default=None,
+                   help="the corpus JSONL: score every held-out package of each finished run apart (heldout.json)")
     args = ap.parse_args(argv)
     if args.cmd == "configs":
         write_configs()
@@ -305,7 +357,7 @@ def main(argv=None) -> None:
             print(name, "done" if (RESULTS / f"{name}.json").is_file() else "-")
     else:
         Path(args.work).mkdir(parents=True, exist_ok=True)
-        run_all(Path(args.data), Path(args.work), args.only, args.per_gpu)
+        run_all(Path(args.data), Path(args.work), args.only, args.per_gpu, args.heldout_corpus)
 
 
 if __name__ == "__main__":
