@@ -73,6 +73,9 @@ def test_every_prompt_path_gets_the_placeholders(folders, engine_args):
     greedy = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
     mixed = llm.generate([PROMPT, TokensPrompt(prompt_token_ids=ids)], greedy)  # a batch of both kinds
     assert [list(o.outputs[0].token_ids) for o in mixed] == [expected, expected]
+    (several,) = llm.generate([PROMPT], SamplingParams(n=2, max_tokens=3, temperature=1.0, seed=1, prompt_logprobs=0))
+    assert several.prompt_token_ids == ids and len(several.outputs) == 2  # n > 1: each child request is hidden too
+    assert len(several.prompt_logprobs) == len(ids) and several.prompt_logprobs[0] is None
     template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
     (chat,) = llm.chat([{"role": "user", "content": PROMPT}], greedy, chat_template=template)
     assert chat.prompt_token_ids == ids and list(chat.outputs[0].token_ids) == expected
