@@ -150,6 +150,25 @@ def test_frozen_backbone_adapters_switch_p(data_dir, tmp_path):
     assert not torch.allclose(models[2](ids), models[4](ids))
 
 
+def test_the_frozen_prefix_control_saves_an_adapter_that_loads_back(data_dir, tmp_path):
+    """The frozen-backbone control (P = 1 with a learned prefix, trainable = parscale) trains, writes its adapter
+    (prefix only) and that adapter on the backbone equals the run's model; the backbone is untouched."""
+    from parscale.training.adapter import backbone_checksum, load_adapter
+
+    train(_cfg(data_dir, tmp_path / "base", streams=1, steps=4))
+    base_dir = tmp_path / "base" / "checkpoints" / "latest" / "model"
+    train(_cfg(data_dir, tmp_path / "ctl", model=str(base_dir), streams=1, p1_prefix=True, trainable="parscale",
+               steps=4))
+    backbone = parscale.load(base_dir)
+    model = load_adapter(backbone, tmp_path / "ctl" / "adapter")
+    assert model.config.parscale_n == 1 and model.config.parscale_p1_prefix
+    full = parscale.load(tmp_path / "ctl" / "checkpoints" / "latest" / "model")
+    ids = torch.randint(0, backbone.config.vocab_size, (2, 9))
+    torch.testing.assert_close(model(ids), full(ids))
+    assert backbone_checksum(full) == backbone_checksum(backbone)
+    assert not torch.allclose(model(ids), backbone(ids))  # the prefix changes the output
+
+
 def test_adapter_refuses_another_backbone(data_dir, tmp_path):
     from parscale.model.checkpoint import CheckpointError
     from parscale.training.adapter import load_adapter

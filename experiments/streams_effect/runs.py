@@ -30,6 +30,8 @@ arm: parscale's paired seeds), named d8-{arm}-s{seed}:
 - ts-*       two-stage: stage 2 from long-p1-s{seed}'s checkpoint at P = 2/4/8 and the two P = 1 controls,
              +2/5/20% of stage 1's steps, and at +5% P = 4 and the prefix control with prefixes started from
              the backbone (`-bbinit`, prefix_init = "backbone") (TWO_STAGE; configured, not run);
+- fz-*       frozen backbone, dynamic P: from the same checkpoint only prefixes and aggregator train, P = 2/4/8
+             and the P = 1 prefix control, +5/20% of stage 1's steps (configured, not run);
 - long-p1prefix-aggwarm, long-p1prefix384-aggwarm, long-p8: the matched controls at ~100M tokens (the
              prefix control with the P > 1 arms' warm-up lever; the same with P = 8's 384 prefix tokens,
              matching its prefix parameters; plain P = 8 without the lever), seeds 0-5 (long-p8: 0-2); the
@@ -144,6 +146,18 @@ for pct in (2, 5, 20):
 for arm, fields in (("p4", {"streams": 4}), ("p1prefix", {"streams": 1, "p1_prefix": True})):
     random_start = TWO_STAGE[f"ts-{arm}-plus5"]
     TWO_STAGE[f"ts-{arm}-bbinit-plus5"] = {**random_start, **fields, "prefix_init": "backbone"}
+# Frozen backbone, dynamic P (the paper's Sec. 4.2 and Fig. 6c at this scale): from the same stage-1 checkpoint,
+# only the new parameters train (trainable = "parscale": each P is an adapter on one shared backbone), for +5%
+# and +20% of stage 1's steps at stage 1's peak lr, 10% warm-up, cosine to 0.1x (a choice: the backbone does
+# not move, so the new parameters get the whole schedule); the control is the P = 1 prefix trained alike.
+# Named fz-{arm}-plus{pct}-s{seed}.
+for pct in (5, 20):
+    steps = LONG_STEPS * pct // 100
+    frozen = {"steps": steps, "lr": 2e-3, "warmup": max(1, steps // 10), "min_lr_ratio": 0.1, "trainable": "parscale",
+              "eval_every": max(30, steps // 4), "data_start": LONG_STEPS * BATCH, "after": "long-p1"}
+    TWO_STAGE[f"fz-p1prefix-plus{pct}"] = {**frozen, "streams": 1, "p1_prefix": True}
+    for p in (2, 4, 8):
+        TWO_STAGE[f"fz-p{p}-plus{pct}"] = {**frozen, "streams": p}
 
 
 def _shape(fields: dict) -> dict:

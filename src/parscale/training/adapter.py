@@ -7,10 +7,11 @@
 
 An adapter folder holds `adapter.safetensors` (the released key names of the ParScale tensors:
 `model.layers.{i}.self_attn.prefix_k|prefix_v`, `model.aggregate_layer.{0,2}.weight|bias`) and
-`adapter_config.json` (P, n_tokens, ε, the backbone folder it was trained on and its identity: a sha256
-over the backbone's tensors rounded to bfloat16, so it holds in any dtype). Loading checks the identity,
-so an adapter is never silently put on another backbone. Several adapters on one backbone object share
-its tensors: switching P costs only the adapter's memory (dynamic parallel scaling).
+`adapter_config.json` (P, n_tokens, ε, whether it is the P = 1 prefix control, the backbone folder it was
+trained on and its identity: a sha256 over the backbone's tensors rounded to bfloat16, so it holds in any
+dtype). Loading checks the identity, so an adapter is never silently put on another backbone. Several
+adapters on one backbone object share its tensors: switching P costs only the adapter's memory (dynamic
+parallel scaling).
 """
 
 from __future__ import annotations
@@ -71,15 +72,18 @@ def backbone_checksum(model) -> str:
 
 
 def save_adapter(model, path, backbone: str | None = None, overwrite: bool = False) -> Path:
+    """The model's ParScale tensors as an adapter folder: P > 1 streams, or the P = 1 prefix control (its prefix
+    alone, no aggregator), each loadable on the same backbone by load_adapter."""
     cfg = model.config
-    if cfg.parscale_n == 1:
-        raise ValueError("a P = 1 model has no adapter")
+    if cfg.parscale_n == 1 and not cfg.parscale_p1_prefix:
+        raise ValueError("a P = 1 model without a prefix has no adapter")
     target = Path(path)
     check_writable(target, ADAPTER_FILES, overwrite)
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()
                if is_parscale_parameter(k)}
     meta = {"parscale_n": cfg.parscale_n, "parscale_n_tokens": cfg.parscale_n_tokens,
-            "parscale_attn_smooth": cfg.parscale_attn_smooth, "backbone": str(backbone) if backbone else None,
+            "parscale_attn_smooth": cfg.parscale_attn_smooth, "parscale_p1_prefix": bool(cfg.parscale_p1_prefix),
+            "backbone": str(backbone) if backbone else None,
             "backbone_id": backbone_checksum(model), "backbone_id_version": 2}
     tmp = temporary_folder(target)
     try:
@@ -117,7 +121,7 @@ def load_adapter(backbone, path):
         raise CheckpointError(f"adapter {str(folder)!r} was trained on another backbone ({meta.get('backbone')}, "
                               f"id {meta['backbone_id'][:12]}…; this one {checksum[:12]}…)")
     model = add_streams(backbone, meta["parscale_n"], n_tokens=meta["parscale_n_tokens"],
-                        smooth=meta["parscale_attn_smooth"])
+                        smooth=meta["parscale_attn_smooth"], p1_prefix=bool(meta.get("parscale_p1_prefix", False)))
     ref = backbone.model.embed_tokens.weight
     try:
         tensors = load_file(str(folder / ADAPTER_WEIGHTS))
