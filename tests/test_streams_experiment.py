@@ -189,3 +189,22 @@ def test_heldout_rows_are_labelled_by_package_with_twins_apart(tmp_path):
     assert summary["packages"]["lightning"] == {"tokens": 400, "loss": pytest.approx(1.75)}
     assert summary["all"]["loss"] == pytest.approx((100 + 600 + 300) / 500)
     assert summary["without_twins"] == {"tokens": 400, "loss": pytest.approx(2.25)}
+
+
+def test_heldout_comparisons_pair_the_per_package_scores_by_seed(analyze):
+    """Runs without per-package scores are left out; with them, the matched comparison is made on the held-out
+    set without twins and on each package, paired by seed (the gain is base minus arm, as for endpoints)."""
+    def run(arm, seed, without_twins, torchmetrics):
+        return {"endpoint": 2.0, "environment": {"gpu": None}, "heldout_by_package": {
+            "without_twins": {"tokens": 10, "loss": without_twins},
+            "packages": {"torchmetrics": {"tokens": 5, "loss": torchmetrics}}}}
+
+    results = {("long-p8-aggwarm", s): run("long-p8-aggwarm", s, 2.0 + 0.01 * s, 1.5) for s in range(3)}
+    results |= {("long-p1prefix-aggwarm", s): run("long-p1prefix-aggwarm", s, 2.05 + 0.01 * s, 1.6) for s in range(3)}
+    results[("long-p1prefix-aggwarm", 3)] = {"endpoint": 2.1, "environment": {"gpu": None}}  # no per-package scores
+    out = analyze.heldout_comparisons(results)
+    (row,) = [r for r in out["without_twins"] if r["arm"] == "long-p8-aggwarm" and r["base"] == "long-p1prefix-aggwarm"]
+    assert row["n"] == 3 and row["mean"] == pytest.approx(0.05)
+    (pkg,) = [r for r in out["packages"]["torchmetrics"] if r["arm"] == "long-p8-aggwarm"
+              and r["base"] == "long-p1prefix-aggwarm"]
+    assert pkg["mean"] == pytest.approx(0.1)

@@ -116,6 +116,28 @@ def matched_controls(results) -> dict:
             "endpoints": {a: {s: results[(a, s)]["endpoint"] for s in range(10) if (a, s) in results} for a in arms}}
 
 
+def heldout_comparisons(results) -> dict:
+    """The matched comparisons again on the per-package held-out scores of the runs that have them
+    (runs.py --heldout-corpus): the whole held-out set without the files that have a training twin, and each
+    package apart. Paired by seed, as the endpoints are; empty until such runs exist."""
+    def measure(get) -> dict:
+        return {(a, s): {"endpoint": v} for (a, s), r in results.items()
+                if r.get("heldout_by_package") and (v := get(r["heldout_by_package"])) is not None}
+
+    out = {"without_twins": [], "packages": {}}
+    scored = measure(lambda h: h["without_twins"]["loss"])
+    packages = sorted({p for r in results.values() for p in (r.get("heldout_by_package") or {}).get("packages", {})})
+    for arm, base, what in MATCHED_COMPARISONS:
+        g = paired_t(scored, arm, base)
+        if g is not None:
+            out["without_twins"].append({"arm": arm, "base": base, "what": what, **g})
+        for package in packages:
+            g = paired_t(measure(lambda h, p=package: h["packages"].get(p, {}).get("loss")), arm, base)
+            if g is not None:
+                out["packages"].setdefault(package, []).append({"arm": arm, "base": base, **g})
+    return out
+
+
 def rerun_spread(results) -> dict | None:
     """The same run twice on one GPU: the first attempts of the ~100M-token P = 1 arms (results_stopped/, cut
     by a time limit) against their complete re-runs (same config, seed and GPU model), compared on the mean of
@@ -412,6 +434,7 @@ def main() -> None:
         "fit": eq5_fit(results, long_warm, LONG_LADDER),
         "seed_bootstrap": eq5_seed_bootstrap(results, long_warm, LONG_LADDER)}
     summary["matched_controls"] = matched_controls(results)
+    summary["heldout_by_package"] = heldout_comparisons(results)
     summary["rerun_spread"] = rerun_spread(results)
     # The base arms ran on an H100, the later ones on an H200: the prefix control on both, paired by seed.
     summary["gpu_confound"] = paired(results, "repeat-p1prefix", "p1prefix")
