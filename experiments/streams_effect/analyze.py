@@ -73,17 +73,22 @@ def paired_t(results, arm: str, base: str) -> dict | None:
     return {**g, "ci95": [g["mean"] - t * g["se"], g["mean"] + t * g["se"]], "p": p}
 
 
-def arm_parameters(results, arm: str) -> dict | None:
-    """Parameter counts of an arm (parscale's param_counts of the run's model shape and P)."""
+def arm_config(results, arm: str):
+    """(the ModelConfig of an arm's runs, their training settings), or None if the arm has no result."""
     from parscale.model.config import ModelConfig
 
     run = next((r for (a, _), r in results.items() if a == arm), None)
     if run is None:
         return None
     st = run["settings"]
-    cfg = ModelConfig.preset("small", **st["model_overrides"], vocab_size=8192, parscale_n=st["streams"],
-                             parscale_n_tokens=st["n_tokens"], parscale_p1_prefix=st.get("p1_prefix", False))
-    return cfg.param_counts()
+    return ModelConfig.preset("small", **st["model_overrides"], vocab_size=8192, parscale_n=st["streams"],
+                              parscale_n_tokens=st["n_tokens"], parscale_p1_prefix=st.get("p1_prefix", False)), st
+
+
+def arm_parameters(results, arm: str) -> dict | None:
+    """Parameter counts of an arm (parscale's param_counts of the run's model shape and P)."""
+    found = arm_config(results, arm)
+    return found[0].param_counts() if found else None
 
 
 # The matched controls at ~100M tokens: what the parallel part is read against once the prefix control
@@ -532,16 +537,10 @@ COMPUTE_ARMS = ("long-ladder-h192-p1", "long-p1", "long-ladder-h384-p1", "long-p
 def arm_flops_per_token(results, arm: str) -> float | None:
     """Training FLOPs per token of an arm: parscale's flops_per_token (6 x (P x backbone + LM head + aggregator)
     + P x attention over prefix and sequence), the count the library's MFU uses."""
-    from parscale.model.config import ModelConfig
     from parscale.training.train import flops_per_token
 
-    run = next((r for (a, _), r in results.items() if a == arm), None)
-    if run is None:
-        return None
-    st = run["settings"]
-    cfg = ModelConfig.preset("small", **st["model_overrides"], vocab_size=8192, parscale_n=st["streams"],
-                             parscale_n_tokens=st["n_tokens"], parscale_p1_prefix=st.get("p1_prefix", False))
-    return flops_per_token(cfg, st["seq_len"])
+    found = arm_config(results, arm)
+    return flops_per_token(found[0], found[1]["seq_len"]) if found else None
 
 
 def _plot_compute(results, path) -> dict:
