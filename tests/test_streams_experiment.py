@@ -208,3 +208,26 @@ def test_heldout_comparisons_pair_the_per_package_scores_by_seed(analyze):
     (pkg,) = [r for r in out["packages"]["torchmetrics"] if r["arm"] == "long-p8-aggwarm"
               and r["base"] == "long-p1prefix-aggwarm"]
     assert pkg["mean"] == pytest.approx(0.1)
+
+
+def test_a_stage_two_run_brings_its_stage_one_when_the_checkpoint_is_not_here(tmp_path):
+    """select_runs: stage 2 continues a checkpoint that exists only where stage 1 trained, so a committed stage 1
+    is trained again (marked "again", its committed result kept), unless its folder is already in --work."""
+    sys.path.insert(0, str(EXPERIMENT))
+    try:
+        import runs
+    finally:
+        sys.path.remove(str(EXPERIMENT))
+    results, work = tmp_path / "results", tmp_path / "work"
+    results.mkdir()
+    (results / "long-p1-s0.json").write_text("{}")
+    all_runs = runs.runs()
+    todo = runs.select_runs(all_runs, ["ts-p4-plus5-s0", "fz-p2-plus5-s0"], results, work)
+    assert set(todo) == {"ts-p4-plus5-s0", "fz-p2-plus5-s0", "long-p1-s0"}
+    assert todo["long-p1-s0"]["again"] and todo["long-p1-s0"]["train"] == all_runs["long-p1-s0"]["train"]
+    (work / "long-p1-s0").mkdir(parents=True)
+    (work / "long-p1-s0" / "result.json").write_text("{}")
+    assert set(runs.select_runs(all_runs, ["ts-p4-plus5-s0"], results, work)) == {"ts-p4-plus5-s0"}
+    # a stage 1 without a committed result is an ordinary run (its result goes to results/)
+    todo = runs.select_runs(all_runs, ["ts-p4-plus5-s1"], results, work)
+    assert todo["long-p1-s1"]["again"] is False

@@ -41,7 +41,8 @@ is their mean. After training, `parscale streams` measures the final model's str
 batches, and with `--heldout-corpus` (gpu_run.sh passes it) `parscale eval` scores every held-out package
 apart, the files with a training twin apart (write_heldout; result["heldout_by_package"]). `run` starts
 each run as its own `parscale train` process, `per_gpu` at a time on every visible GPU (largest P first),
-skips runs whose result exists, and writes results/{run}.json. A runner stopped by SIGTERM (a time limit)
+skips runs whose result exists, and writes results/{run}.json; a stage-2 run brings its stage 1 along when
+that run's folder is not in --work (select_runs). A runner stopped by SIGTERM (a time limit)
 stops its trainers the same way, each writing a checkpoint; started again over the same --work folder it
 continues them with `--resume` (bit-exact), and `wall_seconds` is then the last segment's.
 """
@@ -277,6 +278,23 @@ def collect(name: str, run: dict, run_dir: Path, wall: float) -> dict:
     }
 
 
+AGAIN = "stage1_again"   # results/stage1_again/: stage-1 runs trained again on a later machine for stage 2
+
+
+def select_runs(all_runs: dict[str, dict], only: list[str], results: Path, work: Path) -> dict[str, dict]:
+    """The runs to train: those matching a pattern without a result in `results`, plus the stage 1 of each
+    stage-2 run among them when its folder (its checkpoint) is not in `work`. A stage-2 run continues a
+    checkpoint that lives only on the machine that trained it, so a stage 1 whose result is already committed
+    is trained again, marked "again" (its result goes to results/stage1_again/, the committed one stays)."""
+    todo = {n: r for n, r in all_runs.items() if any(fnmatch.fnmatch(n, pat) for pat in only)
+            and not (results / f"{n}.json").is_file()}
+    for name in list(todo):
+        after = todo[name].get("after")
+        if after and after not in todo and after in all_runs and not (work / after / "result.json").is_file():
+            todo[after] = {**all_runs[after], "again": (results / f"{after}.json").is_file()}
+    return todo
+
+
 def run_all(data: Path, work: Path, only: list[str], per_gpu: int, heldout_corpus: Path | None = None) -> None:
     import torch
 
@@ -287,8 +305,7 @@ def run_all(data: Path, work: Path, only: list[str], per_gpu: int, heldout_corpu
     heldout = work / "heldout.jsonl"
     if heldout_corpus is not None and not heldout.is_file():
         print(f"[runs] held-out files by package: {write_heldout(heldout_corpus, heldout)}", flush=True)
-    todo = {n: r for n, r in runs().items() if any(fnmatch.fnmatch(n, pat) for pat in only)
-            and not (RESULTS / f"{n}.json").is_file()}
+    todo = select_runs(runs(), only, RESULTS, work)
     queue = sorted(todo, key=lambda n: -todo[n]["cost"])
     gpus = list(range(max(1, torch.cuda.device_count())))
     slots = {g: [] for g in gpus}
@@ -317,7 +334,11 @@ def run_all(data: Path, work: Path, only: list[str], per_gpu: int, heldout_corpu
                 result = collect(name, todo[name], run_dir, time.time() - t0)
                 text = json.dumps(result, indent=1) + "\n"
                 (run_dir / "result.json").write_text(text)   # so a runner started again collects, not retrains
-                (RESULTS / f"{name}.json").write_text(text)
+                if todo[name].get("again"):   # a stage 1 trained again for its checkpoint: the committed one stays
+                    (RESULTS / AGAIN).mkdir(exist_ok=True)
+                    (RESULTS / AGAIN / f"{name}.json").write_text(text)
+                else:
+                    (RESULTS / f"{name}.json").write_text(text)
                 print(f"[runs] done {name}: endpoint {result['endpoint']:.4f}, {result['wall_seconds']:.0f} s, "
                       f"{result['tokens_per_s_median']:,.0f} tok/s", flush=True)
             waiting = []
