@@ -189,6 +189,14 @@ def test_heldout_rows_are_labelled_by_package_with_twins_apart(tmp_path):
     assert summary["packages"]["lightning"] == {"tokens": 400, "loss": pytest.approx(1.75)}
     assert summary["all"]["loss"] == pytest.approx((100 + 600 + 300) / 500)
     assert summary["without_twins"] == {"tokens": 400, "loss": pytest.approx(2.25)}
+    # bits per byte pooled over bytes: 300 nats of "lightning [twin]" over 100 tokens at 1 bit per byte, etc.
+    for name, bpb in (("lightning [twin]", 1.0), ("lightning", 0.5), ("torchmetrics", 2.0)):
+        domains[name]["bits_per_byte"] = bpb
+    n_bytes = {k: d["loss"] * d["tokens"] / math.log(2) / d["bits_per_byte"] for k, d in domains.items()}
+    summary = runs.heldout_summary(domains)
+    assert summary["all"]["bits_per_byte"] == pytest.approx(1000 / math.log(2) / sum(n_bytes.values()))
+    assert summary["without_twins"]["bits_per_byte"] == pytest.approx(
+        900 / math.log(2) / (n_bytes["lightning"] + n_bytes["torchmetrics"]))
 
 
 def test_heldout_comparisons_pair_the_per_package_scores_by_seed(analyze):

@@ -52,6 +52,7 @@ from __future__ import annotations
 import argparse
 import fnmatch
 import json
+import math
 import os
 import platform
 import statistics
@@ -243,10 +244,17 @@ def write_heldout(corpus: Path, out: Path) -> dict:
 
 def heldout_summary(domains: dict) -> dict:
     """Loss per package (twins included), and overall with and without the twin files, from the domains of
-    `parscale eval` (token-weighted)."""
+    `parscale eval` (token-weighted); bits per byte beside it where eval gives it (a measure that does not
+    depend on the tokenizer: each domain's bytes are its nats / ln 2 / its bits per byte)."""
     def pooled(keys):
         tokens = sum(domains[k]["tokens"] for k in keys)
-        return {"tokens": tokens, "loss": sum(domains[k]["loss"] * domains[k]["tokens"] for k in keys) / tokens}
+        nats = sum(domains[k]["loss"] * domains[k]["tokens"] for k in keys)
+        out = {"tokens": tokens, "loss": nats / tokens}
+        if all(domains[k].get("bits_per_byte") for k in keys):
+            n_bytes = sum(domains[k]["loss"] * domains[k]["tokens"] / math.log(2) / domains[k]["bits_per_byte"]
+                          for k in keys)
+            out["bits_per_byte"] = nats / math.log(2) / n_bytes
+        return out
 
     packages = sorted({k.removesuffix(" [twin]") for k in domains})
     return {"packages": {p: pooled([k for k in domains if k.removesuffix(" [twin]") == p]) for p in packages},
