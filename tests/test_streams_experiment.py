@@ -239,3 +239,19 @@ def test_a_stage_two_run_brings_its_stage_one_when_the_checkpoint_is_not_here(tm
     # a stage 1 without a committed result is an ordinary run (its result goes to results/)
     todo = runs.select_runs(all_runs, ["ts-p4-plus5-s1"], results, work)
     assert todo["long-p1-s1"]["again"] is False
+
+
+def test_post_training_pairs_each_stage_two_arm_with_its_controls_by_seed(analyze):
+    """Two-stage and frozen arms are read against P = 1 and the prefix control continued from the same
+    checkpoint, paired by seed; the arm table gives each arm's drop below its stage-1 model's own final loss."""
+    results = _results({"ts-p1-plus5": [2.05, 2.06, 2.04], "ts-p4-plus5": [2.02, 2.04, 2.00],
+                        "fz-p1prefix-plus5": [2.04, 2.05], "fz-p4-plus5": [2.03, 2.03]})
+    out = analyze.post_training(results)
+    (row,) = [r for r in out["comparisons"] if r["arm"] == "ts-p4-plus5" and r["base"] == "ts-p1-plus5"]
+    assert row["n"] == 3 and row["mean"] == pytest.approx(0.03) and row["ci95"][0] < 0.03 < row["ci95"][1]
+    (row,) = [r for r in out["comparisons"] if r["arm"] == "fz-p4-plus5"]
+    assert row["base"] == "fz-p1prefix-plus5" and row["mean"] == pytest.approx(0.015)
+    assert not [r for r in out["comparisons"] if r["arm"] == "ts-p8-plus5"]   # no results: no row
+    start = out["stage1_final"]
+    assert out["arms"]["ts-p4-plus5"]["below_stage1"] == pytest.approx(
+        sum(start[s] - v for s, v in enumerate([2.02, 2.04, 2.00])) / 3)

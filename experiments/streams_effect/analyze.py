@@ -121,6 +121,62 @@ def matched_controls(results) -> dict:
             "endpoints": {a: {s: results[(a, s)]["endpoint"] for s in range(10) if (a, s) in results} for a in arms}}
 
 
+# Post-training at this scale (runs.py TWO_STAGE): every ts-/fz- run of a seed continues the same stage-1
+# checkpoint (long-p1 of that seed), so each arm is read against P = 1 and the prefix control continued alike.
+POST_TRAINING_PCTS = (2, 5, 20)
+
+
+def post_training_comparisons(pct: int) -> list[tuple[str, str, str]]:
+    rows = [(f"ts-p1prefix-plus{pct}", f"ts-p1-plus{pct}", "two-stage: the prefix control over P = 1 continued")]
+    for p in (2, 4, 8):
+        rows += [(f"ts-p{p}-plus{pct}", f"ts-p1-plus{pct}", f"two-stage: P = {p} over P = 1 continued"),
+                 (f"ts-p{p}-plus{pct}", f"ts-p1prefix-plus{pct}", f"two-stage: P = {p} over the prefix control")]
+    if pct == 5:
+        rows += [("ts-p4-bbinit-plus5", "ts-p4-plus5", "two-stage: backbone-initialised prefixes over random (P = 4)"),
+                 ("ts-p1prefix-bbinit-plus5", "ts-p1prefix-plus5", "two-stage: backbone-initialised prefix control "
+                  "over random"),
+                 ("ts-p4-bbinit-plus5", "ts-p1prefix-bbinit-plus5", "two-stage: P = 4 over the prefix control, "
+                  "both backbone-initialised")]
+    rows += [(f"fz-p{p}-plus{pct}", f"fz-p1prefix-plus{pct}", f"frozen backbone: P = {p} over the prefix control")
+             for p in (2, 4, 8)]
+    return rows
+
+
+def stage1_endpoints() -> dict[int, float]:
+    """The frozen backbone's own held-out loss per seed: the last whole-split evaluation of the stage-1 run
+    whose checkpoint the stage-2 runs continued (results/stage1_again/ where stage 1 was trained again)."""
+    out = {}
+    for folder in (HERE / "results", HERE / "results" / "stage1_again"):   # the re-trained one wins
+        for f in sorted(folder.glob("long-p1-s*.json")):
+            r = json.loads(f.read_text())
+            full = r["val_loss_full"]
+            out[r["seed"]] = full[max(full, key=int)]
+    return out
+
+
+def post_training(results) -> dict:
+    """Two-stage and frozen-backbone arms: paired comparisons per stage-2 length, and each arm's endpoint
+    (mean ± SE over seeds) beside the stage-1 model's own loss on the same seeds (the starting point)."""
+    start = stage1_endpoints()
+    rows, arms = [], {}
+    for pct in POST_TRAINING_PCTS:
+        for arm, base, what in post_training_comparisons(pct):
+            g = paired_t(results, arm, base)
+            if g is not None:
+                rows.append({"pct": pct, "arm": arm, "base": base, "what": what, **g})
+    for (arm, s), r in results.items():
+        if arm.startswith(("ts-", "fz-")):
+            arms.setdefault(arm, {})[s] = r["endpoint"]
+    table = {}
+    for arm, by_seed in sorted(arms.items()):
+        v = list(by_seed.values())
+        drop = [start[s] - by_seed[s] for s in by_seed if s in start]
+        table[arm] = {"n": len(v), "mean": statistics.fmean(v),
+                      "se": statistics.stdev(v) / math.sqrt(len(v)) if len(v) > 1 else None,
+                      "below_stage1": statistics.fmean(drop) if drop else None, "endpoints": by_seed}
+    return {"comparisons": rows, "arms": table, "stage1_final": start}
+
+
 def heldout_comparisons(results) -> dict:
     """The matched comparisons again on the per-package held-out scores of the runs that have them
     (runs.py --heldout-corpus): the whole held-out set without the files that have a training twin, and each
@@ -440,6 +496,7 @@ def main() -> None:
         "seed_bootstrap": eq5_seed_bootstrap(results, long_warm, LONG_LADDER)}
     summary["matched_controls"] = matched_controls(results)
     summary["heldout_by_package"] = heldout_comparisons(results)
+    summary["post_training"] = post_training(results)
     summary["rerun_spread"] = rerun_spread(results)
     # The base arms ran on an H100, the later ones on an H200: the prefix control on both, paired by seed.
     summary["gpu_confound"] = paired(results, "repeat-p1prefix", "p1prefix")
@@ -770,6 +827,16 @@ def _print(summary, seeds) -> None:
               + f"; {', '.join(row['gpus'])})")
     for arm, c in m["parameters"].items():
         print(f"  {arm}: non-embedding {c['non_embedding'] / 1e6:.2f}M, ParScale {c['parscale'] / 1e6:.3f}M")
+    pt = summary["post_training"]
+    if pt["arms"]:
+        print("post-training from long-p1's checkpoint (endpoint mean ± SE; below the stage-1 model's final loss):")
+        for arm, row in pt["arms"].items():
+            print(f"  {arm}: {row['mean']:.4f} ± {row['se'] or 0:.4f} (n = {row['n']})"
+                  + (f", {row['below_stage1']:+.4f} below stage 1" if row["below_stage1"] is not None else ""))
+        for row in pt["comparisons"]:
+            ci = row.get("ci95")
+            print(f"  +{row['pct']}%: {row['what']}: {row['mean']:+.4f} ± {row['se'] or 0:.4f} (n = {row['n']}"
+                  + (f", 95% {ci[0]:+.4f} .. {ci[1]:+.4f}, p = {row['p']:.3g}" if ci else "") + ")")
     print("collapse (final diagnostics):")
     for name, d in summary["streams"].items():
         if d["collapsed"] is not None:
