@@ -11,6 +11,10 @@
 #                                     (--sync-every-micro-step): what skipping the sync saves
 #   bash scripts/gpu_train.sh large   SHAPE (default paper-2.8b) at P=4 with activation checkpointing, 1 GPU and FSDP2
 #                                     on every GPU (8 sequences per GPU): tokens/s, MFU and peak memory per GPU
+#   bash scripts/gpu_train.sh mfu     SHAPE (default paper-0.5b) at sequence 2048, P=1, 4 and 8, compiled, chunked loss
+#                                     (P=8 with activation checkpointing): MFU, peak memory and kernel groups
+#                                     (scripts/profile_train.py), and the P-stream attention against plain causal
+#                                     attention of the same rows (scripts/attention_cost.py)
 # speed also runs P=4 compiled with --log-every 1 (the host waits for every step, as before step_metrics.py)
 # Data: the demo's token shards in runs/demo/data (`parscale demo` writes them).
 set -uo pipefail
@@ -93,5 +97,15 @@ PY
         && summarise "1gpu_${shape}_p4_ac" /tmp/l1
     timeout 280 torchrun --standalone --nproc_per_node="$n" -m parscale.cli train $big --batch-size $((8 * n)) --fsdp \
         --out /tmp/ln > "$OUT/large_fsdp.log" 2>&1 && summarise "${n}gpu_fsdp_${shape}_p4_ac" /tmp/ln ;;
+  mfu)
+    shape=${SHAPE:-paper-0.5b}
+    python3 scripts/attention_cost.py --model "$shape" --streams 2,4,8 --batch-size 2 --seq-len 2048 \
+        --out "$OUT/attention_cost_${shape}.json"
+    prof="--model $shape --seq-len 2048 --loss-chunk-rows 4096 --warmup 4 --steps 3"
+    timeout 240 python3 scripts/profile_train.py $prof --streams 1,4 --batch-size ${BATCH:-4} \
+        --out "$OUT/mfu_${shape}_p1_p4.json"
+    timeout 200 python3 scripts/profile_train.py $prof --streams 8 --batch-size ${BATCH:-4} --activation-checkpointing \
+        --out "$OUT/mfu_${shape}_p8_ac.json"
+    exit 0 ;;
 esac
 cat "$OUT/train_runs.jsonl"
