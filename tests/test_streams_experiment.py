@@ -252,6 +252,10 @@ def test_post_training_pairs_each_stage_two_arm_with_its_controls_by_seed(analyz
     (row,) = [r for r in out["comparisons"] if r["arm"] == "fz-p4-plus5"]
     assert row["base"] == "fz-p1prefix-plus5" and row["mean"] == pytest.approx(0.015)
     assert not [r for r in out["comparisons"] if r["arm"] == "ts-p8-plus5"]   # no results: no row
+    assert out["arms"]["ts-p4-plus5"]["below_stage1"] is None   # no whole-split losses in these runs
+    for s, final in enumerate([2.01, 2.03, 1.99]):
+        results[("ts-p4-plus5", s)]["val_loss_full"] = {"270": 9.0, "300": final}
+    out = analyze.post_training(results)
     start = out["stage1_final"]
     assert out["arms"]["ts-p4-plus5"]["below_stage1"] == pytest.approx(
-        sum(start[s] - v for s, v in enumerate([2.02, 2.04, 2.00])) / 3)
+        sum(start[s] - v for s, v in enumerate([2.01, 2.03, 1.99])) / 3)

@@ -156,7 +156,8 @@ def stage1_endpoints() -> dict[int, float]:
 
 def post_training(results) -> dict:
     """Two-stage and frozen-backbone arms: paired comparisons per stage-2 length, and each arm's endpoint
-    (mean ± SE over seeds) beside the stage-1 model's own loss on the same seeds (the starting point)."""
+    (mean ± SE over seeds) with its last loss's drop below the stage-1 model's last loss on the same seeds
+    (below_stage1 > 0: stage 2 ended lower than it started)."""
     start = stage1_endpoints()
     rows, arms = [], {}
     for pct in POST_TRAINING_PCTS:
@@ -164,13 +165,18 @@ def post_training(results) -> dict:
             g = paired_t(results, arm, base)
             if g is not None:
                 rows.append({"pct": pct, "arm": arm, "base": base, "what": what, **g})
+    finals = {}
     for (arm, s), r in results.items():
         if arm.startswith(("ts-", "fz-")):
             arms.setdefault(arm, {})[s] = r["endpoint"]
+            full = r.get("val_loss_full") or {}
+            if full:
+                finals.setdefault(arm, {})[s] = full[max(full, key=int)]
     table = {}
     for arm, by_seed in sorted(arms.items()):
         v = list(by_seed.values())
-        drop = [start[s] - by_seed[s] for s in by_seed if s in start]
+        # the last whole-split loss of stage 2 against the last of stage 1: the model at the end of each
+        drop = [start[s] - f for s, f in finals.get(arm, {}).items() if s in start]
         table[arm] = {"n": len(v), "mean": statistics.fmean(v),
                       "se": statistics.stdev(v) / math.sqrt(len(v)) if len(v) > 1 else None,
                       "below_stage1": statistics.fmean(drop) if drop else None, "endpoints": by_seed}

@@ -30,6 +30,10 @@ new, old = json.load(open(sys.argv[1])), json.load(lzma.open(sys.argv[2]))
 print("corpus sha256", new["corpus_sha256"], "(scaling_small:", old["corpus_sha256"] + ")")
 PY
 echo "data ready after $(( $(date +%s) - t0 )) s"
+# Trainers stopped by the last call's time limit finish their step and write a checkpoint first (a step still
+# compiling can take minutes): a run folder stays locked until its trainer exits, so wait for them.
+for _ in $(seq 150); do pgrep -f "parscale.cli train" > /dev/null || break; sleep 2; done
+pgrep -fa "parscale.cli train" && echo "trainers of an earlier call still run: their runs will fail to start"
 cp "$W/data/tokenizer.json" "$OUT/code-tokenizer-8k.json"
 cp "$W/data/manifest.json" "$OUT/code-data-manifest.json"
 left=$(( BUDGET - ($(date +%s) - t0) ))

@@ -327,7 +327,9 @@ def run_all(data: Path, work: Path, only: list[str], per_gpu: int, heldout_corpu
                 slots[g].remove((proc, name, t0))
                 run_dir = work / name
                 if proc.returncode != 0:
-                    print(f"[runs] FAILED {name} (exit {proc.returncode}); see {run_dir}.log", flush=True)
+                    tail = (work / f"{name}.log").read_text(errors="replace").strip().splitlines()[-3:]
+                    print(f"[runs] FAILED {name} (exit {proc.returncode}); see {run_dir}.log:\n    "
+                          + "\n    ".join(tail), flush=True)
                     continue
                 subprocess.run([sys.executable, "-m", "parscale.cli", "streams", "--model", str(run_dir), "--data",
                                 str(data), "--batches", "16", "--batch-size", "16", "--seq-len", str(SEQ),
@@ -365,8 +367,14 @@ def run_all(data: Path, work: Path, only: list[str], per_gpu: int, heldout_corpu
                     (RESULTS / f"{name}.json").write_text((work / name / "result.json").read_text())
                     print(f"[runs] collected {name} from its run folder", flush=True)
                     continue
+                ckpt = latest_checkpoint(work / name)
+                if ckpt is not None and int(ckpt.name.removeprefix("step-")) >= todo[name]["train"]["steps"]:
+                    # trained to the end under a runner that was stopped before it collected the run
+                    slots[g].append((subprocess.Popen([sys.executable, "-c", "pass"]), name, time.time()))
+                    print(f"[runs] {name} had finished training: collecting it", flush=True)
+                    continue
                 # A run stopped by SIGTERM (the runner's time limit) wrote a checkpoint: continue it, bit-exact.
-                start = ["--resume"] if latest_checkpoint(work / name) else ["--overwrite"]
+                start = ["--resume"] if ckpt else ["--overwrite"]
                 cmd = [sys.executable, "-m", "parscale.cli", "train", "--config", str(CONFIGS / f"{name}.toml"),
                        "--data", str(data), "--out", str(work / name), *start]
                 if after:
