@@ -1,6 +1,7 @@
 """The stream experiment's analysis rules (experiments/streams_effect/analyze.py) on made-up endpoints:
 when a doubling of P counts, and when the P = 1 width ladder gives a slope at all."""
 
+import json
 import math
 import sys
 from pathlib import Path
@@ -162,7 +163,7 @@ def test_every_arm_the_analysis_reads_is_a_configured_run(analyze):
 def test_heldout_rows_are_labelled_by_package_with_twins_apart(tmp_path):
     """write_heldout: every held-out row's domain is its package, " [twin]" where the same file is a training file
     under the project's other name; heldout_summary pools them token-weighted, with and without the twins."""
-    import json
+
 
     sys.path.insert(0, str(EXPERIMENT))
     try:
@@ -242,20 +243,61 @@ def test_a_stage_two_run_brings_its_stage_one_when_the_checkpoint_is_not_here(tm
 
 
 def test_post_training_pairs_each_stage_two_arm_with_its_controls_by_seed(analyze):
-    """Two-stage and frozen arms are read against P = 1 and the prefix control continued from the same
-    checkpoint, paired by seed; the arm table gives each arm's drop below its stage-1 model's own final loss."""
-    results = _results({"ts-p1-plus5": [2.05, 2.06, 2.04], "ts-p4-plus5": [2.02, 2.04, 2.00],
-                        "fz-p1prefix-plus5": [2.04, 2.05], "fz-p4-plus5": [2.03, 2.03]})
+    """Two-stage and frozen arms are read at their last whole-split loss against P = 1 and the prefix control
+    continued from the same checkpoint, paired by seed; the arm table gives each arm's drop below its stage-1
+    model's own last loss."""
+    finals = {"ts-p1-plus5": [2.05, 2.06, 2.04], "ts-p4-plus5": [2.02, 2.04, 2.00],
+              "fz-p1prefix-plus5": [2.04, 2.05], "fz-p4-plus5": [2.03, 2.03]}
+    results = _results({arm: [9.0] * len(v) for arm, v in finals.items()})   # the 90/95/100% mean is not read
+    for arm, values in finals.items():
+        for s, v in enumerate(values):
+            results[(arm, s)]["val_loss_full"] = {"270": 9.0, "300": v}
     out = analyze.post_training(results)
     (row,) = [r for r in out["comparisons"] if r["arm"] == "ts-p4-plus5" and r["base"] == "ts-p1-plus5"]
     assert row["n"] == 3 and row["mean"] == pytest.approx(0.03) and row["ci95"][0] < 0.03 < row["ci95"][1]
     (row,) = [r for r in out["comparisons"] if r["arm"] == "fz-p4-plus5"]
     assert row["base"] == "fz-p1prefix-plus5" and row["mean"] == pytest.approx(0.015)
     assert not [r for r in out["comparisons"] if r["arm"] == "ts-p8-plus5"]   # no results: no row
-    assert out["arms"]["ts-p4-plus5"]["below_stage1"] is None   # no whole-split losses in these runs
-    for s, final in enumerate([2.01, 2.03, 1.99]):
-        results[("ts-p4-plus5", s)]["val_loss_full"] = {"270": 9.0, "300": final}
-    out = analyze.post_training(results)
     start = out["stage1_final"]
+    assert out["arms"]["ts-p4-plus5"]["mean"] == pytest.approx(2.02)
     assert out["arms"]["ts-p4-plus5"]["below_stage1"] == pytest.approx(
-        sum(start[s] - v for s, v in enumerate([2.01, 2.03, 1.99])) / 3)
+        sum(start[s] - v for s, v in enumerate([2.02, 2.04, 2.00])) / 3)
+
+
+def test_the_runner_trains_stage_one_then_stage_two_and_collects_a_finished_run_without_retraining(
+        data_dir, tmp_path, monkeypatch, capsys):
+    """runs.run_all on CPU with two tiny runs: the stage-2 run waits for its stage 1, each run trains in its own
+    worker process and its result lands in results/; a run that finished training but was never collected (its
+    runner stopped) is collected again without training another step."""
+    sys.path.insert(0, str(EXPERIMENT))
+    try:
+        import runs
+    finally:
+        sys.path.remove(str(EXPERIMENT))
+    base = {"steps": 4, "batch_size": 2, "seq_len": 32, "lr": 1e-3, "warmup": 1, "eval_every": 2, "eval_batches": 1,
+            "eval_at": [1.0], "stream_batches": 1, "save_every": 0, "compile": False, "progress": False, "seed": 0}
+    fake = {"tiny-p1-s0": {"arm": "tiny-p1", "seed": 0, "cost": 2,
+                           "train": {**base, "model": "tiny", "streams": 1}},
+            "tiny-ts-p2-s0": {"arm": "tiny-ts-p2", "seed": 0, "cost": 1, "after": "tiny-p1-s0",
+                              "train": {**base, "model": "STAGE1", "streams": 2, "steps": 3, "data_start": 8}}}
+    configs, results, work = tmp_path / "configs", tmp_path / "results", tmp_path / "work"
+    configs.mkdir()
+    for name, run in fake.items():
+        (configs / f"{name}.toml").write_text(runs._toml(run["train"]))
+    monkeypatch.setattr(runs, "runs", lambda: fake)
+    monkeypatch.setattr(runs, "CONFIGS", configs)
+    monkeypatch.setattr(runs, "RESULTS", results)
+    runs.run_all(data_dir, work, ["tiny-ts-*"], per_gpu=2)
+    out = capsys.readouterr().out
+    assert "done tiny-p1-s0" in out and "done tiny-ts-p2-s0" in out, out
+    assert out.index("done tiny-p1-s0") < out.index("start tiny-ts-p2-s0")
+    stage2 = json.loads((results / "tiny-ts-p2-s0.json").read_text())
+    assert stage2["settings"]["streams"] == 2 and set(stage2["val_loss_full"]) == {"3"}
+    assert (results / "tiny-p1-s0.json").is_file()   # no committed stage 1: an ordinary result
+    metrics = (work / "tiny-ts-p2-s0" / "metrics.jsonl").read_text()
+    (work / "tiny-ts-p2-s0" / "result.json").unlink()
+    (results / "tiny-ts-p2-s0.json").unlink()
+    runs.run_all(data_dir, work, ["tiny-ts-*"], per_gpu=2)
+    assert "done tiny-ts-p2-s0" in capsys.readouterr().out
+    assert (work / "tiny-ts-p2-s0" / "metrics.jsonl").read_text() == metrics   # not one step trained again
+    assert json.loads((results / "tiny-ts-p2-s0.json").read_text())["endpoint"] == stage2["endpoint"]

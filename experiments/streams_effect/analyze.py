@@ -155,28 +155,25 @@ def stage1_endpoints() -> dict[int, float]:
 
 
 def post_training(results) -> dict:
-    """Two-stage and frozen-backbone arms: paired comparisons per stage-2 length, and each arm's endpoint
-    (mean ± SE over seeds) with its last loss's drop below the stage-1 model's last loss on the same seeds
+    """Two-stage and frozen-backbone arms at their last whole-split loss: paired comparisons per stage-2 length,
+    and each arm's mean ± SE over seeds with its drop below the stage-1 model's last loss on the same seeds
     (below_stage1 > 0: stage 2 ended lower than it started)."""
     start = stage1_endpoints()
+    # Stage-2 runs are read at their last whole-split loss (runs.py: they evaluate at 100% only), as stage 1 is.
+    last = {key: {**r, "endpoint": r["val_loss_full"][max(r["val_loss_full"], key=int)]}
+            for key, r in results.items() if key[0].startswith(("ts-", "fz-")) and r.get("val_loss_full")}
     rows, arms = [], {}
     for pct in POST_TRAINING_PCTS:
         for arm, base, what in post_training_comparisons(pct):
-            g = paired_t(results, arm, base)
+            g = paired_t(last, arm, base)
             if g is not None:
                 rows.append({"pct": pct, "arm": arm, "base": base, "what": what, **g})
-    finals = {}
-    for (arm, s), r in results.items():
-        if arm.startswith(("ts-", "fz-")):
-            arms.setdefault(arm, {})[s] = r["endpoint"]
-            full = r.get("val_loss_full") or {}
-            if full:
-                finals.setdefault(arm, {})[s] = full[max(full, key=int)]
+    for (arm, s), r in last.items():
+        arms.setdefault(arm, {})[s] = r["endpoint"]
     table = {}
     for arm, by_seed in sorted(arms.items()):
         v = list(by_seed.values())
-        # the last whole-split loss of stage 2 against the last of stage 1: the model at the end of each
-        drop = [start[s] - f for s, f in finals.get(arm, {}).items() if s in start]
+        drop = [start[s] - f for s, f in by_seed.items() if s in start]
         table[arm] = {"n": len(v), "mean": statistics.fmean(v),
                       "se": statistics.stdev(v) / math.sqrt(len(v)) if len(v) > 1 else None,
                       "below_stage1": statistics.fmean(drop) if drop else None, "endpoints": by_seed}
@@ -835,7 +832,7 @@ def _print(summary, seeds) -> None:
         print(f"  {arm}: non-embedding {c['non_embedding'] / 1e6:.2f}M, ParScale {c['parscale'] / 1e6:.3f}M")
     pt = summary["post_training"]
     if pt["arms"]:
-        print("post-training from long-p1's checkpoint (endpoint mean ± SE; below the stage-1 model's final loss):")
+        print("post-training from long-p1's checkpoint (last loss, mean ± SE; below the stage-1 model's last loss):")
         for arm, row in pt["arms"].items():
             print(f"  {arm}: {row['mean']:.4f} ± {row['se'] or 0:.4f} (n = {row['n']})"
                   + (f", {row['below_stage1']:+.4f} below stage 1" if row["below_stage1"] is not None else ""))

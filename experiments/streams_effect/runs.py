@@ -37,10 +37,14 @@ arm: parscale's paired seeds), named d8-{arm}-s{seed}:
              matching its prefix parameters; plain P = 8 without the lever), seeds 0-5 (long-p8: 0-2); the
              long arms gain seeds 3-5.
 Every run evaluates the whole held-out split at 90, 95 and 100% of training (`eval_at`); the endpoint
-is their mean. After training, `parscale streams` measures the final model's streams on 16 held-out
+is their mean. Stage-2 runs (ts-, fz-) evaluate it at 100% only (at +5% three evaluations of the 2.6M-token
+split are about half the training's FLOPs) and are compared at that last loss (analyze.post_training; the first
+ts-p8/ts-p4/fz-p2 runs also have 90 and 95%, which is all that differs in their settings).
+After training, `parscale streams` measures the final model's streams on 16 held-out
 batches, and with `--heldout-corpus` (gpu_run.sh passes it) `parscale eval` scores every held-out package
 apart, the files with a training twin apart (write_heldout; result["heldout_by_package"]). `run` starts
-each run as its own `parscale train` process, `per_gpu` at a time on every visible GPU (largest P first),
+each run as its own worker process (`runs.py one`: `parscale train`, then the measurements above, then
+its result.json), `per_gpu` at a time on every visible GPU (largest P first),
 skips runs whose result exists, and writes results/{run}.json; a stage-2 run brings its stage 1 along when
 that run's folder is not in --work (select_runs). A runner stopped by SIGTERM (a time limit)
 stops its trainers the same way, each writing a checkpoint; started again over the same --work folder it
@@ -137,7 +141,7 @@ TWO_STAGE = {}
 for pct in (2, 5, 20):
     steps = LONG_STEPS * pct // 100
     stage2 = {"steps": steps, "lr": 2e-4, "warmup": 0, "min_lr_ratio": 1.0, "eval_every": max(30, steps // 4),
-              "data_start": LONG_STEPS * BATCH, "after": "long-p1"}
+              "eval_at": [1.0], "data_start": LONG_STEPS * BATCH, "after": "long-p1"}
     new_parameters = {"parscale_warmup": max(1, steps // 10), "parscale_lr_mult": 10.0}
     TWO_STAGE[f"ts-p1-plus{pct}"] = {**stage2, "streams": 1}
     TWO_STAGE[f"ts-p1prefix-plus{pct}"] = {**stage2, "streams": 1, "p1_prefix": True, **new_parameters}
@@ -156,7 +160,8 @@ for arm, fields in (("p4", {"streams": 4}), ("p1prefix", {"streams": 1, "p1_pref
 for pct in (5, 20):
     steps = LONG_STEPS * pct // 100
     frozen = {"steps": steps, "lr": 2e-3, "warmup": max(1, steps // 10), "min_lr_ratio": 0.1, "trainable": "parscale",
-              "eval_every": max(30, steps // 4), "data_start": LONG_STEPS * BATCH, "after": "long-p1"}
+              "eval_every": max(30, steps // 4), "eval_at": [1.0], "data_start": LONG_STEPS * BATCH,
+              "after": "long-p1"}
     TWO_STAGE[f"fz-p1prefix-plus{pct}"] = {**frozen, "streams": 1, "p1_prefix": True}
     for p in (2, 4, 8):
         TWO_STAGE[f"fz-p{p}-plus{pct}"] = {**frozen, "streams": p}
@@ -303,10 +308,43 @@ def select_runs(all_runs: dict[str, dict], only: list[str], results: Path, work:
     return todo
 
 
+def run_one(spec_file: Path, data: Path, work: Path) -> int:
+    """Train one run (continuing its checkpoint if it has one), measure its streams, score the held-out packages
+    (when work/heldout.jsonl exists) and write work/{name}/result.json; the exit status of the first step that
+    failed, else 0. The runner starts this as one process per run (the run and its config file named in
+    spec_file, which the runner writes), so its scheduling never waits on them."""
+    from parscale.training.run_folder import latest_checkpoint
+
+    t0 = time.time()
+    spec = json.loads(spec_file.read_text())
+    name, run = spec["name"], spec["run"]
+    run_dir, env = work / name, {**os.environ, "PYTHONUNBUFFERED": "1"}
+    device = "cuda" if os.environ.get("CUDA_VISIBLE_DEVICES", "") != "" else "cpu"
+    ckpt = latest_checkpoint(run_dir)
+    if ckpt is None or int(ckpt.name.removeprefix("step-")) < run["train"]["steps"]:
+        # A run stopped by SIGTERM (the runner's time limit) wrote a checkpoint: continue it, bit-exact.
+        cmd = [sys.executable, "-m", "parscale.cli", "train", "--config", spec["config"],
+               "--data", str(data), "--out", str(run_dir), "--resume" if ckpt else "--overwrite"]
+        if run.get("after"):
+            cmd += ["--model", str(work / run["after"])]
+        code = subprocess.run(cmd, env=env, check=False).returncode
+        if code != 0:
+            return code
+    subprocess.run([sys.executable, "-m", "parscale.cli", "streams", "--model", str(run_dir), "--data", str(data),
+                    "--batches", "16", "--batch-size", "16", "--seq-len", str(SEQ), "--device", device,
+                    "--out", str(run_dir / "streams.json")], env=env, check=False, stdout=subprocess.DEVNULL)
+    heldout = work / "heldout.jsonl"
+    if heldout.is_file():  # every held-out package scored apart, twins apart (write_heldout)
+        subprocess.run([sys.executable, "-m", "parscale.cli", "eval", "--model", str(run_dir), "--data", str(heldout),
+                        "--max-length", str(SEQ), "--batch-size", "32", "--device", device, "--out",
+                        str(run_dir / "heldout.json")], env=env, check=False, stdout=subprocess.DEVNULL)
+    result = collect(name, run, run_dir, time.time() - t0)
+    (run_dir / "result.json").write_text(json.dumps(result, indent=1) + "\n")
+    return 0
+
+
 def run_all(data: Path, work: Path, only: list[str], per_gpu: int, heldout_corpus: Path | None = None) -> None:
     import torch
-
-    from parscale.training.run_folder import latest_checkpoint
 
     RESULTS.mkdir(exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
@@ -315,48 +353,39 @@ def run_all(data: Path, work: Path, only: list[str], per_gpu: int, heldout_corpu
         print(f"[runs] held-out files by package: {write_heldout(heldout_corpus, heldout)}", flush=True)
     todo = select_runs(runs(), only, RESULTS, work)
     queue = sorted(todo, key=lambda n: -todo[n]["cost"])
-    gpus = list(range(max(1, torch.cuda.device_count())))
+    gpus = list(range(max(1, torch.cuda.device_count()))) if torch.cuda.is_available() else [None]
     slots = {g: [] for g in gpus}
     print(f"[runs] {len(queue)} runs on GPUs {gpus}, {per_gpu} per GPU", flush=True)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+
+    def publish(name: str, how: str) -> None:
+        text = (work / name / "result.json").read_text()
+        if todo[name].get("again"):   # a stage 1 trained again for its checkpoint: the committed one stays
+            (RESULTS / AGAIN).mkdir(exist_ok=True)
+            (RESULTS / AGAIN / f"{name}.json").write_text(text)
+        else:
+            (RESULTS / f"{name}.json").write_text(text)
+        result = json.loads(text)
+        print(f"[runs] {how} {name}: endpoint {result['endpoint']:.4f}, {result['wall_seconds']:.0f} s, "
+              f"{result['tokens_per_s_median']:,.0f} tok/s", flush=True)
+
     while queue or any(slots.values()):
         for g in gpus:
-            for proc, name, t0 in list(slots[g]):
+            for proc, name in list(slots[g]):
                 if proc.poll() is None:
                     continue
-                slots[g].remove((proc, name, t0))
-                run_dir = work / name
+                slots[g].remove((proc, name))
                 if proc.returncode != 0:
                     tail = (work / f"{name}.log").read_text(errors="replace").strip().splitlines()[-3:]
-                    print(f"[runs] FAILED {name} (exit {proc.returncode}); see {run_dir}.log:\n    "
+                    print(f"[runs] FAILED {name} (exit {proc.returncode}); see {work / name}.log:\n    "
                           + "\n    ".join(tail), flush=True)
                     continue
-                subprocess.run([sys.executable, "-m", "parscale.cli", "streams", "--model", str(run_dir), "--data",
-                                str(data), "--batches", "16", "--batch-size", "16", "--seq-len", str(SEQ),
-                                "--device", f"cuda:{g}" if torch.cuda.is_available() else "cpu",
-                                "--out", str(run_dir / "streams.json")], env=env, check=False,
-                               stdout=subprocess.DEVNULL)
-                if heldout.is_file():  # every held-out package scored apart, twins apart (write_heldout)
-                    subprocess.run([sys.executable, "-m", "parscale.cli", "eval", "--model", str(run_dir), "--data",
-                                    str(heldout), "--max-length", str(SEQ), "--batch-size", "32", "--device",
-                                    f"cuda:{g}" if torch.cuda.is_available() else "cpu", "--out",
-                                    str(run_dir / "heldout.json")], env=env, check=False, stdout=subprocess.DEVNULL)
-                result = collect(name, todo[name], run_dir, time.time() - t0)
-                text = json.dumps(result, indent=1) + "\n"
-                (run_dir / "result.json").write_text(text)   # so a runner started again collects, not retrains
-                if todo[name].get("again"):   # a stage 1 trained again for its checkpoint: the committed one stays
-                    (RESULTS / AGAIN).mkdir(exist_ok=True)
-                    (RESULTS / AGAIN / f"{name}.json").write_text(text)
-                else:
-                    (RESULTS / f"{name}.json").write_text(text)
-                print(f"[runs] done {name}: endpoint {result['endpoint']:.4f}, {result['wall_seconds']:.0f} s, "
-                      f"{result['tokens_per_s_median']:,.0f} tok/s", flush=True)
+                publish(name, "done")
             waiting = []
             while queue and len(slots[g]) < per_gpu:
                 name = queue.pop(0)
                 after = todo[name].get("after")
                 if after and not (work / after / "result.json").is_file():
-                    if any(after == n for n in queue + waiting) or any(after == n for _, n, _ in
+                    if any(after == n for n in queue + waiting) or any(after == n for _, n in
                                                                         sum(slots.values(), [])):
                         waiting.append(name)  # stage 1 is still to come on this machine
                     else:
@@ -364,26 +393,19 @@ def run_all(data: Path, work: Path, only: list[str], per_gpu: int, heldout_corpu
                               f"(--work {work}); include it in the patterns", flush=True)
                     continue
                 if (work / name / "result.json").is_file():   # finished under a runner that was stopped
-                    (RESULTS / f"{name}.json").write_text((work / name / "result.json").read_text())
-                    print(f"[runs] collected {name} from its run folder", flush=True)
+                    publish(name, "collected from its run folder")
                     continue
-                ckpt = latest_checkpoint(work / name)
-                if ckpt is not None and int(ckpt.name.removeprefix("step-")) >= todo[name]["train"]["steps"]:
-                    # trained to the end under a runner that was stopped before it collected the run
-                    slots[g].append((subprocess.Popen([sys.executable, "-c", "pass"]), name, time.time()))
-                    print(f"[runs] {name} had finished training: collecting it", flush=True)
-                    continue
-                # A run stopped by SIGTERM (the runner's time limit) wrote a checkpoint: continue it, bit-exact.
-                start = ["--resume"] if ckpt else ["--overwrite"]
-                cmd = [sys.executable, "-m", "parscale.cli", "train", "--config", str(CONFIGS / f"{name}.toml"),
-                       "--data", str(data), "--out", str(work / name), *start]
-                if after:
-                    cmd += ["--model", str(work / after)]
+                spec = work / f"{name}.spec.json"
+                spec.write_text(json.dumps({"name": name, "run": todo[name],
+                                            "config": str(CONFIGS / f"{name}.toml")}) + "\n")
+                cmd = [sys.executable, str(Path(__file__).resolve()), "one", str(spec), "--data", str(data),
+                       "--work", str(work)]
+                visible = {} if g is None else {"CUDA_VISIBLE_DEVICES": str(g)}
                 log = open(work / f"{name}.log", "a")
-                proc = subprocess.Popen(cmd, env={**env, "CUDA_VISIBLE_DEVICES": str(g)}, stdout=log,
+                proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1", **visible}, stdout=log,
                                         stderr=subprocess.STDOUT)
-                slots[g].append((proc, name, time.time()))
-                print(f"[runs] {'resume' if start == ['--resume'] else 'start'} {name} on GPU {g}", flush=True)
+                slots[g].append((proc, name))
+                print(f"[runs] start {name}" + ("" if g is None else f" on GPU {g}"), flush=True)
             queue[:0] = waiting
         time.sleep(2)
 
@@ -400,12 +422,18 @@ def main(argv=None) -> None:
     r.add_argument("--per-gpu", type=int, default=5)
     r.add_argument("--heldout-corpus", type=Path, default=None,
                    help="the corpus JSONL: score every held-out package of each finished run apart (heldout.json)")
+    one = sub.add_parser("one", help="train and measure one run (the runner starts one such process per run)")
+    one.add_argument("spec", type=Path, help="the run's spec file, written by `run`")
+    one.add_argument("--data", required=True)
+    one.add_argument("--work", required=True)
     args = ap.parse_args(argv)
     if args.cmd == "configs":
         write_configs()
     elif args.cmd == "list":
         for name in runs():
             print(name, "done" if (RESULTS / f"{name}.json").is_file() else "-")
+    elif args.cmd == "one":
+        sys.exit(run_one(args.spec, Path(args.data), Path(args.work)))
     else:
         Path(args.work).mkdir(parents=True, exist_ok=True)
         run_all(Path(args.data), Path(args.work), args.only, args.per_gpu, args.heldout_corpus)
