@@ -11,6 +11,20 @@ import pytest
 EXPERIMENT = Path(__file__).resolve().parents[1] / "experiments" / "streams_effect"
 
 
+def _experiment_modules():
+    """(experiments/runner.py, experiments/streams_effect/runs.py) as modules."""
+    paths = [str(EXPERIMENT), str(EXPERIMENT.parent)]
+    sys.path[:0] = paths
+    try:
+        import runner
+
+        import runs
+    finally:
+        for p in paths:
+            sys.path.remove(p)
+    return runner, runs
+
+
 @pytest.fixture(scope="module")
 def analyze():
     sys.path.insert(0, str(EXPERIMENT))
@@ -105,11 +119,7 @@ def test_every_committed_config_is_accepted_by_the_trainer_and_builds_its_model(
     after the data was built: check each one here, with the runs' own data settings (an 8,192-entry BPE)."""
     from parscale.training.train import TrainConfig, _initial_model, check_config, load_config_file
 
-    sys.path.insert(0, str(EXPERIMENT))
-    try:
-        import runs
-    finally:
-        sys.path.remove(str(EXPERIMENT))
+    runner, runs = _experiment_modules()
     planned = runs.runs()
     configs = sorted((EXPERIMENT / "configs").glob("*.toml"))
     assert {c.stem for c in configs} == set(planned)  # the committed files are what runs.py writes
@@ -165,11 +175,7 @@ def test_heldout_rows_are_labelled_by_package_with_twins_apart(tmp_path):
     under the project's other name; heldout_summary pools them token-weighted, with and without the twins."""
 
 
-    sys.path.insert(0, str(EXPERIMENT))
-    try:
-        import runs
-    finally:
-        sys.path.remove(str(EXPERIMENT))
+    runner, runs = _experiment_modules()
     site = "/env/site-packages"
     rows = [("train", "pytorch_lightning", f"{site}/pytorch_lightning/trainer.py"),
             ("val", "lightning", f"{site}/lightning/pytorch/trainer.py"),   # a twin
@@ -180,13 +186,13 @@ def test_heldout_rows_are_labelled_by_package_with_twins_apart(tmp_path):
     corpus = tmp_path / "corpus.jsonl"
     corpus.write_text("".join(json.dumps({"text": f"text of {p}", "path": p, "package": pkg, "split": split}) + "\n"
                               for split, pkg, p in rows))
-    counts = runs.write_heldout(corpus, tmp_path / "heldout.jsonl")
+    counts = runner.write_heldout(corpus, tmp_path / "heldout.jsonl")
     assert counts == {"lightning [twin]": 1, "lightning": 2, "torchmetrics": 1}
     written = [json.loads(line) for line in (tmp_path / "heldout.jsonl").read_text().splitlines()]
     assert [r["domain"] for r in written] == ["lightning [twin]", "lightning", "lightning", "torchmetrics"]
     domains = {"lightning [twin]": {"tokens": 100, "loss": 1.0}, "lightning": {"tokens": 300, "loss": 2.0},
                "torchmetrics": {"tokens": 100, "loss": 3.0}}
-    summary = runs.heldout_summary(domains)
+    summary = runner.heldout_summary(domains)
     assert summary["packages"]["lightning"] == {"tokens": 400, "loss": pytest.approx(1.75)}
     assert summary["all"]["loss"] == pytest.approx((100 + 600 + 300) / 500)
     assert summary["without_twins"] == {"tokens": 400, "loss": pytest.approx(2.25)}
@@ -194,7 +200,7 @@ def test_heldout_rows_are_labelled_by_package_with_twins_apart(tmp_path):
     for name, bpb in (("lightning [twin]", 1.0), ("lightning", 0.5), ("torchmetrics", 2.0)):
         domains[name]["bits_per_byte"] = bpb
     n_bytes = {k: d["loss"] * d["tokens"] / math.log(2) / d["bits_per_byte"] for k, d in domains.items()}
-    summary = runs.heldout_summary(domains)
+    summary = runner.heldout_summary(domains)
     assert summary["all"]["bits_per_byte"] == pytest.approx(1000 / math.log(2) / sum(n_bytes.values()))
     assert summary["without_twins"]["bits_per_byte"] == pytest.approx(
         900 / math.log(2) / (n_bytes["lightning"] + n_bytes["torchmetrics"]))
@@ -222,23 +228,19 @@ def test_heldout_comparisons_pair_the_per_package_scores_by_seed(analyze):
 def test_a_stage_two_run_brings_its_stage_one_when_the_checkpoint_is_not_here(tmp_path):
     """select_runs: stage 2 continues a checkpoint that exists only where stage 1 trained, so a committed stage 1
     is trained again (marked "again", its committed result kept), unless its folder is already in --work."""
-    sys.path.insert(0, str(EXPERIMENT))
-    try:
-        import runs
-    finally:
-        sys.path.remove(str(EXPERIMENT))
+    runner, runs = _experiment_modules()
     results, work = tmp_path / "results", tmp_path / "work"
     results.mkdir()
     (results / "long-p1-s0.json").write_text("{}")
     all_runs = runs.runs()
-    todo = runs.select_runs(all_runs, ["ts-p4-plus5-s0", "fz-p2-plus5-s0"], results, work)
+    todo = runner.select_runs(all_runs, ["ts-p4-plus5-s0", "fz-p2-plus5-s0"], results, work)
     assert set(todo) == {"ts-p4-plus5-s0", "fz-p2-plus5-s0", "long-p1-s0"}
     assert todo["long-p1-s0"]["again"] and todo["long-p1-s0"]["train"] == all_runs["long-p1-s0"]["train"]
     (work / "long-p1-s0").mkdir(parents=True)
     (work / "long-p1-s0" / "result.json").write_text("{}")
-    assert set(runs.select_runs(all_runs, ["ts-p4-plus5-s0"], results, work)) == {"ts-p4-plus5-s0"}
+    assert set(runner.select_runs(all_runs, ["ts-p4-plus5-s0"], results, work)) == {"ts-p4-plus5-s0"}
     # a stage 1 without a committed result is an ordinary run (its result goes to results/)
-    todo = runs.select_runs(all_runs, ["ts-p4-plus5-s1"], results, work)
+    todo = runner.select_runs(all_runs, ["ts-p4-plus5-s1"], results, work)
     assert todo["long-p1-s1"]["again"] is False
 
 
@@ -269,11 +271,7 @@ def test_the_runner_trains_stage_one_then_stage_two_and_collects_a_finished_run_
     """runs.run_all on CPU with two tiny runs: the stage-2 run waits for its stage 1, each run trains in its own
     worker process and its result lands in results/; a run that finished training but was never collected (its
     runner stopped) is collected again without training another step."""
-    sys.path.insert(0, str(EXPERIMENT))
-    try:
-        import runs
-    finally:
-        sys.path.remove(str(EXPERIMENT))
+    runner, runs = _experiment_modules()
     base = {"steps": 4, "batch_size": 2, "seq_len": 32, "lr": 1e-3, "warmup": 1, "eval_every": 2, "eval_batches": 1,
             "eval_at": [1.0], "stream_batches": 1, "save_every": 0, "compile": False, "progress": False, "seed": 0}
     fake = {"tiny-p1-s0": {"arm": "tiny-p1", "seed": 0, "cost": 2,
@@ -283,7 +281,7 @@ def test_the_runner_trains_stage_one_then_stage_two_and_collects_a_finished_run_
     configs, results, work = tmp_path / "configs", tmp_path / "results", tmp_path / "work"
     configs.mkdir()
     for name, run in fake.items():
-        (configs / f"{name}.toml").write_text(runs._toml(run["train"]))
+        (configs / f"{name}.toml").write_text(runner.toml_text(run["train"]))
     monkeypatch.setattr(runs, "runs", lambda: fake)
     monkeypatch.setattr(runs, "CONFIGS", configs)
     monkeypatch.setattr(runs, "RESULTS", results)

@@ -43,7 +43,7 @@ ts-p8/ts-p4/fz-p2 runs also have 90 and 95%, which is all that differs in their 
 After training, `parscale streams` measures the final model's streams on 16 held-out
 batches, and with `--heldout-corpus` (gpu_run.sh passes it) `parscale eval` scores every held-out package
 apart, the files with a training twin apart (write_heldout; result["heldout_by_package"]). `run` starts
-each run as its own worker process (`runs.py one`: `parscale train`, then the measurements above, then
+each run as its own worker process (`experiments/runner.py one`: `parscale train`, then the measurements above, then
 its result.json), `per_gpu` at a time on every visible GPU (largest P first),
 skips runs whose result exists, and writes results/{run}.json; a stage-2 run brings its stage 1 along when
 that run's folder is not in --work (select_runs). A runner stopped by SIGTERM (a time limit)
@@ -54,18 +54,14 @@ continues them with `--resume` (bit-exact), and `wall_seconds` is then the last 
 from __future__ import annotations
 
 import argparse
-import fnmatch
-import json
-import math
-import os
-import platform
-import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+from runner import run_all as _run_all  # noqa: E402  (experiments/runner.py, shared by the experiments)
+from runner import toml_text  # noqa: E402
+
 CONFIGS, RESULTS = HERE / "configs", HERE / "results"
 STEPS, BATCH, SEQ = 2400, 32, 512
 SHAPE = {"hidden_size": 256, "intermediate_size": 1024, "num_hidden_layers": 8, "num_attention_heads": 4,
@@ -205,209 +201,10 @@ def runs() -> dict[str, dict]:
     return out
 
 
-def _toml(fields: dict) -> str:
-    def value(v):
-        return ("true" if v else "false") if isinstance(v, bool) else json.dumps(v)
-
-    plain = [f"{k} = {value(v)}" for k, v in fields.items() if not isinstance(v, dict)]
-    tables = [f"\n[{k}]\n" + "\n".join(f"{kk} = {value(vv)}" for kk, vv in v.items())
-              for k, v in fields.items() if isinstance(v, dict)]
-    return "\n".join(plain) + "".join(tables) + "\n"
-
-
 def write_configs() -> None:
     CONFIGS.mkdir(exist_ok=True)
     for name, run in runs().items():
-        (CONFIGS / f"{name}.toml").write_text(_toml(run["train"]))
-
-
-# The held-out packages' files whose copies under another name are training files (the same project published
-# twice; README, "The held-out set, audited"): a held-out path containing the key is a twin when the path with
-# the key replaced by the value is a training path.
-TWIN_PATHS = {"/lightning/pytorch/": "/pytorch_lightning/", "/lightning/fabric/": "/lightning_fabric/"}
-
-
-def write_heldout(corpus: Path, out: Path) -> dict:
-    """The corpus's held-out rows as one JSONL for `parscale eval`, each row's "domain" its package, with
-    " [twin]" appended for a file with a training twin: the evaluation then reports every package, twins
-    apart. Returns {domain: files}."""
-    rows = [json.loads(line) for line in corpus.read_text().splitlines() if line.strip()]
-    train_paths = {r["path"] for r in rows if r["split"] == "train"}
-    counts: dict[str, int] = {}
-    lines = []
-    for r in rows:
-        if r["split"] != "val":
-            continue
-        twin = any(key in r["path"] and r["path"].replace(key, value, 1) in train_paths
-                   for key, value in TWIN_PATHS.items())
-        domain = r["package"] + (" [twin]" if twin else "")
-        counts[domain] = counts.get(domain, 0) + 1
-        lines.append(json.dumps({"text": r["text"], "domain": domain}))
-    out.write_text("\n".join(lines) + "\n")
-    return counts
-
-
-def heldout_summary(domains: dict) -> dict:
-    """Loss per package (twins included), and overall with and without the twin files, from the domains of
-    `parscale eval` (token-weighted); bits per byte beside it where eval gives it (a measure that does not
-    depend on the tokenizer: each domain's bytes are its nats / ln 2 / its bits per byte)."""
-    def pooled(keys):
-        tokens = sum(domains[k]["tokens"] for k in keys)
-        nats = sum(domains[k]["loss"] * domains[k]["tokens"] for k in keys)
-        out = {"tokens": tokens, "loss": nats / tokens}
-        if all(domains[k].get("bits_per_byte") for k in keys):
-            n_bytes = sum(domains[k]["loss"] * domains[k]["tokens"] / math.log(2) / domains[k]["bits_per_byte"]
-                          for k in keys)
-            out["bits_per_byte"] = nats / math.log(2) / n_bytes
-        return out
-
-    packages = sorted({k.removesuffix(" [twin]") for k in domains})
-    return {"packages": {p: pooled([k for k in domains if k.removesuffix(" [twin]") == p]) for p in packages},
-            "all": pooled(list(domains)), "without_twins": pooled([k for k in domains if not k.endswith("[twin]")])}
-
-
-def collect(name: str, run: dict, run_dir: Path, wall: float) -> dict:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    full = [(r["step"], r["val_loss_full"]) for r in rows if "val_loss_full" in r]
-    tail = rows[-max(1, len(rows) // 20):]
-    streams_file = run_dir / "streams.json"
-    heldout_file = run_dir / "heldout.json"
-    import torch
-
-    return {
-        "run": name, "arm": run["arm"], "seed": run["seed"], "settings": run["train"],
-        "val_loss_full": dict(full), "endpoint": statistics.fmean(v for _, v in full),
-        "train_loss_final": statistics.fmean(r["loss"] for r in tail),
-        "eval_curve": [{"step": r["step"], "val_loss": r["val_loss"], **({"streams": r["streams"]} if "streams" in r
-                                                                          else {})} for r in rows if "val_loss" in r],
-        "loss_curve": [[r["step"], r["loss"]] for r in rows[::20]],
-        "tokens_per_s_median": statistics.median(r["tokens_per_s"] for r in rows[len(rows) // 10:]),
-        "wall_seconds": wall,
-        "streams_final": json.loads(streams_file.read_text()) if streams_file.is_file() else None,
-        "heldout_by_package": (heldout_summary(json.loads(heldout_file.read_text())["domains"])
-                               if heldout_file.is_file() else None),
-        "environment": {"gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-                        "torch": torch.__version__, "python": platform.python_version()},
-    }
-
-
-AGAIN = "stage1_again"   # results/stage1_again/: stage-1 runs trained again on a later machine for stage 2
-
-
-def select_runs(all_runs: dict[str, dict], only: list[str], results: Path, work: Path) -> dict[str, dict]:
-    """The runs to train: those matching a pattern without a result in `results`, plus the stage 1 of each
-    stage-2 run among them when its folder (its checkpoint) is not in `work`. A stage-2 run continues a
-    checkpoint that lives only on the machine that trained it, so a stage 1 whose result is already committed
-    is trained again, marked "again" (its result goes to results/stage1_again/, the committed one stays)."""
-    todo = {n: r for n, r in all_runs.items() if any(fnmatch.fnmatch(n, pat) for pat in only)
-            and not (results / f"{n}.json").is_file()}
-    for name in list(todo):
-        after = todo[name].get("after")
-        if after and after not in todo and after in all_runs and not (work / after / "result.json").is_file():
-            todo[after] = {**all_runs[after], "again": (results / f"{after}.json").is_file()}
-    return todo
-
-
-def run_one(spec_file: Path, data: Path, work: Path) -> int:
-    """Train one run (continuing its checkpoint if it has one), measure its streams, score the held-out packages
-    (when work/heldout.jsonl exists) and write work/{name}/result.json; the exit status of the first step that
-    failed, else 0. The runner starts this as one process per run (the run and its config file named in
-    spec_file, which the runner writes), so its scheduling never waits on them."""
-    from parscale.training.run_folder import latest_checkpoint
-
-    t0 = time.time()
-    spec = json.loads(spec_file.read_text())
-    name, run = spec["name"], spec["run"]
-    run_dir, env = work / name, {**os.environ, "PYTHONUNBUFFERED": "1"}
-    device = "cuda" if os.environ.get("CUDA_VISIBLE_DEVICES", "") != "" else "cpu"
-    ckpt = latest_checkpoint(run_dir)
-    if ckpt is None or int(ckpt.name.removeprefix("step-")) < run["train"]["steps"]:
-        # A run stopped by SIGTERM (the runner's time limit) wrote a checkpoint: continue it, bit-exact.
-        cmd = [sys.executable, "-m", "parscale.cli", "train", "--config", spec["config"],
-               "--data", str(data), "--out", str(run_dir), "--resume" if ckpt else "--overwrite"]
-        if run.get("after"):
-            cmd += ["--model", str(work / run["after"])]
-        code = subprocess.run(cmd, env=env, check=False).returncode
-        if code != 0:
-            return code
-    subprocess.run([sys.executable, "-m", "parscale.cli", "streams", "--model", str(run_dir), "--data", str(data),
-                    "--batches", "16", "--batch-size", "16", "--seq-len", str(SEQ), "--device", device,
-                    "--out", str(run_dir / "streams.json")], env=env, check=False, stdout=subprocess.DEVNULL)
-    heldout = work / "heldout.jsonl"
-    if heldout.is_file():  # every held-out package scored apart, twins apart (write_heldout)
-        subprocess.run([sys.executable, "-m", "parscale.cli", "eval", "--model", str(run_dir), "--data", str(heldout),
-                        "--max-length", str(SEQ), "--batch-size", "32", "--device", device, "--out",
-                        str(run_dir / "heldout.json")], env=env, check=False, stdout=subprocess.DEVNULL)
-    result = collect(name, run, run_dir, time.time() - t0)
-    (run_dir / "result.json").write_text(json.dumps(result, indent=1) + "\n")
-    return 0
-
-
-def run_all(data: Path, work: Path, only: list[str], per_gpu: int, heldout_corpus: Path | None = None) -> None:
-    import torch
-
-    RESULTS.mkdir(exist_ok=True)
-    work.mkdir(parents=True, exist_ok=True)
-    heldout = work / "heldout.jsonl"
-    if heldout_corpus is not None and not heldout.is_file():
-        print(f"[runs] held-out files by package: {write_heldout(heldout_corpus, heldout)}", flush=True)
-    todo = select_runs(runs(), only, RESULTS, work)
-    queue = sorted(todo, key=lambda n: -todo[n]["cost"])
-    gpus = list(range(max(1, torch.cuda.device_count()))) if torch.cuda.is_available() else [None]
-    slots = {g: [] for g in gpus}
-    print(f"[runs] {len(queue)} runs on GPUs {gpus}, {per_gpu} per GPU", flush=True)
-
-    def publish(name: str, how: str) -> None:
-        text = (work / name / "result.json").read_text()
-        if todo[name].get("again"):   # a stage 1 trained again for its checkpoint: the committed one stays
-            (RESULTS / AGAIN).mkdir(exist_ok=True)
-            (RESULTS / AGAIN / f"{name}.json").write_text(text)
-        else:
-            (RESULTS / f"{name}.json").write_text(text)
-        result = json.loads(text)
-        print(f"[runs] {how} {name}: endpoint {result['endpoint']:.4f}, {result['wall_seconds']:.0f} s, "
-              f"{result['tokens_per_s_median']:,.0f} tok/s", flush=True)
-
-    while queue or any(slots.values()):
-        for g in gpus:
-            for proc, name in list(slots[g]):
-                if proc.poll() is None:
-                    continue
-                slots[g].remove((proc, name))
-                if proc.returncode != 0:
-                    tail = (work / f"{name}.log").read_text(errors="replace").strip().splitlines()[-3:]
-                    print(f"[runs] FAILED {name} (exit {proc.returncode}); see {work / name}.log:\n    "
-                          + "\n    ".join(tail), flush=True)
-                    continue
-                publish(name, "done")
-            waiting = []
-            while queue and len(slots[g]) < per_gpu:
-                name = queue.pop(0)
-                after = todo[name].get("after")
-                if after and not (work / after / "result.json").is_file():
-                    if any(after == n for n in queue + waiting) or any(after == n for _, n in
-                                                                        sum(slots.values(), [])):
-                        waiting.append(name)  # stage 1 is still to come on this machine
-                    else:
-                        print(f"[runs] skip {name}: it continues {after}, which has not run on this machine "
-                              f"(--work {work}); include it in the patterns", flush=True)
-                    continue
-                if (work / name / "result.json").is_file():   # finished under a runner that was stopped
-                    publish(name, "collected from its run folder")
-                    continue
-                spec = work / f"{name}.spec.json"
-                spec.write_text(json.dumps({"name": name, "run": todo[name],
-                                            "config": str(CONFIGS / f"{name}.toml")}) + "\n")
-                cmd = [sys.executable, str(Path(__file__).resolve()), "one", str(spec), "--data", str(data),
-                       "--work", str(work)]
-                visible = {} if g is None else {"CUDA_VISIBLE_DEVICES": str(g)}
-                log = open(work / f"{name}.log", "a")
-                proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1", **visible}, stdout=log,
-                                        stderr=subprocess.STDOUT)
-                slots[g].append((proc, name))
-                print(f"[runs] start {name}" + ("" if g is None else f" on GPU {g}"), flush=True)
-            queue[:0] = waiting
-        time.sleep(2)
+        (CONFIGS / f"{name}.toml").write_text(toml_text(run["train"]))
 
 
 def main(argv=None) -> None:
@@ -422,21 +219,20 @@ def main(argv=None) -> None:
     r.add_argument("--per-gpu", type=int, default=5)
     r.add_argument("--heldout-corpus", type=Path, default=None,
                    help="the corpus JSONL: score every held-out package of each finished run apart (heldout.json)")
-    one = sub.add_parser("one", help="train and measure one run (the runner starts one such process per run)")
-    one.add_argument("spec", type=Path, help="the run's spec file, written by `run`")
-    one.add_argument("--data", required=True)
-    one.add_argument("--work", required=True)
     args = ap.parse_args(argv)
     if args.cmd == "configs":
         write_configs()
     elif args.cmd == "list":
         for name in runs():
             print(name, "done" if (RESULTS / f"{name}.json").is_file() else "-")
-    elif args.cmd == "one":
-        sys.exit(run_one(args.spec, Path(args.data), Path(args.work)))
     else:
         Path(args.work).mkdir(parents=True, exist_ok=True)
         run_all(Path(args.data), Path(args.work), args.only, args.per_gpu, args.heldout_corpus)
+
+
+def run_all(data: Path, work: Path, only: list[str], per_gpu: int, heldout_corpus: Path | None = None) -> None:
+    """runner.run_all over this experiment's runs, configs/ and results/."""
+    _run_all(runs(), CONFIGS, RESULTS, data, work, only, per_gpu, heldout_corpus)
 
 
 if __name__ == "__main__":

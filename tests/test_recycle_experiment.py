@@ -1,0 +1,55 @@
+"""The recycling experiment's configs (experiments/recycle_smollm2): every committed file is what runs.py writes,
+the trainer accepts it, and it builds the model it names from a P = 1 folder (a tiny stand-in for SmolLM2)."""
+
+import dataclasses
+import sys
+from pathlib import Path
+
+EXPERIMENT = Path(__file__).resolve().parents[1] / "experiments" / "recycle_smollm2"
+
+
+def _runs_module():
+    paths = [str(EXPERIMENT), str(EXPERIMENT.parent)]
+    sys.path[:0] = paths
+    try:
+        import importlib.util
+
+        spec = importlib.util.spec_from_file_location("recycle_runs", EXPERIMENT / "runs.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        for p in paths:
+            sys.path.remove(p)
+    return module
+
+
+def test_every_recycling_config_is_accepted_and_builds_its_model(tmp_path):
+    import parscale
+    from parscale.model.config import ModelConfig
+    from parscale.training.train import TrainConfig, _initial_model, check_config, load_config_file
+
+    runs = _runs_module()
+    planned = runs.runs()
+    configs = sorted((EXPERIMENT / "configs").glob("*.toml"))
+    assert {c.stem for c in configs} == set(planned)
+    base = tmp_path / "p1"
+    parscale.save(parscale.build_model(ModelConfig.preset("tiny"), seed=0), base)
+    vocab = ModelConfig.preset("tiny").vocab_size
+    built = set()
+    for path in configs:
+        cfg = TrainConfig(**load_config_file(path), data="unused", out="unused")
+        check_config(cfg)
+        assert cfg.model == runs.MODEL and cfg.steps * cfg.batch_size * cfg.seq_len in (19_988_480, 16_384)
+        kind = (cfg.streams, cfg.p1_prefix, cfg.trainable, cfg.prefix_init)
+        if kind in built:
+            continue
+        built.add(kind)
+        model = _initial_model(dataclasses.replace(cfg, model=str(base)), vocab_size=vocab, eos_id=0)
+        assert model.config.parscale_n == cfg.streams and model.config.parscale_p1_prefix == cfg.p1_prefix
+        if cfg.streams > 1 or cfg.p1_prefix:
+            assert model.config.parscale_n_tokens == 48
+    # every arm of the design is there, for each seed
+    arms = {r["arm"] for r in planned.values()}
+    assert arms == {"frozen-p1prefix", "frozen-p2", "frozen-p4", "frozen-p8", "full-p1", "full-p1prefix", "full-p2",
+                    "full-p4", "full-p8", "start-p1", "start-p4"}
+    assert {r["seed"] for r in planned.values() if r["arm"] == "full-p8"} == {0, 1, 2}
