@@ -34,7 +34,7 @@ if [ ! -f runs/smollm2/config.json ]; then
     fi
     python3 -m parscale.cli convert --model "$GGUF" --out runs/smollm2 || exit 1
 fi
-if [ ! -f "$W/data/manifest.json" ]; then
+if [ ! -f "$W/data/manifest.json" ] || [ ! -f "$W/corpus.jsonl" ]; then
     python3 -m parscale.cli corpus --this-python --out "$W/corpus.jsonl" --val-fraction 0.02 --overwrite > "$W/corpus.txt" || exit 1
     python3 -m parscale.cli data "$W/corpus.jsonl" --split-field split --tokenizer runs/smollm2/tokenizer.json \
         --out "$W/data" --overwrite || exit 1
