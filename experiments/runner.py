@@ -158,8 +158,29 @@ def run_one(spec_file: Path, data: Path, work: Path) -> int:
                         "--max-length", str(seq_len), "--batch-size", "32", "--device", device, "--out",
                         str(run_dir / "heldout.json")], env=env, check=False, stdout=subprocess.DEVNULL)
     result = collect(name, run, run_dir, time.time() - t0)
+    if run.get("after"):
+        result["stage1"] = stage1_identity(work / run["after"])
     (run_dir / "result.json").write_text(json.dumps(result, indent=1) + "\n")
     return 0
+
+
+def stage1_identity(stage1_dir: Path) -> dict:
+    """Which stage-1 checkpoint a stage-2 run continued: the stage-1 run's last whole-split loss and the sha256 of
+    its final weights. Stage-2 runs of one seed are compared only when these agree (the same recipe trained on
+    another machine gives another checkpoint)."""
+    import hashlib
+
+    from parscale.training.run_folder import latest_checkpoint
+
+    rows = [json.loads(line) for line in (stage1_dir / "metrics.jsonl").read_text().splitlines()]
+    full = [r for r in rows if "val_loss_full" in r]
+    weights = latest_checkpoint(stage1_dir) / "model" / "model.safetensors"
+    digest = hashlib.sha256()
+    with open(weights, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return {"run": stage1_dir.name, "step": full[-1]["step"], "val_loss_full": full[-1]["val_loss_full"],
+            "weights_sha256": digest.hexdigest()}
 
 
 def run_all(all_runs: dict[str, dict], configs: Path, results: Path, data: Path, work: Path, only: list[str],

@@ -264,6 +264,15 @@ def test_post_training_pairs_each_stage_two_arm_with_its_controls_by_seed(analyz
     assert out["arms"]["ts-p4-plus5"]["mean"] == pytest.approx(2.02)
     assert out["arms"]["ts-p4-plus5"]["below_stage1"] == pytest.approx(
         sum(start[s] - v for s, v in enumerate([2.02, 2.04, 2.00])) / 3)
+    # runs that record their stage-1 checkpoint are paired only with a base that continued the same one
+    for arm in ("ts-p1-plus5", "ts-p4-plus5"):
+        for s in range(3):
+            results[(arm, s)]["stage1"] = {"val_loss_full": 2.1 + s, "weights_sha256": None}
+    results[("ts-p4-plus5", 2)]["stage1"] = {"val_loss_full": 2.5, "weights_sha256": None}   # another machine's
+    out = analyze.post_training(results)
+    (row,) = [r for r in out["comparisons"] if r["arm"] == "ts-p4-plus5" and r["base"] == "ts-p1-plus5"]
+    assert row["n"] == 2 and row["mean"] == pytest.approx(0.025)
+    assert out["arms"]["ts-p4-plus5"]["below_stage1"] == pytest.approx((0.08 + 1.06 + 0.50) / 3)
 
 
 def test_the_runner_trains_stage_one_then_stage_two_and_collects_a_finished_run_without_retraining(
@@ -288,10 +297,14 @@ def test_the_runner_trains_stage_one_then_stage_two_and_collects_a_finished_run_
     runs.run_all(data_dir, work, ["tiny-ts-*"], per_gpu=2)
     out = capsys.readouterr().out
     assert "done tiny-p1-s0" in out and "done tiny-ts-p2-s0" in out, out
-    assert out.index("done tiny-p1-s0") < out.index("start tiny-ts-p2-s0")
+    # stage 2 started only once stage 1 had written its result (its last act: the log line may come later)
+    assert (work / "tiny-ts-p2-s0.spec.json").stat().st_mtime >= (work / "tiny-p1-s0" / "result.json").stat().st_mtime
     stage2 = json.loads((results / "tiny-ts-p2-s0.json").read_text())
     assert stage2["settings"]["streams"] == 2 and set(stage2["val_loss_full"]) == {"3"}
     assert (results / "tiny-p1-s0.json").is_file()   # no committed stage 1: an ordinary result
+    stage1 = json.loads((results / "tiny-p1-s0.json").read_text())
+    assert stage2["stage1"]["val_loss_full"] == stage1["val_loss_full"]["4"]
+    assert len(stage2["stage1"]["weights_sha256"]) == 64
     metrics = (work / "tiny-ts-p2-s0" / "metrics.jsonl").read_text()
     (work / "tiny-ts-p2-s0" / "result.json").unlink()
     (results / "tiny-ts-p2-s0.json").unlink()

@@ -158,14 +158,22 @@ def post_training(results) -> dict:
     """Two-stage and frozen-backbone arms at their last whole-split loss: paired comparisons per stage-2 length,
     and each arm's mean ± SE over seeds with its drop below the stage-1 model's last loss on the same seeds
     (below_stage1 > 0: stage 2 ended lower than it started)."""
-    start = stage1_endpoints()
+    fallback = stage1_endpoints()
     # Stage-2 runs are read at their last whole-split loss (runs.py: they evaluate at 100% only), as stage 1 is.
     last = {key: {**r, "endpoint": r["val_loss_full"][max(r["val_loss_full"], key=int)]}
             for key, r in results.items() if key[0].startswith(("ts-", "fz-")) and r.get("val_loss_full")}
+
+    def start(key):   # the last loss of the stage-1 checkpoint this run continued
+        record = last[key].get("stage1")
+        return record["val_loss_full"] if record else fallback.get(key[1])
+
     rows, arms = [], {}
     for pct in POST_TRAINING_PCTS:
         for arm, base, what in post_training_comparisons(pct):
-            g = paired_t(last, arm, base)
+            # pairs only of runs that continued the same stage-1 checkpoint of their seed
+            same = {k: v for k, v in last.items() if k[0] in (arm, base)
+                    and (k[0] == base or (base, k[1]) in last and start(k) == start((base, k[1])))}
+            g = paired_t(same, arm, base)
             if g is not None:
                 rows.append({"pct": pct, "arm": arm, "base": base, "what": what, **g})
     for (arm, s), r in last.items():
@@ -173,11 +181,11 @@ def post_training(results) -> dict:
     table = {}
     for arm, by_seed in sorted(arms.items()):
         v = list(by_seed.values())
-        drop = [start[s] - f for s, f in by_seed.items() if s in start]
+        drop = [start((arm, s)) - f for s, f in by_seed.items() if start((arm, s)) is not None]
         table[arm] = {"n": len(v), "mean": statistics.fmean(v),
                       "se": statistics.stdev(v) / math.sqrt(len(v)) if len(v) > 1 else None,
                       "below_stage1": statistics.fmean(drop) if drop else None, "endpoints": by_seed}
-    return {"comparisons": rows, "arms": table, "stage1_final": start}
+    return {"comparisons": rows, "arms": table, "stage1_final": fallback}
 
 
 def heldout_comparisons(results) -> dict:
