@@ -1,6 +1,7 @@
 """The stream experiment's analysis rules (experiments/streams_effect/analyze.py) on made-up endpoints:
 when a doubling of P counts, and when the P = 1 width ladder gives a slope at all."""
 
+import importlib
 import json
 import math
 import sys
@@ -16,9 +17,8 @@ def _experiment_modules():
     paths = [str(EXPERIMENT), str(EXPERIMENT.parent)]
     sys.path[:0] = paths
     try:
-        import runner
-
-        import runs
+        # import_module: isort would sort `runs` by whether a runs/ folder happens to exist in the checkout
+        runner, runs = importlib.import_module("runner"), importlib.import_module("runs")
     finally:
         for p in paths:
             sys.path.remove(p)
