@@ -160,8 +160,16 @@ def run_one(spec_file: Path, data: Path, work: Path) -> int:
     result = collect(name, run, run_dir, time.time() - t0)
     if run.get("after"):
         result["stage1"] = stage1_identity(work / run["after"])
-    (run_dir / "result.json").write_text(json.dumps(result, indent=1) + "\n")
+    write_atomic(run_dir / "result.json", json.dumps(result, indent=1) + "\n")
     return 0
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write to a temporary file beside `path`, then rename: a process killed midway leaves no half file (a
+    result.json is what marks a run as done)."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def stage1_identity(stage1_dir: Path) -> dict:
@@ -202,9 +210,9 @@ def run_all(all_runs: dict[str, dict], configs: Path, results: Path, data: Path,
         text = (work / name / "result.json").read_text()
         if todo[name].get("again"):   # a stage 1 trained again for its checkpoint: the committed one stays
             (results / AGAIN).mkdir(exist_ok=True)
-            (results / AGAIN / f"{name}.json").write_text(text)
+            write_atomic(results / AGAIN / f"{name}.json", text)
         else:
-            (results / f"{name}.json").write_text(text)
+            write_atomic(results / f"{name}.json", text)
         result = json.loads(text)
         print(f"[runs] {how} {name}: endpoint {result['endpoint']:.4f}, {result['wall_seconds']:.0f} s, "
               f"{result['tokens_per_s_median']:,.0f} tok/s", flush=True)
