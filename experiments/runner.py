@@ -259,6 +259,38 @@ def run_all(all_runs: dict[str, dict], configs: Path, results: Path, data: Path,
         time.sleep(2)
 
 
+def write_configs(all_runs: dict[str, dict], configs: Path) -> None:
+    configs.mkdir(exist_ok=True)
+    for name, run in all_runs.items():
+        (configs / f"{name}.toml").write_text(toml_text(run["train"]))
+
+
+def experiment_main(argv, description: str, runs, configs: Path, results: Path, run_all, data_help: str,
+                    per_gpu: int) -> None:
+    """An experiment's command line: `configs` (write configs/*.toml), `list` (each run, done or not) and `run`
+    (run_all over the runs matching --only). runs and run_all are the experiment's own functions."""
+    ap = argparse.ArgumentParser(description=description)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("configs")
+    sub.add_parser("list")
+    r = sub.add_parser("run")
+    r.add_argument("--data", required=True, help=data_help)
+    r.add_argument("--work", required=True, help="where run folders and logs go")
+    r.add_argument("--only", nargs="+", default=["*"], help="run-name patterns")
+    r.add_argument("--per-gpu", type=int, default=per_gpu)
+    r.add_argument("--heldout-corpus", type=Path, default=None,
+                   help="the corpus JSONL: score every held-out package of each finished run apart (heldout.json)")
+    args = ap.parse_args(argv)
+    if args.cmd == "configs":
+        write_configs(runs(), configs)
+    elif args.cmd == "list":
+        for name in runs():
+            print(name, "done" if (results / f"{name}.json").is_file() else "-")
+    else:
+        Path(args.work).mkdir(parents=True, exist_ok=True)
+        run_all(Path(args.data), Path(args.work), args.only, args.per_gpu, args.heldout_corpus)
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description="one run of an experiment: train, measure, write result.json")
     sub = ap.add_subparsers(dest="cmd", required=True)

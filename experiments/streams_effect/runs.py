@@ -53,14 +53,13 @@ continues them with `--resume` (bit-exact), and `wall_seconds` is then the last 
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
+from runner import experiment_main  # noqa: E402
 from runner import run_all as _run_all  # noqa: E402  (experiments/runner.py, shared by the experiments)
-from runner import toml_text  # noqa: E402
 
 CONFIGS, RESULTS = HERE / "configs", HERE / "results"
 STEPS, BATCH, SEQ = 2400, 32, 512
@@ -201,38 +200,14 @@ def runs() -> dict[str, dict]:
     return out
 
 
-def write_configs() -> None:
-    CONFIGS.mkdir(exist_ok=True)
-    for name, run in runs().items():
-        (CONFIGS / f"{name}.toml").write_text(toml_text(run["train"]))
-
-
-def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    sub.add_parser("configs")
-    sub.add_parser("list")
-    r = sub.add_parser("run")
-    r.add_argument("--data", required=True, help="a `parscale data` folder of the code corpus")
-    r.add_argument("--work", required=True, help="where run folders and logs go")
-    r.add_argument("--only", nargs="+", default=["*"], help="run-name patterns")
-    r.add_argument("--per-gpu", type=int, default=5)
-    r.add_argument("--heldout-corpus", type=Path, default=None,
-                   help="the corpus JSONL: score every held-out package of each finished run apart (heldout.json)")
-    args = ap.parse_args(argv)
-    if args.cmd == "configs":
-        write_configs()
-    elif args.cmd == "list":
-        for name in runs():
-            print(name, "done" if (RESULTS / f"{name}.json").is_file() else "-")
-    else:
-        Path(args.work).mkdir(parents=True, exist_ok=True)
-        run_all(Path(args.data), Path(args.work), args.only, args.per_gpu, args.heldout_corpus)
-
-
 def run_all(data: Path, work: Path, only: list[str], per_gpu: int, heldout_corpus: Path | None = None) -> None:
     """runner.run_all over this experiment's runs, configs/ and results/."""
     _run_all(runs(), CONFIGS, RESULTS, data, work, only, per_gpu, heldout_corpus)
+
+
+def main(argv=None) -> None:
+    experiment_main(argv, __doc__.splitlines()[0], runs, CONFIGS, RESULTS, run_all,
+                    data_help="a `parscale data` folder of the code corpus", per_gpu=5)
 
 
 if __name__ == "__main__":
