@@ -164,6 +164,16 @@ def run_one(spec_file: Path, data: Path, work: Path) -> int:
     return 0
 
 
+def again_path(folder: Path, name: str) -> Path:
+    """Where a stage 1 trained again is published: {name}.json, or {name}.again-{k}.json when an earlier
+    re-training is already there (each is the start of the stage-2 runs that recorded its identity; none is
+    replaced)."""
+    path, k = folder / f"{name}.json", 2
+    while path.exists():
+        path, k = folder / f"{name}.again-{k}.json", k + 1
+    return path
+
+
 def write_atomic(path: Path, text: str) -> None:
     """Write to a temporary file beside `path`, then rename: a process killed midway leaves no half file (a
     result.json is what marks a run as done)."""
@@ -210,7 +220,7 @@ def run_all(all_runs: dict[str, dict], configs: Path, results: Path, data: Path,
         text = (work / name / "result.json").read_text()
         if todo[name].get("again"):   # a stage 1 trained again for its checkpoint: the committed one stays
             (results / AGAIN).mkdir(exist_ok=True)
-            write_atomic(results / AGAIN / f"{name}.json", text)
+            write_atomic(again_path(results / AGAIN, name), text)
         else:
             write_atomic(results / f"{name}.json", text)
         result = json.loads(text)

@@ -244,6 +244,19 @@ def test_a_stage_two_run_brings_its_stage_one_when_the_checkpoint_is_not_here(tm
     assert todo["long-p1-s1"]["again"] is False
 
 
+def test_a_stage_one_trained_again_twice_keeps_both_results(tmp_path):
+    """Each re-training of a stage 1 is the start of the stage-2 runs that recorded it: a later one is published
+    beside the earlier, never over it."""
+    runner, _ = _experiment_modules()
+    first = runner.again_path(tmp_path, "long-p1-s0")
+    assert first == tmp_path / "long-p1-s0.json"
+    first.write_text("{}")
+    second = runner.again_path(tmp_path, "long-p1-s0")
+    assert second == tmp_path / "long-p1-s0.again-2.json"
+    second.write_text("{}")
+    assert runner.again_path(tmp_path, "long-p1-s0") == tmp_path / "long-p1-s0.again-3.json"
+
+
 def test_post_training_pairs_each_stage_two_arm_with_its_controls_by_seed(analyze):
     """Two-stage and frozen arms are read at their last whole-split loss against P = 1 and the prefix control
     continued from the same checkpoint, paired by seed; the arm table gives each arm's drop below its stage-1
