@@ -101,6 +101,8 @@ def collect(name: str, run: dict, run_dir: Path, wall: float) -> dict:
         "loss_curve": [[r["step"], r["loss"]] for r in rows[::20]],
         "tokens_per_s_median": statistics.median(r["tokens_per_s"] for r in rows[len(rows) // 10:]),
         "wall_seconds": wall,
+        # the trainer's own high-water mark (CUDA only): how many runs can share one card
+        "peak_memory_gib": max((r["peak_memory_gib"] for r in rows if "peak_memory_gib" in r), default=None),
         "streams_final": json.loads(streams_file.read_text()) if streams_file.is_file() else None,
         "heldout_by_package": (heldout_summary(json.loads(heldout_file.read_text())["domains"])
                                if heldout_file.is_file() else None),

@@ -325,3 +325,17 @@ def test_the_runner_trains_stage_one_then_stage_two_and_collects_a_finished_run_
     assert "done tiny-ts-p2-s0" in capsys.readouterr().out
     assert (work / "tiny-ts-p2-s0" / "metrics.jsonl").read_text() == metrics   # not one step trained again
     assert json.loads((results / "tiny-ts-p2-s0.json").read_text())["endpoint"] == stage2["endpoint"]
+
+
+def test_collect_keeps_the_trainers_peak_memory(tmp_path):
+    """result.json carries the largest peak memory the trainer logged (None where it logged none, as on CPU)."""
+    runner, _ = _experiment_modules()
+    rows = [{"step": s, "loss": 3.0, "tokens_per_s": 100.0, **({"peak_memory_gib": g} if g else {})}
+            for s, g in ((1, None), (2, 7.5), (3, 9.25), (4, 8.0))]
+    rows[-1]["val_loss_full"] = 2.5
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run = {"arm": "p1", "seed": 0, "train": {}}
+    assert runner.collect("r", run, tmp_path, 1.0)["peak_memory_gib"] == 9.25
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps({k: v for k, v in r.items() if k != "peak_memory_gib"})
+                                                    + "\n" for r in rows))
+    assert runner.collect("r", run, tmp_path, 1.0)["peak_memory_gib"] is None
