@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import gc
 import json
+import os
 import platform
 import statistics
 import sys
@@ -197,7 +198,9 @@ def environment() -> dict:
         driver = None
     return {"gpu": torch.cuda.get_device_name(0), "gpu_memory_gib": props.total_memory / 2**30, "driver": driver,
             "torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),
-            "date": time.strftime("%Y-%m-%d"), "command": " ".join(["parscale", *sys.argv[1:]])}
+            "date": time.strftime("%Y-%m-%d"), "command": " ".join(["parscale", *sys.argv[1:]]),
+            # compiler settings given through the environment change the kernels a compiled step runs
+            "inductor_env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("TORCHINDUCTOR_")}}
 
 
 def anchor_ratios(point: dict, anchors: list[dict]) -> dict[str, float]:

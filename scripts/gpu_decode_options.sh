@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Which compiler settings make the compiled decode step faster: the paper-1.6b shape at P = 1 and 8, batch 1,
+# 64 + 64 tokens, `parscale bench --engine compile`, once per setting, each in its own process with gpt-fast's
+# P = 1 timed first in that process (so every ratio compares like with like, whatever the setting does to both):
+#   default        torch.compile as the engine uses it
+#   pdl            TORCHINDUCTOR_ENABLE_PDL=1: programmatic dependent launch between the Triton kernels (Hopper)
+#   autotune       TORCHINDUCTOR_MAX_AUTOTUNE_GEMM=1: GEMMs autotuned against Triton templates
+#   autotune_pdl   both (GEMMs that become Triton kernels can take part in PDL too)
+#
+#   GPTFAST_MODEL=path/to/gpt-fast/model.py bash scripts/gpu_decode_options.sh [settings...]
+#
+# GPTFAST_MODEL is the user's copy of gpt-fast's model.py (read and run, never part of parscale). Each setting
+# writes $OUT/decode_<setting>.json (its inductor_env recorded in "environment").
+set -uo pipefail
+export PYTHONPATH=src PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/nvidia-smi.txt"
+anchor=()
+[ -n "${GPTFAST_MODEL:-}" ] && anchor=(--gptfast-model "$GPTFAST_MODEL")
+settings=("$@")
+[ ${#settings[@]} -eq 0 ] && settings=(default pdl autotune autotune_pdl)
+for s in "${settings[@]}"; do
+  case $s in
+    default) env=() ;;
+    pdl) env=(TORCHINDUCTOR_ENABLE_PDL=1) ;;
+    autotune) env=(TORCHINDUCTOR_MAX_AUTOTUNE_GEMM=1) ;;
+    autotune_pdl) env=(TORCHINDUCTOR_MAX_AUTOTUNE_GEMM=1 TORCHINDUCTOR_ENABLE_PDL=1) ;;
+    *) echo "unknown setting $s (default, pdl, autotune, autotune_pdl)"; exit 2 ;;
+  esac
+  echo "== $s ${env[*]}"
+  env "${env[@]}" timeout "${PER_SETTING:-280}" python3 -m parscale.cli bench --shapes paper-1.6b --streams 1,8 \
+      --batches 1 --lengths 64 --engine compile "${anchor[@]}" --out "$OUT/decode_$s.json" 2>&1 | grep -v "it/s\]$"
+  python3 - "$OUT/decode_$s.json" <<'PY'
+import json, sys
+r = json.load(open(sys.argv[1]))
+base = {a["anchor"]: a["decode_ms_per_token"] for a in r["anchors"]}
+for q in r["points"]:
+    ratio = {k: round(q["decode_ms_per_token"] / v, 3) for k, v in base.items()}
+    print(f"  P = {q['P']}: {q['decode_ms_per_token']:.3f} ms/token, ratio to anchors {ratio}")
+print("  anchors", base)
+PY
+done
