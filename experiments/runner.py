@@ -155,7 +155,7 @@ def run_one(spec_file: Path, data: Path, work: Path) -> int:
                     "--batches", "16", "--batch-size", "16", "--seq-len", str(seq_len), "--device", device,
                     "--out", str(run_dir / "streams.json")], env=env, check=False, stdout=subprocess.DEVNULL)
     heldout = work / "heldout.jsonl"
-    if heldout.is_file():  # every held-out package scored apart, twins apart (write_heldout)
+    if heldout.is_file() and run.get("corpus") is None:  # the default corpus's packages apart (write_heldout)
         subprocess.run([sys.executable, "-m", "parscale.cli", "eval", "--model", str(run_dir), "--data", str(heldout),
                         "--max-length", str(seq_len), "--batch-size", "32", "--device", device, "--out",
                         str(run_dir / "heldout.json")], env=env, check=False, stdout=subprocess.DEVNULL)
@@ -204,7 +204,11 @@ def stage1_identity(stage1_dir: Path) -> dict:
 
 
 def run_all(all_runs: dict[str, dict], configs: Path, results: Path, data: Path, work: Path, only: list[str],
-            per_gpu: int, heldout_corpus: Path | None = None) -> None:
+            per_gpu: int, heldout_corpus: Path | None = None, corpus_data: dict[str, Path] | None = None) -> None:
+    """Train the runs matching `only` (largest cost first, per_gpu at a time on every visible GPU). A run on
+    another corpus than the default one names it (run["corpus"]) and reads the `parscale data` folder given for
+    that name in corpus_data; the held-out packages (heldout_corpus) are the default corpus's and score only
+    runs on it."""
     import torch
 
     results.mkdir(exist_ok=True)
@@ -256,10 +260,16 @@ def run_all(all_runs: dict[str, dict], configs: Path, results: Path, data: Path,
                 if (work / name / "result.json").is_file():   # finished under a runner that was stopped
                     publish(name, "collected from its run folder")
                     continue
+                corpus = todo[name].get("corpus")
+                if corpus is not None and corpus not in (corpus_data or {}):
+                    print(f"[runs] skip {name}: it trains on the {corpus} corpus; give its data folder with "
+                          f"--corpus-data {corpus}=DIR", flush=True)
+                    continue
                 spec = work / f"{name}.spec.json"
                 spec.write_text(json.dumps({"name": name, "run": todo[name],
                                             "config": str(configs / f"{name}.toml")}) + "\n")
-                cmd = [sys.executable, str(Path(__file__).resolve()), "one", str(spec), "--data", str(data),
+                run_data = data if corpus is None else corpus_data[corpus]
+                cmd = [sys.executable, str(Path(__file__).resolve()), "one", str(spec), "--data", str(run_data),
                        "--work", str(work)]
                 visible = {} if g is None else {"CUDA_VISIBLE_DEVICES": str(g)}
                 log = open(work / f"{name}.log", "a")
@@ -292,6 +302,8 @@ def experiment_main(argv, description: str, runs, configs: Path, results: Path, 
     r.add_argument("--per-gpu", type=int, default=per_gpu)
     r.add_argument("--heldout-corpus", type=Path, default=None,
                    help="the corpus JSONL: score every held-out package of each finished run apart (heldout.json)")
+    r.add_argument("--corpus-data", action="append", default=[], metavar="NAME=DIR",
+                   help="the `parscale data` folder of another corpus, for the runs that name it (repeatable)")
     args = ap.parse_args(argv)
     if args.cmd == "configs":
         write_configs(runs(), configs)
@@ -300,7 +312,13 @@ def experiment_main(argv, description: str, runs, configs: Path, results: Path, 
             print(name, "done" if (results / f"{name}.json").is_file() else "-")
     else:
         Path(args.work).mkdir(parents=True, exist_ok=True)
-        run_all(Path(args.data), Path(args.work), args.only, args.per_gpu, args.heldout_corpus)
+        corpus_data = {}
+        for item in args.corpus_data:
+            name, sep, folder = item.partition("=")
+            if not sep or not name or not folder:
+                ap.error(f"--corpus-data wants NAME=DIR, got {item!r}")
+            corpus_data[name] = Path(folder)
+        run_all(Path(args.data), Path(args.work), args.only, args.per_gpu, args.heldout_corpus, corpus_data)
 
 
 def main(argv=None) -> None:

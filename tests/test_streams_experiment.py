@@ -339,3 +339,31 @@ def test_collect_keeps_the_trainers_peak_memory(tmp_path):
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps({k: v for k, v in r.items() if k != "peak_memory_gib"})
                                                     + "\n" for r in rows))
     assert runner.collect("r", run, tmp_path, 1.0)["peak_memory_gib"] is None
+
+
+def test_a_run_on_another_corpus_reads_that_corpus_data_and_is_skipped_without_it(data_dir, tmp_path, monkeypatch,
+                                                                                   capsys):
+    """A run that names its corpus trains on the folder given for that name (the default --data here does not
+    even exist), is skipped with a message naming the flag when no folder is given, and is not scored on the
+    default corpus's held-out packages."""
+    runner, runs = _experiment_modules()
+    train = {"steps": 2, "batch_size": 2, "seq_len": 32, "lr": 1e-3, "warmup": 1, "eval_every": 2, "eval_batches": 1,
+             "eval_at": [1.0], "stream_batches": 1, "save_every": 0, "compile": False, "progress": False, "seed": 0,
+             "model": "tiny", "streams": 1}
+    fake = {"other-p1-s0": {"arm": "other-p1", "seed": 0, "cost": 1, "corpus": "other", "train": train}}
+    configs, results, work = tmp_path / "configs", tmp_path / "results", tmp_path / "work"
+    configs.mkdir()
+    (configs / "other-p1-s0.toml").write_text(runner.toml_text(train))
+    monkeypatch.setattr(runs, "runs", lambda: fake)
+    monkeypatch.setattr(runs, "CONFIGS", configs)
+    monkeypatch.setattr(runs, "RESULTS", results)
+    missing = tmp_path / "no-such-data"
+    runs.run_all(missing, work, ["other-*"], per_gpu=1)
+    assert "skip other-p1-s0: it trains on the other corpus; give its data folder with --corpus-data other=DIR" \
+        in capsys.readouterr().out
+    assert not (results / "other-p1-s0.json").exists()
+    (work / "heldout.jsonl").write_text(json.dumps({"text": "x = 1\n", "domain": "pkg"}) + "\n")
+    runs.run_all(missing, work, ["other-*"], per_gpu=1, corpus_data={"other": data_dir})
+    assert "done other-p1-s0" in capsys.readouterr().out
+    result = json.loads((results / "other-p1-s0.json").read_text())
+    assert result["heldout_by_package"] is None and not (work / "other-p1-s0" / "heldout.json").exists()

@@ -200,9 +200,10 @@ def runs() -> dict[str, dict]:
     return out
 
 
-def run_all(data: Path, work: Path, only: list[str], per_gpu: int, heldout_corpus: Path | None = None) -> None:
+def run_all(data: Path, work: Path, only: list[str], per_gpu: int, heldout_corpus: Path | None = None,
+            corpus_data: dict[str, Path] | None = None) -> None:
     """runner.run_all over this experiment's runs, configs/ and results/."""
-    _run_all(runs(), CONFIGS, RESULTS, data, work, only, per_gpu, heldout_corpus)
+    _run_all(runs(), CONFIGS, RESULTS, data, work, only, per_gpu, heldout_corpus, corpus_data)
 
 
 def main(argv=None) -> None:
