@@ -29,6 +29,22 @@ import json, lzma, sys
 new, old = json.load(open(sys.argv[1])), json.load(lzma.open(sys.argv[2]))
 print("corpus sha256", new["corpus_sha256"], "(scaling_small:", old["corpus_sha256"] + ")")
 PY
+# The English runs (en-*) read runs/english/english.jsonl.xz (experiments/scaling_small/build_english.py; carry it
+# along), tokenised with the committed data/english-tokenizer-8k.json.
+corpus_data=()
+if [ -f runs/english/english.jsonl.xz ]; then
+    if [ ! -f "$W/english/manifest.json" ]; then
+        python3 -m parscale.cli data runs/english/english.jsonl.xz --tokenizer $X/data/english-tokenizer-8k.json \
+            --val-fraction 0.03 --out "$W/english" --overwrite || exit 1
+    fi
+    python3 - "$W/english/manifest.json" $X/data/english-data-manifest.json <<'PY'
+import json, sys
+new, old = json.load(open(sys.argv[1])), json.load(open(sys.argv[2]))
+same = all(new[k] == old[k] for k in ("train_sha256", "val_sha256", "tokenizer_sha256"))
+print("english data", "identical to the committed manifest" if same else "DIFFERS from the committed manifest")
+PY
+    corpus_data=(--corpus-data english="$W/english")
+fi
 echo "data ready after $(( $(date +%s) - t0 )) s"
 # Trainers stopped by the last call's time limit finish their step and write a checkpoint first (a step still
 # compiling can take minutes): a run folder stays locked until its trainer exits, so wait for them.
@@ -40,7 +56,7 @@ left=$(( BUDGET - ($(date +%s) - t0) ))
 # On time-out `timeout` sends SIGTERM to the runner's whole process group: each trainer finishes its step,
 # writes a checkpoint and exits; running this script again on the same machine continues them.
 timeout "$left" python3 $X/runs.py run --data "$W/data" --work "$W/runs" --only "$@" --per-gpu "${PER_GPU:-5}" \
-    --heldout-corpus "$W/corpus.jsonl" \
+    --heldout-corpus "$W/corpus.jsonl" "${corpus_data[@]}" \
     2>&1 | tee "$OUT/runner.log"
 for _ in $(seq 60); do pgrep -f "parscale.cli train" > /dev/null || break; sleep 1; done
 for f in "$W"/runs/*.log; do grep -q "Traceback" "$f" && { echo "== $f"; tail -20 "$f"; }; done

@@ -32,6 +32,8 @@ arm: parscale's paired seeds), named d8-{arm}-s{seed}:
              the backbone (`-bbinit`, prefix_init = "backbone") (TWO_STAGE; configured, not run);
 - fz-*       frozen backbone, dynamic P: from the same checkpoint only prefixes and aggregator train, P = 2/4/8
              and the P = 1 prefix control, +5/20% of stage 1's steps (configured, not run);
+- en-*       the headline arms (P = 1, the prefix control with the lever, P = 8 with the lever) on English
+             documentation and prose with its own BPE from a 5% sample, one epoch (ENGLISH; configured);
 - long-p1prefix-aggwarm, long-p1prefix384-aggwarm, long-p8: the matched controls at ~100M tokens (the
              prefix control with the P > 1 arms' warm-up lever; the same with P = 8's 384 prefix tokens,
              matching its prefix parameters; plain P = 8 without the lever), seeds 0-5 (long-p8: 0-2); the
@@ -125,6 +127,15 @@ MATCHED = {f"long-{arm}": {**fields, "steps": LONG_STEPS, "eval_every": 750} for
             ("p1prefix384-aggwarm", {"streams": 1, "p1_prefix": True, "n_tokens": 384, "parscale_warmup": 600}),
             ("p8", {"streams": 8}))}
 MORE_SEEDS = (3, 4, 5)   # for the arms that enter a claim: the long arms and the matched controls
+# Generality: the headline arms (P = 1, the matched prefix control, P = 8 with the lever) on a second corpus, the
+# English documentation and prose of experiments/scaling_small (build_english.py), with a second BPE trained
+# as a user would: 8,192 entries on a 5% sample of its training documents (data/english-tokenizer-8k.json).
+# One epoch: 2,300 steps of 32 x 512 = 37.7M of its 38.3M training tokens (the d8 recipe is 39.3M), seeds 0-2.
+# Named en-{arm}-s{seed}; they read the English data folder (runner: --corpus-data english=DIR).
+ENGLISH_STEPS = 2300
+ENGLISH = {f"en-{arm}": {**fields, "steps": ENGLISH_STEPS} for arm, fields in
+           (("p1", {"streams": 1}), ("p1prefix-aggwarm", {"streams": 1, "p1_prefix": True, "parscale_warmup": 600}),
+            ("p8-aggwarm", {"streams": 8, "parscale_warmup": 600}))}
 # Two-stage training (the paper's Sec. 4.1 at this scale): stage 1 is long-p1-s{seed} (its final checkpoint,
 # on the same machine, so both stages run in one sitting); stage 2 continues it for +2 / 5 / 20% of its steps
 # at P = 2 / 4 / 8 (fresh prefixes and aggregator), against P = 1 and the P = 1 + prefix control continued
@@ -191,6 +202,12 @@ def runs() -> dict[str, dict]:
             cost = (fields["streams"] * shape["num_hidden_layers"] / 8 * (shape["hidden_size"] / 256) ** 2
                     * fields.get("steps", STEPS) / STEPS)
             out[f"{arm}-s{seed}"] = {"arm": arm, "seed": seed, "cost": cost, "train": train}
+        for arm, fields in ENGLISH.items():
+            if seed in MORE_SEEDS:
+                continue
+            out[f"{arm}-s{seed}"] = {"arm": arm, "seed": seed, "corpus": "english",
+                                     "cost": fields["streams"] * ENGLISH_STEPS / STEPS,
+                                     "train": {**TRAIN, **fields, "seed": seed, "model_overrides": SHAPE}}
         for arm, fields in TWO_STAGE.items():
             train = {**TRAIN, **{k: v for k, v in fields.items() if k != "after"}, "seed": seed}
             train.pop("model_overrides", None)  # the model is stage 1's checkpoint (--model, given at launch)
