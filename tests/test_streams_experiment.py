@@ -367,3 +367,19 @@ def test_a_run_on_another_corpus_reads_that_corpus_data_and_is_skipped_without_i
     assert "done other-p1-s0" in capsys.readouterr().out
     result = json.loads((results / "other-p1-s0.json").read_text())
     assert result["heldout_by_package"] is None and not (work / "other-p1-s0" / "heldout.json").exists()
+
+
+def test_english_arms_are_paired_by_seed_and_reported_in_bits_per_byte(analyze):
+    """The English comparisons: paired by seed in nats, and the same difference in bits per byte of the validation
+    text (nats / ln 2 / bytes per token, from the committed manifest)."""
+    results = {("en-p1", s): {"endpoint": 3.0 + 0.01 * s} for s in range(3)}
+    results.update({("en-p1prefix-aggwarm", s): {"endpoint": 2.98 + 0.01 * s} for s in range(3)})
+    results.update({("en-p8-aggwarm", s): {"endpoint": v} for s, v in enumerate([2.93, 2.95, 2.94])})
+    out = analyze.english(results)
+    manifest = json.loads((Path(analyze.HERE) / "data" / "english-data-manifest.json").read_text())
+    assert out["bytes_per_token"] == pytest.approx(manifest["val_bytes"] / manifest["val_tokens"])
+    (row,) = [r for r in out["comparisons"] if r["arm"] == "en-p8-aggwarm" and r["base"] == "en-p1prefix-aggwarm"]
+    assert row["n"] == 3 and row["mean"] == pytest.approx((0.05 + 0.04 + 0.06) / 3)
+    assert row["mean_bits_per_byte"] == pytest.approx(row["mean"] / math.log(2) / out["bytes_per_token"])
+    assert out["arms"]["en-p1"]["bits_per_byte"] == pytest.approx(3.01 / math.log(2) / out["bytes_per_token"])
+    assert analyze.english({})["comparisons"] == []

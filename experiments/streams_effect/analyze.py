@@ -121,6 +121,34 @@ def matched_controls(results) -> dict:
             "endpoints": {a: {s: results[(a, s)]["endpoint"] for s in range(10) if (a, s) in results} for a in arms}}
 
 
+# Generality (runs.py ENGLISH): the headline arms on the English corpus with its own BPE, paired by seed, in nats
+# and in bits per byte of the validation text (data/english-data-manifest.json: val_bytes over val_tokens).
+ENGLISH_COMPARISONS = (
+    ("en-p1prefix-aggwarm", "en-p1", "the prefix control (with the lever) over plain P = 1"),
+    ("en-p8-aggwarm", "en-p1prefix-aggwarm", "P = 8 over the matched control"),
+    ("en-p8-aggwarm", "en-p1", "P = 8 over plain P = 1"),
+)
+
+
+def english(results) -> dict:
+    manifest = json.loads((HERE / "data" / "english-data-manifest.json").read_text())
+    bytes_per_token = manifest["val_bytes"] / manifest["val_tokens"]
+    to_bpb = 1 / (math.log(2) * bytes_per_token)
+    rows = []
+    for arm, base, what in ENGLISH_COMPARISONS:
+        g = paired_t(results, arm, base)
+        if g is not None:
+            rows.append({"arm": arm, "base": base, "what": what, **g, "mean_bits_per_byte": g["mean"] * to_bpb})
+    arms = {}
+    for (arm, s), r in results.items():
+        if arm.startswith("en-"):
+            arms.setdefault(arm, {})[s] = r["endpoint"]
+    table = {arm: {"n": len(v), "mean": statistics.fmean(v.values()), "bits_per_byte": statistics.fmean(v.values())
+                   * to_bpb, "se": statistics.stdev(v.values()) / math.sqrt(len(v)) if len(v) > 1 else None,
+                   "endpoints": v} for arm, v in sorted(arms.items())}
+    return {"bytes_per_token": bytes_per_token, "comparisons": rows, "arms": table}
+
+
 # Post-training at this scale (runs.py TWO_STAGE): every ts-/fz- run of a seed continues the same stage-1
 # checkpoint (long-p1 of that seed), so each arm is read against P = 1 and the prefix control continued alike.
 POST_TRAINING_PCTS = (2, 5, 20)
@@ -508,6 +536,7 @@ def main() -> None:
     summary["matched_controls"] = matched_controls(results)
     summary["heldout_by_package"] = heldout_comparisons(results)
     summary["post_training"] = post_training(results)
+    summary["english"] = english(results)
     summary["rerun_spread"] = rerun_spread(results)
     # The base arms ran on an H100, the later ones on an H200: the prefix control on both, paired by seed.
     summary["gpu_confound"] = paired(results, "repeat-p1prefix", "p1prefix")
@@ -848,6 +877,17 @@ def _print(summary, seeds) -> None:
             ci = row.get("ci95")
             print(f"  +{row['pct']}%: {row['what']}: {row['mean']:+.4f} ± {row['se'] or 0:.4f} (n = {row['n']}"
                   + (f", 95% {ci[0]:+.4f} .. {ci[1]:+.4f}, p = {row['p']:.3g}" if ci else "") + ")")
+    en = summary["english"]
+    if en["arms"]:
+        print(f"English (own 8k BPE, one epoch; {en['bytes_per_token']:.3f} bytes per validation token):")
+        for arm, row in en["arms"].items():
+            print(f"  {arm}: {row['mean']:.4f} ± {row['se'] or 0:.4f} nats, {row['bits_per_byte']:.4f} bits/byte "
+                  f"(n = {row['n']})")
+        for row in en["comparisons"]:
+            ci = row.get("ci95")
+            interval = f", 95% {ci[0]:+.4f} .. {ci[1]:+.4f}, p = {row['p']:.3g}" if ci else ""
+            print(f"  {row['what']}: {row['mean']:+.4f} ± {row['se'] or 0:.4f} nats = "
+                  f"{row['mean_bits_per_byte']:+.4f} bits/byte (n = {row['n']}{interval})")
     print("collapse (final diagnostics):")
     for name, d in summary["streams"].items():
         if d["collapsed"] is not None:
