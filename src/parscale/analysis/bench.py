@@ -107,9 +107,11 @@ def bytes_per_step(model, runner) -> int:
 
 def measure_point(model, batch: int, length: int, engine: str, memory_only: bool = False,
                   bounded_reads: bool | None = None, cache_len: int | None = None,
-                  padded_prefill: bool | None = None) -> dict:
+                  padded_prefill: bool | None = None, timeline: bool = False) -> dict:
     """One (batch, length) point: prompt and output of `length` tokens each, in a cache of 2 × length
-    tokens or cache_len (to see what a long cache costs a short conversation)."""
+    tokens or cache_len (to see what a long cache costs a short conversation). With `timeline`, also the
+    kernels and idle time of 8 of the timed decode steps (timeline.step_timeline; each step includes the
+    benchmark's argmax, as the timed steps do)."""
     device = model.model.embed_tokens.weight.device
     # The model keeps its last decode cache for the next request (setup_cache): released here, or a point
     # after a larger one reports the earlier point's cache as its own peak.
@@ -153,7 +155,19 @@ def measure_point(model, batch: int, length: int, engine: str, memory_only: bool
     peak = torch.cuda.max_memory_allocated()
     decode_ms = statistics.median(per_token)
     nbytes = bytes_per_step(model, runner)
-    return {
+    extra = {}
+    if timeline:
+        from parscale.analysis.timeline import step_timeline
+
+        token = runner.prefill(ids).argmax(-1)
+
+        def step():
+            nonlocal token
+            token = runner.decode(token).argmax(-1)
+
+        step()
+        extra["timeline"] = step_timeline(step, steps=8)
+    return {**extra,
         "batch": batch, "length": length, "decode_ms_per_token": decode_ms,
         "decode_ms_min": min(per_token), "decode_ms_max": max(per_token), "prefill_ms": prefill_ms,
         "latency_s": (prefill_ms + decode_ms * length) / 1000.0, "peak_memory_bytes": peak,
@@ -312,7 +326,7 @@ def run(shapes, streams, batches, lengths, engine: str, out: Path, kernels: bool
             for b, length in todo[shape][p]:
                 point = {"shape": shape, "P": p, "non_embedding_params": counts["non_embedding"],
                          **measure_point(model, b, length, engine, memory_only, bounded_reads, cache_len,
-                                         padded_prefill), "process": process}
+                                         padded_prefill, timeline=kernels), "process": process}
                 point["vs_anchors"] = anchor_ratios(point, result["anchors"])
                 gc.collect()  # engines sit in reference cycles: free their caches and graphs now
                 result["points"].append(point)

@@ -381,7 +381,9 @@ def add_parsers(sub) -> None:
                    help="comma-separated input = output lengths (default 64,128,256,512)")
     p.add_argument("--engine", default="graph", choices=["graph", "compile", "plain"],
                    help="decode engine: CUDA graphs, torch.compile, or the plain eager loop")
-    p.add_argument("--kernels", action="store_true", help="also record the kernels of one decode step")
+    p.add_argument("--kernels", action="store_true",
+                   help="also record the kernels of one decode step, and for every point the kernels per step and "
+                        "the GPU's idle time between them (analysis/timeline.py)")
     p.add_argument("--memory-only", action="store_true", help="peak memory only (short decode)")
     p.add_argument("--anchors", action="store_true",
                    help="also time transformers' own P = 1 model of each shape (static cache, batch 1, the first "

@@ -1,0 +1,75 @@
+"""How many kernels a decode step runs on the GPU and how long the GPU sits idle between them.
+
+A small-batch decode step is bound less by its bytes than by its kernels: each one has a fixed cost and a gap
+before the next, even inside a CUDA graph. `step_timeline(step, steps)` runs `step` that many times under
+torch.profiler (CUDA activity: the kernels a captured graph replays are seen one by one) and reduces the
+device kernels' [start, end) intervals with `timeline_stats`:
+
+- kernels per step;
+- busy time per step: the union of the kernel intervals (overlapping kernels count once);
+- span per step: first kernel start to last kernel end, over the steps;
+- idle per step: span − busy (launch gaps, a graph's node-to-node latency, the host where it waits), and its
+  share of the span;
+- the largest gaps, for where they sit.
+
+The benchmark records this for every point it times (`parscale bench --kernels`): the numbers to compare
+before and after a change to the step.
+"""
+
+from __future__ import annotations
+
+
+def timeline_stats(intervals: list[tuple[float, float]], steps: int, largest: int = 5) -> dict:
+    """Kernel count, busy, span and idle time per step (µs) of device-kernel [start, end) intervals covering
+    `steps` steps."""
+    if steps < 1:
+        raise ValueError(f"steps must be at least 1, got {steps}")
+    if not intervals:
+        return {"kernels_per_step": 0.0, "busy_us_per_step": 0.0, "span_us_per_step": 0.0, "idle_us_per_step": 0.0,
+                "idle_share": None, "largest_gaps_us": []}
+    ordered = sorted(intervals)
+    busy, gaps = 0.0, []
+    start, end = ordered[0]
+    for s, e in ordered[1:]:
+        if s > end:             # a gap: the GPU ran no kernel in (end, s)
+            busy += end - start
+            gaps.append(s - end)
+            start, end = s, e
+        else:
+            end = max(end, e)
+    busy += end - start
+    span = max(e for _, e in ordered) - ordered[0][0]
+    idle = span - busy
+    return {"kernels_per_step": len(ordered) / steps, "busy_us_per_step": busy / steps,
+            "span_us_per_step": span / steps, "idle_us_per_step": idle / steps,
+            "idle_share": idle / span if span > 0 else None,
+            "largest_gaps_us": sorted(gaps, reverse=True)[:largest]}
+
+
+def device_intervals(events) -> list[tuple[float, float]]:
+    """[start, end) in µs of every device (CUDA) activity among a profiler's events: kernels, copies, sets."""
+    import torch
+
+    cuda = torch.autograd.DeviceType.CUDA
+    out = []
+    for evt in events:
+        if getattr(evt, "device_type", None) != cuda:
+            continue
+        start, end = evt.time_range.start, evt.time_range.end
+        if end > start:
+            out.append((float(start), float(end)))
+    return out
+
+
+def step_timeline(step, steps: int = 8) -> dict:
+    """Run `step()` `steps` times under torch.profiler (after the caller's warm-up) and return timeline_stats of
+    the device activity it saw. CUDA only."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    return timeline_stats(device_intervals(prof.events()), steps)
