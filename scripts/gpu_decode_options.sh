@@ -30,14 +30,16 @@ for s in "${settings[@]}"; do
   esac
   echo "== $s ${env[*]}"
   env "${env[@]}" timeout "${PER_SETTING:-280}" python3 -m parscale.cli bench --shapes paper-1.6b --streams 1,8 \
-      --batches 1 --lengths 64 --engine compile "${anchor[@]}" --out "$OUT/decode_$s.json" 2>&1 | grep -v "it/s\]$"
+      --batches 1 --lengths 64 --engine compile --kernels "${anchor[@]}" --out "$OUT/decode_$s.json" 2>&1 | grep -v "it/s\]$"
   python3 - "$OUT/decode_$s.json" <<'PY'
 import json, sys
 r = json.load(open(sys.argv[1]))
 base = {a["anchor"]: a["decode_ms_per_token"] for a in r["anchors"]}
 for q in r["points"]:
     ratio = {k: round(q["decode_ms_per_token"] / v, 3) for k, v in base.items()}
-    print(f"  P = {q['P']}: {q['decode_ms_per_token']:.3f} ms/token, ratio to anchors {ratio}")
+    t = q.get("timeline") or {}
+    print(f"  P = {q['P']}: {q['decode_ms_per_token']:.3f} ms/token, ratio to anchors {ratio}; "
+          f"{t.get('kernels_per_step', 0):.0f} kernels/step, idle {t.get('idle_us_per_step', 0):.0f} us/step")
 print("  anchors", base)
 PY
 done
