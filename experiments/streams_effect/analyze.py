@@ -40,9 +40,9 @@ T95 = {2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776}
 LABELS = {"p1": "P=1", "p1prefix": "P=1 + prefix", "p2": "P=2", "p4": "P=4", "p8": "P=8"}
 
 
-def load() -> dict[tuple[str, int], dict]:
+def load(folder: Path = HERE / "results") -> dict[tuple[str, int], dict]:
     out = {}
-    for f in sorted((HERE / "results").glob("*.json")):
+    for f in sorted(folder.glob("*.json")):
         r = json.loads(f.read_text())
         out[(r["arm"], r["seed"])] = r
     return out
@@ -536,6 +536,8 @@ def main() -> None:
     summary["matched_controls"] = matched_controls(results)
     summary["heldout_by_package"] = heldout_comparisons(results)
     summary["post_training"] = post_training(results)
+    # the first stage-2 runs, without their controls (kept apart: they continued an earlier stage-1 checkpoint)
+    summary["post_training_first"] = post_training(load(HERE / "results" / "post_training_first"))
     summary["english"] = english(results)
     summary["rerun_spread"] = rerun_spread(results)
     # The base arms ran on an H100, the later ones on an H200: the prefix control on both, paired by seed.
