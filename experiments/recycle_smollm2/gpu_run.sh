@@ -45,9 +45,15 @@ cp "$W/data/manifest.json" "$OUT/smollm2-code-data-manifest.json"
 # its trainer exits.
 for _ in $(seq 150); do pgrep -f "parscale.cli train" > /dev/null || break; sleep 2; done
 left=$(( BUDGET - ($(date +%s) - t0) ))
+# Every minute the results so far go to $OUT too (written whole, then renamed): a command stopped from outside
+# before the end below still returns the runs that had finished.
+( while sleep 60; do tar czf "$OUT/.results.tgz.part" -C $X results && mv "$OUT/.results.tgz.part" "$OUT/results.tgz"
+  done ) > /dev/null 2>&1 &
+packer=$!
 timeout "$left" python3 $X/runs.py run --data "$W/data" --work "$W/runs" --only "$@" --per-gpu "${PER_GPU:-4}" \
     --heldout-corpus "$W/corpus.jsonl" 2>&1 | tee "$OUT/runner.log"
 for _ in $(seq 60); do pgrep -f "parscale.cli train" > /dev/null || break; sleep 1; done
 mkdir -p $X/results
+kill $packer 2>/dev/null; wait $packer 2>/dev/null; rm -f "$OUT/.results.tgz.part"
 tar czf "$OUT/results.tgz" -C $X results
 ls -la "$OUT"

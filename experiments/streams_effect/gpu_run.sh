@@ -53,6 +53,11 @@ pgrep -fa "parscale.cli train" && echo "trainers of an earlier call still run: t
 cp "$W/data/tokenizer.json" "$OUT/code-tokenizer-8k.json"
 cp "$W/data/manifest.json" "$OUT/code-data-manifest.json"
 left=$(( BUDGET - ($(date +%s) - t0) ))
+# Every minute the results so far go to $OUT too (written whole, then renamed): a command stopped from outside
+# before the end below still returns the runs that had finished.
+( while sleep 60; do tar czf "$OUT/.results.tgz.part" -C $X results && mv "$OUT/.results.tgz.part" "$OUT/results.tgz"
+  done ) > /dev/null 2>&1 &
+packer=$!
 # On time-out `timeout` sends SIGTERM to the runner's whole process group: each trainer finishes its step,
 # writes a checkpoint and exits; running this script again on the same machine continues them.
 timeout "$left" python3 $X/runs.py run --data "$W/data" --work "$W/runs" --only "$@" --per-gpu "${PER_GPU:-5}" \
@@ -60,5 +65,6 @@ timeout "$left" python3 $X/runs.py run --data "$W/data" --work "$W/runs" --only 
     2>&1 | tee "$OUT/runner.log"
 for _ in $(seq 60); do pgrep -f "parscale.cli train" > /dev/null || break; sleep 1; done
 for f in "$W"/runs/*.log; do grep -q "Traceback" "$f" && { echo "== $f"; tail -20 "$f"; }; done
+kill $packer 2>/dev/null; wait $packer 2>/dev/null; rm -f "$OUT/.results.tgz.part"
 tar czf "$OUT/results.tgz" -C $X results
 ls -la "$OUT"
