@@ -23,10 +23,11 @@ def fake_gpu(monkeypatch):
     class Model:
         config = Config()
 
-    def measure_point(model, batch, length, *args):
+    def measure_point(model, batch, length, *args, timeline=False):
         measured.append((batch, length))
         return {"batch": batch, "length": length, "decode_ms_per_token": 2.0, "prefill_ms": 1.0,
-                "peak_memory_gib": 1.0, "achieved_bandwidth_tb_s": 1.0}
+                "peak_memory_gib": 1.0, "achieved_bandwidth_tb_s": 1.0,
+                **({"timeline": {"kernels_per_step": 3.0}} if timeline else {})}
 
     env = {"gpu": "GPU A", "torch": "2.x", "command": "parscale bench"}
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -55,6 +56,15 @@ def test_resume_keeps_the_points_measured_and_measures_only_the_rest(tmp_path, f
     measured.clear()
     grid(out, resume=True)  # complete: nothing to measure
     assert measured == []
+
+
+def test_kernels_asks_every_point_for_its_timeline(tmp_path, fake_gpu, monkeypatch):
+    """`bench --kernels`: each timed point also records its kernels per step and idle time (timeline.py)."""
+    monkeypatch.setattr(bench, "kernel_report", lambda model, batch, length: [])
+    plain = grid(tmp_path / "plain.json")
+    assert all("timeline" not in q for q in plain["points"])
+    with_kernels = grid(tmp_path / "kernels.json", kernels=True)
+    assert [q["timeline"]["kernels_per_step"] for q in with_kernels["points"]] == [3.0] * 4
 
 
 def test_without_resume_the_file_is_measured_again(tmp_path, fake_gpu):
