@@ -29,8 +29,8 @@ import json, lzma, sys
 new, old = json.load(open(sys.argv[1])), json.load(lzma.open(sys.argv[2]))
 print("corpus sha256", new["corpus_sha256"], "(scaling_small:", old["corpus_sha256"] + ")")
 PY
-# The English runs (en-*) read runs/english/english.jsonl.xz (experiments/scaling_small/build_english.py; carry it
-# along), tokenised with the committed data/english-tokenizer-8k.json.
+# The English runs (en-*) read runs/english/english.jsonl.xz (experiments/scaling_small/build_english.py, copied
+# to this machine), tokenised with the committed data/english-tokenizer-8k.json.
 corpus_data=()
 if [ -f runs/english/english.jsonl.xz ]; then
     if [ ! -f "$W/english/manifest.json" ]; then

@@ -38,7 +38,7 @@ def timeline_stats(intervals: list[tuple[float, float]], steps: int, largest: in
         else:
             end = max(end, e)
     busy += end - start
-    span = max(e for _, e in ordered) - ordered[0][0]
+    span = end - ordered[0][0]   # the last merged stretch ends at the latest end
     idle = span - busy
     return {"kernels_per_step": len(ordered) / steps, "busy_us_per_step": busy / steps,
             "span_us_per_step": span / steps, "idle_us_per_step": idle / steps,
