@@ -226,7 +226,8 @@ def anchor_ratios(point: dict, anchors: list[dict]) -> dict[str, float]:
 
 
 # What makes two runs' points comparable: a resumed file must have been measured with the same values.
-RESUME_SETTINGS = ("engine", "dtype", "quantize", "fuse", "memory_only", "requested")
+RESUME_SETTINGS = ("engine", "dtype", "quantize", "fuse", "skinny", "memory_only", "requested")
+SETTINGS_BEFORE_RECORDED = {"skinny": False}  # files written before a setting existed ran without it
 
 
 def resumed(out: Path, fresh: dict) -> dict:
@@ -241,7 +242,7 @@ def resumed(out: Path, fresh: dict) -> dict:
     if not isinstance(old, dict) or not isinstance(old.get("points"), list):
         raise ValueError(f"--resume: {out} is not a bench JSON file (no 'points' list)")
     for key in RESUME_SETTINGS:
-        if old.get(key) != fresh[key]:
+        if old.get(key, SETTINGS_BEFORE_RECORDED.get(key)) != fresh[key]:
             raise ValueError(f"--resume: {out} was measured with {key} = {old.get(key)!r} and this run asks for "
                              f"{fresh[key]!r}; its points would not be comparable (write to another --out)")
     for key in ("gpu", "torch"):  # a grid is one GPU model and one software stack
@@ -259,10 +260,12 @@ def resumed(out: Path, fresh: dict) -> dict:
 def run(shapes, streams, batches, lengths, engine: str, out: Path, kernels: bool = False,
         memory_only: bool = False, bounded_reads: bool | None = None, cache_len: int | None = None,
         quantize: str | None = None, anchors: bool = False, padded_prefill: bool | None = None,
-        fuse: bool | None = None, gptfast_model: str | None = None, resume: bool = False) -> dict:
+        fuse: bool | None = None, gptfast_model: str | None = None, resume: bool = False,
+        skinny: bool = False) -> dict:
     """Time every (shape, P, batch, length) point and write the JSON to `out` as it goes. `fuse`: fused q/k/v
     and gate/up projections; None (the default) fuses unless `quantize`, as `parscale generate` does.
-    `resume`: continue `out` if it exists (the module docstring says how)."""
+    `resume`: continue `out` if it exists (the module docstring says how). `skinny`: the decode projections
+    through inference/skinny_matmul.py's kernel."""
     from parscale.inference.fuse import fuse_wanted
 
     if not torch.cuda.is_available():
@@ -274,7 +277,7 @@ def run(shapes, streams, batches, lengths, engine: str, out: Path, kernels: bool
         load_gptfast_module(gptfast_model)
     env = environment()
     result = {"environment": env, "processes": [env], "engine": engine, "dtype": "bfloat16", "quantize": quantize,
-              "fuse": fuse, "memory_only": memory_only,
+              "fuse": fuse, "skinny": skinny, "memory_only": memory_only,
               "requested": {"bounded_reads": bounded_reads, "padded_prefill": padded_prefill, "cache_len": cache_len},
               "points": [], "kernels": [], "anchors": []}
     if resume:
@@ -318,6 +321,10 @@ def run(shapes, streams, batches, lengths, engine: str, out: Path, kernels: bool
                 from parscale.inference.fuse import fuse_projections
 
                 fuse_projections(model)
+            if skinny:
+                from parscale.inference.skinny_matmul import use_skinny_matmul
+
+                use_skinny_matmul(model)
             counts = model.config.param_counts()
             for b in kernel_batches:
                 result["kernels"].append({"shape": shape, "P": p, "batch": b, "length": 64,

@@ -28,7 +28,7 @@ def cmd_bench(args):
     run(args.shapes.split(","), args.streams, args.batches, args.lengths, args.engine,
         Path(args.out), kernels=args.kernels, memory_only=args.memory_only, bounded_reads=args.bounded_reads,
         cache_len=args.cache_len, quantize=args.quantize, anchors=args.anchors, padded_prefill=args.padded_prefill,
-        fuse=args.fuse, gptfast_model=args.gptfast_model, resume=args.resume)
+        fuse=args.fuse, gptfast_model=args.gptfast_model, resume=args.resume, skinny=args.skinny)
     print(f"wrote {args.out}")
 
 
@@ -397,6 +397,9 @@ def add_parsers(sub) -> None:
                         "graph engine, off for the compiled one)")
     p.add_argument("--quantize", default=None, choices=["int8"], help=QUANTIZE_HELP)
     p.add_argument("--fuse", action=argparse.BooleanOptionalAction, default=None, help=FUSE_HELP)
+    p.add_argument("--skinny", action="store_true",
+                   help="decode projections and LM head through parscale's few-row Triton matmul "
+                        "(inference/skinny_matmul.py) instead of torch's")
     p.add_argument("--padded-prefill", action=argparse.BooleanOptionalAction, default=None,
                    help="prompts left-padded to 64, 128, ... tokens and prefilled by one CUDA graph per length "
                         "(engine.py; default: on for the graph engine, off for the compiled one)")

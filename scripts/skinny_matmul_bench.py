@@ -1,0 +1,159 @@
+"""Time the skinny matmul (inference/skinny_matmul.py) against torch's matmul on a model's decode projections.
+
+For every projection of one decoder layer of a preset (fused q/k/v, o, fused gate/up, down) and the LM head,
+at each row count (P·B of a decode step), this checks every candidate block configuration against F.linear
+and times it: a CUDA graph runs the product over `--copies` distinct weight copies (more bytes than the L2
+cache holds, so every read comes from memory), replayed `--reps` times; the median replay over the copies
+gives µs per product and TB/s over the weight bytes. The summary adds up one decode step's projections
+(layers × the layer's four + the head) with torch's matmul and with the best candidate of each shape.
+
+    PYTHONPATH=src python scripts/skinny_matmul_bench.py --preset paper-1.6b --rows 1,8 --out skinny.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from parscale.inference.skinny_matmul import SkinnyConfig, default_config, launch
+from parscale.model.config import ModelConfig
+
+
+def projection_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
+    """(N, K) of each decode product: the fused forms the engine runs (inference/fuse.py)."""
+    h, d = cfg.hidden_size, cfg.head_dim
+    return {
+        "qkv": ((cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * d, h),
+        "o": (h, cfg.num_attention_heads * d),
+        "gate_up": (2 * cfg.intermediate_size, h),
+        "down": (h, cfg.intermediate_size),
+        "lm_head": (cfg.vocab_size, h),
+    }
+
+
+def candidates(quick: bool) -> list[SkinnyConfig]:
+    out = []
+    for bn, bk, warps in itertools.product((1, 2, 4, 8, 16), (128, 256, 512), (4, 8)):
+        if quick and warps == 8:
+            continue
+        out.append(SkinnyConfig(block_n=bn, block_k=bk, num_warps=warps, num_stages=3))
+    for bn, bk, stages in itertools.product((16, 32, 64), (64, 128, 256), (3, 4)):
+        if quick and stages == 4:
+            continue
+        out.append(SkinnyConfig(block_n=bn, block_k=bk, num_warps=4, num_stages=stages, use_dot=True))
+    return out
+
+
+def time_graph(fn, reps: int) -> float:
+    """Median ms of one replay of a CUDA graph that calls fn once (warmed up and captured here)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def time_products(product, x, weights, reps: int) -> float:
+    """Median ms of one graph replay that computes product(x, w) for every weight copy."""
+    outs = [None] * len(weights)
+
+    def run():
+        for i, w in enumerate(weights):
+            outs[i] = product(x, w)
+
+    return time_graph(run, reps)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--preset", default="paper-1.6b")
+    ap.add_argument("--rows", default="1,8")
+    ap.add_argument("--copies", type=int, default=8, help="distinct weight copies per timed graph")
+    ap.add_argument("--reps", type=int, default=30)
+    ap.add_argument("--quick", action="store_true", help="fewer candidates")
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args(argv)
+    torch.manual_seed(0)
+    cfg = ModelConfig.preset(args.preset)
+    dev, dtype = "cuda", torch.bfloat16
+    results = {"preset": args.preset, "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
+               "triton": __import__("triton").__version__, "copies": args.copies, "reps": args.reps,
+               "command": "python scripts/skinny_matmul_bench.py " + " ".join(argv or []), "shapes": {}}
+    shapes = projection_shapes(cfg)
+    t0 = time.time()
+    for name, (n, k) in shapes.items():
+        copies = 1 if name == "lm_head" else args.copies
+        weights = [torch.randn(n, k, device=dev, dtype=dtype) * k**-0.5 for _ in range(copies)]
+        gb = n * k * 2 * copies / 1e9
+        for rows in [int(r) for r in args.rows.split(",")]:
+            x = torch.randn(rows, k, device=dev, dtype=dtype)
+            ref32 = F.linear(x.float(), weights[0].float())
+            torch_out = F.linear(x, weights[0])
+            torch_err = ((torch_out.float() - ref32).norm() / ref32.norm()).item()
+            torch_ms = time_products(lambda x, w: F.linear(x, w), x, weights, args.reps)
+            point = {"n": n, "k": k, "rows": rows, "weight_mb": n * k * 2 / 1e6, "torch_us": torch_ms * 1e3 / copies,
+                     "torch_tbs": gb / torch_ms, "torch_rel_err": torch_err, "default": None, "candidates": []}
+            todo = candidates(args.quick) + [default_config(rows, n, k)]
+            for i, c in enumerate(todo):
+                try:
+                    y = launch(x, weights[0], None, c)
+                    err = ((y.float() - ref32).norm() / ref32.norm()).item()
+                    ms = time_products(lambda x, w, c=c: launch(x, w, None, c), x, weights, args.reps)
+                except Exception as exc:  # a config Triton cannot build (registers, shared memory)
+                    point["candidates"].append({"config": c.__dict__, "error": f"{type(exc).__name__}: {exc}"[:200]})
+                    continue
+                entry = {"config": c.__dict__, "us": ms * 1e3 / copies, "tbs": gb / ms, "rel_err": err}
+                if i == len(todo) - 1:
+                    point["default"] = entry
+                else:
+                    point["candidates"].append(entry)
+            ok = [e for e in point["candidates"] if "us" in e and e["rel_err"] < 2e-2]
+            best = min(ok, key=lambda e: e["us"]) if ok else None
+            point["best"] = best
+            results["shapes"][f"{name}/rows{rows}"] = point
+            print(f"{name:8s} rows {rows:2d} N {n:6d} K {k:5d}: torch {point['torch_us']:8.2f} us "
+                  f"{point['torch_tbs']:.2f} TB/s | best {best['us'] if best else float('nan'):8.2f} us "
+                  f"{best['tbs'] if best else float('nan'):.2f} TB/s {best['config'] if best else ''} "
+                  f"| default {point['default']['us'] if point['default'] else float('nan'):8.2f} us "
+                  f"[{time.time() - t0:.0f} s]", flush=True)
+        del weights
+        torch.cuda.empty_cache()
+    layers = cfg.num_hidden_layers
+    for rows in [int(r) for r in args.rows.split(",")]:
+        tot = {"torch": 0.0, "best": 0.0, "default": 0.0}
+        for name in shapes:
+            p = results["shapes"][f"{name}/rows{rows}"]
+            times = 1 if name == "lm_head" else layers
+            tot["torch"] += times * p["torch_us"]
+            tot["best"] += times * (p["best"]["us"] if p["best"] else p["torch_us"])
+            tot["default"] += times * (p["default"]["us"] if p["default"] else p["torch_us"])
+        results[f"step_projections_us_rows{rows}"] = tot
+        print(f"one step's projections, rows {rows}: " + ", ".join(f"{k} {v:.0f} us" for k, v in tot.items()))
+    with open(args.out, "w") as f:
+        json.dump(results, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
