@@ -6,6 +6,9 @@
 #   pdl            TORCHINDUCTOR_ENABLE_PDL=1: programmatic dependent launch between the Triton kernels (Hopper)
 #   autotune       TORCHINDUCTOR_MAX_AUTOTUNE_GEMM=1: GEMMs autotuned against Triton templates
 #   autotune_pdl   both (GEMMs that become Triton kernels can take part in PDL too)
+#   skinny         the projections through parscale's few-row Triton matmul (bench --skinny), with the block
+#                  sizes of $SKINNY_CONFIGS (scripts/skinny_matmul_bench.py --tuned-out) where that file exists
+#   skinny_pdl     skinny with PDL
 #
 #   GPTFAST_MODEL=path/to/gpt-fast/model.py bash scripts/gpu_decode_options.sh [settings...]
 #
@@ -20,17 +23,23 @@ anchor=()
 [ -n "${GPTFAST_MODEL:-}" ] && anchor=(--gptfast-model "$GPTFAST_MODEL")
 settings=("$@")
 [ ${#settings[@]} -eq 0 ] && settings=(default pdl autotune autotune_pdl)
+tuned=()
+[ -n "${SKINNY_CONFIGS:-}" ] && [ -f "$SKINNY_CONFIGS" ] && tuned=(PARSCALE_SKINNY_CONFIGS="$SKINNY_CONFIGS")
 for s in "${settings[@]}"; do
+  flags=()
   case $s in
     default) env=() ;;
     pdl) env=(TORCHINDUCTOR_ENABLE_PDL=1) ;;
     autotune) env=(TORCHINDUCTOR_MAX_AUTOTUNE_GEMM=1) ;;
     autotune_pdl) env=(TORCHINDUCTOR_MAX_AUTOTUNE_GEMM=1 TORCHINDUCTOR_ENABLE_PDL=1) ;;
-    *) echo "unknown setting $s (default, pdl, autotune, autotune_pdl)"; exit 2 ;;
+    skinny) env=("${tuned[@]}"); flags=(--skinny) ;;
+    skinny_pdl) env=("${tuned[@]}" TORCHINDUCTOR_ENABLE_PDL=1); flags=(--skinny) ;;
+    *) echo "unknown setting $s (default, pdl, autotune, autotune_pdl, skinny, skinny_pdl)"; exit 2 ;;
   esac
-  echo "== $s ${env[*]}"
+  echo "== $s ${env[*]} ${flags[*]}"
   env "${env[@]}" timeout "${PER_SETTING:-280}" python3 -m parscale.cli bench --shapes paper-1.6b --streams 1,8 \
-      --batches 1 --lengths 64 --engine compile --kernels "${anchor[@]}" --out "$OUT/decode_$s.json" 2>&1 | grep -v "it/s\]$"
+      --batches 1 --lengths 64 --engine compile --kernels "${anchor[@]}" "${flags[@]}" --out "$OUT/decode_$s.json" \
+      2>&1 | grep -v "it/s\]$"
   python3 - "$OUT/decode_$s.json" <<'PY'
 import json, sys
 r = json.load(open(sys.argv[1]))

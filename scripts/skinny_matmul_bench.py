@@ -93,6 +93,8 @@ def main(argv=None) -> int:
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--quick", action="store_true", help="fewer candidates")
     ap.add_argument("--out", required=True)
+    ap.add_argument("--tuned-out", default=None,
+                    help="also write the best config of each (rows, N, K) here: PARSCALE_SKINNY_CONFIGS=this file")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
     cfg = ModelConfig.preset(args.preset)
@@ -152,6 +154,12 @@ def main(argv=None) -> int:
         print(f"one step's projections, rows {rows}: " + ", ".join(f"{k} {v:.0f} us" for k, v in tot.items()))
     with open(args.out, "w") as f:
         json.dump(results, f, indent=1)
+    if args.tuned_out:
+        tuned = [{"rows": p["rows"], "n": p["n"], "k": p["k"], "config": p["best"]["config"],
+                  "us": p["best"]["us"], "torch_us": p["torch_us"], "gpu": results["gpu"]}
+                 for p in results["shapes"].values() if p["best"]]
+        with open(args.tuned_out, "w") as f:
+            json.dump(tuned, f, indent=1)
     return 0
 
 

@@ -134,3 +134,22 @@ def test_engine_with_the_kernel_matches_the_plain_path(compile):
     plain = _tokens(model, ids, mask, use_engine=False)
     use_skinny_matmul(model)
     assert torch.equal(_tokens(model, ids, mask, use_engine=True, compile=compile), plain)
+
+
+def test_tuned_configs_become_the_defaults(tmp_path):
+    import json
+
+    from parscale.inference import skinny_matmul
+
+    path = tmp_path / "tuned.json"
+    path.write_text(json.dumps([{"rows": 8, "n": 1536, "k": 8320, "us": 9.0,
+                                 "config": {"block_n": 32, "block_k": 64, "num_warps": 8, "num_stages": 4,
+                                            "use_dot": True}}]))
+    untuned = default_config(8, 1536, 8320)
+    try:
+        skinny_matmul.set_tuned_configs(path)
+        assert default_config(8, 1536, 8320) == SkinnyConfig(32, 64, 8, 4, True)
+        assert default_config(1, 1536, 8320) != SkinnyConfig(32, 64, 8, 4, True)  # another row count
+    finally:
+        skinny_matmul.set_tuned_configs([])
+    assert default_config(8, 1536, 8320) == untuned

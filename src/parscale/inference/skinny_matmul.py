@@ -22,6 +22,8 @@ and on a GPU by `pytest -m gpu`.
 
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import dataclass
 
 import torch
@@ -53,8 +55,27 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
 
 
+# Measured best block sizes, {(rows, n, k): SkinnyConfig}: scripts/skinny_matmul_bench.py writes them
+# (--tuned-out) and PARSCALE_SKINNY_CONFIGS=that file, or set_tuned_configs, makes them the defaults.
+_TUNED: dict[tuple[int, int, int], SkinnyConfig] = {}
+
+
+def set_tuned_configs(path_or_table) -> None:
+    """Use measured block sizes: a JSON file (list of {rows, n, k, config}) or such a list."""
+    table = path_or_table
+    if isinstance(path_or_table, (str, os.PathLike)):
+        with open(path_or_table) as f:
+            table = json.load(f)
+    _TUNED.clear()
+    for row in table:
+        _TUNED[(int(row["rows"]), int(row["n"]), int(row["k"]))] = SkinnyConfig(**row["config"])
+
+
 def default_config(rows: int, n: int, k: int) -> SkinnyConfig:
-    """Block sizes for a product; enough programs to cover every multiprocessor several times."""
+    """The measured block sizes of this product if there are any, else enough programs to cover every
+    multiprocessor several times."""
+    if (rows, n, k) in _TUNED:
+        return _TUNED[(rows, n, k)]
     block_k = 256 if k >= 256 else _next_pow2(k)
     # Weight rows per program: small enough for >= ~4 programs per multiprocessor on a 132-SM card.
     block_n = 8
@@ -133,6 +154,9 @@ def use_skinny_matmul(model, enable: bool = True):
 def uses_skinny_matmul(model) -> bool:
     return isinstance(model.lm_head, SkinnyLinear)
 
+
+if os.environ.get("PARSCALE_SKINNY_CONFIGS"):
+    set_tuned_configs(os.environ["PARSCALE_SKINNY_CONFIGS"])
 
 if triton is not None:
 

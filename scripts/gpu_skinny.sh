@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# The skinny decode matmul on a GPU, in one go: its GPU tests (equal to F.linear and to the plain decode path),
+# then every block configuration timed against torch's matmul on the paper-1.6b projections (the best of each
+# shape kept in $OUT/skinny_tuned.json), then the compiled engine without and with it, gpt-fast's P = 1 in
+# each process (scripts/gpu_decode_options.sh).
+#
+#   GPTFAST_MODEL=path/to/gpt-fast/model.py bash scripts/gpu_skinny.sh [decode settings, default: default skinny]
+set -uo pipefail
+export PYTHONPATH=src PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+python3 -m pytest -q -m gpu tests/test_skinny_matmul.py 2>&1 | tail -15 | tee "$OUT/skinny_tests.txt"
+timeout "${BENCH_TIMEOUT:-240}" python3 scripts/skinny_matmul_bench.py --preset paper-1.6b --rows 1,8 ${QUICK:+--quick} \
+    --out "$OUT/skinny.json" --tuned-out "$OUT/skinny_tuned.json" 2>&1 | tee "$OUT/skinny_bench.txt"
+settings=("$@")
+[ ${#settings[@]} -eq 0 ] && settings=(default skinny)
+SKINNY_CONFIGS="$OUT/skinny_tuned.json" bash scripts/gpu_decode_options.sh "${settings[@]}" 2>&1 | tee "$OUT/decode.txt"
