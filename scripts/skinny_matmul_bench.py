@@ -38,15 +38,16 @@ def projection_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
 
 
 def candidates(quick: bool) -> list[SkinnyConfig]:
+    """Block shapes whose weight tile gives every thread 8 to 64 elements (16-byte loads at least, registers
+    to spare), in the broadcast form and the tl.dot form."""
     out = []
-    for bn, bk, warps in itertools.product((1, 2, 4, 8, 16), (128, 256, 512), (4, 8)):
-        if quick and warps == 8:
-            continue
-        out.append(SkinnyConfig(block_n=bn, block_k=bk, num_warps=warps, num_stages=3))
+    for bn, bk, warps in itertools.product((1, 2, 4, 8, 16), (128, 256, 512, 1024), (1, 2, 4, 8)):
+        per_thread = bn * bk // (32 * warps)
+        if 8 <= per_thread <= 64 and not (quick and warps in (1, 8)):
+            out.append(SkinnyConfig(block_n=bn, block_k=bk, num_warps=warps, num_stages=3))
     for bn, bk, stages in itertools.product((16, 32, 64), (64, 128, 256), (3, 4)):
-        if quick and stages == 4:
-            continue
-        out.append(SkinnyConfig(block_n=bn, block_k=bk, num_warps=4, num_stages=stages, use_dot=True))
+        if not (quick and stages == 4):
+            out.append(SkinnyConfig(block_n=bn, block_k=bk, num_warps=4, num_stages=stages, use_dot=True))
     return out
 
 
@@ -83,6 +84,17 @@ def time_products(product, x, weights, reps: int) -> float:
             outs[i] = product(x, w)
 
     return time_graph(run, reps)
+
+
+def write(results: dict, args) -> None:
+    with open(args.out, "w") as f:
+        json.dump(results, f, indent=1)
+    if args.tuned_out:
+        tuned = [{"rows": p["rows"], "n": p["n"], "k": p["k"], "config": p["best"]["config"],
+                  "us": p["best"]["us"], "torch_us": p["torch_us"], "gpu": results["gpu"]}
+                 for p in results["shapes"].values() if p["best"]]
+        with open(args.tuned_out, "w") as f:
+            json.dump(tuned, f, indent=1)
 
 
 def main(argv=None) -> int:
@@ -134,6 +146,7 @@ def main(argv=None) -> int:
             best = min(ok, key=lambda e: e["us"]) if ok else None
             point["best"] = best
             results["shapes"][f"{name}/rows{rows}"] = point
+            write(results, args)  # as it goes: a run stopped by its time limit keeps the shapes it finished
             print(f"{name:8s} rows {rows:2d} N {n:6d} K {k:5d}: torch {point['torch_us']:8.2f} us "
                   f"{point['torch_tbs']:.2f} TB/s | best {best['us'] if best else float('nan'):8.2f} us "
                   f"{best['tbs'] if best else float('nan'):.2f} TB/s {best['config'] if best else ''} "
@@ -152,14 +165,7 @@ def main(argv=None) -> int:
             tot["default"] += times * (p["default"]["us"] if p["default"] else p["torch_us"])
         results[f"step_projections_us_rows{rows}"] = tot
         print(f"one step's projections, rows {rows}: " + ", ".join(f"{k} {v:.0f} us" for k, v in tot.items()))
-    with open(args.out, "w") as f:
-        json.dump(results, f, indent=1)
-    if args.tuned_out:
-        tuned = [{"rows": p["rows"], "n": p["n"], "k": p["k"], "config": p["best"]["config"],
-                  "us": p["best"]["us"], "torch_us": p["torch_us"], "gpu": results["gpu"]}
-                 for p in results["shapes"].values() if p["best"]]
-        with open(args.tuned_out, "w") as f:
-            json.dump(tuned, f, indent=1)
+    write(results, args)
     return 0
 
 
