@@ -9,6 +9,8 @@
 #   skinny         the projections through parscale's few-row Triton matmul (bench --skinny), with the block
 #                  sizes of $SKINNY_CONFIGS (scripts/skinny_matmul_bench.py --tuned-out) where that file exists
 #   skinny_pdl     skinny with PDL
+#   skinny_layers  skinny with each layer's norms, gate and residual adds folded in (bench --skinny-layers)
+#   skinny_layers_pdl  skinny_layers with PDL
 #
 #   GPTFAST_MODEL=path/to/gpt-fast/model.py bash scripts/gpu_decode_options.sh [settings...]
 #
@@ -34,7 +36,10 @@ for s in "${settings[@]}"; do
     autotune_pdl) env=(TORCHINDUCTOR_MAX_AUTOTUNE_GEMM=1 TORCHINDUCTOR_ENABLE_PDL=1) ;;
     skinny) env=("${tuned[@]}"); flags=(--skinny) ;;
     skinny_pdl) env=("${tuned[@]}" TORCHINDUCTOR_ENABLE_PDL=1); flags=(--skinny) ;;
-    *) echo "unknown setting $s (default, pdl, autotune, autotune_pdl, skinny, skinny_pdl)"; exit 2 ;;
+    skinny_layers) env=("${tuned[@]}"); flags=(--skinny-layers) ;;
+    skinny_layers_pdl) env=("${tuned[@]}" TORCHINDUCTOR_ENABLE_PDL=1); flags=(--skinny-layers) ;;
+    *) echo "unknown setting $s (default, pdl, autotune, autotune_pdl, skinny, skinny_pdl, skinny_layers," \
+            "skinny_layers_pdl)"; exit 2 ;;
   esac
   echo "== $s ${env[*]} ${flags[*]}"
   env "${env[@]}" timeout "${PER_SETTING:-280}" python3 -m parscale.cli bench --shapes paper-1.6b --streams 1,8 \

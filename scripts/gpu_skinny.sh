@@ -4,14 +4,15 @@
 # shape kept in $OUT/skinny_tuned.json), then the compiled engine without and with it, gpt-fast's P = 1 in
 # each process (scripts/gpu_decode_options.sh).
 #
-#   GPTFAST_MODEL=path/to/gpt-fast/model.py bash scripts/gpu_skinny.sh [decode settings, default: default skinny]
+#   GPTFAST_MODEL=path/to/gpt-fast/model.py bash scripts/gpu_skinny.sh [decode settings, default: default skinny
+#       skinny_layers]   (QUICK=1: fewer block candidates; ROWS=8: the P = 8 row count only; TESTS=0: no tests)
 set -uo pipefail
 export PYTHONPATH=src PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
-python3 -m pytest -q -m gpu tests/test_skinny_matmul.py 2>&1 | tail -15 | tee "$OUT/skinny_tests.txt"
-timeout "${BENCH_TIMEOUT:-240}" python3 scripts/skinny_matmul_bench.py --preset paper-1.6b --rows 1,8 ${QUICK:+--quick} \
+[ "${TESTS:-1}" = 1 ] && python3 -m pytest -q -m gpu tests/test_skinny_matmul.py 2>&1 | tail -15 | tee "$OUT/skinny_tests.txt"
+timeout "${BENCH_TIMEOUT:-240}" python3 scripts/skinny_matmul_bench.py --preset paper-1.6b --rows "${ROWS:-1,8}" ${QUICK:+--quick} \
     --out "$OUT/skinny.json" --tuned-out "$OUT/skinny_tuned.json" 2>&1 | tee "$OUT/skinny_bench.txt"
 settings=("$@")
-[ ${#settings[@]} -eq 0 ] && settings=(default skinny)
+[ ${#settings[@]} -eq 0 ] && settings=(default skinny skinny_layers)
 SKINNY_CONFIGS="$OUT/skinny_tuned.json" bash scripts/gpu_decode_options.sh "${settings[@]}" 2>&1 | tee "$OUT/decode.txt"

@@ -53,6 +53,49 @@ INTERPRETED = textwrap.dedent("""
     assert torch.equal(launch(x.reshape(2, 4, 300), w, None, SkinnyConfig(2, 128)).reshape(8, 70), y)
     print(f"worst {worst:.2e}")
     assert worst < 1e-6, worst
+    # the fused forms against the plain path's arithmetic (reference): RMSNorm before, gate, residual after
+    from parscale.inference.skinny_matmul import reference
+    fused = 0.0
+    for rows in (1, 5, 16):
+        n, k = 40, 96
+        x, w, b = torch.randn(rows, k) * 3, torch.randn(n, k), torch.randn(n)
+        g, r, gu = torch.randn(k), torch.randn(rows, n), torch.randn(rows, 2 * k)
+        for cfg in (SkinnyConfig(1, 32), SkinnyConfig(4, 64), SkinnyConfig(16, 64, use_dot=True)):
+            for kw, inp in ((dict(norm_weight=g, eps=1e-5), x), (dict(gated=True), gu), (dict(residual=r), x),
+                            (dict(norm_weight=g, eps=1e-5, residual=r), x)):
+                want = reference(inp.double(), w.double(), b.double(), **{k_: (v.double() if torch.is_tensor(v)
+                                 else v) for k_, v in kw.items()})
+                y = launch(inp, w, b, cfg, **kw)
+                fused = max(fused, ((y.double() - want).norm() / want.norm()).item())
+    print(f"fused worst {fused:.2e}")
+    assert fused < 1e-6, fused
+""")
+
+# A tiny model whose decoder layers run through the kernel under the interpreter (skinny_linear's dispatch
+# pointed at `launch`): its logits and greedy tokens against the plain model's, float32.
+INTERPRETED_MODEL = textwrap.dedent("""
+    import sys, torch
+    sys.path.insert(0, "tests")
+    from conftest import tiny_model
+    import parscale
+    from parscale.inference import skinny_matmul as sm
+    from parscale.inference.fuse import fuse_projections
+    sm.kernel_available = lambda x, w, gated=False: x.numel() // x.shape[-1] <= sm.MAX_ROWS
+    sm._call_kernel = lambda x, w, b, c, **kw: sm.launch(x, w, b, c, **kw)
+    model = fuse_projections(tiny_model(streams=2))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "layernorm" in name:
+                p.copy_(1 + 0.5 * torch.randn(p.shape))
+    ids = torch.randint(0, model.config.vocab_size, (1, 6))
+    plain_logits = model(ids)
+    plain = parscale.generate(model, ids, max_new_tokens=8, use_engine=False)
+    sm.use_skinny_matmul(model, fuse_layers=True)
+    logits = model(ids)
+    err = ((logits - plain_logits).norm() / plain_logits.norm()).item()
+    print(f"logits rel err {err:.2e}")
+    assert err < 1e-5, err
+    assert torch.equal(parscale.generate(model, ids, max_new_tokens=8, use_engine=False), plain)
 """)
 
 
@@ -61,6 +104,120 @@ def test_kernel_equals_f_linear_under_the_interpreter():
     env = dict(os.environ, TRITON_INTERPRET="1")
     done = subprocess.run([sys.executable, "-c", INTERPRETED], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed (the interpreter runs the kernel on CPU)")
+def test_skinny_layers_equal_the_plain_model_under_the_interpreter():
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    done = subprocess.run([sys.executable, "-c", INTERPRETED_MODEL], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_reference_is_the_plain_models_arithmetic(dtype):
+    """The fallback (and the kernel tests' oracle) computes each fused product exactly as the model's layer."""
+    from conftest import tiny_model
+
+    from parscale.inference.fuse import fuse_projections
+    from parscale.inference.skinny_matmul import reference
+
+    layer = fuse_projections(tiny_model(streams=2)).to(dtype).model.layers[0]
+    with torch.no_grad():
+        layer.input_layernorm.weight.normal_()
+    x = torch.randn(3, 5, layer.input_layernorm.weight.shape[0], dtype=dtype)
+    norm, qkv = layer.input_layernorm, layer.self_attn.qkv_proj
+    assert torch.equal(reference(x, qkv.weight, qkv.bias, norm_weight=norm.weight, eps=norm.eps), qkv(norm(x)))
+    gate_up = layer.mlp.gate_up_proj(x)
+    assert torch.equal(reference(gate_up, layer.mlp.down_proj.weight, gated=True, residual=x),
+                       x + layer.mlp(x))
+
+
+def _run_layers_through_reference(monkeypatch):
+    """skinny_linear as if the kernel ran (rows <= MAX_ROWS), computing with `reference`: what
+    SkinnyDecoderLayer wires together is then checked on any machine."""
+    from parscale.inference import skinny_matmul as sm
+
+    calls = []
+
+    def fake_kernel(x, w, b, c, **kw):
+        calls.append(sorted(k for k, v in kw.items() if k != "eps" and v is not None and v is not False))
+        return sm.reference(x, w, b, **kw)
+
+    monkeypatch.setattr(sm, "kernel_available", lambda x, w, gated=False: x.numel() // x.shape[-1] <= sm.MAX_ROWS)
+    monkeypatch.setattr(sm, "_call_kernel", fake_kernel)
+    return calls
+
+
+def test_skinny_layers_compute_the_plain_layers(monkeypatch):
+    from conftest import tiny_model
+
+    import parscale
+    from parscale.inference.fuse import fuse_projections
+    from parscale.inference.skinny_matmul import SkinnyDecoderLayer, use_skinny_matmul, uses_skinny_layers
+
+    model = tiny_model(streams=2)
+    with pytest.raises(ValueError, match="fuse the model's projections first"):
+        use_skinny_matmul(model, fuse_layers=True)
+    model = fuse_projections(model)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "layernorm" in name:
+                p.copy_(1 + 0.5 * torch.randn(p.shape))
+    ids = torch.randint(0, model.config.vocab_size, (1, 6))
+    plain_logits = model(ids)
+    plain = parscale.generate(model, ids, max_new_tokens=8, use_engine=False)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    calls = _run_layers_through_reference(monkeypatch)
+    use_skinny_matmul(model, fuse_layers=True)
+    assert uses_skinny_layers(model) and isinstance(model.model.layers[1], SkinnyDecoderLayer)
+    assert torch.equal(model(ids), plain_logits)  # 2 streams x 6 tokens = 12 rows: the kernel's path
+    layers = model.config.num_hidden_layers
+    assert calls[:4] == [["norm_weight"], ["residual"], ["norm_weight"], ["gated", "residual"]]
+    assert len(calls) == 4 * layers + 1  # four per layer and the LM head
+    assert torch.equal(parscale.generate(model, ids, max_new_tokens=8, use_engine=False), plain)
+    assert model.state_dict().keys() == before.keys()
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+    use_skinny_matmul(model, enable=False)
+    assert not uses_skinny_layers(model) and type(model.model.layers[0]) is parscale.model.transformer.DecoderLayer
+
+
+def test_fp32_products_ignore_measured_dot_configs(tmp_path):
+    """A tl.dot config measured on bf16 would compute float32 in TF32: float32 keeps the exact form."""
+    from parscale.inference import skinny_matmul
+
+    tuned = SkinnyConfig(32, 64, 8, 4, True)
+    skinny_matmul.set_tuned_configs([{"rows": 8, "n": 1536, "k": 8320, "config": tuned.__dict__}])
+    try:
+        assert default_config(8, 1536, 8320) == tuned
+        assert default_config(8, 1536, 8320, tuned=False) != tuned
+    finally:
+        skinny_matmul.set_tuned_configs([])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rows", [1, 8, 16])
+def test_fused_forms_on_gpu(dtype, rows):
+    """RMSNorm before, gate, residual after: no further from the exact result than the plain path in the
+    same dtype."""
+    from parscale.inference.skinny_matmul import reference
+
+    torch.manual_seed(rows)
+    n, k = 1536, 1536
+    x = torch.randn(rows, k, device="cuda", dtype=dtype) * 3
+    w = torch.randn(n, k, device="cuda", dtype=dtype) * k**-0.5
+    g = 1 + 0.3 * torch.randn(k, device="cuda", dtype=dtype)
+    r = torch.randn(rows, n, device="cuda", dtype=dtype)
+    gu = torch.randn(rows, 2 * k, device="cuda", dtype=dtype)
+    for kw, inp in ((dict(norm_weight=g, eps=1e-6), x), (dict(gated=True), gu), (dict(residual=r), x)):
+        exact = reference(inp.double(), w.double(), None,
+                          **{a: (v.double() if torch.is_tensor(v) else v) for a, v in kw.items()})
+        plain_err = ((reference(inp, w, None, **kw).double() - exact).norm() / exact.norm()).item()
+        for cfg in (default_config(rows, n, k), SkinnyConfig(4, 256), SkinnyConfig(16, 128, use_dot=True)):
+            err = ((skinny_linear(inp, w, None, cfg, **kw).double() - exact).norm() / exact.norm()).item()
+            assert err <= max(2 * plain_err, 4e-3), (kw.keys(), cfg, err, plain_err)
 
 
 @pytest.mark.gpu
@@ -113,7 +270,8 @@ def _tokens(model, ids, mask, **kw):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("compile", [False, True])
-def test_engine_with_the_kernel_matches_the_plain_path(compile):
+@pytest.mark.parametrize("fuse_layers", [False, True])
+def test_engine_with_the_kernel_matches_the_plain_path(compile, fuse_layers):
     """fp32 (where the kernel and torch's matmul differ only in summation order): the same tokens."""
     from conftest import tiny_model
 
@@ -126,13 +284,13 @@ def test_engine_with_the_kernel_matches_the_plain_path(compile):
     mask = torch.ones_like(ids)
     mask[1, :3] = 0
     plain = _tokens(model, ids, mask, use_engine=False)
-    use_skinny_matmul(model)
+    use_skinny_matmul(model, fuse_layers=fuse_layers)
     assert torch.equal(_tokens(model, ids, mask, use_engine=True, compile=compile), plain)
     with torch.no_grad():  # the weights change in place: the kernel reads the new ones
         model.model.layers[0].mlp.down_proj.weight.mul_(1.5)
     use_skinny_matmul(model, enable=False)
     plain = _tokens(model, ids, mask, use_engine=False)
-    use_skinny_matmul(model)
+    use_skinny_matmul(model, fuse_layers=fuse_layers)
     assert torch.equal(_tokens(model, ids, mask, use_engine=True, compile=compile), plain)
 
 

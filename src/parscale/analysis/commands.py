@@ -28,7 +28,8 @@ def cmd_bench(args):
     run(args.shapes.split(","), args.streams, args.batches, args.lengths, args.engine,
         Path(args.out), kernels=args.kernels, memory_only=args.memory_only, bounded_reads=args.bounded_reads,
         cache_len=args.cache_len, quantize=args.quantize, anchors=args.anchors, padded_prefill=args.padded_prefill,
-        fuse=args.fuse, gptfast_model=args.gptfast_model, resume=args.resume, skinny=args.skinny)
+        fuse=args.fuse, gptfast_model=args.gptfast_model, resume=args.resume, skinny=args.skinny,
+        skinny_layers=args.skinny_layers)
     print(f"wrote {args.out}")
 
 
@@ -400,6 +401,9 @@ def add_parsers(sub) -> None:
     p.add_argument("--skinny", action="store_true",
                    help="decode projections and LM head through parscale's few-row Triton matmul "
                         "(inference/skinny_matmul.py) instead of torch's")
+    p.add_argument("--skinny-layers", action="store_true",
+                   help="--skinny with each layer's RMSNorms, SiLU gate and residual adds folded into the matmul "
+                        "kernel: 4 calls and the attention per layer (needs fused projections)")
     p.add_argument("--padded-prefill", action=argparse.BooleanOptionalAction, default=None,
                    help="prompts left-padded to 64, 128, ... tokens and prefilled by one CUDA graph per length "
                         "(engine.py; default: on for the graph engine, off for the compiled one)")

@@ -15,9 +15,22 @@ so that narrow matrices still spread over every multiprocessor) and `tl.dot` wit
 (tensor cores; `block_n` ≥ 16). Which block sizes are fastest for each (rows, N, K) is measured, not
 guessed: scripts/skinny_matmul_bench.py times every candidate against torch's own matmul.
 
-Where it cannot run (no CUDA, no Triton, more rows, other dtypes) `skinny_linear` is `F.linear`; the
-kernel's arithmetic is checked against `F.linear` under Triton's CPU interpreter (tests/test_skinny_matmul.py)
-and on a GPU by `pytest -m gpu`.
+The kernel also takes what sits on either side of a decoder layer's products, so that a layer is 4 of
+these calls and its attention rather than ~14 kernels (`use_skinny_matmul(model, fuse_layers=True)` on a
+model with fused projections, inference/fuse.py; `SkinnyDecoderLayer`):
+
+    skinny_linear(x, w_qkv, norm_weight=g, eps=eps)     # rmsnorm(x) @ W^T: the RMSNorm before the product
+    skinny_linear(gate_up, w_down, gated=True)          # (silu(gate) * up) @ W^T, gate_up = [gate | up]
+    skinny_linear(x, w_o, residual=r)                   # r + x @ W^T: the residual add after it
+
+The RMSNorm is folded in as g ⊙ x times each row's 1/rms, which the same pass over x sums up (no second
+read of x): exact, but rounded once where the plain RMSNorm rounds x/rms to the dtype before the weight.
+The gate and the residual add are rounded as the plain path rounds them (silu(gate), its product with up,
+the product's output before the add).
+
+Where it cannot run (no CUDA, no Triton, more rows, other dtypes) `skinny_linear` is the plain path
+(`F.linear` and the RMSNorm, SiLU and add of the model); the kernel's arithmetic is checked against that
+under Triton's CPU interpreter (tests/test_skinny_matmul.py) and on a GPU by `pytest -m gpu`.
 """
 
 from __future__ import annotations
@@ -29,6 +42,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from parscale.model.transformer import DecoderLayer
 
 MAX_ROWS = 16
 
@@ -71,10 +86,11 @@ def set_tuned_configs(path_or_table) -> None:
         _TUNED[(int(row["rows"]), int(row["n"]), int(row["k"]))] = SkinnyConfig(**row["config"])
 
 
-def default_config(rows: int, n: int, k: int) -> SkinnyConfig:
-    """The measured block sizes of this product if there are any, else enough programs to cover every
-    multiprocessor several times."""
-    if (rows, n, k) in _TUNED:
+def default_config(rows: int, n: int, k: int, tuned: bool = True) -> SkinnyConfig:
+    """The measured block sizes of this product if there are any (and `tuned`), else enough programs to cover
+    every multiprocessor several times. (skinny_linear takes measured sizes for 16-bit products only: a
+    tl.dot config would compute float32 in TF32.)"""
+    if tuned and (rows, n, k) in _TUNED:
         return _TUNED[(rows, n, k)]
     block_k = 256 if k >= 256 else _next_pow2(k)
     # Weight rows per program: small enough for >= ~4 programs per multiprocessor on a 132-SM card.
@@ -86,49 +102,86 @@ def default_config(rows: int, n: int, k: int) -> SkinnyConfig:
     return SkinnyConfig(block_n=block_n, block_k=block_k)
 
 
-def kernel_available(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether the kernel can take this product (else skinny_linear is F.linear)."""
+def kernel_available(x: torch.Tensor, weight: torch.Tensor, gated: bool = False) -> bool:
+    """Whether the kernel can take this product (else skinny_linear is the plain path)."""
+    k = weight.shape[-1] * (2 if gated else 1)
     return (triton is not None and x.is_cuda and weight.is_cuda and x.dtype == weight.dtype
             and x.dtype in (torch.bfloat16, torch.float16, torch.float32)
-            and weight.dim() == 2 and weight.stride(1) == 1 and x.shape[-1] == weight.shape[1]
+            and weight.dim() == 2 and weight.stride(1) == 1 and x.shape[-1] == k
             and 0 < x.numel() // max(1, x.shape[-1]) <= MAX_ROWS)
 
 
+def reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+              norm_weight: torch.Tensor | None = None, eps: float = 0.0, gated: bool = False,
+              residual: torch.Tensor | None = None) -> torch.Tensor:
+    """What the kernel computes, as the plain model computes it (model/transformer.py's RMSNorm, SwiGLU and
+    residual add around F.linear): the fallback and the tests' oracle."""
+    if norm_weight is not None:
+        x32 = x.float()
+        x = norm_weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    if gated:
+        gate, up = x.chunk(2, dim=-1)
+        x = F.silu(gate) * up
+    y = F.linear(x, weight, bias)
+    return y if residual is None else residual + y
+
+
 def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                  config: SkinnyConfig | None = None) -> torch.Tensor:
-    """x @ weight.T (+ bias) through the kernel where it can run, else F.linear."""
-    if not kernel_available(x, weight):
-        return F.linear(x, weight, bias)
-    c = config or default_config(x.numel() // x.shape[-1], *weight.shape)
-    # A torch operator, so that torch.compile and CUDA graphs take the kernel as one opaque call.
-    return torch.ops.parscale.skinny_linear(x, weight, bias, c.block_n, c.block_k, c.num_warps, c.num_stages,
-                                            c.use_dot)
+                  config: SkinnyConfig | None = None, *, norm_weight: torch.Tensor | None = None,
+                  eps: float = 0.0, gated: bool = False, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ weight.T (+ bias), with the optional RMSNorm before, gate and residual add after (module docstring),
+    through the kernel where it can run, else the plain path (`reference`)."""
+    if not kernel_available(x, weight, gated):
+        return reference(x, weight, bias, norm_weight, eps, gated, residual)
+    c = config or default_config(x.numel() // x.shape[-1], weight.shape[0], weight.shape[1],
+                                 tuned=x.dtype != torch.float32)
+    return _call_kernel(x, weight, bias, c, norm_weight=norm_weight, eps=float(eps), gated=gated,
+                        residual=residual)
+
+
+def _call_kernel(x, weight, bias, c: SkinnyConfig, *, norm_weight, eps, gated, residual):
+    # A torch operator, so that torch.compile and CUDA graphs take the kernel as one opaque call. (The tests
+    # put `launch` here to run a model's layers through the kernel under Triton's CPU interpreter.)
+    return torch.ops.parscale.skinny_linear(x, weight, bias, norm_weight, residual, eps, gated,
+                                            c.block_n, c.block_k, c.num_warps, c.num_stages, c.use_dot)
 
 
 def launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-           config: SkinnyConfig | None = None, _kernel=None) -> torch.Tensor:
+           config: SkinnyConfig | None = None, _kernel=None, *, norm_weight: torch.Tensor | None = None,
+           eps: float = 0.0, gated: bool = False, residual: torch.Tensor | None = None) -> torch.Tensor:
     """Run the kernel (any device Triton runs on, the CPU interpreter included); no fallback."""
     if triton is None:
         raise RuntimeError("the skinny matmul needs Triton (pip install triton)")
     n, k = weight.shape
-    if x.shape[-1] != k:
-        raise ValueError(f"x has {x.shape[-1]} features, the weight takes {k}")
-    x2 = x.reshape(-1, k)
+    if x.shape[-1] != k * (2 if gated else 1):
+        raise ValueError(f"x has {x.shape[-1]} features, the weight takes {k}" + (" (x2: gated)" if gated else ""))
+    x2 = x.reshape(-1, x.shape[-1])
     if x2.stride(1) != 1:
         x2 = x2.contiguous()
     rows = x2.shape[0]
     if not 0 < rows <= MAX_ROWS:
         raise ValueError(f"the skinny matmul takes 1 to {MAX_ROWS} rows, got {rows}")
+    if norm_weight is not None and (gated or norm_weight.shape != (k,)):
+        raise ValueError(f"norm_weight must have shape ({k},) and excludes gated, got {tuple(norm_weight.shape)}")
+    r2 = None
+    if residual is not None:
+        if residual.numel() != rows * n:
+            raise ValueError(f"residual has {residual.numel()} elements, the output {rows * n}")
+        r2 = residual.reshape(rows, n)
+        if r2.stride(1) != 1:
+            r2 = r2.contiguous()
     config = config or default_config(rows, n, k)
     if config.use_dot and config.block_n < 16:
         raise ValueError(f"the tl.dot form needs block_n >= 16, got {config.block_n}")
     y = torch.empty(rows, n, device=x.device, dtype=x.dtype)
     grid = (triton.cdiv(n, config.block_n),)
+    unused = weight  # a pointer the kernel never reads where an optional tensor is absent
     (_kernel or _skinny_kernel)[grid](
-        x2, weight, bias if bias is not None else weight, y, rows, n, k,
-        x2.stride(0), weight.stride(0), y.stride(0),
-        HAS_BIAS=bias is not None, BLOCK_M=config.block_m(rows), BLOCK_N=config.block_n,
-        BLOCK_K=config.block_k, USE_DOT=config.use_dot,
+        x2, weight, bias if bias is not None else unused, norm_weight if norm_weight is not None else unused,
+        r2 if r2 is not None else unused, y, rows, n, k,
+        x2.stride(0), weight.stride(0), r2.stride(0) if r2 is not None else 0, y.stride(0), eps,
+        HAS_BIAS=bias is not None, NORM=norm_weight is not None, GATED=gated, RESIDUAL=r2 is not None,
+        BLOCK_M=config.block_m(rows), BLOCK_N=config.block_n, BLOCK_K=config.block_k, USE_DOT=config.use_dot,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return y.reshape(*x.shape[:-1], n)
@@ -141,18 +194,51 @@ class SkinnyLinear(nn.Linear):
         return skinny_linear(x, self.weight, self.bias)
 
 
-def use_skinny_matmul(model, enable: bool = True):
+class SkinnyDecoderLayer(DecoderLayer):
+    """A decoder layer of fused projections (inference/fuse.py) as four kernel calls around its attention:
+    RMSNorm + qkv, o_proj + residual, RMSNorm + gate/up, SiLU·up + down + residual. Calls of more rows than
+    the kernel takes are the plain layer."""
+
+    def forward(self, x, cos, sin, plan, cache=None, layer_idx=0):
+        attn, mlp = self.self_attn, self.mlp
+        if not kernel_available(x, attn.qkv_proj.weight):
+            return super().forward(x, cos, sin, plan, cache, layer_idx)
+        norm = self.input_layernorm
+        qkv = skinny_linear(x, attn.qkv_proj.weight, attn.qkv_proj.bias, norm_weight=norm.weight, eps=norm.eps)
+        q, k, v = qkv.split(attn.qkv_sizes, dim=-1)
+        x = skinny_linear(attn.attend(q, k, v, cos, sin, plan, cache, layer_idx), attn.o_proj.weight,
+                          attn.o_proj.bias, residual=x)
+        norm = self.post_attention_layernorm
+        gate_up = skinny_linear(x, mlp.gate_up_proj.weight, None, norm_weight=norm.weight, eps=norm.eps)
+        return skinny_linear(gate_up, mlp.down_proj.weight, mlp.down_proj.bias, gated=True, residual=x)
+
+
+def use_skinny_matmul(model, enable: bool = True, fuse_layers: bool = False):
     """Route the decoder layers' projections and the LM head through the kernel (in place; returns the model).
-    The parameters and the state dict are untouched (only the modules' class changes); `enable=False` undoes it."""
+    `fuse_layers`: also fold the layers' RMSNorms, SiLU gate and residual adds into it (SkinnyDecoderLayer;
+    needs fused projections, inference/fuse.py). The parameters and the state dict are untouched (only the
+    modules' class changes); `enable=False` undoes it."""
+    from parscale.inference.fuse import is_fused
+
+    if enable and fuse_layers and not is_fused(model):
+        raise ValueError("fuse_layers folds the norms into the fused q/k/v and gate/up products: fuse the model's "
+                         "projections first (inference/fuse.py)")
     cls = SkinnyLinear if enable else nn.Linear
     for module in [*model.model.layers.modules(), model.lm_head]:
         if type(module) in (nn.Linear, SkinnyLinear):
             module.__class__ = cls
+    layer_cls = SkinnyDecoderLayer if enable and fuse_layers else DecoderLayer
+    for layer in model.model.layers:
+        layer.__class__ = layer_cls
     return model
 
 
 def uses_skinny_matmul(model) -> bool:
     return isinstance(model.lm_head, SkinnyLinear)
+
+
+def uses_skinny_layers(model) -> bool:
+    return isinstance(model.model.layers[0], SkinnyDecoderLayer)
 
 
 if os.environ.get("PARSCALE_SKINNY_CONFIGS"):
@@ -161,8 +247,9 @@ if os.environ.get("PARSCALE_SKINNY_CONFIGS"):
 if triton is not None:
 
     @triton.jit
-    def _skinny_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
-                       HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    def _skinny_kernel(x_ptr, w_ptr, b_ptr, g_ptr, r_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_rm,
+                       stride_ym, eps, HAS_BIAS: tl.constexpr, NORM: tl.constexpr, GATED: tl.constexpr,
+                       RESIDUAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                        BLOCK_K: tl.constexpr, USE_DOT: tl.constexpr):
         pid = tl.program_id(0)
         offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -171,25 +258,44 @@ if triton is not None:
         n_ok = offs_n < N
         m_ok = offs_m < M
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        sum_sq = tl.zeros((BLOCK_M,), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             k = k0 + offs_k
             k_ok = k < K
             # The weight is read once and never again: keep it from pushing x out of the cache.
             w = tl.load(w_ptr + offs_n[:, None] * stride_wn + k[None, :], mask=n_ok[:, None] & k_ok[None, :],
                         other=0.0, eviction_policy="evict_first")
-            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :], mask=m_ok[:, None] & k_ok[None, :],
-                        other=0.0)
+            x_mask = m_ok[:, None] & k_ok[None, :]
+            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :], mask=x_mask, other=0.0)
+            if GATED:  # x holds [gate | up]: the product's input is silu(gate) * up, rounded as the plain path
+                up = tl.load(x_ptr + offs_m[:, None] * stride_xm + K + k[None, :], mask=x_mask, other=0.0)
+                gate = x.to(tl.float32)
+                silu = (gate / (1.0 + tl.exp(-gate))).to(x.dtype)
+                x = (silu.to(tl.float32) * up.to(tl.float32)).to(x.dtype)
+            if NORM:  # g ⊙ x now, times the row's 1/rms at the end (the sum of squares is summed on the way)
+                x32 = x.to(tl.float32)
+                sum_sq += tl.sum(x32 * x32, axis=1)
+                g = tl.load(g_ptr + k, mask=k_ok, other=0.0).to(tl.float32)
+                x = (x32 * g[None, :]).to(x.dtype) if USE_DOT else x32 * g[None, :]
             if USE_DOT:
                 acc += tl.dot(x, tl.trans(w))
             else:
                 acc += tl.sum(x[:, None, :].to(tl.float32) * w[None, :, :].to(tl.float32), axis=2)
+        if NORM:
+            acc = acc * (1.0 / tl.sqrt(sum_sq / K + eps))[:, None]
         if HAS_BIAS:
             acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-        tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
-                 mask=m_ok[:, None] & n_ok[None, :])
+        out_mask = m_ok[:, None] & n_ok[None, :]
+        out = acc.to(y_ptr.dtype.element_ty)
+        if RESIDUAL:  # r + y with y rounded first, as the plain path adds the product's output
+            r = tl.load(r_ptr + offs_m[:, None] * stride_rm + offs_n[None, :], mask=out_mask, other=0.0)
+            out = (r.to(tl.float32) + out.to(tl.float32)).to(y_ptr.dtype.element_ty)
+        tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], out, mask=out_mask)
 
     @torch.library.triton_op("parscale::skinny_linear", mutates_args=())
-    def _skinny_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, block_n: int, block_k: int,
+    def _skinny_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, norm_weight: torch.Tensor | None,
+                   residual: torch.Tensor | None, eps: float, gated: bool, block_n: int, block_k: int,
                    num_warps: int, num_stages: int, use_dot: bool) -> torch.Tensor:
         config = SkinnyConfig(block_n, block_k, num_warps, num_stages, use_dot)
-        return launch(x, weight, bias, config, _kernel=torch.library.wrap_triton(_skinny_kernel))
+        return launch(x, weight, bias, config, _kernel=torch.library.wrap_triton(_skinny_kernel),
+                      norm_weight=norm_weight, eps=eps, gated=gated, residual=residual)

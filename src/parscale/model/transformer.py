@@ -113,11 +113,16 @@ class Attention(nn.Module):
         return self.qkv_proj.weight[start: start + self.qkv_sizes["qkv".index(name)]]
 
     def forward(self, x, cos, sin, plan: AttentionPlan, cache=None, layer_idx: int = 0):
-        n, t, _ = x.shape
         if hasattr(self, "qkv_proj"):  # one matmul for the three (inference/fuse.py)
             q, k, v = self.qkv_proj(x).split(self.qkv_sizes, dim=-1)
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        return self.o_proj(self.attend(q, k, v, cos, sin, plan, cache, layer_idx))
+
+    def attend(self, q, k, v, cos, sin, plan: AttentionPlan, cache=None, layer_idx: int = 0):
+        """Attention from the projected q, k, v [n, t, heads·head_dim] to the o_proj input [n, t, heads·head_dim]
+        (RoPE, q/k norm, the cache or the prefix): what lies between the layer's two products."""
+        n, t, _ = q.shape
         q = q.view(n, t, self.n_heads, self.head_dim).transpose(1, 2)
         k = k.view(n, t, self.n_kv, self.head_dim).transpose(1, 2)
         v = v.view(n, t, self.n_kv, self.head_dim).transpose(1, 2)
@@ -133,7 +138,7 @@ class Attention(nn.Module):
             k = torch.cat([self.prefix_k.to(k.dtype).repeat_interleave(b, dim=0), k], dim=2)
             v = torch.cat([self.prefix_v.to(v.dtype).repeat_interleave(b, dim=0), v], dim=2)
         out = _attend(q, k, v, plan)
-        return self.o_proj(out.transpose(1, 2).reshape(n, t, self.n_heads * self.head_dim))
+        return out.transpose(1, 2).reshape(n, t, self.n_heads * self.head_dim)
 
 
 class AttentionPlan:
