@@ -137,8 +137,12 @@ class Attention(nn.Module):
             b = n // self.parscale_n
             k = torch.cat([self.prefix_k.to(k.dtype).repeat_interleave(b, dim=0), k], dim=2)
             v = torch.cat([self.prefix_v.to(v.dtype).repeat_interleave(b, dim=0), v], dim=2)
-        out = _attend(q, k, v, plan)
+        out = self.core_attention(q, k, v, plan)
         return out.transpose(1, 2).reshape(n, t, self.n_heads * self.head_dim)
+
+    def core_attention(self, q, k, v, plan: AttentionPlan) -> torch.Tensor:
+        """softmax(q k^T) v over the keys the plan lets each query see (a kernel may take it: inference/)."""
+        return _attend(q, k, v, plan)
 
 
 class AttentionPlan:

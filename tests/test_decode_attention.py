@@ -1,0 +1,156 @@
+"""The decode attention kernel (inference/decode_attention.py) equals the plain path's grouped decode attention:
+its fallback everywhere, its kernel under Triton's CPU interpreter (where Triton is installed) and on a GPU
+(`pytest -m gpu`), alone and inside a model's decode steps."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from parscale.inference.decode_attention import decode_attention, kernel_available
+from parscale.model.transformer import _grouped_decode_attention
+
+HAS_TRITON = subprocess.run([sys.executable, "-c", "import triton"], capture_output=True).returncode == 0
+
+
+def _inputs(n, heads, kv, s, d, dtype=torch.float32, device="cpu", hidden_lead=0, seed=0):
+    g = torch.Generator(device=device).manual_seed(seed)
+    q = torch.randn(n, 1, heads, d, generator=g, device=device, dtype=dtype).transpose(1, 2)  # as the model's
+    k = torch.randn(n, kv, s, d, generator=g, device=device, dtype=dtype)
+    v = torch.randn(n, kv, s, d, generator=g, device=device, dtype=dtype)
+    blocked = torch.rand(n, 1, 1, s, generator=g, device=device) < 0.3
+    blocked[..., -1] = False  # the token of this step is always seen
+    blocked[..., :hidden_lead] = True  # left padding: whole leading tiles hidden
+    return q, k, v, blocked
+
+
+def test_fallback_is_the_plain_path_on_cpu():
+    q, k, v, blocked = _inputs(4, 6, 2, 37, 16)
+    assert not kernel_available(q, k)
+    assert torch.equal(decode_attention(q, k, v, blocked), _grouped_decode_attention(q, k, v, blocked))
+
+
+INTERPRETED = textwrap.dedent("""
+    import sys, torch
+    sys.path.insert(0, "tests")
+    from test_decode_attention import _inputs
+    from parscale.inference.decode_attention import launch
+    from parscale.model.transformer import _grouped_decode_attention
+    worst = 0.0
+    for n, heads, kv, s, d, lead in ((1, 4, 4, 5, 8, 0), (3, 6, 2, 37, 24, 20), (2, 9, 3, 50, 16, 33),
+                                     (8, 16, 2, 70, 96, 0)):
+        q, k, v, blocked = _inputs(n, heads, kv, s, d, hidden_lead=lead, seed=s)
+        want = _grouped_decode_attention(q.double(), k.double(), v.double(), blocked)
+        for block_s in (16, 32):
+            out = launch(q, k, v, blocked, block_s=block_s)
+            assert out.shape == want.shape and out.dtype == torch.float32
+            worst = max(worst, ((out.double() - want).norm() / want.norm()).item())
+        one_mask = blocked[:1]  # one mask row for every row
+        out = launch(q, k, v, one_mask)
+        want = _grouped_decode_attention(q.double(), k.double(), v.double(), one_mask)
+        worst = max(worst, ((out.double() - want).norm() / want.norm()).item())
+    print(f"worst {worst:.2e}")
+    assert worst < 1e-6, worst
+""")
+
+# A tiny model whose decode steps attend through the kernel under the interpreter: each decode step's logits
+# (the same tokens fed) against the plain model's, float32, with a left-padded row.
+INTERPRETED_MODEL = textwrap.dedent("""
+    import sys, torch
+    sys.path.insert(0, "tests")
+    from conftest import tiny_model
+    from parscale.inference import decode_attention as da
+    from parscale.inference.engine import engine_for
+    da.kernel_available = lambda q, k: q.shape[2] == 1
+    da._call_kernel = lambda q, k, v, blocked: da.launch(q, k, v, blocked)
+
+    def step_logits(model, ids, mask, fed):
+        engine = engine_for(model)
+        out = [engine.prefill(ids, mask, len(fed) + 1)]
+        for token in fed:
+            out.append(engine.decode(token))
+        return torch.stack(out)
+
+    for family in ("qwen2", "llama"):
+        model = tiny_model(streams=3, family=family)
+        ids = torch.randint(0, model.config.vocab_size, (2, 7))
+        mask = torch.ones_like(ids)
+        mask[1, :3] = 0
+        fed = list(torch.randint(0, model.config.vocab_size, (10, 2)))
+        plain = step_logits(model, ids, mask, fed)
+        da.use_decode_attention(model)
+        assert da.uses_decode_attention(model)
+        kernel = step_logits(model, ids, mask, fed)
+        assert torch.equal(kernel[0], plain[0])  # the prefill is the plain path
+        err = ((kernel - plain).norm() / plain.norm()).item()
+        print(family, f"decode logits rel err {err:.2e}")
+        assert 0 < err < 1e-5, err  # 0 would mean the kernel did not run
+""")
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed (the interpreter runs the kernel on CPU)")
+@pytest.mark.parametrize("script", [INTERPRETED, INTERPRETED_MODEL], ids=["kernel", "model"])
+def test_kernel_equals_the_plain_path_under_the_interpreter(script):
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_use_decode_attention_is_a_class_swap_that_keeps_the_state_dict():
+    from conftest import tiny_model
+
+    from parscale.inference.decode_attention import KernelAttention, use_decode_attention, uses_decode_attention
+    from parscale.model.transformer import Attention
+
+    model = tiny_model(streams=2)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ids = torch.randint(0, model.config.vocab_size, (1, 5))
+    plain = model(ids)
+    use_decode_attention(model)
+    assert uses_decode_attention(model) and isinstance(model.model.layers[0].self_attn, KernelAttention)
+    assert torch.equal(model(ids), plain)  # a prefill: the plain path
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
+    use_decode_attention(model, enable=False)
+    assert type(model.model.layers[0].self_attn) is Attention
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_kernel_on_gpu(dtype):
+    """No further from the exact result than the plain path in the same dtype."""
+    for n, heads, kv, s, d, lead in ((8, 16, 2, 176, 96, 0), (16, 16, 2, 1100, 96, 300), (4, 9, 3, 60, 64, 10)):
+        q, k, v, blocked = _inputs(n, heads, kv, s, d, dtype=dtype, device="cuda", hidden_lead=lead)
+        exact = _grouped_decode_attention(q.double(), k.double(), v.double(), blocked)
+        plain_err = ((_grouped_decode_attention(q, k, v, blocked).double() - exact).norm() / exact.norm()).item()
+        err = ((decode_attention(q, k, v, blocked).double() - exact).norm() / exact.norm()).item()
+        assert err <= max(2 * plain_err, 1e-6 if dtype == torch.float32 else 4e-3), (n, s, err, plain_err)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("compile", [False, True])
+def test_engine_with_the_kernel_matches_the_plain_path(compile):
+    """fp32: the same tokens as the plain path, before and after the prefixes change in place."""
+    from conftest import tiny_model
+
+    import parscale
+    from parscale.inference.decode_attention import use_decode_attention
+
+    torch.manual_seed(0)
+    model = tiny_model(streams=4).cuda()
+    ids = torch.randint(0, model.config.vocab_size, (2, 12), device="cuda")
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    for _ in range(2):
+        plain = parscale.generate(model, ids, attention_mask=mask, max_new_tokens=16, use_engine=False)
+        use_decode_attention(model)
+        assert torch.equal(parscale.generate(model, ids, attention_mask=mask, max_new_tokens=16, use_engine=True,
+                                             compile=compile), plain)
+        use_decode_attention(model, enable=False)
+        with torch.no_grad():
+            model.model.layers[0].self_attn.prefix_k.mul_(1.5)
