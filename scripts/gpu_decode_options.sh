@@ -11,6 +11,8 @@
 #   skinny_pdl     skinny with PDL
 #   skinny_layers  skinny with each layer's norms, gate and residual adds folded in (bench --skinny-layers)
 #   skinny_layers_pdl  skinny_layers with PDL
+#   kernels        skinny_layers and the one-kernel decode attention (bench --skinny-layers --decode-attention)
+#   kernels_pdl    kernels with PDL
 #
 #   GPTFAST_MODEL=path/to/gpt-fast/model.py bash scripts/gpu_decode_options.sh [settings...]
 #
@@ -38,8 +40,10 @@ for s in "${settings[@]}"; do
     skinny_pdl) env=("${tuned[@]}" TORCHINDUCTOR_ENABLE_PDL=1); flags=(--skinny) ;;
     skinny_layers) env=("${tuned[@]}"); flags=(--skinny-layers) ;;
     skinny_layers_pdl) env=("${tuned[@]}" TORCHINDUCTOR_ENABLE_PDL=1); flags=(--skinny-layers) ;;
+    kernels) env=("${tuned[@]}"); flags=(--skinny-layers --decode-attention) ;;
+    kernels_pdl) env=("${tuned[@]}" TORCHINDUCTOR_ENABLE_PDL=1); flags=(--skinny-layers --decode-attention) ;;
     *) echo "unknown setting $s (default, pdl, autotune, autotune_pdl, skinny, skinny_pdl, skinny_layers," \
-            "skinny_layers_pdl)"; exit 2 ;;
+            "skinny_layers_pdl, kernels, kernels_pdl)"; exit 2 ;;
   esac
   echo "== $s ${env[*]} ${flags[*]}"
   env "${env[@]}" timeout "${PER_SETTING:-280}" python3 -m parscale.cli bench --shapes paper-1.6b --streams 1,8 \

@@ -5,15 +5,15 @@
 # each process (scripts/gpu_decode_options.sh).
 #
 #   GPTFAST_MODEL=path/to/gpt-fast/model.py bash scripts/gpu_skinny.sh [decode settings, default: default skinny
-#       skinny_layers]   (QUICK=1: fewer block candidates; ROWS=8: the P = 8 row count only; TESTS=0: no tests;
+#       skinny_layers kernels]   (QUICK=1: fewer block candidates; ROWS=8: the P = 8 row count only; TESTS=0: no tests;
 #       PER_SETTING, BENCH_TIMEOUT, TEST_TIMEOUT: seconds)
 set -uo pipefail
 export PYTHONPATH=src PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
-[ "${TESTS:-1}" = 1 ] && timeout "${TEST_TIMEOUT:-300}" python3 -m pytest -q -m gpu tests/test_skinny_matmul.py 2>&1 | tail -15 | tee "$OUT/skinny_tests.txt"
+[ "${TESTS:-1}" = 1 ] && timeout "${TEST_TIMEOUT:-300}" python3 -m pytest -q -m gpu tests/test_skinny_matmul.py tests/test_decode_attention.py 2>&1 | tail -15 | tee "$OUT/skinny_tests.txt"
 timeout "${BENCH_TIMEOUT:-240}" python3 scripts/skinny_matmul_bench.py --preset paper-1.6b --rows "${ROWS:-1,8}" ${QUICK:+--quick} \
     --out "$OUT/skinny.json" --tuned-out "$OUT/skinny_tuned.json" 2>&1 | tee "$OUT/skinny_bench.txt"
 settings=("$@")
-[ ${#settings[@]} -eq 0 ] && settings=(default skinny skinny_layers)
+[ ${#settings[@]} -eq 0 ] && settings=(default skinny skinny_layers kernels)
 SKINNY_CONFIGS="$OUT/skinny_tuned.json" bash scripts/gpu_decode_options.sh "${settings[@]}" 2>&1 | tee "$OUT/decode.txt"

@@ -226,9 +226,10 @@ def anchor_ratios(point: dict, anchors: list[dict]) -> dict[str, float]:
 
 
 # What makes two runs' points comparable: a resumed file must have been measured with the same values.
-RESUME_SETTINGS = ("engine", "dtype", "quantize", "fuse", "skinny", "skinny_layers", "memory_only", "requested")
+RESUME_SETTINGS = ("engine", "dtype", "quantize", "fuse", "skinny", "skinny_layers", "decode_attention",
+                   "memory_only", "requested")
 # Files written before a setting existed ran without it.
-SETTINGS_BEFORE_RECORDED = {"skinny": False, "skinny_layers": False}
+SETTINGS_BEFORE_RECORDED = {"skinny": False, "skinny_layers": False, "decode_attention": False}
 
 
 def resumed(out: Path, fresh: dict) -> dict:
@@ -262,12 +263,13 @@ def run(shapes, streams, batches, lengths, engine: str, out: Path, kernels: bool
         memory_only: bool = False, bounded_reads: bool | None = None, cache_len: int | None = None,
         quantize: str | None = None, anchors: bool = False, padded_prefill: bool | None = None,
         fuse: bool | None = None, gptfast_model: str | None = None, resume: bool = False,
-        skinny: bool = False, skinny_layers: bool = False) -> dict:
+        skinny: bool = False, skinny_layers: bool = False, decode_attention: bool = False) -> dict:
     """Time every (shape, P, batch, length) point and write the JSON to `out` as it goes. `fuse`: fused q/k/v
     and gate/up projections; None (the default) fuses unless `quantize`, as `parscale generate` does.
     `resume`: continue `out` if it exists (the module docstring says how). `skinny`: the decode projections
     through inference/skinny_matmul.py's kernel; `skinny_layers`: with the layers' norms, gate and residual adds
-    folded into it (SkinnyDecoderLayer; implies `skinny`, needs `fuse`)."""
+    folded into it (SkinnyDecoderLayer; implies `skinny`, needs `fuse`); `decode_attention`: each decode step's
+    attention through inference/decode_attention.py's kernel."""
     from parscale.inference.fuse import fuse_wanted
 
     if not torch.cuda.is_available():
@@ -284,7 +286,7 @@ def run(shapes, streams, batches, lengths, engine: str, out: Path, kernels: bool
     env = environment()
     result = {"environment": env, "processes": [env], "engine": engine, "dtype": "bfloat16", "quantize": quantize,
               "fuse": fuse, "skinny": skinny, "skinny_layers": skinny_layers,
-              "memory_only": memory_only,
+              "decode_attention": decode_attention, "memory_only": memory_only,
               "requested": {"bounded_reads": bounded_reads, "padded_prefill": padded_prefill, "cache_len": cache_len},
               "points": [], "kernels": [], "anchors": []}
     if resume:
@@ -332,6 +334,10 @@ def run(shapes, streams, batches, lengths, engine: str, out: Path, kernels: bool
                 from parscale.inference.skinny_matmul import use_skinny_matmul
 
                 use_skinny_matmul(model, fuse_layers=skinny_layers)
+            if decode_attention:
+                from parscale.inference.decode_attention import use_decode_attention
+
+                use_decode_attention(model)
             counts = model.config.param_counts()
             for b in kernel_batches:
                 result["kernels"].append({"shape": shape, "P": p, "batch": b, "length": 64,

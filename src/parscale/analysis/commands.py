@@ -29,7 +29,7 @@ def cmd_bench(args):
         Path(args.out), kernels=args.kernels, memory_only=args.memory_only, bounded_reads=args.bounded_reads,
         cache_len=args.cache_len, quantize=args.quantize, anchors=args.anchors, padded_prefill=args.padded_prefill,
         fuse=args.fuse, gptfast_model=args.gptfast_model, resume=args.resume, skinny=args.skinny,
-        skinny_layers=args.skinny_layers)
+        skinny_layers=args.skinny_layers, decode_attention=args.decode_attention)
     print(f"wrote {args.out}")
 
 
@@ -404,6 +404,9 @@ def add_parsers(sub) -> None:
     p.add_argument("--skinny-layers", action="store_true",
                    help="--skinny with each layer's RMSNorms, SiLU gate and residual adds folded into the matmul "
                         "kernel: 4 calls and the attention per layer (needs fused projections)")
+    p.add_argument("--decode-attention", action="store_true",
+                   help="each decode step's attention through parscale's one-kernel Triton attention "
+                        "(inference/decode_attention.py) instead of two matmuls and a softmax")
     p.add_argument("--padded-prefill", action=argparse.BooleanOptionalAction, default=None,
                    help="prompts left-padded to 64, 128, ... tokens and prefilled by one CUDA graph per length "
                         "(engine.py; default: on for the graph engine, off for the compiled one)")
