@@ -4,7 +4,8 @@ For every projection of one decoder layer of a preset (fused q/k/v, o, fused gat
 at each row count (P·B of a decode step), this checks every candidate block configuration against F.linear
 and times it: a CUDA graph runs the product over `--copies` distinct weight copies (more bytes than the L2
 cache holds, so every read comes from memory), replayed `--reps` times; the median replay over the copies
-gives µs per product and TB/s over the weight bytes. The summary adds up one decode step's projections
+gives µs per product and TB/s over the weight bytes; the best is timed again with what SkinnyDecoderLayer folds
+into that product (RMSNorm, residual add, SiLU gate: `folded`). The summary adds up one decode step's projections
 (layers × the layer's four + the head) with torch's matmul and with the best candidate of each shape.
 
     PYTHONPATH=src python scripts/skinny_matmul_bench.py --preset paper-1.6b --rows 1,8 --out skinny.json
@@ -35,6 +36,10 @@ def projection_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
         "down": (h, cfg.intermediate_size),
         "lm_head": (cfg.vocab_size, h),
     }
+
+
+# What SkinnyDecoderLayer folds into each product (inference/skinny_matmul.py): timed at the best config too.
+FOLDED = {"qkv": "norm", "o": "residual", "gate_up": "norm", "down": "gated_residual"}
 
 
 def candidates(quick: bool) -> list[SkinnyConfig]:
@@ -145,12 +150,22 @@ def main(argv=None) -> int:
             ok = [e for e in point["candidates"] if "us" in e and e["rel_err"] < 2e-2]
             best = min(ok, key=lambda e: e["us"]) if ok else None
             point["best"] = best
+            fold = FOLDED.get(name)
+            if best and fold:  # the same product with what SkinnyDecoderLayer folds into it, at the best config
+                c = SkinnyConfig(**best["config"])
+                r = torch.randn(rows, n, device=dev, dtype=dtype)
+                kw = {"norm": {"norm_weight": torch.ones(k, device=dev, dtype=dtype), "eps": 1e-6},
+                      "residual": {"residual": r}, "gated_residual": {"gated": True, "residual": r}}[fold]
+                xin = torch.randn(rows, 2 * k, device=dev, dtype=dtype) if kw.get("gated") else x
+                ms = time_products(lambda x, w, c=c, kw=kw: launch(x, w, None, c, **kw), xin, weights, args.reps)
+                point["folded"] = {"fold": fold, "us": ms * 1e3 / copies, "tbs": gb / ms}
             results["shapes"][f"{name}/rows{rows}"] = point
             write(results, args)  # as it goes: a run stopped by its time limit keeps the shapes it finished
             print(f"{name:8s} rows {rows:2d} N {n:6d} K {k:5d}: torch {point['torch_us']:8.2f} us "
                   f"{point['torch_tbs']:.2f} TB/s | best {best['us'] if best else float('nan'):8.2f} us "
                   f"{best['tbs'] if best else float('nan'):.2f} TB/s {best['config'] if best else ''} "
                   f"| default {point['default']['us'] if point['default'] else float('nan'):8.2f} us "
+                  f"| folded {point.get('folded', {}).get('us', float('nan')):8.2f} us "
                   f"[{time.time() - t0:.0f} s]", flush=True)
         del weights
         torch.cuda.empty_cache()
