@@ -13,6 +13,7 @@
 #   skinny_layers_pdl  skinny_layers with PDL
 #   kernels        skinny_layers and the one-kernel decode attention (bench --skinny-layers --decode-attention)
 #   kernels_pdl    kernels with PDL
+#   kernels_rope   kernels with RoPE and the cache write folded into the attention kernel (--decode-attention rope)
 #
 #   GPTFAST_MODEL=path/to/gpt-fast/model.py bash scripts/gpu_decode_options.sh [settings...]
 #
@@ -42,8 +43,9 @@ for s in "${settings[@]}"; do
     skinny_layers_pdl) env=("${tuned[@]}" TORCHINDUCTOR_ENABLE_PDL=1); flags=(--skinny-layers) ;;
     kernels) env=("${tuned[@]}"); flags=(--skinny-layers --decode-attention) ;;
     kernels_pdl) env=("${tuned[@]}" TORCHINDUCTOR_ENABLE_PDL=1); flags=(--skinny-layers --decode-attention) ;;
+    kernels_rope) env=("${tuned[@]}"); flags=(--skinny-layers --decode-attention rope) ;;
     *) echo "unknown setting $s (default, pdl, autotune, autotune_pdl, skinny, skinny_pdl, skinny_layers," \
-            "skinny_layers_pdl, kernels, kernels_pdl)"; exit 2 ;;
+            "skinny_layers_pdl, kernels, kernels_pdl, kernels_rope)"; exit 2 ;;
   esac
   echo "== $s ${env[*]} ${flags[*]}"
   env "${env[@]}" timeout "${PER_SETTING:-280}" python3 -m parscale.cli bench --shapes paper-1.6b --streams 1,8 \

@@ -66,28 +66,36 @@ INTERPRETED_MODEL = textwrap.dedent("""
     from parscale.inference.engine import engine_for
     da.kernel_available = lambda q, k: q.shape[2] == 1
     da._call_kernel = lambda q, k, v, blocked: da.launch(q, k, v, blocked)
+    da.rope_kernel_available = lambda attn, q, cache: getattr(cache, "decoding", False) and q.shape[1] == 1
+    rope_calls = []
+    da._call_rope_kernel = lambda *a: rope_calls.append(1) or da.launch_rope(*a)
 
     def step_logits(model, ids, mask, fed):
         engine = engine_for(model)
         out = [engine.prefill(ids, mask, len(fed) + 1)]
         for token in fed:
             out.append(engine.decode(token))
-        return torch.stack(out)
+        return torch.stack(out), [c.clone() for c in (*engine.cache.k, *engine.cache.v)]
 
     for family in ("qwen2", "llama"):
-        model = tiny_model(streams=3, family=family)
-        ids = torch.randint(0, model.config.vocab_size, (2, 7))
-        mask = torch.ones_like(ids)
-        mask[1, :3] = 0
-        fed = list(torch.randint(0, model.config.vocab_size, (10, 2)))
-        plain = step_logits(model, ids, mask, fed)
-        da.use_decode_attention(model)
-        assert da.uses_decode_attention(model)
-        kernel = step_logits(model, ids, mask, fed)
-        assert torch.equal(kernel[0], plain[0])  # the prefill is the plain path
-        err = ((kernel - plain).norm() / plain.norm()).item()
-        print(family, f"decode logits rel err {err:.2e}")
-        assert 0 < err < 1e-5, err  # 0 would mean the kernel did not run
+        for fold_rope in (False, True):
+            model = tiny_model(streams=3, family=family)
+            ids = torch.randint(0, model.config.vocab_size, (2, 7))
+            mask = torch.ones_like(ids)
+            mask[1, :3] = 0
+            fed = list(torch.randint(0, model.config.vocab_size, (10, 2)))
+            plain, plain_cache = step_logits(model, ids, mask, fed)
+            da.use_decode_attention(model, fold_rope=fold_rope)
+            assert da.uses_decode_attention(model)
+            kernel, cache = step_logits(model, ids, mask, fed)
+            assert torch.equal(kernel[0], plain[0])  # the prefill is the plain path
+            err = ((kernel - plain).norm() / plain.norm()).item()
+            cache_err = max(((a - b).norm() / b.norm()).item() for a, b in zip(cache, plain_cache))
+            print(family, fold_rope, f"decode logits rel err {err:.2e}, cache {cache_err:.2e}")
+            assert 0 < err < 1e-5, err  # 0 would mean the kernel did not run
+            assert cache_err < 1e-6, cache_err  # fold_rope writes the keys and values the plain path writes
+            assert len(rope_calls) == (model.config.num_hidden_layers * len(fed) if fold_rope else 0)
+            rope_calls.clear()
 """)
 
 
@@ -134,7 +142,8 @@ def test_kernel_on_gpu(dtype):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("compile", [False, True])
-def test_engine_with_the_kernel_matches_the_plain_path(compile):
+@pytest.mark.parametrize("fold_rope", [False, True])
+def test_engine_with_the_kernel_matches_the_plain_path(compile, fold_rope):
     """fp32: the same tokens as the plain path, before and after the prefixes change in place."""
     from conftest import tiny_model
 
@@ -148,7 +157,7 @@ def test_engine_with_the_kernel_matches_the_plain_path(compile):
     mask[1, :3] = 0
     for _ in range(2):
         plain = parscale.generate(model, ids, attention_mask=mask, max_new_tokens=16, use_engine=False)
-        use_decode_attention(model)
+        use_decode_attention(model, fold_rope=fold_rope)
         assert torch.equal(parscale.generate(model, ids, attention_mask=mask, max_new_tokens=16, use_engine=True,
                                              compile=compile), plain)
         use_decode_attention(model, enable=False)

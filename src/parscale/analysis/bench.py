@@ -229,7 +229,7 @@ def anchor_ratios(point: dict, anchors: list[dict]) -> dict[str, float]:
 RESUME_SETTINGS = ("engine", "dtype", "quantize", "fuse", "skinny", "skinny_layers", "decode_attention",
                    "memory_only", "requested")
 # Files written before a setting existed ran without it.
-SETTINGS_BEFORE_RECORDED = {"skinny": False, "skinny_layers": False, "decode_attention": False}
+SETTINGS_BEFORE_RECORDED = {"skinny": False, "skinny_layers": False, "decode_attention": None}
 
 
 def resumed(out: Path, fresh: dict) -> dict:
@@ -263,13 +263,14 @@ def run(shapes, streams, batches, lengths, engine: str, out: Path, kernels: bool
         memory_only: bool = False, bounded_reads: bool | None = None, cache_len: int | None = None,
         quantize: str | None = None, anchors: bool = False, padded_prefill: bool | None = None,
         fuse: bool | None = None, gptfast_model: str | None = None, resume: bool = False,
-        skinny: bool = False, skinny_layers: bool = False, decode_attention: bool = False) -> dict:
+        skinny: bool = False, skinny_layers: bool = False, decode_attention: str | None = None) -> dict:
     """Time every (shape, P, batch, length) point and write the JSON to `out` as it goes. `fuse`: fused q/k/v
     and gate/up projections; None (the default) fuses unless `quantize`, as `parscale generate` does.
     `resume`: continue `out` if it exists (the module docstring says how). `skinny`: the decode projections
     through inference/skinny_matmul.py's kernel; `skinny_layers`: with the layers' norms, gate and residual adds
     folded into it (SkinnyDecoderLayer; implies `skinny`, needs `fuse`); `decode_attention`: each decode step's
-    attention through inference/decode_attention.py's kernel."""
+    attention through inference/decode_attention.py's kernel ("attention"), with RoPE and the cache write folded
+    in ("rope")."""
     from parscale.inference.fuse import fuse_wanted
 
     if not torch.cuda.is_available():
@@ -279,6 +280,8 @@ def run(shapes, streams, batches, lengths, engine: str, out: Path, kernels: bool
     if skinny_layers and not fuse:
         raise ValueError("--skinny-layers folds the norms into the fused q/k/v and gate/up products: it needs "
                          "fused projections (drop --no-fuse / --quantize)")
+    if decode_attention not in (None, "attention", "rope"):
+        raise ValueError(f"decode_attention is 'attention' or 'rope', got {decode_attention!r}")
     if gptfast_model:  # a wrong path fails now, not after minutes of other anchors
         from parscale.analysis.anchors import load_gptfast_module
 
@@ -337,7 +340,7 @@ def run(shapes, streams, batches, lengths, engine: str, out: Path, kernels: bool
             if decode_attention:
                 from parscale.inference.decode_attention import use_decode_attention
 
-                use_decode_attention(model)
+                use_decode_attention(model, fold_rope=decode_attention == "rope")
             counts = model.config.param_counts()
             for b in kernel_batches:
                 result["kernels"].append({"shape": shape, "P": p, "batch": b, "length": 64,

@@ -404,9 +404,10 @@ def add_parsers(sub) -> None:
     p.add_argument("--skinny-layers", action="store_true",
                    help="--skinny with each layer's RMSNorms, SiLU gate and residual adds folded into the matmul "
                         "kernel: 4 calls and the attention per layer (needs fused projections)")
-    p.add_argument("--decode-attention", action="store_true",
+    p.add_argument("--decode-attention", nargs="?", const="attention", default=None, choices=["attention", "rope"],
                    help="each decode step's attention through parscale's one-kernel Triton attention "
-                        "(inference/decode_attention.py) instead of two matmuls and a softmax")
+                        "(inference/decode_attention.py) instead of two matmuls and a softmax; `rope`: with RoPE "
+                        "and the cache write folded in")
     p.add_argument("--padded-prefill", action=argparse.BooleanOptionalAction, default=None,
                    help="prompts left-padded to 64, 128, ... tokens and prefilled by one CUDA graph per length "
                         "(engine.py; default: on for the graph engine, off for the compiled one)")

@@ -8,6 +8,14 @@ query heads h with h // (heads / kv_heads) equal to it) and streams the row's ke
 
     out = decode_attention(q, k, v, blocked)   # q [n, heads, 1, d], k/v [n, kv, S, d], blocked [n|1, 1, 1, S]
     use_decode_attention(model)                # every layer's decode attention through it, from outside
+    use_decode_attention(model, fold_rope=True)   # and RoPE + the cache write folded in too
+
+With `fold_rope` the kernel starts from the q/k/v projections' output of the step: it rotates q and the new
+key (RoPE, rounded as the plain path rounds it), writes the new key and value into the cache slot, and
+attends over the cache with the new key taken from registers (its slot is skipped in the streamed part, so
+the write and the read never race). It returns the o_proj input [n, 1, heads·d] directly. That is the whole
+of a decode step's attention as one kernel (the plain path is RoPE, two cache writes, two matmuls, a masked
+softmax and the copies between them).
 
 `blocked` is True where a slot is hidden (padding, unwritten slots), as the plain path's. Scores and softmax
 are fp32 throughout (the plain path rounds the scores to the dtype before its fp32 softmax), so in bf16 the
@@ -79,6 +87,54 @@ def launch(q, k, v, blocked, block_s: int = BLOCK_S, _kernel=None) -> torch.Tens
     return out
 
 
+def rope_kernel_available(attn: Attention, q: torch.Tensor, cache) -> bool:
+    """Whether a decode step's attention can start from the projections (fold_rope): a decoding static cache,
+    no q/k norm, one token per row, the kernel's dtypes."""
+    return (triton is not None and q.is_cuda and getattr(cache, "decoding", False) and q.shape[1] == 1
+            and not hasattr(attn, "q_norm") and q.dtype in (torch.bfloat16, torch.float16, torch.float32)
+            and attn.head_dim <= 256 and attn.head_dim % 2 == 0 and q.stride(-1) == 1)
+
+
+def decode_attention_from_projections(q, k, v, cos, sin, k_cache, v_cache, pos, prefix_len: int, read_end: int,
+                                      blocked, n_heads: int) -> torch.Tensor:
+    """RoPE, the cache write and the attention of one decode step (module docstring, fold_rope): q, k, v [n, 1,
+    width] (the projections' output), cos/sin [n, 1, 1, d], the layer's cache buffers [n, kv, slots, d] (written
+    at slot prefix_len + pos), `read_end` slots read, blocked [n|1, 1, 1, read_end]. Returns [n, 1, heads·d]."""
+    return _call_rope_kernel(q, k, v, cos, sin, k_cache, v_cache, pos, prefix_len, read_end, blocked, n_heads)
+
+
+def _call_rope_kernel(q, k, v, cos, sin, k_cache, v_cache, pos, prefix_len, read_end, blocked, n_heads):
+    return torch.ops.parscale.decode_attention_rope(q, k, v, cos, sin, k_cache, v_cache, pos, prefix_len, read_end,
+                                                    blocked, n_heads)
+
+
+def launch_rope(q, k, v, cos, sin, k_cache, v_cache, pos, prefix_len: int, read_end: int, blocked, n_heads: int,
+                block_s: int = BLOCK_S, _kernel=None) -> torch.Tensor:
+    """Run the fold_rope kernel (any device Triton runs on, the interpreter included); no fallback."""
+    if triton is None:
+        raise RuntimeError("the decode attention kernel needs Triton (pip install triton)")
+    n, kv, slots, d = k_cache.shape
+    if q.shape != (n, 1, n_heads * d) or k.shape != (n, 1, kv * d) or v.shape != k.shape or n_heads % kv:
+        raise ValueError(f"q, k, v must be [n, 1, heads·d] / [n, 1, kv·d] for a cache {tuple(k_cache.shape)}; got "
+                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if v_cache.shape != k_cache.shape or read_end > slots or blocked.shape[-1] != read_end:
+        raise ValueError(f"caches {tuple(k_cache.shape)} / {tuple(v_cache.shape)}, read_end {read_end}, blocked "
+                         f"{tuple(blocked.shape)} do not agree")
+    if any(x.stride(-1) != 1 for x in (q, k, v, cos, sin, k_cache, v_cache)):
+        raise ValueError("every input must be contiguous in its last dimension")
+    mask = blocked.reshape(blocked.shape[0], read_end)
+    out = torch.empty(n, 1, n_heads * d, device=q.device, dtype=q.dtype)
+    group = n_heads // kv
+    (_kernel or _decode_attention_rope_kernel)[(n, kv)](
+        q, k, v, cos, sin, k_cache, v_cache, pos, mask, out, prefix_len, read_end, d, group, d**-0.5,
+        q.stride(0), k.stride(0), v.stride(0), cos.stride(0), sin.stride(0),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
+        v_cache.stride(2), mask.stride(0) if mask.shape[0] > 1 else 0, out.stride(0),
+        BLOCK_G=max(1, triton.next_power_of_2(group)), BLOCK_D=triton.next_power_of_2(d), BLOCK_S=block_s,
+    )
+    return out
+
+
 class KernelAttention(Attention):
     """Attention whose decode steps go through the kernel (every other call is the plain path)."""
 
@@ -88,9 +144,21 @@ class KernelAttention(Attention):
         return _attend(q, k, v, plan)
 
 
-def use_decode_attention(model, enable: bool = True):
-    """Every layer's decode attention through the kernel (in place, class swap; returns the model)."""
-    cls = KernelAttention if enable else Attention
+class KernelAttentionFromProjections(KernelAttention):
+    """KernelAttention whose decode steps also fold RoPE and the cache write into the kernel (fold_rope)."""
+
+    def attend(self, q, k, v, cos, sin, plan, cache=None, layer_idx=0):
+        if not (plan.grouped_decode and rope_kernel_available(self, q, cache)):
+            return super().attend(q, k, v, cos, sin, plan, cache, layer_idx)
+        read_end = cache.prefix_len + cache.read_len
+        return decode_attention_from_projections(q, k, v, cos, sin, cache.k[layer_idx], cache.v[layer_idx],
+                                                 cache.pos, cache.prefix_len, read_end, plan.blocked, self.n_heads)
+
+
+def use_decode_attention(model, enable: bool = True, fold_rope: bool = False):
+    """Every layer's decode attention through the kernel (in place, class swap; returns the model); `fold_rope`:
+    RoPE and the cache write in the same kernel (module docstring)."""
+    cls = (KernelAttentionFromProjections if fold_rope else KernelAttention) if enable else Attention
     for layer in model.model.layers:
         layer.self_attn.__class__ = cls
     return model
@@ -146,3 +214,77 @@ if triton is not None:
     def _decode_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                              blocked: torch.Tensor) -> torch.Tensor:
         return launch(q, k, v, blocked, _kernel=torch.library.wrap_triton(_decode_attention_kernel))
+
+    @triton.jit
+    def _round(x, dtype: tl.constexpr):
+        return x.to(dtype).to(tl.float32)
+
+    @triton.jit
+    def _rope(ptr, offs_rows, offs_d, swap_d, mask, cos, sin, dtype: tl.constexpr):
+        """x·cos + swap_halves(x)·sin (sin sign-folded, model/transformer.py), each product and the sum rounded to
+        the dtype as the plain path's eager ops round them."""
+        x = tl.load(ptr + offs_rows[:, None] + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
+        xs = tl.load(ptr + offs_rows[:, None] + swap_d[None, :], mask=mask, other=0.0).to(tl.float32)
+        return _round(_round(x * cos[None, :], dtype) + _round(xs * sin[None, :], dtype), dtype)
+
+    @triton.jit
+    def _decode_attention_rope_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, kc_ptr, vc_ptr, pos_ptr, m_ptr, o_ptr,
+                                      PREFIX, S, D, GROUP, scale, stride_qn, stride_kn, stride_vn, stride_cn,
+                                      stride_sn, stride_kcn, stride_kch, stride_kcs, stride_vcn, stride_vch,
+                                      stride_vcs, stride_mn, stride_on, BLOCK_G: tl.constexpr,
+                                      BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
+        row = tl.program_id(0)
+        kv_head = tl.program_id(1)
+        dtype = q_ptr.dtype.element_ty
+        offs_g = tl.arange(0, BLOCK_G)
+        offs_d = tl.arange(0, BLOCK_D)
+        g_ok = offs_g < GROUP
+        d_ok = offs_d < D
+        half = D // 2
+        swap_d = tl.where(offs_d < half, offs_d + half, offs_d - half)
+        cos = tl.load(cos_ptr + row * stride_cn + offs_d, mask=d_ok, other=0.0).to(tl.float32)
+        sin = tl.load(sin_ptr + row * stride_sn + offs_d, mask=d_ok, other=0.0).to(tl.float32)
+        heads = kv_head * GROUP + offs_g
+        q = _rope(q_ptr + row * stride_qn, heads * D, offs_d, swap_d, g_ok[:, None] & d_ok[None, :], cos, sin, dtype)
+        k_ptrs = k_ptr + row * stride_kn + kv_head * D
+        k_raw = tl.load(k_ptrs + offs_d, mask=d_ok, other=0.0).to(tl.float32)
+        k_swapped = tl.load(k_ptrs + swap_d, mask=d_ok, other=0.0).to(tl.float32)
+        k_new = _round(_round(k_raw * cos, dtype) + _round(k_swapped * sin, dtype), dtype)
+        v_new = tl.load(v_ptr + row * stride_vn + kv_head * D + offs_d, mask=d_ok, other=0.0).to(tl.float32)
+        slot = PREFIX + tl.load(pos_ptr)
+        tl.store(kc_ptr + row * stride_kcn + kv_head * stride_kch + slot * stride_kcs + offs_d, k_new.to(dtype),
+                 mask=d_ok)
+        tl.store(vc_ptr + row * stride_vcn + kv_head * stride_vch + slot * stride_vcs + offs_d, v_new.to(dtype),
+                 mask=d_ok)
+        # The new key from registers first (always seen), then every other slot from the cache.
+        best = tl.sum(q * k_new[None, :], axis=1) * scale  # [G]
+        total = tl.full((BLOCK_G,), 1.0, dtype=tl.float32)
+        acc = tl.zeros((BLOCK_G, BLOCK_D), dtype=tl.float32) + v_new[None, :]
+        kc_base = kc_ptr + row * stride_kcn + kv_head * stride_kch
+        vc_base = vc_ptr + row * stride_vcn + kv_head * stride_vch
+        for s0 in range(0, S, BLOCK_S):
+            offs_s = s0 + tl.arange(0, BLOCK_S)
+            s_ok = (offs_s < S) & (offs_s != slot)
+            kv_mask = s_ok[:, None] & d_ok[None, :]
+            k = tl.load(kc_base + offs_s[:, None] * stride_kcs + offs_d[None, :], mask=kv_mask, other=0.0)
+            scores = tl.sum(q[:, None, :] * k.to(tl.float32)[None, :, :], axis=2) * scale  # [G, S]
+            hidden = tl.load(m_ptr + row * stride_mn + offs_s, mask=offs_s < S, other=0) != 0
+            scores = tl.where((hidden | ~s_ok)[None, :], float("-inf"), scores)
+            new_best = tl.maximum(best, tl.max(scores, axis=1))  # finite: best starts at the new key's score
+            rescale = tl.exp(best - new_best)
+            p = tl.exp(scores - new_best[:, None])
+            v = tl.load(vc_base + offs_s[:, None] * stride_vcs + offs_d[None, :], mask=kv_mask, other=0.0)
+            acc = acc * rescale[:, None] + tl.sum(p[:, :, None] * v.to(tl.float32)[None, :, :], axis=1)
+            total = total * rescale + tl.sum(p, axis=1)
+            best = new_best
+        out = acc / total[:, None]
+        tl.store(o_ptr + row * stride_on + heads[:, None] * D + offs_d[None, :], out.to(dtype),
+                 mask=g_ok[:, None] & d_ok[None, :])
+
+    @torch.library.triton_op("parscale::decode_attention_rope", mutates_args=("k_cache", "v_cache"))
+    def _decode_attention_rope_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
+                                  sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor,
+                                  prefix_len: int, read_end: int, blocked: torch.Tensor,
+                                  n_heads: int) -> torch.Tensor:
+        return launch_rope(q, k, v, cos, sin, k_cache, v_cache, pos, prefix_len, read_end, blocked, n_heads,
+                           _kernel=torch.library.wrap_triton(_decode_attention_rope_kernel))
