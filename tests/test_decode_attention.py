@@ -163,3 +163,16 @@ def test_engine_with_the_kernel_matches_the_plain_path(compile, fold_rope):
         use_decode_attention(model, enable=False)
         with torch.no_grad():
             model.model.layers[0].self_attn.prefix_k.mul_(1.5)
+
+
+def test_kernels_run_only_on_capable_gpus(monkeypatch):
+    """A GPU before compute capability 8.0 (or no Triton, or the CPU) takes the plain path."""
+    from parscale.inference import triton_support
+
+    monkeypatch.setattr(triton_support, "triton", object())
+    monkeypatch.setattr(triton_support, "_CAPABLE", {0: False, 1: True})
+    assert not triton_support.kernels_can_run(torch.device("cuda", 0))
+    assert triton_support.kernels_can_run(torch.device("cuda", 1))
+    assert not triton_support.kernels_can_run(torch.device("cpu"))
+    monkeypatch.setattr(triton_support, "triton", None)
+    assert not triton_support.kernels_can_run(torch.device("cuda", 1))

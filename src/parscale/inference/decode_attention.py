@@ -19,9 +19,9 @@ softmax and the copies between them).
 
 `blocked` is True where a slot is hidden (padding, unwritten slots), as the plain path's. Scores and softmax
 are fp32 throughout (the plain path rounds the scores to the dtype before its fp32 softmax), so in bf16 the
-two agree to rounding, and in fp32 to summation order. Where the kernel cannot run (CPU, no Triton, head_dim
-over 256) `decode_attention` is the plain path; the arithmetic is checked under Triton's CPU interpreter and
-on a GPU (tests/test_decode_attention.py).
+two agree to rounding, and in fp32 to summation order. Where the kernel cannot run (CPU, no Triton, a GPU
+before compute capability 8.0, head_dim over 256) `decode_attention` is the plain path; the arithmetic is
+checked under Triton's CPU interpreter and on a GPU (tests/test_decode_attention.py).
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ import os
 
 import torch
 
+from parscale.inference.triton_support import kernels_can_run
 from parscale.model.transformer import Attention, _attend, _grouped_decode_attention
 
 try:
@@ -42,7 +43,7 @@ BLOCK_S = int(os.environ.get("PARSCALE_DECODE_ATTENTION_BLOCK_S", "16"))
 
 
 def kernel_available(q: torch.Tensor, k: torch.Tensor) -> bool:
-    return (triton is not None and q.is_cuda and q.dtype == k.dtype
+    return (kernels_can_run(q.device) and q.dtype == k.dtype
             and q.dtype in (torch.bfloat16, torch.float16, torch.float32)
             and q.shape[2] == 1 and q.shape[3] <= 256 and q.shape[1] % k.shape[1] == 0)
 
@@ -90,7 +91,7 @@ def launch(q, k, v, blocked, block_s: int = BLOCK_S, _kernel=None) -> torch.Tens
 def rope_kernel_available(attn: Attention, q: torch.Tensor, cache) -> bool:
     """Whether a decode step's attention can start from the projections (fold_rope): a decoding static cache,
     no q/k norm, one token per row, the kernel's dtypes."""
-    return (triton is not None and q.is_cuda and getattr(cache, "decoding", False) and q.shape[1] == 1
+    return (kernels_can_run(q.device) and getattr(cache, "decoding", False) and q.shape[1] == 1
             and not hasattr(attn, "q_norm") and q.dtype in (torch.bfloat16, torch.float16, torch.float32)
             and attn.head_dim <= 256 and attn.head_dim % 2 == 0 and q.stride(-1) == 1)
 
@@ -158,6 +159,7 @@ class KernelAttentionFromProjections(KernelAttention):
 def use_decode_attention(model, enable: bool = True, fold_rope: bool = False):
     """Every layer's decode attention through the kernel (in place, class swap; returns the model); `fold_rope`:
     RoPE and the cache write in the same kernel (module docstring)."""
+    kernels_can_run(model.lm_head.weight.device)  # looked up once here, not inside a compiled step
     cls = (KernelAttentionFromProjections if fold_rope else KernelAttention) if enable else Attention
     for layer in model.model.layers:
         layer.self_attn.__class__ = cls

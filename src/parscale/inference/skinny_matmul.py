@@ -28,9 +28,10 @@ read of x): exact, but rounded once where the plain RMSNorm rounds x/rms to the 
 The gate and the residual add are rounded as the plain path rounds them (silu(gate), its product with up,
 the product's output before the add).
 
-Where it cannot run (no CUDA, no Triton, more rows, other dtypes) `skinny_linear` is the plain path
-(`F.linear` and the RMSNorm, SiLU and add of the model); the kernel's arithmetic is checked against that
-under Triton's CPU interpreter (tests/test_skinny_matmul.py) and on a GPU by `pytest -m gpu`.
+Where it cannot run (no CUDA, no Triton, a GPU before compute capability 8.0, more rows, other dtypes)
+`skinny_linear` is the plain path (`F.linear` and the RMSNorm, SiLU and add of the model); the kernel's
+arithmetic is checked against that under Triton's CPU interpreter (tests/test_skinny_matmul.py) and on a GPU
+by `pytest -m gpu`.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from parscale.inference.triton_support import kernels_can_run
 from parscale.model.transformer import DecoderLayer
 
 MAX_ROWS = 16
@@ -105,7 +107,7 @@ def default_config(rows: int, n: int, k: int, tuned: bool = True) -> SkinnyConfi
 def kernel_available(x: torch.Tensor, weight: torch.Tensor, gated: bool = False) -> bool:
     """Whether the kernel can take this product (else skinny_linear is the plain path)."""
     k = weight.shape[-1] * (2 if gated else 1)
-    return (triton is not None and x.is_cuda and weight.is_cuda and x.dtype == weight.dtype
+    return (kernels_can_run(x.device) and weight.device == x.device and x.dtype == weight.dtype
             and x.dtype in (torch.bfloat16, torch.float16, torch.float32)
             and weight.dim() == 2 and weight.stride(1) == 1 and x.shape[-1] == k
             and 0 < x.numel() // max(1, x.shape[-1]) <= MAX_ROWS)
@@ -223,6 +225,7 @@ def use_skinny_matmul(model, enable: bool = True, fuse_layers: bool = False):
     if enable and fuse_layers and not is_fused(model):
         raise ValueError("fuse_layers folds the norms into the fused q/k/v and gate/up products: fuse the model's "
                          "projections first (inference/fuse.py)")
+    kernels_can_run(model.lm_head.weight.device)  # looked up once here, not inside a compiled step
     cls = SkinnyLinear if enable else nn.Linear
     for module in [*model.model.layers.modules(), model.lm_head]:
         if type(module) in (nn.Linear, SkinnyLinear):
