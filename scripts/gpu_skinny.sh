@@ -11,7 +11,11 @@ set -uo pipefail
 export PYTHONPATH=src PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
-[ "${TESTS:-1}" = 1 ] && timeout "${TEST_TIMEOUT:-300}" python3 -m pytest -q -m gpu tests/test_skinny_matmul.py tests/test_decode_attention.py 2>&1 | tail -15 | tee "$OUT/skinny_tests.txt"
+if [ "${TESTS:-1}" = 1 ]; then  # the whole log kept: a failure's message is above pytest's last lines
+    timeout "${TEST_TIMEOUT:-300}" python3 -m pytest -q -m gpu tests/test_skinny_matmul.py tests/test_decode_attention.py \
+        > "$OUT/skinny_tests.txt" 2>&1
+    grep -E "^(E |FAILED|[0-9]+ (passed|failed))" "$OUT/skinny_tests.txt" | tail -30
+fi
 timeout "${BENCH_TIMEOUT:-240}" python3 scripts/skinny_matmul_bench.py --preset paper-1.6b --rows "${ROWS:-1,8}" ${QUICK:+--quick} \
     --out "$OUT/skinny.json" --tuned-out "$OUT/skinny_tuned.json" 2>&1 | tee "$OUT/skinny_bench.txt"
 settings=("$@")

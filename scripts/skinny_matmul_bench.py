@@ -17,6 +17,7 @@ import argparse
 import itertools
 import json
 import statistics
+import sys
 import time
 
 import torch
@@ -39,7 +40,7 @@ def projection_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
 
 
 # What SkinnyDecoderLayer folds into each product (inference/skinny_matmul.py): timed at the best config too.
-FOLDED = {"qkv": "norm", "o": "residual", "gate_up": "norm", "down": "gated_residual"}
+FOLDED = {"qkv": "norm", "o": "residual", "gate_up": "norm_swiglu", "down": "residual"}
 
 
 def candidates(quick: bool) -> list[SkinnyConfig]:
@@ -118,7 +119,8 @@ def main(argv=None) -> int:
     dev, dtype = "cuda", torch.bfloat16
     results = {"preset": args.preset, "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
                "triton": __import__("triton").__version__, "copies": args.copies, "reps": args.reps,
-               "command": "python scripts/skinny_matmul_bench.py " + " ".join(argv or []), "shapes": {}}
+               "command": "python scripts/skinny_matmul_bench.py " + " ".join(sys.argv[1:] if argv is None else argv),
+               "shapes": {}}
     shapes = projection_shapes(cfg)
     t0 = time.time()
     for name, (n, k) in shapes.items():
@@ -133,7 +135,7 @@ def main(argv=None) -> int:
             torch_ms = time_products(lambda x, w: F.linear(x, w), x, weights, args.reps)
             point = {"n": n, "k": k, "rows": rows, "weight_mb": n * k * 2 / 1e6, "torch_us": torch_ms * 1e3 / copies,
                      "torch_tbs": gb / torch_ms, "torch_rel_err": torch_err, "default": None, "candidates": []}
-            todo = candidates(args.quick) + [default_config(rows, n, k)]
+            todo = candidates(args.quick) + [default_config(rows, n, k, dtype=dtype)]
             for i, c in enumerate(todo):
                 try:
                     y = launch(x, weights[0], None, c)
@@ -153,11 +155,11 @@ def main(argv=None) -> int:
             fold = FOLDED.get(name)
             if best and fold:  # the same product with what SkinnyDecoderLayer folds into it, at the best config
                 c = SkinnyConfig(**best["config"])
-                r = torch.randn(rows, n, device=dev, dtype=dtype)
-                kw = {"norm": {"norm_weight": torch.ones(k, device=dev, dtype=dtype), "eps": 1e-6},
-                      "residual": {"residual": r}, "gated_residual": {"gated": True, "residual": r}}[fold]
-                xin = torch.randn(rows, 2 * k, device=dev, dtype=dtype) if kw.get("gated") else x
-                ms = time_products(lambda x, w, c=c, kw=kw: launch(x, w, None, c, **kw), xin, weights, args.reps)
+                out_n = n // 2 if fold == "norm_swiglu" else n
+                norm = {"norm_weight": torch.ones(k, device=dev, dtype=dtype), "eps": 1e-6}
+                kw = {"norm": norm, "norm_swiglu": {**norm, "swiglu": True},
+                      "residual": {"residual": torch.randn(rows, out_n, device=dev, dtype=dtype)}}[fold]
+                ms = time_products(lambda x, w, c=c, kw=kw: launch(x, w, None, c, **kw), x, weights, args.reps)
                 point["folded"] = {"fold": fold, "us": ms * 1e3 / copies, "tbs": gb / ms}
             results["shapes"][f"{name}/rows{rows}"] = point
             write(results, args)  # as it goes: a run stopped by its time limit keeps the shapes it finished

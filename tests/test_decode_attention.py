@@ -144,20 +144,33 @@ def test_kernel_on_gpu(dtype):
 @pytest.mark.parametrize("compile", [False, True])
 @pytest.mark.parametrize("fold_rope", [False, True])
 def test_engine_with_the_kernel_matches_the_plain_path(compile, fold_rope):
-    """fp32: the same tokens as the plain path, before and after the prefixes change in place."""
+    """fp32: each decode step's logits within summation-order error of the plain path's and the same greedy
+    tokens, before and after the prefixes change in place."""
     from conftest import tiny_model
 
     import parscale
     from parscale.inference.decode_attention import use_decode_attention
+    from parscale.inference.engine import engine_for
+
+    def step_logits(fed):
+        engine = engine_for(model, compile=compile)
+        out = [engine.prefill(ids, mask, len(fed) + 1)]
+        out += [engine.decode(token) for token in fed]
+        return torch.stack(out)
 
     torch.manual_seed(0)
     model = tiny_model(streams=4).cuda()
     ids = torch.randint(0, model.config.vocab_size, (2, 12), device="cuda")
     mask = torch.ones_like(ids)
     mask[1, :3] = 0
+    fed = list(torch.randint(0, model.config.vocab_size, (12, 2), device="cuda"))
     for _ in range(2):
         plain = parscale.generate(model, ids, attention_mask=mask, max_new_tokens=16, use_engine=False)
+        plain_logits = step_logits(fed)
         use_decode_attention(model, fold_rope=fold_rope)
+        logits = step_logits(fed)
+        err = ((logits - plain_logits).norm() / plain_logits.norm()).item()
+        assert 0 < err < 1e-5, err  # 0: the kernel did not run
         assert torch.equal(parscale.generate(model, ids, attention_mask=mask, max_new_tokens=16, use_engine=True,
                                              compile=compile), plain)
         use_decode_attention(model, enable=False)

@@ -23,9 +23,11 @@ def test_fallback_is_f_linear_on_cpu():
 
 @pytest.mark.parametrize("rows,n", [(1, 1536), (8, 1536), (8, 16640), (16, 100)])
 def test_default_config_spreads_narrow_matrices(rows, n):
-    c = default_config(rows, n, 1536)
+    c = default_config(rows, n, 1536, dtype=torch.float32)
     assert (n + c.block_n - 1) // c.block_n >= min(512, n)  # enough programs for every multiprocessor
-    assert c.block_m(rows) >= rows
+    assert c.block_m(rows) >= rows and not c.use_dot  # float32: never TF32
+    c16 = default_config(rows, n, 1536, dtype=torch.bfloat16)
+    assert c16.use_dot and c16.block_n >= 16 and c16.block_m(rows) >= rows
 
 
 INTERPRETED = textwrap.dedent("""
@@ -59,13 +61,15 @@ INTERPRETED = textwrap.dedent("""
     for rows in (1, 5, 16):
         n, k = 40, 96
         x, w, b = torch.randn(rows, k) * 3, torch.randn(n, k), torch.randn(n)
-        g, r, gu = torch.randn(k), torch.randn(rows, n), torch.randn(rows, 2 * k)
+        g, r, r_half = torch.randn(k), torch.randn(rows, n), torch.randn(rows, n // 2)
         for cfg in (SkinnyConfig(1, 32), SkinnyConfig(4, 64), SkinnyConfig(16, 64, use_dot=True)):
-            for kw, inp in ((dict(norm_weight=g, eps=1e-5), x), (dict(gated=True), gu), (dict(residual=r), x),
-                            (dict(norm_weight=g, eps=1e-5, residual=r), x)):
-                want = reference(inp.double(), w.double(), b.double(), **{k_: (v.double() if torch.is_tensor(v)
+            for kw in (dict(norm_weight=g, eps=1e-5), dict(swiglu=True), dict(residual=r),
+                       dict(norm_weight=g, eps=1e-5, residual=r), dict(norm_weight=g, eps=1e-5, swiglu=True),
+                       dict(swiglu=True, residual=r_half)):
+                want = reference(x.double(), w.double(), b.double(), **{k_: (v.double() if torch.is_tensor(v)
                                  else v) for k_, v in kw.items()})
-                y = launch(inp, w, b, cfg, **kw)
+                y = launch(x, w, b, cfg, **kw)
+                assert y.shape == want.shape, (y.shape, want.shape)
                 fused = max(fused, ((y.double() - want).norm() / want.norm()).item())
     print(f"fused worst {fused:.2e}")
     assert fused < 1e-6, fused
@@ -80,7 +84,7 @@ INTERPRETED_MODEL = textwrap.dedent("""
     import parscale
     from parscale.inference import skinny_matmul as sm
     from parscale.inference.fuse import fuse_projections
-    sm.kernel_available = lambda x, w, gated=False: x.numel() // x.shape[-1] <= sm.MAX_ROWS
+    sm.kernel_available = lambda x, w: x.numel() // x.shape[-1] <= sm.MAX_ROWS
     sm._call_kernel = lambda x, w, b, c, **kw: sm.launch(x, w, b, c, **kw)
     model = fuse_projections(tiny_model(streams=2))
     with torch.no_grad():
@@ -128,9 +132,10 @@ def test_reference_is_the_plain_models_arithmetic(dtype):
     x = torch.randn(3, 5, layer.input_layernorm.weight.shape[0], dtype=dtype)
     norm, qkv = layer.input_layernorm, layer.self_attn.qkv_proj
     assert torch.equal(reference(x, qkv.weight, qkv.bias, norm_weight=norm.weight, eps=norm.eps), qkv(norm(x)))
-    gate_up = layer.mlp.gate_up_proj(x)
-    assert torch.equal(reference(gate_up, layer.mlp.down_proj.weight, gated=True, residual=x),
-                       x + layer.mlp(x))
+    gate, up = layer.mlp.gate_up_proj(x).chunk(2, dim=-1)
+    act = reference(x, layer.mlp.gate_up_proj.weight, swiglu=True)
+    assert torch.equal(act, torch.nn.functional.silu(gate) * up)
+    assert torch.equal(reference(act, layer.mlp.down_proj.weight, residual=x), x + layer.mlp(x))
 
 
 def _run_layers_through_reference(monkeypatch):
@@ -144,7 +149,7 @@ def _run_layers_through_reference(monkeypatch):
         calls.append(sorted(k for k, v in kw.items() if k != "eps" and v is not None and v is not False))
         return sm.reference(x, w, b, **kw)
 
-    monkeypatch.setattr(sm, "kernel_available", lambda x, w, gated=False: x.numel() // x.shape[-1] <= sm.MAX_ROWS)
+    monkeypatch.setattr(sm, "kernel_available", lambda x, w: x.numel() // x.shape[-1] <= sm.MAX_ROWS)
     monkeypatch.setattr(sm, "_call_kernel", fake_kernel)
     return calls
 
@@ -173,7 +178,7 @@ def test_skinny_layers_compute_the_plain_layers(monkeypatch):
     assert uses_skinny_layers(model) and isinstance(model.model.layers[1], SkinnyDecoderLayer)
     assert torch.equal(model(ids), plain_logits)  # 2 streams x 6 tokens = 12 rows: the kernel's path
     layers = model.config.num_hidden_layers
-    assert calls[:4] == [["norm_weight"], ["residual"], ["norm_weight"], ["gated", "residual"]]
+    assert calls[:4] == [["norm_weight"], ["residual"], ["norm_weight", "swiglu"], ["residual"]]
     assert len(calls) == 4 * layers + 1  # four per layer and the LM head
     assert torch.equal(parscale.generate(model, ids, max_new_tokens=8, use_engine=False), plain)
     assert model.state_dict().keys() == before.keys()
@@ -190,7 +195,7 @@ def test_fp32_products_ignore_measured_dot_configs(tmp_path):
     skinny_matmul.set_tuned_configs([{"rows": 8, "n": 1536, "k": 8320, "config": tuned.__dict__}])
     try:
         assert default_config(8, 1536, 8320) == tuned
-        assert default_config(8, 1536, 8320, tuned=False) != tuned
+        assert default_config(8, 1536, 8320, dtype=torch.float32) != tuned
     finally:
         skinny_matmul.set_tuned_configs([])
 
@@ -210,13 +215,13 @@ def test_fused_forms_on_gpu(dtype, rows):
     w = torch.randn(n, k, device="cuda", dtype=dtype) * k**-0.5
     g = 1 + 0.3 * torch.randn(k, device="cuda", dtype=dtype)
     r = torch.randn(rows, n, device="cuda", dtype=dtype)
-    gu = torch.randn(rows, 2 * k, device="cuda", dtype=dtype)
-    for kw, inp in ((dict(norm_weight=g, eps=1e-6), x), (dict(gated=True), gu), (dict(residual=r), x)):
-        exact = reference(inp.double(), w.double(), None,
+    for kw in (dict(norm_weight=g, eps=1e-6), dict(swiglu=True), dict(residual=r),
+               dict(norm_weight=g, eps=1e-6, swiglu=True)):
+        exact = reference(x.double(), w.double(), None,
                           **{a: (v.double() if torch.is_tensor(v) else v) for a, v in kw.items()})
-        plain_err = ((reference(inp, w, None, **kw).double() - exact).norm() / exact.norm()).item()
+        plain_err = ((reference(x, w, None, **kw).double() - exact).norm() / exact.norm()).item()
         for cfg in (default_config(rows, n, k), SkinnyConfig(4, 256), SkinnyConfig(16, 128, use_dot=True)):
-            err = ((skinny_linear(inp, w, None, cfg, **kw).double() - exact).norm() / exact.norm()).item()
+            err = ((skinny_linear(x, w, None, cfg, **kw).double() - exact).norm() / exact.norm()).item()
             assert err <= max(2 * plain_err, 4e-3), (kw.keys(), cfg, err, plain_err)
 
 

@@ -196,7 +196,8 @@ if triton is not None:
             s_ok = offs_s < S
             kv_mask = s_ok[:, None] & d_ok[None, :]
             k = tl.load(k_base + offs_s[:, None] * stride_ks + offs_d[None, :], mask=kv_mask, other=0.0)
-            scores = tl.sum(q[:, None, :] * k.to(tl.float32)[None, :, :], axis=2) * scale  # [G, S]
+            # .to(fp32): inductor may pass the Python float `scale` as fp64, which would widen the loop's carried state
+            scores = (tl.sum(q[:, None, :] * k.to(tl.float32)[None, :, :], axis=2) * scale).to(tl.float32)  # [G, S]
             hidden = tl.load(m_ptr + row * stride_mn + offs_s, mask=s_ok, other=0) != 0
             scores = tl.where((hidden | ~s_ok)[None, :], float("-inf"), scores)
             new_best = tl.maximum(best, tl.max(scores, axis=1))
@@ -259,7 +260,7 @@ if triton is not None:
         tl.store(vc_ptr + row * stride_vcn + kv_head * stride_vch + slot * stride_vcs + offs_d, v_new.to(dtype),
                  mask=d_ok)
         # The new key from registers first (always seen), then every other slot from the cache.
-        best = tl.sum(q * k_new[None, :], axis=1) * scale  # [G]
+        best = (tl.sum(q * k_new[None, :], axis=1) * scale).to(tl.float32)  # [G]
         total = tl.full((BLOCK_G,), 1.0, dtype=tl.float32)
         acc = tl.zeros((BLOCK_G, BLOCK_D), dtype=tl.float32) + v_new[None, :]
         kc_base = kc_ptr + row * stride_kcn + kv_head * stride_kch
@@ -269,7 +270,8 @@ if triton is not None:
             s_ok = (offs_s < S) & (offs_s != slot)
             kv_mask = s_ok[:, None] & d_ok[None, :]
             k = tl.load(kc_base + offs_s[:, None] * stride_kcs + offs_d[None, :], mask=kv_mask, other=0.0)
-            scores = tl.sum(q[:, None, :] * k.to(tl.float32)[None, :, :], axis=2) * scale  # [G, S]
+            # .to(fp32): inductor may pass the Python float `scale` as fp64, which would widen the loop's carried state
+            scores = (tl.sum(q[:, None, :] * k.to(tl.float32)[None, :, :], axis=2) * scale).to(tl.float32)  # [G, S]
             hidden = tl.load(m_ptr + row * stride_mn + offs_s, mask=offs_s < S, other=0) != 0
             scores = tl.where((hidden | ~s_ok)[None, :], float("-inf"), scores)
             new_best = tl.maximum(best, tl.max(scores, axis=1))  # finite: best starts at the new key's score

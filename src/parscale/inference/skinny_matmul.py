@@ -20,13 +20,16 @@ these calls and its attention rather than ~14 kernels (`use_skinny_matmul(model,
 model with fused projections, inference/fuse.py; `SkinnyDecoderLayer`):
 
     skinny_linear(x, w_qkv, norm_weight=g, eps=eps)     # rmsnorm(x) @ W^T: the RMSNorm before the product
-    skinny_linear(gate_up, w_down, gated=True)          # (silu(gate) * up) @ W^T, gate_up = [gate | up]
+    skinny_linear(x, w_gate_up, swiglu=True)            # silu(x @ Wg^T) * (x @ Wu^T), W = [Wg; Wu] stacked
     skinny_linear(x, w_o, residual=r)                   # r + x @ W^T: the residual add after it
 
 The RMSNorm is folded in as g ⊙ x times each row's 1/rms, which the same pass over x sums up (no second
 read of x): exact, but rounded once where the plain RMSNorm rounds x/rms to the dtype before the weight.
-The gate and the residual add are rounded as the plain path rounds them (silu(gate), its product with up,
-the product's output before the add).
+The SwiGLU gate is an epilogue: each program reads the gate rows and the matching up rows and writes
+silu(gate)·up, rounded as the plain path rounds it (the product's outputs, silu, the product), and so is the
+residual add. Epilogues cost a program nothing it does not already hold; a prologue is repeated by every
+program over all of x (an H100 measured it: benchmarks/README.md), which is why the gate is not folded into
+the down product's input.
 
 Where it cannot run (no CUDA, no Triton, a GPU before compute capability 8.0, more rows, other dtypes)
 `skinny_linear` is the plain path (`F.linear` and the RMSNorm, SiLU and add of the model); the kernel's
@@ -88,12 +91,17 @@ def set_tuned_configs(path_or_table) -> None:
         _TUNED[(int(row["rows"]), int(row["n"]), int(row["k"]))] = SkinnyConfig(**row["config"])
 
 
-def default_config(rows: int, n: int, k: int, tuned: bool = True) -> SkinnyConfig:
-    """The measured block sizes of this product if there are any (and `tuned`), else enough programs to cover
-    every multiprocessor several times. (skinny_linear takes measured sizes for 16-bit products only: a
-    tl.dot config would compute float32 in TF32.)"""
-    if tuned and (rows, n, k) in _TUNED:
-        return _TUNED[(rows, n, k)]
+def default_config(rows: int, n: int, k: int, dtype: torch.dtype = torch.bfloat16) -> SkinnyConfig:
+    """The measured block sizes of this product if there are any, else the family an H100 measured fastest
+    at 8 rows (benchmarks/README.md): the tl.dot form, 16 weight rows per program, or 64 for the widest
+    matrices. Float32 keeps the broadcast form (a tl.dot would compute it in TF32), with enough programs to
+    cover every multiprocessor several times."""
+    if dtype != torch.float32:
+        if (rows, n, k) in _TUNED:
+            return _TUNED[(rows, n, k)]
+        if n >= 16384:
+            return SkinnyConfig(block_n=64, block_k=128 if n < 65536 else 256, use_dot=True)
+        return SkinnyConfig(block_n=16, block_k=256, use_dot=True)
     block_k = 256 if k >= 256 else _next_pow2(k)
     # Weight rows per program: small enough for >= ~4 programs per multiprocessor on a 132-SM card.
     block_n = 8
@@ -104,89 +112,90 @@ def default_config(rows: int, n: int, k: int, tuned: bool = True) -> SkinnyConfi
     return SkinnyConfig(block_n=block_n, block_k=block_k)
 
 
-def kernel_available(x: torch.Tensor, weight: torch.Tensor, gated: bool = False) -> bool:
+def kernel_available(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether the kernel can take this product (else skinny_linear is the plain path)."""
-    k = weight.shape[-1] * (2 if gated else 1)
     return (kernels_can_run(x.device) and weight.device == x.device and x.dtype == weight.dtype
             and x.dtype in (torch.bfloat16, torch.float16, torch.float32)
-            and weight.dim() == 2 and weight.stride(1) == 1 and x.shape[-1] == k
+            and weight.dim() == 2 and weight.stride(1) == 1 and x.shape[-1] == weight.shape[-1]
             and 0 < x.numel() // max(1, x.shape[-1]) <= MAX_ROWS)
 
 
 def reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-              norm_weight: torch.Tensor | None = None, eps: float = 0.0, gated: bool = False,
+              norm_weight: torch.Tensor | None = None, eps: float = 0.0, swiglu: bool = False,
               residual: torch.Tensor | None = None) -> torch.Tensor:
     """What the kernel computes, as the plain model computes it (model/transformer.py's RMSNorm, SwiGLU and
     residual add around F.linear): the fallback and the tests' oracle."""
     if norm_weight is not None:
         x32 = x.float()
         x = norm_weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
-    if gated:
-        gate, up = x.chunk(2, dim=-1)
-        x = F.silu(gate) * up
     y = F.linear(x, weight, bias)
+    if swiglu:
+        gate, up = y.chunk(2, dim=-1)
+        y = F.silu(gate) * up
     return y if residual is None else residual + y
 
 
 def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                   config: SkinnyConfig | None = None, *, norm_weight: torch.Tensor | None = None,
-                  eps: float = 0.0, gated: bool = False, residual: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ weight.T (+ bias), with the optional RMSNorm before, gate and residual add after (module docstring),
-    through the kernel where it can run, else the plain path (`reference`)."""
-    if not kernel_available(x, weight, gated):
-        return reference(x, weight, bias, norm_weight, eps, gated, residual)
-    c = config or default_config(x.numel() // x.shape[-1], weight.shape[0], weight.shape[1],
-                                 tuned=x.dtype != torch.float32)
-    return _call_kernel(x, weight, bias, c, norm_weight=norm_weight, eps=float(eps), gated=gated,
+                  eps: float = 0.0, swiglu: bool = False, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ weight.T (+ bias), with the optional RMSNorm before, SwiGLU gate and residual add after (module
+    docstring), through the kernel where it can run, else the plain path (`reference`)."""
+    if not kernel_available(x, weight):
+        return reference(x, weight, bias, norm_weight, eps, swiglu, residual)
+    c = config or default_config(x.numel() // x.shape[-1], weight.shape[0], weight.shape[1], dtype=x.dtype)
+    return _call_kernel(x, weight, bias, c, norm_weight=norm_weight, eps=float(eps), swiglu=swiglu,
                         residual=residual)
 
 
-def _call_kernel(x, weight, bias, c: SkinnyConfig, *, norm_weight, eps, gated, residual):
+def _call_kernel(x, weight, bias, c: SkinnyConfig, *, norm_weight, eps, swiglu, residual):
     # A torch operator, so that torch.compile and CUDA graphs take the kernel as one opaque call. (The tests
     # put `launch` here to run a model's layers through the kernel under Triton's CPU interpreter.)
-    return torch.ops.parscale.skinny_linear(x, weight, bias, norm_weight, residual, eps, gated,
+    return torch.ops.parscale.skinny_linear(x, weight, bias, norm_weight, residual, eps, swiglu,
                                             c.block_n, c.block_k, c.num_warps, c.num_stages, c.use_dot)
 
 
 def launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
            config: SkinnyConfig | None = None, _kernel=None, *, norm_weight: torch.Tensor | None = None,
-           eps: float = 0.0, gated: bool = False, residual: torch.Tensor | None = None) -> torch.Tensor:
+           eps: float = 0.0, swiglu: bool = False, residual: torch.Tensor | None = None) -> torch.Tensor:
     """Run the kernel (any device Triton runs on, the CPU interpreter included); no fallback."""
     if triton is None:
         raise RuntimeError("the skinny matmul needs Triton (pip install triton)")
     n, k = weight.shape
-    if x.shape[-1] != k * (2 if gated else 1):
-        raise ValueError(f"x has {x.shape[-1]} features, the weight takes {k}" + (" (x2: gated)" if gated else ""))
-    x2 = x.reshape(-1, x.shape[-1])
+    if x.shape[-1] != k:
+        raise ValueError(f"x has {x.shape[-1]} features, the weight takes {k}")
+    if swiglu and n % 2:
+        raise ValueError(f"swiglu takes a weight of stacked gate and up rows (an even count), got {n}")
+    n_out = n // 2 if swiglu else n
+    x2 = x.reshape(-1, k)
     if x2.stride(1) != 1:
         x2 = x2.contiguous()
     rows = x2.shape[0]
     if not 0 < rows <= MAX_ROWS:
         raise ValueError(f"the skinny matmul takes 1 to {MAX_ROWS} rows, got {rows}")
-    if norm_weight is not None and (gated or norm_weight.shape != (k,)):
-        raise ValueError(f"norm_weight must have shape ({k},) and excludes gated, got {tuple(norm_weight.shape)}")
+    if norm_weight is not None and norm_weight.shape != (k,):
+        raise ValueError(f"norm_weight must have shape ({k},), got {tuple(norm_weight.shape)}")
     r2 = None
     if residual is not None:
-        if residual.numel() != rows * n:
-            raise ValueError(f"residual has {residual.numel()} elements, the output {rows * n}")
-        r2 = residual.reshape(rows, n)
+        if residual.numel() != rows * n_out:
+            raise ValueError(f"residual has {residual.numel()} elements, the output {rows * n_out}")
+        r2 = residual.reshape(rows, n_out)
         if r2.stride(1) != 1:
             r2 = r2.contiguous()
-    config = config or default_config(rows, n, k)
+    config = config or default_config(rows, n, k, dtype=x.dtype)
     if config.use_dot and config.block_n < 16:
         raise ValueError(f"the tl.dot form needs block_n >= 16, got {config.block_n}")
-    y = torch.empty(rows, n, device=x.device, dtype=x.dtype)
-    grid = (triton.cdiv(n, config.block_n),)
+    y = torch.empty(rows, n_out, device=x.device, dtype=x.dtype)
+    grid = (triton.cdiv(n_out, config.block_n),)
     unused = weight  # a pointer the kernel never reads where an optional tensor is absent
     (_kernel or _skinny_kernel)[grid](
         x2, weight, bias if bias is not None else unused, norm_weight if norm_weight is not None else unused,
-        r2 if r2 is not None else unused, y, rows, n, k,
+        r2 if r2 is not None else unused, y, rows, n_out, k,
         x2.stride(0), weight.stride(0), r2.stride(0) if r2 is not None else 0, y.stride(0), eps,
-        HAS_BIAS=bias is not None, NORM=norm_weight is not None, GATED=gated, RESIDUAL=r2 is not None,
+        HAS_BIAS=bias is not None, NORM=norm_weight is not None, SWIGLU=swiglu, RESIDUAL=r2 is not None,
         BLOCK_M=config.block_m(rows), BLOCK_N=config.block_n, BLOCK_K=config.block_k, USE_DOT=config.use_dot,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
-    return y.reshape(*x.shape[:-1], n)
+    return y.reshape(*x.shape[:-1], n_out)
 
 
 class SkinnyLinear(nn.Linear):
@@ -198,7 +207,7 @@ class SkinnyLinear(nn.Linear):
 
 class SkinnyDecoderLayer(DecoderLayer):
     """A decoder layer of fused projections (inference/fuse.py) as four kernel calls around its attention:
-    RMSNorm + qkv, o_proj + residual, RMSNorm + gate/up, SiLU·up + down + residual. Calls of more rows than
+    RMSNorm + qkv, o_proj + residual, RMSNorm + gate/up + SiLU·up, down + residual. Calls of more rows than
     the kernel takes are the plain layer."""
 
     def forward(self, x, cos, sin, plan, cache=None, layer_idx=0):
@@ -211,8 +220,9 @@ class SkinnyDecoderLayer(DecoderLayer):
         x = skinny_linear(attn.attend(q, k, v, cos, sin, plan, cache, layer_idx), attn.o_proj.weight,
                           attn.o_proj.bias, residual=x)
         norm = self.post_attention_layernorm
-        gate_up = skinny_linear(x, mlp.gate_up_proj.weight, None, norm_weight=norm.weight, eps=norm.eps)
-        return skinny_linear(gate_up, mlp.down_proj.weight, mlp.down_proj.bias, gated=True, residual=x)
+        act = skinny_linear(x, mlp.gate_up_proj.weight, mlp.gate_up_proj.bias, norm_weight=norm.weight, eps=norm.eps,
+                            swiglu=True)
+        return skinny_linear(act, mlp.down_proj.weight, mlp.down_proj.bias, residual=x)
 
 
 def use_skinny_matmul(model, enable: bool = True, fuse_layers: bool = False):
@@ -251,9 +261,10 @@ if triton is not None:
 
     @triton.jit
     def _skinny_kernel(x_ptr, w_ptr, b_ptr, g_ptr, r_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_rm,
-                       stride_ym, eps, HAS_BIAS: tl.constexpr, NORM: tl.constexpr, GATED: tl.constexpr,
+                       stride_ym, eps, HAS_BIAS: tl.constexpr, NORM: tl.constexpr, SWIGLU: tl.constexpr,
                        RESIDUAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                        BLOCK_K: tl.constexpr, USE_DOT: tl.constexpr):
+        # N is the output width; with SWIGLU the weight has 2N rows, the up rows N below the gate rows.
         pid = tl.program_id(0)
         offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_m = tl.arange(0, BLOCK_M)
@@ -261,44 +272,60 @@ if triton is not None:
         n_ok = offs_n < N
         m_ok = offs_m < M
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        sum_sq = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        # Squares summed element-wise and reduced once after the loop (a reduction per slice would cost a
+        # cross-thread exchange every iteration).
+        squares = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             k = k0 + offs_k
             k_ok = k < K
+            w_mask = n_ok[:, None] & k_ok[None, :]
             # The weight is read once and never again: keep it from pushing x out of the cache.
-            w = tl.load(w_ptr + offs_n[:, None] * stride_wn + k[None, :], mask=n_ok[:, None] & k_ok[None, :],
-                        other=0.0, eviction_policy="evict_first")
-            x_mask = m_ok[:, None] & k_ok[None, :]
-            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :], mask=x_mask, other=0.0)
-            if GATED:  # x holds [gate | up]: the product's input is silu(gate) * up, rounded as the plain path
-                up = tl.load(x_ptr + offs_m[:, None] * stride_xm + K + k[None, :], mask=x_mask, other=0.0)
-                gate = x.to(tl.float32)
-                silu = (gate / (1.0 + tl.exp(-gate))).to(x.dtype)
-                x = (silu.to(tl.float32) * up.to(tl.float32)).to(x.dtype)
-            if NORM:  # g ⊙ x now, times the row's 1/rms at the end (the sum of squares is summed on the way)
+            w = tl.load(w_ptr + offs_n[:, None] * stride_wn + k[None, :], mask=w_mask, other=0.0,
+                        eviction_policy="evict_first")
+            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :], mask=m_ok[:, None] & k_ok[None, :],
+                        other=0.0)
+            if NORM:  # g ⊙ x now, times the row's 1/rms at the end
                 x32 = x.to(tl.float32)
-                sum_sq += tl.sum(x32 * x32, axis=1)
+                squares += x32 * x32
                 g = tl.load(g_ptr + k, mask=k_ok, other=0.0).to(tl.float32)
                 x = (x32 * g[None, :]).to(x.dtype) if USE_DOT else x32 * g[None, :]
             if USE_DOT:
                 acc += tl.dot(x, tl.trans(w))
             else:
                 acc += tl.sum(x[:, None, :].to(tl.float32) * w[None, :, :].to(tl.float32), axis=2)
+            if SWIGLU:
+                w_up = tl.load(w_ptr + (offs_n + N)[:, None] * stride_wn + k[None, :], mask=w_mask, other=0.0,
+                               eviction_policy="evict_first")
+                if USE_DOT:
+                    acc_up += tl.dot(x, tl.trans(w_up))
+                else:
+                    acc_up += tl.sum(x[:, None, :].to(tl.float32) * w_up[None, :, :].to(tl.float32), axis=2)
         if NORM:
-            acc = acc * (1.0 / tl.sqrt(sum_sq / K + eps))[:, None]
+            rstd = (1.0 / tl.sqrt(tl.sum(squares, axis=1) / K + eps)).to(tl.float32)
+            acc = acc * rstd[:, None]
+            if SWIGLU:
+                acc_up = acc_up * rstd[:, None]
         if HAS_BIAS:
             acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+            if SWIGLU:
+                acc_up += tl.load(b_ptr + N + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
         out_mask = m_ok[:, None] & n_ok[None, :]
-        out = acc.to(y_ptr.dtype.element_ty)
+        dtype = y_ptr.dtype.element_ty
+        out = acc.to(dtype)
+        if SWIGLU:  # silu(gate) * up, each rounded where the plain path rounds it
+            gate = out.to(tl.float32)
+            silu = (gate / (1.0 + tl.exp(-gate))).to(dtype)
+            out = (silu.to(tl.float32) * acc_up.to(dtype).to(tl.float32)).to(dtype)
         if RESIDUAL:  # r + y with y rounded first, as the plain path adds the product's output
             r = tl.load(r_ptr + offs_m[:, None] * stride_rm + offs_n[None, :], mask=out_mask, other=0.0)
-            out = (r.to(tl.float32) + out.to(tl.float32)).to(y_ptr.dtype.element_ty)
+            out = (r.to(tl.float32) + out.to(tl.float32)).to(dtype)
         tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], out, mask=out_mask)
 
     @torch.library.triton_op("parscale::skinny_linear", mutates_args=())
     def _skinny_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, norm_weight: torch.Tensor | None,
-                   residual: torch.Tensor | None, eps: float, gated: bool, block_n: int, block_k: int,
+                   residual: torch.Tensor | None, eps: float, swiglu: bool, block_n: int, block_k: int,
                    num_warps: int, num_stages: int, use_dot: bool) -> torch.Tensor:
         config = SkinnyConfig(block_n, block_k, num_warps, num_stages, use_dot)
         return launch(x, weight, bias, config, _kernel=torch.library.wrap_triton(_skinny_kernel),
-                      norm_weight=norm_weight, eps=eps, gated=gated, residual=residual)
+                      norm_weight=norm_weight, eps=eps, swiglu=swiglu, residual=residual)
