@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Which compiler settings make the compiled decode step faster: the paper-1.6b shape at P = 1 and 8, batch 1,
-# 64 + 64 tokens, `parscale bench --engine compile`, once per setting, each in its own process with gpt-fast's
+# Which settings make the decode step faster: the paper-1.6b shape at P = 1 and 8, batch 1, 64 + 64 tokens,
+# `parscale bench --engine compile` (or `graph` where named), once per setting, each in its own process with gpt-fast's
 # P = 1 timed first in that process (so every ratio compares like with like, whatever the setting does to both):
 #   default        torch.compile as the engine uses it
 #   pdl            TORCHINDUCTOR_ENABLE_PDL=1: programmatic dependent launch between the Triton kernels (Hopper)
@@ -14,6 +14,9 @@
 #   kernels        skinny_layers and the one-kernel decode attention (bench --skinny-layers --decode-attention)
 #   kernels_pdl    kernels with PDL
 #   kernels_rope   kernels with RoPE and the cache write folded into the attention kernel (--decode-attention rope)
+#   graph          the graph engine (the step captured eagerly, no torch.compile): the baseline of the two below
+#   graph_kernels_rope      the graph engine with kernels_rope's kernels: every layer is parscale's own kernels
+#   graph_kernels_rope_pdl  the same launched with programmatic dependent launch (--pdl; Hopper)
 #
 #   GPTFAST_MODEL=path/to/gpt-fast/model.py bash scripts/gpu_decode_options.sh [settings...]
 #
@@ -32,6 +35,7 @@ tuned=()
 [ -n "${SKINNY_CONFIGS:-}" ] && [ -f "$SKINNY_CONFIGS" ] && tuned=(PARSCALE_SKINNY_CONFIGS="$SKINNY_CONFIGS")
 for s in "${settings[@]}"; do
   flags=()
+  engine=compile
   case $s in
     default) env=() ;;
     pdl) env=(TORCHINDUCTOR_ENABLE_PDL=1) ;;
@@ -44,12 +48,16 @@ for s in "${settings[@]}"; do
     kernels) env=("${tuned[@]}"); flags=(--skinny-layers --decode-attention) ;;
     kernels_pdl) env=("${tuned[@]}" TORCHINDUCTOR_ENABLE_PDL=1); flags=(--skinny-layers --decode-attention) ;;
     kernels_rope) env=("${tuned[@]}"); flags=(--skinny-layers --decode-attention rope) ;;
+    graph) env=(); engine=graph ;;
+    graph_kernels_rope) env=("${tuned[@]}"); engine=graph; flags=(--skinny-layers --decode-attention rope) ;;
+    graph_kernels_rope_pdl) env=("${tuned[@]}"); engine=graph; flags=(--skinny-layers --decode-attention rope --pdl) ;;
     *) echo "unknown setting $s (default, pdl, autotune, autotune_pdl, skinny, skinny_pdl, skinny_layers," \
-            "skinny_layers_pdl, kernels, kernels_pdl, kernels_rope)"; exit 2 ;;
+            "skinny_layers_pdl, kernels, kernels_pdl, kernels_rope, graph, graph_kernels_rope," \
+            "graph_kernels_rope_pdl)"; exit 2 ;;
   esac
   echo "== $s ${env[*]} ${flags[*]}"
   env "${env[@]}" timeout "${PER_SETTING:-280}" python3 -m parscale.cli bench --shapes paper-1.6b --streams 1,8 \
-      --batches 1 --lengths 64 --engine compile --kernels "${anchor[@]}" "${flags[@]}" --out "$OUT/decode_$s.json" \
+      --batches 1 --lengths 64 --engine "$engine" --kernels "${anchor[@]}" "${flags[@]}" --out "$OUT/decode_$s.json" \
       2>&1 | grep -v "it/s\]$"
   python3 - "$OUT/decode_$s.json" <<'PY'
 import json, sys

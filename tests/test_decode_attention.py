@@ -183,9 +183,94 @@ def test_kernels_run_only_on_capable_gpus(monkeypatch):
     from parscale.inference import triton_support
 
     monkeypatch.setattr(triton_support, "triton", object())
-    monkeypatch.setattr(triton_support, "_CAPABLE", {0: False, 1: True})
+    monkeypatch.setattr(triton_support, "_CAPABILITY", {0: (7, 5), 1: (9, 0)})
     assert not triton_support.kernels_can_run(torch.device("cuda", 0))
     assert triton_support.kernels_can_run(torch.device("cuda", 1))
     assert not triton_support.kernels_can_run(torch.device("cpu"))
     monkeypatch.setattr(triton_support, "triton", None)
     assert not triton_support.kernels_can_run(torch.device("cuda", 1))
+
+
+def test_pdl_only_where_asked_for_eager_and_on_hopper(monkeypatch):
+    from parscale.inference import triton_support
+
+    monkeypatch.setattr(triton_support, "HAS_GDC", True)
+    monkeypatch.setattr(triton_support, "_CAPABILITY", {0: (8, 0), 1: (9, 0)})
+    monkeypatch.setattr(triton_support, "_PDL", {"enabled": False})
+    assert not triton_support.pdl_for(torch.device("cuda", 1))  # not asked for
+    triton_support.set_pdl(True)
+    assert triton_support.pdl_for(torch.device("cuda", 1))
+    assert not triton_support.pdl_for(torch.device("cuda", 0))  # Ampere has no PDL
+    assert not triton_support.pdl_for(torch.device("cpu"))
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert not triton_support.pdl_for(torch.device("cuda", 1))  # a compiled step launches without it
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0),
+                    reason="needs a Hopper GPU (programmatic dependent launch)")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_every_layer_as_parscale_kernels_with_pdl_matches_the_plain_path(dtype):
+    """The graph engine with the folded layers, the rope attention and PDL between them: each decode step's
+    logits as close to the plain path's as the same kernels without PDL (a read before its wait would not be)."""
+    from conftest import tiny_model
+
+    from parscale.inference import triton_support
+    from parscale.inference.decode_attention import use_decode_attention
+    from parscale.inference.engine import engine_for
+    from parscale.inference.fuse import fuse_projections
+    from parscale.inference.skinny_matmul import use_skinny_matmul
+
+    torch.manual_seed(0)
+    model = fuse_projections(tiny_model(streams=4)).to(device="cuda", dtype=dtype)
+    ids = torch.randint(0, model.config.vocab_size, (2, 12), device="cuda")
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    fed = list(torch.randint(0, model.config.vocab_size, (24, 2), device="cuda"))
+
+    def step_logits():
+        engine = engine_for(model)
+        out = [engine.prefill(ids, mask, len(fed) + 1)]
+        out += [engine.decode(token).clone() for token in fed]
+        return torch.stack(out).float()
+
+    plain = step_logits()
+    use_skinny_matmul(model, fuse_layers=True)
+    use_decode_attention(model, fold_rope=True)
+    errors = {}
+    try:
+        for pdl in (False, True):
+            triton_support.set_pdl(pdl)
+            errors[pdl] = ((step_logits() - plain).norm() / plain.norm()).item()
+    finally:
+        triton_support.set_pdl(False)
+    bound = 1e-5 if dtype == torch.float32 else 2e-2
+    assert 0 < errors[False] < bound and 0 < errors[True] < bound, errors
+    assert errors[True] <= 2 * errors[False] + 1e-7, errors
+
+
+def test_a_class_swap_or_pdl_change_invalidates_captured_graphs():
+    """A graph captured before use_decode_attention / use_skinny_matmul (or before PDL is switched) would replay
+    the old kernels: the engine's fingerprint, checked before replaying, must see the change."""
+    from conftest import tiny_model
+
+    from parscale.inference import triton_support
+    from parscale.inference.decode_attention import use_decode_attention
+    from parscale.inference.engine import engine_for
+    from parscale.inference.fuse import fuse_projections
+    from parscale.inference.skinny_matmul import use_skinny_matmul
+
+    model = fuse_projections(tiny_model(streams=2))
+    engine = engine_for(model)
+    engine.prefill(torch.randint(0, model.config.vocab_size, (1, 5)), None, 4)
+    before = engine._fingerprint()
+    use_decode_attention(model)
+    after_attention = engine._fingerprint()
+    use_skinny_matmul(model, fuse_layers=True)
+    after_layers = engine._fingerprint()
+    try:
+        triton_support.set_pdl(True)
+        after_pdl = engine._fingerprint()
+    finally:
+        triton_support.set_pdl(False)
+    assert len({before, after_attention, after_layers, after_pdl}) == 4

@@ -214,7 +214,8 @@ def environment() -> dict:
             "torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),
             "date": time.strftime("%Y-%m-%d"), "command": " ".join(["parscale", *sys.argv[1:]]),
             # compiler settings given through the environment change the kernels a compiled step runs
-            "inductor_env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("TORCHINDUCTOR_")}}
+            "inductor_env": {k: v for k, v in sorted(os.environ.items())
+                             if k.startswith(("TORCHINDUCTOR_", "PARSCALE_"))}}
 
 
 def anchor_ratios(point: dict, anchors: list[dict]) -> dict[str, float]:
@@ -227,9 +228,10 @@ def anchor_ratios(point: dict, anchors: list[dict]) -> dict[str, float]:
 
 # What makes two runs' points comparable: a resumed file must have been measured with the same values.
 RESUME_SETTINGS = ("engine", "dtype", "quantize", "fuse", "skinny", "skinny_layers", "decode_attention",
-                   "memory_only", "requested")
+                   "pdl", "memory_only", "requested")
 # Files written before a setting existed ran without it.
-SETTINGS_BEFORE_RECORDED = {"skinny": False, "skinny_layers": False, "decode_attention": None}
+SETTINGS_BEFORE_RECORDED = {"skinny": False, "skinny_layers": False, "decode_attention": None,
+                            "pdl": False}
 
 
 def resumed(out: Path, fresh: dict) -> dict:
@@ -263,14 +265,16 @@ def run(shapes, streams, batches, lengths, engine: str, out: Path, kernels: bool
         memory_only: bool = False, bounded_reads: bool | None = None, cache_len: int | None = None,
         quantize: str | None = None, anchors: bool = False, padded_prefill: bool | None = None,
         fuse: bool | None = None, gptfast_model: str | None = None, resume: bool = False,
-        skinny: bool = False, skinny_layers: bool = False, decode_attention: str | None = None) -> dict:
+        skinny: bool = False, skinny_layers: bool = False, decode_attention: str | None = None,
+        pdl: bool = False) -> dict:
     """Time every (shape, P, batch, length) point and write the JSON to `out` as it goes. `fuse`: fused q/k/v
     and gate/up projections; None (the default) fuses unless `quantize`, as `parscale generate` does.
     `resume`: continue `out` if it exists (the module docstring says how). `skinny`: the decode projections
     through inference/skinny_matmul.py's kernel; `skinny_layers`: with the layers' norms, gate and residual adds
     folded into it (SkinnyDecoderLayer; implies `skinny`, needs `fuse`); `decode_attention`: each decode step's
     attention through inference/decode_attention.py's kernel ("attention"), with RoPE and the cache write folded
-    in ("rope")."""
+    in ("rope"); `pdl`: parscale's kernels launched with programmatic dependent launch where they run eagerly
+    (the graph engine; inference/triton_support.py)."""
     from parscale.inference.fuse import fuse_wanted
 
     if not torch.cuda.is_available():
@@ -282,6 +286,10 @@ def run(shapes, streams, batches, lengths, engine: str, out: Path, kernels: bool
                          "fused projections (drop --no-fuse / --quantize)")
     if decode_attention not in (None, "attention", "rope"):
         raise ValueError(f"decode_attention is 'attention' or 'rope', got {decode_attention!r}")
+    if pdl:
+        from parscale.inference.triton_support import set_pdl
+
+        set_pdl(True)
     if gptfast_model:  # a wrong path fails now, not after minutes of other anchors
         from parscale.analysis.anchors import load_gptfast_module
 
@@ -289,7 +297,7 @@ def run(shapes, streams, batches, lengths, engine: str, out: Path, kernels: bool
     env = environment()
     result = {"environment": env, "processes": [env], "engine": engine, "dtype": "bfloat16", "quantize": quantize,
               "fuse": fuse, "skinny": skinny, "skinny_layers": skinny_layers,
-              "decode_attention": decode_attention, "memory_only": memory_only,
+              "decode_attention": decode_attention, "pdl": pdl, "memory_only": memory_only,
               "requested": {"bounded_reads": bounded_reads, "padded_prefill": padded_prefill, "cache_len": cache_len},
               "points": [], "kernels": [], "anchors": []}
     if resume:

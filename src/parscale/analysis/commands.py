@@ -29,7 +29,7 @@ def cmd_bench(args):
         Path(args.out), kernels=args.kernels, memory_only=args.memory_only, bounded_reads=args.bounded_reads,
         cache_len=args.cache_len, quantize=args.quantize, anchors=args.anchors, padded_prefill=args.padded_prefill,
         fuse=args.fuse, gptfast_model=args.gptfast_model, resume=args.resume, skinny=args.skinny,
-        skinny_layers=args.skinny_layers, decode_attention=args.decode_attention)
+        skinny_layers=args.skinny_layers, decode_attention=args.decode_attention, pdl=args.pdl)
     print(f"wrote {args.out}")
 
 
@@ -408,6 +408,9 @@ def add_parsers(sub) -> None:
                    help="each decode step's attention through parscale's one-kernel Triton attention "
                         "(inference/decode_attention.py) instead of two matmuls and a softmax; `rope`: with RoPE "
                         "and the cache write folded in")
+    p.add_argument("--pdl", action="store_true",
+                   help="parscale's Triton kernels launched with programmatic dependent launch (Hopper; eager "
+                        "launches only, so the graph engine: inference/triton_support.py)")
     p.add_argument("--padded-prefill", action=argparse.BooleanOptionalAction, default=None,
                    help="prompts left-padded to 64, 128, ... tokens and prefilled by one CUDA graph per length "
                         "(engine.py; default: on for the graph engine, off for the compiled one)")

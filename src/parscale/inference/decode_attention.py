@@ -30,7 +30,7 @@ import os
 
 import torch
 
-from parscale.inference.triton_support import kernels_can_run
+from parscale.inference.triton_support import kernels_can_run, pdl_for
 from parscale.model.transformer import Attention, _attend, _grouped_decode_attention
 
 try:
@@ -84,6 +84,7 @@ def launch(q, k, v, blocked, block_s: int = BLOCK_S, _kernel=None) -> torch.Tens
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         mask.stride(0) if mask.shape[0] > 1 else 0, out.stride(0), out.stride(1),
         BLOCK_G=max(1, triton.next_power_of_2(group)), BLOCK_D=triton.next_power_of_2(d), BLOCK_S=block_s,
+        **_pdl_options(q.device),
     )
     return out
 
@@ -132,8 +133,14 @@ def launch_rope(q, k, v, cos, sin, k_cache, v_cache, pos, prefix_len: int, read_
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
         v_cache.stride(2), mask.stride(0) if mask.shape[0] > 1 else 0, out.stride(0),
         BLOCK_G=max(1, triton.next_power_of_2(group)), BLOCK_D=triton.next_power_of_2(d), BLOCK_S=block_s,
+        **_pdl_options(q.device),
     )
     return out
+
+
+def _pdl_options(device) -> dict:
+    pdl = pdl_for(device)
+    return {"PDL": pdl, **({"launch_pdl": True} if pdl else {})}
 
 
 class KernelAttention(Attention):
@@ -171,12 +178,17 @@ def uses_decode_attention(model) -> bool:
 
 
 if triton is not None:
+    from parscale.inference.triton_support import gdc_launch_dependents, gdc_wait
 
     @triton.jit
     def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, m_ptr, o_ptr, S, D, GROUP, scale,
                                  stride_qn, stride_qh, stride_kn, stride_kh, stride_ks,
                                  stride_vn, stride_vh, stride_vs, stride_mn, stride_on, stride_oh,
-                                 BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
+                                 BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+                                 PDL: tl.constexpr):
+        if PDL:  # everything this kernel reads was written by kernels before it: wait before any load
+            gdc_launch_dependents()
+            gdc_wait()
         row = tl.program_id(0)
         kv_head = tl.program_id(1)
         offs_g = tl.arange(0, BLOCK_G)
@@ -235,7 +247,10 @@ if triton is not None:
                                       PREFIX, S, D, GROUP, scale, stride_qn, stride_kn, stride_vn, stride_cn,
                                       stride_sn, stride_kcn, stride_kch, stride_kcs, stride_vcn, stride_vch,
                                       stride_vcs, stride_mn, stride_on, BLOCK_G: tl.constexpr,
-                                      BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
+                                      BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, PDL: tl.constexpr):
+        if PDL:  # everything this kernel reads was written by kernels before it: wait before any load
+            gdc_launch_dependents()
+            gdc_wait()
         row = tl.program_id(0)
         kv_head = tl.program_id(1)
         dtype = q_ptr.dtype.element_ty

@@ -130,10 +130,15 @@ class DecodeEngine:
         self.written = 0  # tokens in the cache, counted on the host (no device sync)
 
     def _fingerprint(self) -> tuple:
-        """Addresses a captured graph depends on: the cache's and every parameter's and buffer's."""
+        """What a captured graph depends on: the cache's, every parameter's and buffer's addresses, the code
+        its modules run (a class swapped from outside, e.g. inference/skinny_matmul.py, changes the kernels) and
+        how parscale's kernels launch (PDL, inference/triton_support.py)."""
+        from parscale.inference.triton_support import pdl_requested
+
         model = self.model
         return (id(self.cache), tuple(t.data_ptr() for t in model.parameters()),
-                tuple(t.data_ptr() for t in model.buffers()))
+                tuple(t.data_ptr() for t in model.buffers()), tuple(type(m) for m in model.modules()),
+                pdl_requested())
 
     @torch.no_grad()
     def _step(self) -> torch.Tensor:

@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from parscale.inference.triton_support import kernels_can_run
+from parscale.inference.triton_support import kernels_can_run, pdl_for
 from parscale.model.transformer import DecoderLayer
 
 MAX_ROWS = 16
@@ -186,6 +186,7 @@ def launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         raise ValueError(f"the tl.dot form needs block_n >= 16, got {config.block_n}")
     y = torch.empty(rows, n_out, device=x.device, dtype=x.dtype)
     grid = (triton.cdiv(n_out, config.block_n),)
+    pdl = pdl_for(x.device)
     unused = weight  # a pointer the kernel never reads where an optional tensor is absent
     (_kernel or _skinny_kernel)[grid](
         x2, weight, bias if bias is not None else unused, norm_weight if norm_weight is not None else unused,
@@ -193,7 +194,7 @@ def launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         x2.stride(0), weight.stride(0), r2.stride(0) if r2 is not None else 0, y.stride(0), eps,
         HAS_BIAS=bias is not None, NORM=norm_weight is not None, SWIGLU=swiglu, RESIDUAL=r2 is not None,
         BLOCK_M=config.block_m(rows), BLOCK_N=config.block_n, BLOCK_K=config.block_k, USE_DOT=config.use_dot,
-        num_warps=config.num_warps, num_stages=config.num_stages,
+        PDL=pdl, num_warps=config.num_warps, num_stages=config.num_stages, **({"launch_pdl": True} if pdl else {}),
     )
     return y.reshape(*x.shape[:-1], n_out)
 
@@ -258,13 +259,43 @@ if os.environ.get("PARSCALE_SKINNY_CONFIGS"):
     set_tuned_configs(os.environ["PARSCALE_SKINNY_CONFIGS"])
 
 if triton is not None:
+    from parscale.inference.triton_support import gdc_launch_dependents, gdc_wait
+
+    @triton.jit
+    def _weight_slice(w_ptr, offs_n, k, w_mask, stride_wn):
+        # The weight is read once and never again: keep it from pushing x out of the cache.
+        return tl.load(w_ptr + offs_n[:, None] * stride_wn + k[None, :], mask=w_mask, other=0.0,
+                       eviction_policy="evict_first")
+
+    @triton.jit
+    def _product(x, w, USE_DOT: tl.constexpr):
+        if USE_DOT:
+            return tl.dot(x, tl.trans(w))
+        return tl.sum(x[:, None, :].to(tl.float32) * w[None, :, :].to(tl.float32), axis=2)
+
+    @triton.jit
+    def _accumulate(acc, acc_up, squares, w, w_up, x_ptr, g_ptr, offs_m, m_ok, k, k_ok, stride_xm,
+                    NORM: tl.constexpr, SWIGLU: tl.constexpr, USE_DOT: tl.constexpr):
+        """One K slice: x's slice (g ⊙ x with NORM, its squares summed element-wise) times the weight slices."""
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        if NORM:  # g ⊙ x now, times the row's 1/rms at the end
+            x32 = x.to(tl.float32)
+            squares += x32 * x32
+            g = tl.load(g_ptr + k, mask=k_ok, other=0.0).to(tl.float32)
+            x = (x32 * g[None, :]).to(x.dtype) if USE_DOT else x32 * g[None, :]
+        acc += _product(x, w, USE_DOT)
+        if SWIGLU:
+            acc_up += _product(x, w_up, USE_DOT)
+        return acc, acc_up, squares
 
     @triton.jit
     def _skinny_kernel(x_ptr, w_ptr, b_ptr, g_ptr, r_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_rm,
                        stride_ym, eps, HAS_BIAS: tl.constexpr, NORM: tl.constexpr, SWIGLU: tl.constexpr,
                        RESIDUAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                       BLOCK_K: tl.constexpr, USE_DOT: tl.constexpr):
+                       BLOCK_K: tl.constexpr, USE_DOT: tl.constexpr, PDL: tl.constexpr):
         # N is the output width; with SWIGLU the weight has 2N rows, the up rows N below the gate rows.
+        if PDL:  # the next kernel may launch once every program here has started (triton_support.py)
+            gdc_launch_dependents()
         pid = tl.program_id(0)
         offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_m = tl.arange(0, BLOCK_M)
@@ -276,31 +307,24 @@ if triton is not None:
         # Squares summed element-wise and reduced once after the loop (a reduction per slice would cost a
         # cross-thread exchange every iteration).
         squares = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
+        # The first slice by itself: its weights are read before waiting for the kernel that wrote x.
+        k = offs_k
+        k_ok = k < K
+        w_mask = n_ok[:, None] & k_ok[None, :]
+        w = _weight_slice(w_ptr, offs_n, k, w_mask, stride_wn)
+        w_up = _weight_slice(w_ptr, offs_n + N, k, w_mask, stride_wn) if SWIGLU else w
+        if PDL:
+            gdc_wait()
+        acc, acc_up, squares = _accumulate(acc, acc_up, squares, w, w_up, x_ptr, g_ptr, offs_m, m_ok, k, k_ok,
+                                           stride_xm, NORM, SWIGLU, USE_DOT)
+        for k0 in range(BLOCK_K, K, BLOCK_K):
             k = k0 + offs_k
             k_ok = k < K
             w_mask = n_ok[:, None] & k_ok[None, :]
-            # The weight is read once and never again: keep it from pushing x out of the cache.
-            w = tl.load(w_ptr + offs_n[:, None] * stride_wn + k[None, :], mask=w_mask, other=0.0,
-                        eviction_policy="evict_first")
-            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :], mask=m_ok[:, None] & k_ok[None, :],
-                        other=0.0)
-            if NORM:  # g ⊙ x now, times the row's 1/rms at the end
-                x32 = x.to(tl.float32)
-                squares += x32 * x32
-                g = tl.load(g_ptr + k, mask=k_ok, other=0.0).to(tl.float32)
-                x = (x32 * g[None, :]).to(x.dtype) if USE_DOT else x32 * g[None, :]
-            if USE_DOT:
-                acc += tl.dot(x, tl.trans(w))
-            else:
-                acc += tl.sum(x[:, None, :].to(tl.float32) * w[None, :, :].to(tl.float32), axis=2)
-            if SWIGLU:
-                w_up = tl.load(w_ptr + (offs_n + N)[:, None] * stride_wn + k[None, :], mask=w_mask, other=0.0,
-                               eviction_policy="evict_first")
-                if USE_DOT:
-                    acc_up += tl.dot(x, tl.trans(w_up))
-                else:
-                    acc_up += tl.sum(x[:, None, :].to(tl.float32) * w_up[None, :, :].to(tl.float32), axis=2)
+            w = _weight_slice(w_ptr, offs_n, k, w_mask, stride_wn)
+            w_up = _weight_slice(w_ptr, offs_n + N, k, w_mask, stride_wn) if SWIGLU else w
+            acc, acc_up, squares = _accumulate(acc, acc_up, squares, w, w_up, x_ptr, g_ptr, offs_m, m_ok, k, k_ok,
+                                               stride_xm, NORM, SWIGLU, USE_DOT)
         if NORM:
             rstd = (1.0 / tl.sqrt(tl.sum(squares, axis=1) / K + eps)).to(tl.float32)
             acc = acc * rstd[:, None]
