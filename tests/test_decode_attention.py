@@ -99,8 +99,40 @@ INTERPRETED_MODEL = textwrap.dedent("""
 """)
 
 
+# Every layer as parscale's kernels (the folded matmuls and the rope attention), dispatched through the registered
+# torch operators as on a GPU (their schemas, the cache mutation), under the interpreter: decode-step logits.
+INTERPRETED_STACK = textwrap.dedent("""
+    import sys, torch
+    sys.path.insert(0, "tests")
+    from conftest import tiny_model
+    from parscale.inference import decode_attention as da, skinny_matmul as sm
+    from parscale.inference.engine import engine_for
+    from parscale.inference.fuse import fuse_projections
+    da.rope_kernel_available = lambda attn, q, cache: getattr(cache, "decoding", False) and q.shape[1] == 1
+    sm.kernel_available = lambda x, w: x.numel() // x.shape[-1] <= sm.MAX_ROWS
+
+    def step_logits(model, ids, mask, fed):
+        engine = engine_for(model)
+        out = [engine.prefill(ids, mask, len(fed) + 1)]
+        return torch.stack(out + [engine.decode(token) for token in fed])
+
+    model = fuse_projections(tiny_model(streams=3))
+    ids = torch.randint(0, model.config.vocab_size, (2, 7))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    fed = list(torch.randint(0, model.config.vocab_size, (6, 2)))
+    plain = step_logits(model, ids, mask, fed)
+    da.use_decode_attention(model, fold_rope=True)
+    sm.use_skinny_matmul(model, fuse_layers=True)
+    err = ((step_logits(model, ids, mask, fed) - plain).norm() / plain.norm()).item()
+    print(f"decode logits rel err {err:.2e}")
+    assert 0 < err < 1e-5, err
+""")
+
+
 @pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed (the interpreter runs the kernel on CPU)")
-@pytest.mark.parametrize("script", [INTERPRETED, INTERPRETED_MODEL], ids=["kernel", "model"])
+@pytest.mark.parametrize("script", [INTERPRETED, INTERPRETED_MODEL, INTERPRETED_STACK],
+                         ids=["kernel", "model", "every-layer-through-the-operators"])
 def test_kernel_equals_the_plain_path_under_the_interpreter(script):
     env = dict(os.environ, TRITON_INTERPRET="1")
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=900)
