@@ -30,6 +30,16 @@ def tiny_model(streams=1, family="qwen2", seed=0, **overrides):
     return model
 
 
+def randomize_norms(model, seed: int = 0):
+    """RMSNorm weights away from 1, so that a kernel that folds a norm in and drops its weight is caught."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "layernorm" in name:
+                p.copy_(1 + 0.5 * torch.randn(p.shape, generator=g))
+    return model
+
+
 WORDS = ("def", "return", "if", "else", "for", "in", "range", "x", "y", "self", "print", "import", "os", "(", ")",
          ":", "=", "+", "1", "0", "None", "True", "class", "while", "lambda", "yield", "with", "as", "len", "data")
 

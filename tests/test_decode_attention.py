@@ -104,7 +104,7 @@ INTERPRETED_MODEL = textwrap.dedent("""
 INTERPRETED_STACK = textwrap.dedent("""
     import sys, torch
     sys.path.insert(0, "tests")
-    from conftest import tiny_model
+    from conftest import randomize_norms, tiny_model
     from parscale.inference import decode_attention as da, skinny_matmul as sm
     from parscale.inference.engine import engine_for
     from parscale.inference.fuse import fuse_projections
@@ -116,7 +116,7 @@ INTERPRETED_STACK = textwrap.dedent("""
         out = [engine.prefill(ids, mask, len(fed) + 1)]
         return torch.stack(out + [engine.decode(token) for token in fed])
 
-    model = fuse_projections(tiny_model(streams=3))
+    model = randomize_norms(fuse_projections(tiny_model(streams=3)))
     ids = torch.randint(0, model.config.vocab_size, (2, 7))
     mask = torch.ones_like(ids)
     mask[1, :3] = 0

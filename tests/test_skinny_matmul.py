@@ -80,17 +80,13 @@ INTERPRETED = textwrap.dedent("""
 INTERPRETED_MODEL = textwrap.dedent("""
     import sys, torch
     sys.path.insert(0, "tests")
-    from conftest import tiny_model
+    from conftest import randomize_norms, tiny_model
     import parscale
     from parscale.inference import skinny_matmul as sm
     from parscale.inference.fuse import fuse_projections
     sm.kernel_available = lambda x, w: x.numel() // x.shape[-1] <= sm.MAX_ROWS
     sm._call_kernel = lambda x, w, b, c, **kw: sm.launch(x, w, b, c, **kw)
-    model = fuse_projections(tiny_model(streams=2))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "layernorm" in name:
-                p.copy_(1 + 0.5 * torch.randn(p.shape))
+    model = randomize_norms(fuse_projections(tiny_model(streams=2)))
     ids = torch.randint(0, model.config.vocab_size, (1, 6))
     plain_logits = model(ids)
     plain = parscale.generate(model, ids, max_new_tokens=8, use_engine=False)
@@ -155,7 +151,7 @@ def _run_layers_through_reference(monkeypatch):
 
 
 def test_skinny_layers_compute_the_plain_layers(monkeypatch):
-    from conftest import tiny_model
+    from conftest import randomize_norms, tiny_model
 
     import parscale
     from parscale.inference.fuse import fuse_projections
@@ -164,11 +160,7 @@ def test_skinny_layers_compute_the_plain_layers(monkeypatch):
     model = tiny_model(streams=2)
     with pytest.raises(ValueError, match="fuse the model's projections first"):
         use_skinny_matmul(model, fuse_layers=True)
-    model = fuse_projections(model)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "layernorm" in name:
-                p.copy_(1 + 0.5 * torch.randn(p.shape))
+    model = randomize_norms(fuse_projections(model))
     ids = torch.randint(0, model.config.vocab_size, (1, 6))
     plain_logits = model(ids)
     plain = parscale.generate(model, ids, max_new_tokens=8, use_engine=False)

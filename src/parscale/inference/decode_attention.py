@@ -181,6 +181,21 @@ if triton is not None:
     from parscale.inference.triton_support import gdc_launch_dependents, gdc_wait
 
     @triton.jit
+    def _softmax_tile(q, k, v, visible, best, total, acc, scale):
+        """One tile of slots into the online softmax: scores q·k (fp32), hidden slots at -inf, the running max
+        `best`, the running sum `total` and the weighted values `acc` rescaled to the new max."""
+        # .to(fp32): inductor may pass the Python float `scale` as fp64, which would widen the loop's carried state
+        scores = (tl.sum(q[:, None, :] * k.to(tl.float32)[None, :, :], axis=2) * scale).to(tl.float32)  # [G, S]
+        scores = tl.where(visible[None, :], scores, float("-inf"))
+        new_best = tl.maximum(best, tl.max(scores, axis=1))
+        # While every slot so far is hidden best stays -inf: keep exp() away from -inf - -inf.
+        safe = tl.where(new_best == float("-inf"), 0.0, new_best)
+        rescale = tl.exp(best - safe)
+        p = tl.exp(scores - safe[:, None])
+        acc = acc * rescale[:, None] + tl.sum(p[:, :, None] * v.to(tl.float32)[None, :, :], axis=1)
+        return new_best, total * rescale + tl.sum(p, axis=1), acc
+
+    @triton.jit
     def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, m_ptr, o_ptr, S, D, GROUP, scale,
                                  stride_qn, stride_qh, stride_kn, stride_kh, stride_ks,
                                  stride_vn, stride_vh, stride_vs, stride_mn, stride_on, stride_oh,
@@ -208,19 +223,9 @@ if triton is not None:
             s_ok = offs_s < S
             kv_mask = s_ok[:, None] & d_ok[None, :]
             k = tl.load(k_base + offs_s[:, None] * stride_ks + offs_d[None, :], mask=kv_mask, other=0.0)
-            # .to(fp32): inductor may pass the Python float `scale` as fp64, which would widen the loop's carried state
-            scores = (tl.sum(q[:, None, :] * k.to(tl.float32)[None, :, :], axis=2) * scale).to(tl.float32)  # [G, S]
-            hidden = tl.load(m_ptr + row * stride_mn + offs_s, mask=s_ok, other=0) != 0
-            scores = tl.where((hidden | ~s_ok)[None, :], float("-inf"), scores)
-            new_best = tl.maximum(best, tl.max(scores, axis=1))
-            # A tile with every slot hidden so far leaves best at -inf: keep exp() away from -inf - -inf.
-            safe = tl.where(new_best == float("-inf"), 0.0, new_best)
-            rescale = tl.exp(best - safe)
-            p = tl.exp(scores - safe[:, None])
             v = tl.load(v_base + offs_s[:, None] * stride_vs + offs_d[None, :], mask=kv_mask, other=0.0)
-            acc = acc * rescale[:, None] + tl.sum(p[:, :, None] * v.to(tl.float32)[None, :, :], axis=1)
-            total = total * rescale + tl.sum(p, axis=1)
-            best = new_best
+            hidden = tl.load(m_ptr + row * stride_mn + offs_s, mask=s_ok, other=0) != 0
+            best, total, acc = _softmax_tile(q, k, v, s_ok & ~hidden, best, total, acc, scale)
         out = acc / total[:, None]
         tl.store(o_ptr + row * stride_on + heads[:, None] * stride_oh + offs_d[None, :],
                  out.to(o_ptr.dtype.element_ty), mask=g_ok[:, None] & d_ok[None, :])
@@ -285,17 +290,9 @@ if triton is not None:
             s_ok = (offs_s < S) & (offs_s != slot)
             kv_mask = s_ok[:, None] & d_ok[None, :]
             k = tl.load(kc_base + offs_s[:, None] * stride_kcs + offs_d[None, :], mask=kv_mask, other=0.0)
-            # .to(fp32): inductor may pass the Python float `scale` as fp64, which would widen the loop's carried state
-            scores = (tl.sum(q[:, None, :] * k.to(tl.float32)[None, :, :], axis=2) * scale).to(tl.float32)  # [G, S]
-            hidden = tl.load(m_ptr + row * stride_mn + offs_s, mask=offs_s < S, other=0) != 0
-            scores = tl.where((hidden | ~s_ok)[None, :], float("-inf"), scores)
-            new_best = tl.maximum(best, tl.max(scores, axis=1))  # finite: best starts at the new key's score
-            rescale = tl.exp(best - new_best)
-            p = tl.exp(scores - new_best[:, None])
             v = tl.load(vc_base + offs_s[:, None] * stride_vcs + offs_d[None, :], mask=kv_mask, other=0.0)
-            acc = acc * rescale[:, None] + tl.sum(p[:, :, None] * v.to(tl.float32)[None, :, :], axis=1)
-            total = total * rescale + tl.sum(p, axis=1)
-            best = new_best
+            hidden = tl.load(m_ptr + row * stride_mn + offs_s, mask=offs_s < S, other=0) != 0
+            best, total, acc = _softmax_tile(q, k, v, s_ok & ~hidden, best, total, acc, scale)
         out = acc / total[:, None]
         tl.store(o_ptr + row * stride_on + heads[:, None] * D + offs_d[None, :], out.to(dtype),
                  mask=g_ok[:, None] & d_ok[None, :])
