@@ -306,3 +306,32 @@ def test_a_class_swap_or_pdl_change_invalidates_captured_graphs():
     finally:
         triton_support.set_pdl(False)
     assert len({before, after_attention, after_layers, after_pdl}) == 4
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="the launchers need Triton")
+def test_launchers_name_what_is_wrong_before_launching():
+    from parscale.inference import skinny_matmul as sm
+    from parscale.inference.decode_attention import launch, launch_rope
+
+    q, k, v, blocked = _inputs(2, 4, 2, 10, 8)
+    with pytest.raises(ValueError, match="blocked must be"):
+        launch(q, k, v, blocked[..., :5])
+    with pytest.raises(ValueError, match="kv dividing heads"):
+        launch(q[:, :3], k, v, blocked)
+    cache = torch.zeros(2, 2, 12, 8)
+    qp, kp = torch.zeros(2, 1, 32), torch.zeros(2, 1, 16)
+    cos = torch.zeros(2, 1, 1, 8)
+    pos = torch.zeros(1, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"q, k, v must be \[n, 1, heads"):
+        launch_rope(qp[:, :, :24], kp, kp, cos, cos, cache, cache, pos, 2, 10, blocked, 4)
+    with pytest.raises(ValueError, match="do not agree"):
+        launch_rope(qp, kp, kp, cos, cos, cache, cache, pos, 2, 13, torch.zeros(2, 1, 1, 13, dtype=torch.bool), 4)
+    x, w = torch.zeros(17, 8), torch.zeros(6, 8)
+    with pytest.raises(ValueError, match="1 to 16 rows"):
+        sm.launch(x, w)
+    with pytest.raises(ValueError, match="norm_weight must have shape"):
+        sm.launch(x[:2], w, norm_weight=torch.ones(7))
+    with pytest.raises(ValueError, match="an even count"):
+        sm.launch(x[:2], torch.zeros(5, 8), swiglu=True)
+    with pytest.raises(ValueError, match="residual has"):
+        sm.launch(x[:2], w, swiglu=True, residual=torch.zeros(2, 6))
