@@ -44,8 +44,8 @@ INTERPRETED = textwrap.dedent("""
                                      (8, 16, 2, 70, 96, 0)):
         q, k, v, blocked = _inputs(n, heads, kv, s, d, hidden_lead=lead, seed=s)
         want = _grouped_decode_attention(q.double(), k.double(), v.double(), blocked)
-        for block_s in (16, 32):
-            out = launch(q, k, v, blocked, block_s=block_s)
+        for block_s, per in ((16, None), (32, None), (16, 1), (16, 2)):  # per: query heads per program
+            out = launch(q, k, v, blocked, block_s=block_s, heads_per_program=per)
             assert out.shape == want.shape and out.dtype == torch.float32
             worst = max(worst, ((out.double() - want).norm() / want.norm()).item())
         one_mask = blocked[:1]  # one mask row for every row
@@ -78,6 +78,7 @@ INTERPRETED_MODEL = textwrap.dedent("""
         return torch.stack(out), [c.clone() for c in (*engine.cache.k, *engine.cache.v)]
 
     for family in ("qwen2", "llama"):
+        da.HEADS_PER_PROGRAM = 1 if family == "llama" else 0  # one query head per program, or the whole group
         for fold_rope in (False, True):
             model = tiny_model(streams=3, family=family)
             ids = torch.randint(0, model.config.vocab_size, (2, 7))

@@ -40,6 +40,16 @@ except ImportError:  # CPU installs: decode_attention is the plain path
     triton = None
 
 BLOCK_S = int(os.environ.get("PARSCALE_DECODE_ATTENTION_BLOCK_S", "16"))
+# Query heads per program (0: the whole group of a KV head). Fewer give more programs, each streaming the same
+# keys and values again (from L2 after the first): which is faster at a shape is for a benchmark to say.
+HEADS_PER_PROGRAM = int(os.environ.get("PARSCALE_DECODE_ATTENTION_HEADS", "0"))
+
+
+def _head_split(group: int, heads_per_program: int | None) -> tuple[int, int, int]:
+    """(heads per program, programs per KV head, BLOCK_G) for a GQA group (None: HEADS_PER_PROGRAM)."""
+    wanted = HEADS_PER_PROGRAM if heads_per_program is None else heads_per_program
+    per = group if wanted <= 0 else min(wanted, group)
+    return per, -(-group // per), max(1, triton.next_power_of_2(per))
 
 
 def kernel_available(q: torch.Tensor, k: torch.Tensor) -> bool:
@@ -62,7 +72,8 @@ def _call_kernel(q, k, v, blocked):
     return torch.ops.parscale.decode_attention(q, k, v, blocked)
 
 
-def launch(q, k, v, blocked, block_s: int = BLOCK_S, _kernel=None) -> torch.Tensor:
+def launch(q, k, v, blocked, block_s: int = BLOCK_S, _kernel=None,
+           heads_per_program: int | None = None) -> torch.Tensor:
     """Run the kernel (any device Triton runs on, the CPU interpreter included); no fallback."""
     if triton is None:
         raise RuntimeError("the decode attention kernel needs Triton (pip install triton)")
@@ -79,11 +90,12 @@ def launch(q, k, v, blocked, block_s: int = BLOCK_S, _kernel=None) -> torch.Tens
     mask = blocked.reshape(blocked.shape[0], s)  # a view: the plan inverts the mask once per forward
     out = torch.empty(n, heads, 1, d, device=q.device, dtype=q.dtype)
     group = heads // kv
-    (_kernel or _decode_attention_kernel)[(n, kv)](
-        q, k, v, mask, out, s, d, group, d**-0.5,
+    per, splits, block_g = _head_split(group, heads_per_program)
+    (_kernel or _decode_attention_kernel)[(n, kv, splits)](
+        q, k, v, mask, out, s, d, group, per, d**-0.5,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         mask.stride(0) if mask.shape[0] > 1 else 0, out.stride(0), out.stride(1),
-        BLOCK_G=max(1, triton.next_power_of_2(group)), BLOCK_D=triton.next_power_of_2(d), BLOCK_S=block_s,
+        BLOCK_G=block_g, BLOCK_D=triton.next_power_of_2(d), BLOCK_S=block_s,
         **_pdl_options(q.device),
     )
     return out
@@ -111,7 +123,7 @@ def _call_rope_kernel(q, k, v, cos, sin, k_cache, v_cache, pos, prefix_len, read
 
 
 def launch_rope(q, k, v, cos, sin, k_cache, v_cache, pos, prefix_len: int, read_end: int, blocked, n_heads: int,
-                block_s: int = BLOCK_S, _kernel=None) -> torch.Tensor:
+                block_s: int = BLOCK_S, _kernel=None, heads_per_program: int | None = None) -> torch.Tensor:
     """Run the fold_rope kernel (any device Triton runs on, the interpreter included); no fallback."""
     if triton is None:
         raise RuntimeError("the decode attention kernel needs Triton (pip install triton)")
@@ -127,12 +139,13 @@ def launch_rope(q, k, v, cos, sin, k_cache, v_cache, pos, prefix_len: int, read_
     mask = blocked.reshape(blocked.shape[0], read_end)
     out = torch.empty(n, 1, n_heads * d, device=q.device, dtype=q.dtype)
     group = n_heads // kv
-    (_kernel or _decode_attention_rope_kernel)[(n, kv)](
-        q, k, v, cos, sin, k_cache, v_cache, pos, mask, out, prefix_len, read_end, d, group, d**-0.5,
+    per, splits, block_g = _head_split(group, heads_per_program)
+    (_kernel or _decode_attention_rope_kernel)[(n, kv, splits)](
+        q, k, v, cos, sin, k_cache, v_cache, pos, mask, out, prefix_len, read_end, d, group, per, d**-0.5,
         q.stride(0), k.stride(0), v.stride(0), cos.stride(0), sin.stride(0),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
         v_cache.stride(2), mask.stride(0) if mask.shape[0] > 1 else 0, out.stride(0),
-        BLOCK_G=max(1, triton.next_power_of_2(group)), BLOCK_D=triton.next_power_of_2(d), BLOCK_S=block_s,
+        BLOCK_G=block_g, BLOCK_D=triton.next_power_of_2(d), BLOCK_S=block_s,
         **_pdl_options(q.device),
     )
     return out
@@ -196,7 +209,7 @@ if triton is not None:
         return new_best, total * rescale + tl.sum(p, axis=1), acc
 
     @triton.jit
-    def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, m_ptr, o_ptr, S, D, GROUP, scale,
+    def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, m_ptr, o_ptr, S, D, GROUP, PER, scale,
                                  stride_qn, stride_qh, stride_kn, stride_kh, stride_ks,
                                  stride_vn, stride_vh, stride_vs, stride_mn, stride_on, stride_oh,
                                  BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
@@ -206,11 +219,12 @@ if triton is not None:
             gdc_wait()
         row = tl.program_id(0)
         kv_head = tl.program_id(1)
+        first = tl.program_id(2) * PER  # this program's first query head within the group
         offs_g = tl.arange(0, BLOCK_G)
         offs_d = tl.arange(0, BLOCK_D)
-        g_ok = offs_g < GROUP
+        g_ok = (offs_g < PER) & (first + offs_g < GROUP)
         d_ok = offs_d < D
-        heads = kv_head * GROUP + offs_g
+        heads = kv_head * GROUP + first + offs_g
         q = tl.load(q_ptr + row * stride_qn + heads[:, None] * stride_qh + offs_d[None, :],
                     mask=g_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
         best = tl.full((BLOCK_G,), float("-inf"), dtype=tl.float32)
@@ -249,7 +263,7 @@ if triton is not None:
 
     @triton.jit
     def _decode_attention_rope_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, kc_ptr, vc_ptr, pos_ptr, m_ptr, o_ptr,
-                                      PREFIX, S, D, GROUP, scale, stride_qn, stride_kn, stride_vn, stride_cn,
+                                      PREFIX, S, D, GROUP, PER, scale, stride_qn, stride_kn, stride_vn, stride_cn,
                                       stride_sn, stride_kcn, stride_kch, stride_kcs, stride_vcn, stride_vch,
                                       stride_vcs, stride_mn, stride_on, BLOCK_G: tl.constexpr,
                                       BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, PDL: tl.constexpr):
@@ -258,16 +272,17 @@ if triton is not None:
             gdc_wait()
         row = tl.program_id(0)
         kv_head = tl.program_id(1)
+        first = tl.program_id(2) * PER  # this program's first query head within the group
         dtype = q_ptr.dtype.element_ty
         offs_g = tl.arange(0, BLOCK_G)
         offs_d = tl.arange(0, BLOCK_D)
-        g_ok = offs_g < GROUP
+        g_ok = (offs_g < PER) & (first + offs_g < GROUP)
         d_ok = offs_d < D
         half = D // 2
         swap_d = tl.where(offs_d < half, offs_d + half, offs_d - half)
         cos = tl.load(cos_ptr + row * stride_cn + offs_d, mask=d_ok, other=0.0).to(tl.float32)
         sin = tl.load(sin_ptr + row * stride_sn + offs_d, mask=d_ok, other=0.0).to(tl.float32)
-        heads = kv_head * GROUP + offs_g
+        heads = kv_head * GROUP + first + offs_g
         q = _rope(q_ptr + row * stride_qn, heads * D, offs_d, swap_d, g_ok[:, None] & d_ok[None, :], cos, sin, dtype)
         k_ptrs = k_ptr + row * stride_kn + kv_head * D
         k_raw = tl.load(k_ptrs + offs_d, mask=d_ok, other=0.0).to(tl.float32)
@@ -275,10 +290,11 @@ if triton is not None:
         k_new = _round(_round(k_raw * cos, dtype) + _round(k_swapped * sin, dtype), dtype)
         v_new = tl.load(v_ptr + row * stride_vn + kv_head * D + offs_d, mask=d_ok, other=0.0).to(tl.float32)
         slot = PREFIX + tl.load(pos_ptr)
+        writes = d_ok & (offs_d * 0 + first == 0)  # one program of a KV head writes its new key and value
         tl.store(kc_ptr + row * stride_kcn + kv_head * stride_kch + slot * stride_kcs + offs_d, k_new.to(dtype),
-                 mask=d_ok)
+                 mask=writes)
         tl.store(vc_ptr + row * stride_vcn + kv_head * stride_vch + slot * stride_vcs + offs_d, v_new.to(dtype),
-                 mask=d_ok)
+                 mask=writes)
         # The new key from registers first (always seen), then every other slot from the cache.
         best = (tl.sum(q * k_new[None, :], axis=1) * scale).to(tl.float32)  # [G]
         total = tl.full((BLOCK_G,), 1.0, dtype=tl.float32)
