@@ -4,8 +4,8 @@
 # shape kept in $OUT/skinny_tuned.json), then the compiled engine without and with it, gpt-fast's P = 1 in
 # each process (scripts/gpu_decode_options.sh).
 #
-#   GPTFAST_MODEL=path/to/gpt-fast/model.py bash scripts/gpu_skinny.sh [decode settings, default: default skinny
-#       skinny_layers kernels]   (QUICK=1: fewer block candidates; ROWS=8: the P = 8 row count only; TESTS=0: no tests;
+#   GPTFAST_MODEL=path/to/gpt-fast/model.py bash scripts/gpu_skinny.sh [decode settings, default: default graph
+#       graph_kernels_rope graph_kernels_rope_pdl kernels_rope]   (QUICK=1: fewer block candidates; ROWS=8: the P = 8 row count only; TESTS=0: no tests;
 #       PER_SETTING, BENCH_TIMEOUT, TEST_TIMEOUT: seconds)
 set -uo pipefail
 export PYTHONPATH=src PYTHONUNBUFFERED=1
@@ -19,5 +19,5 @@ fi
 timeout "${BENCH_TIMEOUT:-240}" python3 scripts/skinny_matmul_bench.py --preset paper-1.6b --rows "${ROWS:-1,8}" ${QUICK:+--quick} \
     --out "$OUT/skinny.json" --tuned-out "$OUT/skinny_tuned.json" 2>&1 | tee "$OUT/skinny_bench.txt"
 settings=("$@")
-[ ${#settings[@]} -eq 0 ] && settings=(default skinny skinny_layers kernels)
+[ ${#settings[@]} -eq 0 ] && settings=(default graph graph_kernels_rope graph_kernels_rope_pdl kernels_rope)
 SKINNY_CONFIGS="$OUT/skinny_tuned.json" bash scripts/gpu_decode_options.sh "${settings[@]}" 2>&1 | tee "$OUT/decode.txt"
