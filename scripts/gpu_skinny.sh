@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # The skinny decode matmul on a GPU, in one go: its GPU tests (equal to F.linear and to the plain decode path),
 # then every block configuration timed against torch's matmul on the paper-1.6b projections (the best of each
-# shape kept in $OUT/skinny_tuned.json), then the compiled engine without and with it, gpt-fast's P = 1 in
-# each process (scripts/gpu_decode_options.sh).
+# shape kept in $OUT/skinny_tuned.json), then the decode step with and without parscale's kernels, gpt-fast's
+# P = 1 in each process (scripts/gpu_decode_options.sh, which lists the settings).
 #
-#   GPTFAST_MODEL=path/to/gpt-fast/model.py bash scripts/gpu_skinny.sh [decode settings, default: default graph
-#       graph_kernels_rope graph_kernels_rope_pdl kernels_rope]   (QUICK=1: fewer block candidates; ROWS=8: the P = 8 row count only; TESTS=0: no tests;
-#       PER_SETTING, BENCH_TIMEOUT, TEST_TIMEOUT: seconds)
+#   GPTFAST_MODEL=path/to/gpt-fast/model.py bash scripts/gpu_skinny.sh [decode settings]
+#
+# Default settings: default graph graph_kernels_rope graph_kernels_rope_pdl kernels_rope. QUICK=1: fewer block
+# candidates; ROWS=8: the P = 8 row count only; TESTS=0: no tests; PER_SETTING, BENCH_TIMEOUT, TEST_TIMEOUT:
+# seconds for each part.
 set -uo pipefail
 export PYTHONPATH=src PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}
