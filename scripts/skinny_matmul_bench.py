@@ -6,7 +6,8 @@ and times it: a CUDA graph runs the product over `--copies` distinct weight copi
 cache holds, so every read comes from memory), replayed `--reps` times; the median replay over the copies
 gives µs per product and TB/s over the weight bytes; the best is timed again with what SkinnyDecoderLayer folds
 into that product (RMSNorm, residual add, SiLU gate: `folded`). The summary adds up one decode step's projections
-(layers × the layer's four + the head) with torch's matmul and with the best candidate of each shape.
+(layers × the layer's four + the head) with torch's matmul and with the best candidate of each shape. Last, one
+layer's decode attention: the plain path against inference/decode_attention.py's kernel.
 
     PYTHONPATH=src python scripts/skinny_matmul_bench.py --preset paper-1.6b --rows 1,8 --out skinny.json
 """
@@ -94,6 +95,41 @@ def time_products(product, x, weights, reps: int) -> float:
             outs[i] = product(x, w)
 
     return time_graph(run, reps)
+
+
+def time_attention(cfg: ModelConfig, rows: int, slots: int, reps: int) -> dict:
+    """One layer's decode attention (`rows` queries, each against `slots` cached keys, of which the first 113 are
+    seen), timed over a copy of the cache per layer (more bytes than the L2 cache holds): the plain path's grouped
+    attention (its kernels in one graph) against inference/decode_attention.py's kernel at each split of a KV
+    head's query group over programs. µs per layer and the kernel's largest relative error."""
+    from parscale.inference.decode_attention import launch
+    from parscale.model.transformer import _grouped_decode_attention
+
+    heads, kv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    dev, dtype = "cuda", torch.bfloat16
+    q = torch.randn(rows, 1, heads, d, device=dev, dtype=dtype).transpose(1, 2)
+    caches = [(torch.randn(rows, kv, slots, d, device=dev, dtype=dtype),
+               torch.randn(rows, kv, slots, d, device=dev, dtype=dtype)) for _ in range(cfg.num_hidden_layers)]
+    blocked = torch.zeros(rows, 1, 1, slots, dtype=torch.bool, device=dev)
+    blocked[..., 113:] = True  # a 48-slot prefix and 64 + 1 tokens written; the rest of the read unwritten
+    out = {"rows": rows, "slots": slots, "heads": heads, "kv_heads": kv, "head_dim": d}
+    layers = len(caches)
+
+    def each_layer(fn):
+        return lambda: [fn(k, v) for k, v in caches]
+
+    out["plain_us"] = time_graph(each_layer(lambda k, v: _grouped_decode_attention(q, k, v, blocked)), reps) \
+        * 1e3 / layers
+    want = _grouped_decode_attention(q.float(), caches[0][0].float(), caches[0][1].float(), blocked)
+    for per in (0, 1, 2, 4):
+        try:
+            got = launch(q, caches[0][0], caches[0][1], blocked, heads_per_program=per).float()
+            ms = time_graph(each_layer(lambda k, v, per=per: launch(q, k, v, blocked, heads_per_program=per)), reps)
+            out[f"kernel_heads{per}_us"] = ms * 1e3 / layers
+            out[f"kernel_heads{per}_rel_err"] = ((got - want).norm() / want.norm()).item()
+        except Exception as exc:  # a split Triton cannot build
+            out[f"kernel_heads{per}_error"] = f"{type(exc).__name__}: {exc}"[:200]
+    return out
 
 
 def write(results: dict, args) -> None:
@@ -186,6 +222,13 @@ def main(argv=None) -> int:
             tot["default"] += times * (p["default"]["us"] if p["default"] else p["torch_us"])
         results[f"step_projections_us_rows{rows}"] = tot
         print(f"one step's projections, rows {rows}: " + ", ".join(f"{k} {v:.0f} us" for k, v in tot.items()))
+    write(results, args)
+    slots = cfg.parscale_n_tokens + 256  # the prefix and the graph engine's shortest bounded read
+    results["attention"] = [time_attention(cfg, rows, slots, args.reps) for rows in [int(r) for r in
+                                                                                     args.rows.split(",")]]
+    for a in results["attention"]:
+        print(f"decode attention, rows {a['rows']}, {a['slots']} slots: plain {a['plain_us']:.2f} us/layer | " +
+              ", ".join(f"{k} {v:.2f}" for k, v in a.items() if k.startswith("kernel") and k.endswith("_us")))
     write(results, args)
     return 0
 
