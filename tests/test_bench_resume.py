@@ -77,13 +77,22 @@ def test_without_resume_the_file_is_measured_again(tmp_path, fake_gpu):
 
 
 @pytest.mark.parametrize("change", [{"engine": "compile"}, {"bounded_reads": False}, {"quantize": "int8"},
-                                    {"cache_len": 4096}, {"fuse": True}])
+                                    {"cache_len": 4096}, {"fuse": True}, {"decode_attention": "rope"}])
 def test_resume_refuses_a_file_measured_with_other_settings(tmp_path, fake_gpu, change):
     out = tmp_path / "grid.json"
     grid(out)
     kw = {"fuse": False, **{k: v for k, v in change.items() if k != "engine"}}
     with pytest.raises(ValueError, match="--resume: .* was measured with"):
         bench.run(["paper-1.6b"], [1], [1], [64], change.get("engine", "graph"), out, resume=True, **kw)
+
+
+def test_bad_kernel_settings_are_refused_before_anything_is_measured(tmp_path, fake_gpu):
+    measured, _ = fake_gpu
+    with pytest.raises(ValueError, match="needs fused projections"):
+        grid(tmp_path / "a.json", skinny_layers=True)  # grid() measures unfused
+    with pytest.raises(ValueError, match="decode_attention is 'attention' or 'rope'"):
+        grid(tmp_path / "b.json", decode_attention="flash")
+    assert measured == [] and not (tmp_path / "a.json").exists() and not (tmp_path / "b.json").exists()
 
 
 def test_resume_refuses_a_file_of_another_gpu(tmp_path, fake_gpu):
