@@ -209,12 +209,10 @@ if triton is not None:
         return new_best, total * rescale + tl.sum(p, axis=1), acc
 
     @triton.jit
-    def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, m_ptr, o_ptr, S, D, GROUP, PER, scale,
-                                 stride_qn, stride_qh, stride_kn, stride_kh, stride_ks,
-                                 stride_vn, stride_vh, stride_vs, stride_mn, stride_on, stride_oh,
-                                 BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
-                                 PDL: tl.constexpr):
-        if PDL:  # everything this kernel reads was written by kernels before it: wait before any load
+    def _program_heads(GROUP, PER, D, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr):
+        """This program's row, KV head and query heads, with their masks. With PDL it first lets the next kernel
+        launch and waits for the previous one: everything these kernels read was written by kernels before."""
+        if PDL:
             gdc_launch_dependents()
             gdc_wait()
         row = tl.program_id(0)
@@ -223,8 +221,15 @@ if triton is not None:
         offs_g = tl.arange(0, BLOCK_G)
         offs_d = tl.arange(0, BLOCK_D)
         g_ok = (offs_g < PER) & (first + offs_g < GROUP)
-        d_ok = offs_d < D
-        heads = kv_head * GROUP + first + offs_g
+        return row, kv_head, first, kv_head * GROUP + first + offs_g, g_ok, offs_d, offs_d < D
+
+    @triton.jit
+    def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, m_ptr, o_ptr, S, D, GROUP, PER, scale,
+                                 stride_qn, stride_qh, stride_kn, stride_kh, stride_ks,
+                                 stride_vn, stride_vh, stride_vs, stride_mn, stride_on, stride_oh,
+                                 BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+                                 PDL: tl.constexpr):
+        row, kv_head, first, heads, g_ok, offs_d, d_ok = _program_heads(GROUP, PER, D, BLOCK_G, BLOCK_D, PDL)
         q = tl.load(q_ptr + row * stride_qn + heads[:, None] * stride_qh + offs_d[None, :],
                     mask=g_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
         best = tl.full((BLOCK_G,), float("-inf"), dtype=tl.float32)
@@ -267,22 +272,12 @@ if triton is not None:
                                       stride_sn, stride_kcn, stride_kch, stride_kcs, stride_vcn, stride_vch,
                                       stride_vcs, stride_mn, stride_on, BLOCK_G: tl.constexpr,
                                       BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, PDL: tl.constexpr):
-        if PDL:  # everything this kernel reads was written by kernels before it: wait before any load
-            gdc_launch_dependents()
-            gdc_wait()
-        row = tl.program_id(0)
-        kv_head = tl.program_id(1)
-        first = tl.program_id(2) * PER  # this program's first query head within the group
+        row, kv_head, first, heads, g_ok, offs_d, d_ok = _program_heads(GROUP, PER, D, BLOCK_G, BLOCK_D, PDL)
         dtype = q_ptr.dtype.element_ty
-        offs_g = tl.arange(0, BLOCK_G)
-        offs_d = tl.arange(0, BLOCK_D)
-        g_ok = (offs_g < PER) & (first + offs_g < GROUP)
-        d_ok = offs_d < D
         half = D // 2
         swap_d = tl.where(offs_d < half, offs_d + half, offs_d - half)
         cos = tl.load(cos_ptr + row * stride_cn + offs_d, mask=d_ok, other=0.0).to(tl.float32)
         sin = tl.load(sin_ptr + row * stride_sn + offs_d, mask=d_ok, other=0.0).to(tl.float32)
-        heads = kv_head * GROUP + first + offs_g
         q = _rope(q_ptr + row * stride_qn, heads * D, offs_d, swap_d, g_ok[:, None] & d_ok[None, :], cos, sin, dtype)
         k_ptrs = k_ptr + row * stride_kn + kv_head * D
         k_raw = tl.load(k_ptrs + offs_d, mask=d_ok, other=0.0).to(tl.float32)
