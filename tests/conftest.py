@@ -40,6 +40,27 @@ def randomize_norms(model, seed: int = 0):
     return model
 
 
+def decode_step_logits(model, ids, mask, fed, compile: bool = False) -> torch.Tensor:
+    """The engine's logits for the prompt and then for each token of `fed` [steps, B], stacked [steps + 1, B, V].
+    Each is cloned: a captured graph returns the same buffer at every replay."""
+    from parscale.inference.engine import engine_for
+
+    engine = engine_for(model, compile=compile)
+    out = [engine.prefill(ids, mask, len(fed) + 1).clone()]
+    out += [engine.decode(token).clone() for token in fed]
+    return torch.stack(out)
+
+
+def state_snapshot(model) -> dict:
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def same_state(model, snapshot: dict) -> bool:
+    """Whether the model's state dict has exactly the snapshot's keys and tensors."""
+    now = model.state_dict()
+    return now.keys() == snapshot.keys() and all(torch.equal(now[k], v) for k, v in snapshot.items())
+
+
 WORDS = ("def", "return", "if", "else", "for", "in", "range", "x", "y", "self", "print", "import", "os", "(", ")",
          ":", "=", "+", "1", "0", "None", "True", "class", "while", "lambda", "yield", "with", "as", "len", "data")
 

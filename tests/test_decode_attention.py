@@ -61,7 +61,7 @@ INTERPRETED = textwrap.dedent("""
 INTERPRETED_MODEL = textwrap.dedent("""
     import sys, torch
     sys.path.insert(0, "tests")
-    from conftest import tiny_model
+    from conftest import decode_step_logits, tiny_model
     from parscale.inference import decode_attention as da
     from parscale.inference.engine import engine_for
     da.kernel_available = lambda q, k: q.shape[2] == 1
@@ -71,11 +71,9 @@ INTERPRETED_MODEL = textwrap.dedent("""
     da._call_rope_kernel = lambda *a: rope_calls.append(1) or da.launch_rope(*a)
 
     def step_logits(model, ids, mask, fed):
-        engine = engine_for(model)
-        out = [engine.prefill(ids, mask, len(fed) + 1)]
-        for token in fed:
-            out.append(engine.decode(token))
-        return torch.stack(out), [c.clone() for c in (*engine.cache.k, *engine.cache.v)]
+        logits = decode_step_logits(model, ids, mask, fed)
+        cache = engine_for(model).cache
+        return logits, [c.clone() for c in (*cache.k, *cache.v)]
 
     for family in ("qwen2", "llama"):
         da.HEADS_PER_PROGRAM = 1 if family == "llama" else 0  # one query head per program, or the whole group
@@ -105,27 +103,21 @@ INTERPRETED_MODEL = textwrap.dedent("""
 INTERPRETED_STACK = textwrap.dedent("""
     import sys, torch
     sys.path.insert(0, "tests")
-    from conftest import randomize_norms, tiny_model
+    from conftest import decode_step_logits, randomize_norms, tiny_model
     from parscale.inference import decode_attention as da, skinny_matmul as sm
-    from parscale.inference.engine import engine_for
     from parscale.inference.fuse import fuse_projections
     da.rope_kernel_available = lambda attn, q, cache: getattr(cache, "decoding", False) and q.shape[1] == 1
     sm.kernel_available = lambda x, w: x.numel() // x.shape[-1] <= sm.MAX_ROWS
-
-    def step_logits(model, ids, mask, fed):
-        engine = engine_for(model)
-        out = [engine.prefill(ids, mask, len(fed) + 1)]
-        return torch.stack(out + [engine.decode(token) for token in fed])
 
     model = randomize_norms(fuse_projections(tiny_model(streams=3)))
     ids = torch.randint(0, model.config.vocab_size, (2, 7))
     mask = torch.ones_like(ids)
     mask[1, :3] = 0
     fed = list(torch.randint(0, model.config.vocab_size, (6, 2)))
-    plain = step_logits(model, ids, mask, fed)
+    plain = decode_step_logits(model, ids, mask, fed)
     da.use_decode_attention(model, fold_rope=True)
     sm.use_skinny_matmul(model, fuse_layers=True)
-    err = ((step_logits(model, ids, mask, fed) - plain).norm() / plain.norm()).item()
+    err = ((decode_step_logits(model, ids, mask, fed) - plain).norm() / plain.norm()).item()
     print(f"decode logits rel err {err:.2e}")
     assert 0 < err < 1e-5, err
 """)
@@ -141,20 +133,19 @@ def test_kernel_equals_the_plain_path_under_the_interpreter(script):
 
 
 def test_use_decode_attention_is_a_class_swap_that_keeps_the_state_dict():
-    from conftest import tiny_model
+    from conftest import same_state, state_snapshot, tiny_model
 
     from parscale.inference.decode_attention import KernelAttention, use_decode_attention, uses_decode_attention
     from parscale.model.transformer import Attention
 
     model = tiny_model(streams=2)
-    before = {k: v.clone() for k, v in model.state_dict().items()}
+    before = state_snapshot(model)
     ids = torch.randint(0, model.config.vocab_size, (1, 5))
     plain = model(ids)
     use_decode_attention(model)
     assert uses_decode_attention(model) and isinstance(model.model.layers[0].self_attn, KernelAttention)
     assert torch.equal(model(ids), plain)  # a prefill: the plain path
-    after = model.state_dict()
-    assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
+    assert same_state(model, before)
     use_decode_attention(model, enable=False)
     assert type(model.model.layers[0].self_attn) is Attention
 
@@ -179,17 +170,10 @@ def test_kernel_on_gpu(dtype):
 def test_engine_with_the_kernel_matches_the_plain_path(compile, fold_rope):
     """fp32: each decode step's logits within summation-order error of the plain path's and the same greedy
     tokens, before and after the prefixes change in place."""
-    from conftest import tiny_model
+    from conftest import decode_step_logits, tiny_model
 
     import parscale
     from parscale.inference.decode_attention import use_decode_attention
-    from parscale.inference.engine import engine_for
-
-    def step_logits(fed):
-        engine = engine_for(model, compile=compile)
-        out = [engine.prefill(ids, mask, len(fed) + 1)]
-        out += [engine.decode(token) for token in fed]
-        return torch.stack(out)
 
     torch.manual_seed(0)
     model = tiny_model(streams=4).cuda()
@@ -199,9 +183,9 @@ def test_engine_with_the_kernel_matches_the_plain_path(compile, fold_rope):
     fed = list(torch.randint(0, model.config.vocab_size, (12, 2), device="cuda"))
     for _ in range(2):
         plain = parscale.generate(model, ids, attention_mask=mask, max_new_tokens=16, use_engine=False)
-        plain_logits = step_logits(fed)
+        plain_logits = decode_step_logits(model, ids, mask, fed, compile=compile)
         use_decode_attention(model, fold_rope=fold_rope)
-        logits = step_logits(fed)
+        logits = decode_step_logits(model, ids, mask, fed, compile=compile)
         err = ((logits - plain_logits).norm() / plain_logits.norm()).item()
         assert 0 < err < 1e-5, err  # 0: the kernel did not run
         assert torch.equal(parscale.generate(model, ids, attention_mask=mask, max_new_tokens=16, use_engine=True,
@@ -246,11 +230,10 @@ def test_pdl_only_where_asked_for_eager_and_on_hopper(monkeypatch):
 def test_every_layer_as_parscale_kernels_with_pdl_matches_the_plain_path(dtype):
     """The graph engine with the folded layers, the rope attention and PDL between them: each decode step's
     logits as close to the plain path's as the same kernels without PDL (a read before its wait would not be)."""
-    from conftest import tiny_model
+    from conftest import decode_step_logits, tiny_model
 
     from parscale.inference import triton_support
     from parscale.inference.decode_attention import use_decode_attention
-    from parscale.inference.engine import engine_for
     from parscale.inference.fuse import fuse_projections
     from parscale.inference.skinny_matmul import use_skinny_matmul
 
@@ -262,10 +245,7 @@ def test_every_layer_as_parscale_kernels_with_pdl_matches_the_plain_path(dtype):
     fed = list(torch.randint(0, model.config.vocab_size, (24, 2), device="cuda"))
 
     def step_logits():
-        engine = engine_for(model)
-        out = [engine.prefill(ids, mask, len(fed) + 1)]
-        out += [engine.decode(token).clone() for token in fed]
-        return torch.stack(out).float()
+        return decode_step_logits(model, ids, mask, fed).float()
 
     plain = step_logits()
     use_skinny_matmul(model, fuse_layers=True)

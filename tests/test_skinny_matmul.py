@@ -151,7 +151,7 @@ def _run_layers_through_reference(monkeypatch):
 
 
 def test_skinny_layers_compute_the_plain_layers(monkeypatch):
-    from conftest import randomize_norms, tiny_model
+    from conftest import randomize_norms, same_state, state_snapshot, tiny_model
 
     import parscale
     from parscale.inference.fuse import fuse_projections
@@ -164,7 +164,7 @@ def test_skinny_layers_compute_the_plain_layers(monkeypatch):
     ids = torch.randint(0, model.config.vocab_size, (1, 6))
     plain_logits = model(ids)
     plain = parscale.generate(model, ids, max_new_tokens=8, use_engine=False)
-    before = {k: v.clone() for k, v in model.state_dict().items()}
+    before = state_snapshot(model)
     calls = _run_layers_through_reference(monkeypatch)
     use_skinny_matmul(model, fuse_layers=True)
     assert uses_skinny_layers(model) and isinstance(model.model.layers[1], SkinnyDecoderLayer)
@@ -173,8 +173,7 @@ def test_skinny_layers_compute_the_plain_layers(monkeypatch):
     assert calls[:4] == [["norm_weight"], ["residual"], ["norm_weight", "swiglu"], ["residual"]]
     assert len(calls) == 4 * layers + 1  # four per layer and the LM head
     assert torch.equal(parscale.generate(model, ids, max_new_tokens=8, use_engine=False), plain)
-    assert model.state_dict().keys() == before.keys()
-    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+    assert same_state(model, before)
     use_skinny_matmul(model, enable=False)
     assert not uses_skinny_layers(model) and type(model.model.layers[0]) is parscale.model.transformer.DecoderLayer
 
@@ -240,19 +239,18 @@ def test_kernel_equals_f_linear_on_gpu(dtype, rows):
 
 
 def test_use_skinny_matmul_keeps_parameters_and_state_dict():
-    from conftest import tiny_model
+    from conftest import same_state, state_snapshot, tiny_model
 
     from parscale.inference.skinny_matmul import SkinnyLinear, use_skinny_matmul, uses_skinny_matmul
 
     model = tiny_model(streams=2)
-    before = {k: v.clone() for k, v in model.state_dict().items()}
+    before = state_snapshot(model)
     ids = torch.randint(0, model.config.vocab_size, (2, 7))
     plain = model(ids)
     use_skinny_matmul(model)
     assert uses_skinny_matmul(model) and isinstance(model.model.layers[0].mlp.down_proj, SkinnyLinear)
     assert not any(isinstance(m, SkinnyLinear) for m in model.model.aggregate_layer.modules())
-    after = model.state_dict()
-    assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
+    assert same_state(model, before)
     assert torch.equal(model(ids), plain)  # on CPU every product falls back to F.linear
     use_skinny_matmul(model, enable=False)
     assert not uses_skinny_matmul(model) and type(model.model.layers[0].mlp.down_proj) is torch.nn.Linear
