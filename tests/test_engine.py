@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import decode_step_logits, tiny_model
 
 import parscale
 from parscale.inference.engine import DecodeEngine, engine_for
@@ -404,6 +404,36 @@ def test_compiled_engine_equals_the_plain_path(fused):
     plain = parscale.generate(reference, ids, attention_mask=mask, max_new_tokens=8, use_engine=False)
     fast = parscale.generate(model, ids, attention_mask=mask, max_new_tokens=8, use_engine=True, compile=True)
     assert torch.equal(plain, fast)
+
+
+@pytest.mark.parametrize("swap", ["swap_class", "assignment"])
+def test_compiled_engine_follows_a_class_swapped_after_it_compiled(swap):
+    """A module class swapped in place after the compiled engine ran (how parscale's kernels are switched on)
+    changes what the compiled step computes: its logits equal the eager engine's with the new class. torch 2.11
+    replayed the code traced for the old class (inference/class_swap.py): through swap_class, and for a bare
+    `__class__ =` assignment through the engine's own check at the next prompt."""
+    from parscale.inference.class_swap import swap_class
+    from parscale.model.transformer import Attention
+
+    class Scaled(Attention):
+        def core_attention(self, q, k, v, plan):
+            return 1.5 * super().core_attention(q, k, v, plan)
+
+    torch._dynamo.reset()  # what other tests compiled must not decide what is traced here
+    model = tiny_model(streams=2)
+    ids = torch.randint(0, 512, (2, 6))
+    mask = torch.ones_like(ids)
+    fed = list(torch.randint(0, 512, (3, 2)))
+    before = decode_step_logits(model, ids, mask, fed, compile=True)
+    for cls in (Scaled, Attention):  # the new class, then back to the first one
+        for layer in model.model.layers:
+            if swap == "swap_class":
+                swap_class(layer.self_attn, cls)
+            else:
+                layer.self_attn.__class__ = cls
+        compiled = decode_step_logits(model, ids, mask, fed, compile=True)
+        torch.testing.assert_close(compiled, decode_step_logits(model, ids, mask, fed), rtol=1e-5, atol=1e-5)
+        assert torch.allclose(compiled, before) == (cls is Attention)  # the swap changes the logits
 
 
 def test_generate_asks_the_engine_for_a_padded_prefill():

@@ -39,8 +39,8 @@ INTERPRETED = textwrap.dedent("""
         for n, k in ((40, 96), (33, 300)):
             x, w, b = torch.randn(rows, k), torch.randn(n, k), torch.randn(n)
             ref = F.linear(x.double(), w.double(), b.double())
-            for cfg in (default_config(rows, n, k), SkinnyConfig(1, 32), SkinnyConfig(4, 64),
-                        SkinnyConfig(16, 64, use_dot=True)):
+            defaults = [default_config(rows, n, k, dtype=d) for d in (torch.float32, torch.bfloat16)]
+            for cfg in (*defaults, SkinnyConfig(1, 32), SkinnyConfig(4, 64), SkinnyConfig(16, 64, use_dot=True)):
                 for bias in (b, None):
                     y = launch(x, w, bias, cfg)
                     want = ref if bias is not None else ref - b.double()
@@ -185,7 +185,7 @@ def test_fp32_products_ignore_measured_dot_configs(tmp_path):
     tuned = SkinnyConfig(32, 64, 8, 4, True)
     skinny_matmul.set_tuned_configs([{"rows": 8, "n": 1536, "k": 8320, "config": tuned.__dict__}])
     try:
-        assert default_config(8, 1536, 8320) == tuned
+        assert default_config(8, 1536, 8320, dtype=torch.bfloat16) == tuned
         assert default_config(8, 1536, 8320, dtype=torch.float32) != tuned
     finally:
         skinny_matmul.set_tuned_configs([])
@@ -211,7 +211,8 @@ def test_fused_forms_on_gpu(dtype, rows):
         exact = reference(x.double(), w.double(), None,
                           **{a: (v.double() if torch.is_tensor(v) else v) for a, v in kw.items()})
         plain_err = ((reference(x, w, None, **kw).double() - exact).norm() / exact.norm()).item()
-        for cfg in (default_config(rows, n, k), SkinnyConfig(4, 256), SkinnyConfig(16, 128, use_dot=True)):
+        for cfg in (default_config(rows, n, k, dtype=dtype), SkinnyConfig(4, 256),
+                    SkinnyConfig(16, 128, use_dot=True)):
             err = ((skinny_linear(x, w, None, cfg, **kw).double() - exact).norm() / exact.norm()).item()
             assert err <= max(2 * plain_err, 4e-3), (kw.keys(), cfg, err, plain_err)
 
@@ -228,9 +229,9 @@ def test_kernel_equals_f_linear_on_gpu(dtype, rows):
         b = torch.randn(n, device="cuda", dtype=dtype)
         ref = F.linear(x.double(), w.double(), b.double())
         torch_err = ((F.linear(x, w, b).double() - ref).norm() / ref.norm()).item()
-        configs = [default_config(rows, n, k), SkinnyConfig(1, 512), SkinnyConfig(8, 128, num_warps=8)]
-        if dtype != torch.float32:
-            configs.append(SkinnyConfig(16, 128, use_dot=True))
+        # every form in every dtype: the tl.dot form in fp32 too (IEEE there, not Triton's default TF32)
+        configs = [default_config(rows, n, k, dtype=dtype), default_config(rows, n, k, dtype=torch.bfloat16),
+                   SkinnyConfig(1, 512), SkinnyConfig(8, 128, num_warps=8), SkinnyConfig(16, 128, use_dot=True)]
         for cfg in configs:
             y = skinny_linear(x, w, b, cfg)
             err = ((y.double() - ref).norm() / ref.norm()).item()
@@ -267,8 +268,10 @@ def _tokens(model, ids, mask, **kw):
 @pytest.mark.parametrize("compile", [False, True])
 @pytest.mark.parametrize("fuse_layers", [False, True])
 def test_engine_with_the_kernel_matches_the_plain_path(compile, fuse_layers):
-    """fp32 (where the kernel and torch's matmul differ only in summation order): the same tokens."""
-    from conftest import tiny_model
+    """fp32 (where the kernel and torch's matmul differ only in summation order): each decode step's logits within
+    that error of the plain path's, and the same tokens; again after a weight changes in place. The plain path
+    runs first in the same engine, so a compiled step that kept the plain code (inference/class_swap.py) fails."""
+    from conftest import decode_step_logits, tiny_model
 
     from parscale.inference.fuse import fuse_projections
     from parscale.inference.skinny_matmul import use_skinny_matmul
@@ -278,15 +281,18 @@ def test_engine_with_the_kernel_matches_the_plain_path(compile, fuse_layers):
     ids = torch.randint(0, model.config.vocab_size, (2, 12), device="cuda")
     mask = torch.ones_like(ids)
     mask[1, :3] = 0
-    plain = _tokens(model, ids, mask, use_engine=False)
-    use_skinny_matmul(model, fuse_layers=fuse_layers)
-    assert torch.equal(_tokens(model, ids, mask, use_engine=True, compile=compile), plain)
-    with torch.no_grad():  # the weights change in place: the kernel reads the new ones
-        model.model.layers[0].mlp.down_proj.weight.mul_(1.5)
-    use_skinny_matmul(model, enable=False)
-    plain = _tokens(model, ids, mask, use_engine=False)
-    use_skinny_matmul(model, fuse_layers=fuse_layers)
-    assert torch.equal(_tokens(model, ids, mask, use_engine=True, compile=compile), plain)
+    fed = list(torch.randint(0, model.config.vocab_size, (12, 2), device="cuda"))
+    for _ in range(2):
+        plain = _tokens(model, ids, mask, use_engine=False)
+        plain_logits = decode_step_logits(model, ids, mask, fed, compile=compile)
+        use_skinny_matmul(model, fuse_layers=fuse_layers)
+        logits = decode_step_logits(model, ids, mask, fed, compile=compile)
+        err = ((logits - plain_logits).norm() / plain_logits.norm()).item()
+        assert 0 < err < 1e-5, err  # 0: the kernel did not run
+        assert torch.equal(_tokens(model, ids, mask, use_engine=True, compile=compile), plain)
+        use_skinny_matmul(model, enable=False)
+        with torch.no_grad():  # the weights change in place: the kernel reads the new ones
+            model.model.layers[0].mlp.down_proj.weight.mul_(1.5)
 
 
 def test_tuned_configs_become_the_defaults(tmp_path):
@@ -298,11 +304,12 @@ def test_tuned_configs_become_the_defaults(tmp_path):
     path.write_text(json.dumps([{"rows": 8, "n": 1536, "k": 8320, "us": 9.0,
                                  "config": {"block_n": 32, "block_k": 64, "num_warps": 8, "num_stages": 4,
                                             "use_dot": True}}]))
-    untuned = default_config(8, 1536, 8320)
+    untuned = default_config(8, 1536, 8320, dtype=torch.bfloat16)
     try:
         skinny_matmul.set_tuned_configs(path)
-        assert default_config(8, 1536, 8320) == SkinnyConfig(32, 64, 8, 4, True)
-        assert default_config(1, 1536, 8320) != SkinnyConfig(32, 64, 8, 4, True)  # another row count
+        assert default_config(8, 1536, 8320, dtype=torch.bfloat16) == SkinnyConfig(32, 64, 8, 4, True)
+        # another row count
+        assert default_config(1, 1536, 8320, dtype=torch.bfloat16) != SkinnyConfig(32, 64, 8, 4, True)
     finally:
         skinny_matmul.set_tuned_configs([])
-    assert default_config(8, 1536, 8320) == untuned
+    assert default_config(8, 1536, 8320, dtype=torch.bfloat16) == untuned

@@ -30,6 +30,7 @@ import os
 
 import torch
 
+from parscale.inference.class_swap import swap_class
 from parscale.inference.triton_support import kernels_can_run, pdl_for
 from parscale.model.transformer import Attention, _attend, _grouped_decode_attention
 
@@ -182,7 +183,7 @@ def use_decode_attention(model, enable: bool = True, fold_rope: bool = False):
     kernels_can_run(model.lm_head.weight.device)  # looked up once here, not inside a compiled step
     cls = (KernelAttentionFromProjections if fold_rope else KernelAttention) if enable else Attention
     for layer in model.model.layers:
-        layer.self_attn.__class__ = cls
+        swap_class(layer.self_attn, cls)
     return model
 
 

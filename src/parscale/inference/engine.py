@@ -55,6 +55,8 @@ import weakref
 
 import torch
 
+from parscale.inference.class_swap import note_classes
+
 
 class DecodeEngine:
     READ_STEP = 256  # the shortest bounded read; each longer one doubles it
@@ -77,6 +79,7 @@ class DecodeEngine:
                 warnings.warn("int8 weights save memory, not time: with the compiled engine they were measured "
                               "1.17x (P = 1) and 5.4x (P = 8, batch 1) slower per token than bf16 compiled "
                               "(1.6B shape, one H200, benchmarks/README.md)", stacklevel=2)
+        self.compiled = compile
         self.step_fn = torch.compile(self._step, fullgraph=True, dynamic=False) if compile else self._step
         # The padded prompt's forward, compiled too with compile=True (one compilation per padded length and
         # batch, each then captured like the eager one): fused element-wise kernels, fewer of them per layer.
@@ -157,6 +160,8 @@ class DecodeEngine:
         if length > self.max_len:
             raise ValueError(f"prompt of {t} tokens exceeds the engine's max_len {self.max_len}")
         model = self.model
+        if self.compiled:  # a class swapped since the step was compiled: have it traced again (class_swap.py)
+            note_classes(model)
         self.cache.reset(model)
         if padded:
             input_ids, attention_mask = _left_pad(input_ids, attention_mask, length)

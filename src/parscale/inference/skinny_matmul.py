@@ -47,6 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from parscale.inference.class_swap import swap_class
 from parscale.inference.triton_support import kernels_can_run, pdl_for
 from parscale.model.transformer import DecoderLayer
 
@@ -91,11 +92,12 @@ def set_tuned_configs(path_or_table) -> None:
         _TUNED[(int(row["rows"]), int(row["n"]), int(row["k"]))] = SkinnyConfig(**row["config"])
 
 
-def default_config(rows: int, n: int, k: int, dtype: torch.dtype = torch.bfloat16) -> SkinnyConfig:
+def default_config(rows: int, n: int, k: int, *, dtype: torch.dtype) -> SkinnyConfig:
     """The measured block sizes of this product if there are any, else the family an H100 measured fastest
     at 8 rows (benchmarks/README.md): the tl.dot form, 16 weight rows per program, or 64 for the widest
-    matrices. Float32 keeps the broadcast form (a tl.dot would compute it in TF32), with enough programs to
-    cover every multiprocessor several times."""
+    matrices. Float32 keeps the broadcast form (its tl.dot runs in IEEE fp32, no faster than the broadcast form),
+    with enough programs to cover every multiprocessor several times. `dtype` is required: the best blocks
+    differ by dtype."""
     if dtype != torch.float32:
         if (rows, n, k) in _TUNED:
             return _TUNED[(rows, n, k)]
@@ -240,10 +242,10 @@ def use_skinny_matmul(model, enable: bool = True, fuse_layers: bool = False):
     cls = SkinnyLinear if enable else nn.Linear
     for module in [*model.model.layers.modules(), model.lm_head]:
         if type(module) in (nn.Linear, SkinnyLinear):
-            module.__class__ = cls
+            swap_class(module, cls)
     layer_cls = SkinnyDecoderLayer if enable and fuse_layers else DecoderLayer
     for layer in model.model.layers:
-        layer.__class__ = layer_cls
+        swap_class(layer, layer_cls)
     return model
 
 
@@ -270,6 +272,8 @@ if triton is not None:
     @triton.jit
     def _product(x, w, USE_DOT: tl.constexpr):
         if USE_DOT:
+            if x.dtype == tl.float32:  # Triton's default for fp32 is TF32 (10 mantissa bits): ask for fp32
+                return tl.dot(x, tl.trans(w), input_precision="ieee")
             return tl.dot(x, tl.trans(w))
         return tl.sum(x[:, None, :].to(tl.float32) * w[None, :, :].to(tl.float32), axis=2)
 
