@@ -167,6 +167,13 @@ def post_training_comparisons(pct: int) -> list[tuple[str, str, str]]:
                   "both backbone-initialised")]
     rows += [(f"fz-p{p}-plus{pct}", f"fz-p1prefix-plus{pct}", f"frozen backbone: P = {p} over the prefix control")
              for p in (2, 4, 8)]
+    if pct == 5:
+        rows += [("fz-p8-bbinit-plus5", "fz-p8-plus5", "frozen backbone: backbone-initialised prefixes over random "
+                  "(P = 8)"),
+                 ("fz-p1prefix-bbinit-plus5", "fz-p1prefix-plus5", "frozen backbone: backbone-initialised prefix "
+                  "control over random"),
+                 ("fz-p8-bbinit-plus5", "fz-p1prefix-bbinit-plus5", "frozen backbone: P = 8 over the prefix control, "
+                  "both backbone-initialised")]
     return rows
 
 
@@ -210,29 +217,46 @@ def post_training(results) -> dict:
     for arm, by_seed in sorted(arms.items()):
         v = list(by_seed.values())
         drop = [start((arm, s)) - f for s, f in by_seed.items() if start((arm, s)) is not None]
+        # the same drop as a paired test: each seed's stage-2 result against the checkpoint it started from
+        own = {(name, s): {"endpoint": f} for s, f in by_seed.items() if start((arm, s)) is not None
+               for name, f in ((arm, f), ("stage 1", start((arm, s))))}
         table[arm] = {"n": len(v), "mean": statistics.fmean(v),
                       "se": statistics.stdev(v) / math.sqrt(len(v)) if len(v) > 1 else None,
-                      "below_stage1": statistics.fmean(drop) if drop else None, "endpoints": by_seed}
+                      "below_stage1": statistics.fmean(drop) if drop else None,
+                      "below_stage1_test": paired_t(own, arm, "stage 1"), "endpoints": by_seed}
     return {"comparisons": rows, "arms": table, "stage1_final": fallback}
 
 
 def heldout_comparisons(results) -> dict:
-    """The matched comparisons again on the per-package held-out scores of the runs that have them
-    (runs.py --heldout-corpus): the whole held-out set without the files that have a training twin, and each
-    package apart. Paired by seed, as the endpoints are; empty until such runs exist."""
+    """The matched and the post-training comparisons again on the per-package held-out scores of the runs that
+    have them (runs.py --heldout-corpus): the whole held-out set, the same without the files that have a
+    training twin, and each package apart. Paired by seed, as the endpoints are (post-training runs only with
+    runs that continued the same stage-1 checkpoint); empty until such runs exist."""
+    def stage1(r):
+        return (r.get("stage1") or {}).get("val_loss_full")
+
     def measure(get) -> dict:
-        return {(a, s): {"endpoint": v} for (a, s), r in results.items()
+        return {(a, s): {"endpoint": v, "stage1": stage1(r)} for (a, s), r in results.items()
                 if r.get("heldout_by_package") and (v := get(r["heldout_by_package"])) is not None}
 
-    out = {"without_twins": [], "packages": {}}
-    scored = measure(lambda h: h["without_twins"]["loss"])
+    def same_start(scored, arm, base) -> dict:
+        return {k: v for k, v in scored.items() if k[0] in (arm, base)
+                and (k[0] == base or (base, k[1]) in scored and v["stage1"] == scored[(base, k[1])]["stage1"])}
+
+    comparisons = list(MATCHED_COMPARISONS) + [row for pct in POST_TRAINING_PCTS
+                                               for row in post_training_comparisons(pct)]
+    out = {"all": [], "without_twins": [], "packages": {}}
+    whole = measure(lambda h: h.get("all", {}).get("loss"))
+    scored = measure(lambda h: h.get("without_twins", {}).get("loss"))
     packages = sorted({p for r in results.values() for p in (r.get("heldout_by_package") or {}).get("packages", {})})
-    for arm, base, what in MATCHED_COMPARISONS:
-        g = paired_t(scored, arm, base)
-        if g is not None:
-            out["without_twins"].append({"arm": arm, "base": base, "what": what, **g})
+    for arm, base, what in comparisons:
+        for name, by_run in (("all", whole), ("without_twins", scored)):
+            g = paired_t(same_start(by_run, arm, base), arm, base)
+            if g is not None:
+                out[name].append({"arm": arm, "base": base, "what": what, **g})
         for package in packages:
-            g = paired_t(measure(lambda h, p=package: h["packages"].get(p, {}).get("loss")), arm, base)
+            by_run = measure(lambda h, p=package: h["packages"].get(p, {}).get("loss"))
+            g = paired_t(same_start(by_run, arm, base), arm, base)
             if g is not None:
                 out["packages"].setdefault(package, []).append({"arm": arm, "base": base, **g})
     return out
@@ -873,12 +897,27 @@ def _print(summary, seeds) -> None:
     if pt["arms"]:
         print("post-training from long-p1's checkpoint (last loss, mean ± SE; below the stage-1 model's last loss):")
         for arm, row in pt["arms"].items():
+            test = row.get("below_stage1_test") or {}
             print(f"  {arm}: {row['mean']:.4f} ± {row['se'] or 0:.4f} (n = {row['n']})"
-                  + (f", {row['below_stage1']:+.4f} below stage 1" if row["below_stage1"] is not None else ""))
+                  + (f", {row['below_stage1']:+.4f} below stage 1" if row["below_stage1"] is not None else "")
+                  + (f" (± {test['se']:.4f}, p = {test['p']:.3g})" if test.get("p") is not None else ""))
         for row in pt["comparisons"]:
             ci = row.get("ci95")
             print(f"  +{row['pct']}%: {row['what']}: {row['mean']:+.4f} ± {row['se'] or 0:.4f} (n = {row['n']}"
                   + (f", 95% {ci[0]:+.4f} .. {ci[1]:+.4f}, p = {row['p']:.3g}" if ci else "") + ")")
+    held = summary["heldout_by_package"]
+    if held["all"]:
+        print("held-out set scored per package (runs that have it; paired gain, mean ± SE): whole set / without "
+              "the files with a training twin / the three largest packages")
+        by_pair = {(r["arm"], r["base"]): r for r in held["without_twins"]}
+        for row in held["all"]:
+            pair = (row["arm"], row["base"])
+            apart = [f"{name} {g['mean']:+.4f}" for name in ("torchmetrics", "onnxscript", "lightning")
+                     for g in held["packages"].get(name, []) if (g["arm"], g["base"]) == pair]
+            twin = by_pair.get(pair)
+            print(f"  {row['what']}: {row['mean']:+.4f} ± {row['se'] or 0:.4f} / "
+                  + (f"{twin['mean']:+.4f} ± {twin['se'] or 0:.4f}" if twin else "–")
+                  + f" (n = {row['n']}); " + ", ".join(apart))
     en = summary["english"]
     if en["arms"]:
         print(f"English (own 8k BPE, one epoch; {en['bytes_per_token']:.3f} bytes per validation token):")

@@ -29,9 +29,11 @@ arm: parscale's paired seeds), named d8-{arm}-s{seed}:
 - repeat-*   the prefix control again, on the GPU model of the later arms (have run);
 - ts-*       two-stage: stage 2 from long-p1-s{seed}'s checkpoint at P = 2/4/8 and the two P = 1 controls,
              +2/5/20% of stage 1's steps, and at +5% P = 4 and the prefix control with prefixes started from
-             the backbone (`-bbinit`, prefix_init = "backbone") (TWO_STAGE; configured, not run);
+             the backbone (`-bbinit`, prefix_init = "backbone") (TWO_STAGE; P = 8 and both controls at +5% have
+             run, 3 seeds; the rest is configured);
 - fz-*       frozen backbone, dynamic P: from the same checkpoint only prefixes and aggregator train, P = 2/4/8
-             and the P = 1 prefix control, +5/20% of stage 1's steps (configured, not run);
+             and the P = 1 prefix control, +5/20% of stage 1's steps (+5% has run, 3 seeds), and at +5% P = 8
+             and the control with prefixes started from the backbone (`-bbinit`; configured);
 - en-*       the headline arms (P = 1, the prefix control with the lever, P = 8 with the lever) on English
              documentation and prose with its own BPE from a 5% sample, one epoch (ENGLISH; configured);
 - long-p1prefix-aggwarm, long-p1prefix384-aggwarm, long-p8: the matched controls at ~100M tokens (the
@@ -171,6 +173,11 @@ for pct in (5, 20):
     TWO_STAGE[f"fz-p1prefix-plus{pct}"] = {**frozen, "streams": 1, "p1_prefix": True}
     for p in (2, 4, 8):
         TWO_STAGE[f"fz-p{p}-plus{pct}"] = {**frozen, "streams": p}
+# At +5% every frozen arm ended above the backbone's own loss (the prefix control by 0.013): the frozen arms again
+# with prefixes started from the backbone's own keys and values, which start near its loss (model/convert.py),
+# for P = 8 and the prefix control.
+for arm in ("p8", "p1prefix"):
+    TWO_STAGE[f"fz-{arm}-bbinit-plus5"] = {**TWO_STAGE[f"fz-{arm}-plus5"], "prefix_init": "backbone"}
 
 
 def _shape(fields: dict) -> dict:
