@@ -223,6 +223,35 @@ def test_heldout_comparisons_pair_the_per_package_scores_by_seed(analyze):
     (pkg,) = [r for r in out["packages"]["torchmetrics"] if r["arm"] == "long-p8-aggwarm"
               and r["base"] == "long-p1prefix-aggwarm"]
     assert pkg["mean"] == pytest.approx(0.1)
+    # post-training arms pair only runs that continued the same stage-1 checkpoint of their seed
+    for s in range(3):
+        results[("fz-p8-plus5", s)] = {**run("fz-p8-plus5", s, 2.0, 1.5), "stage1": {"val_loss_full": 2.0 + s}}
+        start = 2.0 + s if s < 2 else 9.0  # seed 2's control continued another training of stage 1
+        control = run("fz-p1prefix-plus5", s, 2.02, 1.5)
+        results[("fz-p1prefix-plus5", s)] = {**control, "stage1": {"val_loss_full": start}}
+    out = analyze.heldout_comparisons(results)
+    (row,) = [r for r in out["without_twins"] if r["arm"] == "fz-p8-plus5" and r["base"] == "fz-p1prefix-plus5"]
+    assert row["n"] == 2 and row["mean"] == pytest.approx(0.02)
+
+
+def test_post_training_curves_pair_each_evaluation_step_of_the_same_checkpoint(analyze):
+    """Along stage 2 the gain at every evaluation step is base minus arm over seeds that continued the same
+    stage-1 checkpoint (a seed whose control continued another training of stage 1 is left out), and the
+    streams' KL is the seed mean at each step."""
+    def run(losses, kl, stage1):
+        return {"settings": {"batch_size": 2, "seq_len": 8}, "stage1": {"val_loss_full": stage1},
+                "eval_curve": [{"step": 10 * (i + 1), "val_loss": v, "streams": {"kl_mean": kl}}
+                               for i, v in enumerate(losses)]}
+
+    results = {}
+    for s in range(3):
+        results[("fz-p8-plus5", s)] = run([2.0, 1.9], 0.05 + 0.01 * s, stage1=3.0 + s)
+        results[("fz-p1prefix-plus5", s)] = run([2.02 + 0.01 * s, 1.95], None, stage1=3.0 + s if s < 2 else 9.0)
+    (gain,) = [g for g in analyze.post_training_curves(results)[5]["gains"] if g["arm"] == "fz-p8-plus5"]
+    assert gain["n"] == 2 and gain["steps"] == [10, 20] and gain["tokens"] == [160, 320]
+    assert gain["mean"] == pytest.approx([0.025, 0.05])
+    kl = analyze.post_training_curves(results)[5]["kl"]
+    assert kl["fz-p8-plus5"]["kl"] == pytest.approx([0.06, 0.06]) and "fz-p1prefix-plus5" not in kl
 
 
 def test_a_stage_two_run_brings_its_stage_one_when_the_checkpoint_is_not_here(tmp_path):

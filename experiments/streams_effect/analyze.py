@@ -600,6 +600,9 @@ def main() -> None:
     out = HERE / "analysis"
     out.mkdir(exist_ok=True)
     summary["compute"] = _plot_compute(results, out / "loss_vs_tokens_and_flops.png")
+    summary["post_training_curves"] = post_training_curves(results)
+    if summary["post_training_curves"]:
+        _plot_post_training(summary["post_training_curves"], out / "post_training_curves.png")
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     _plot(results, seeds, arms, out / "endpoints.png")
     _plot_weights(results, out / "cap_share_curves.png")
@@ -664,6 +667,74 @@ def arm_flops_per_token(results, arm: str) -> float | None:
 
     found = arm_config(results, arm)
     return flops_per_token(found[0], found[1]["seq_len"]) if found else None
+
+
+def post_training_curves(results) -> dict:
+    """Along stage 2: each post-training comparison's paired gain at every evaluation step (the 16-batch held-out
+    evaluation, `eval_curve`; pairs only runs that continued the same stage-1 checkpoint), and each arm's KL
+    between its streams there (seed mean). {pct: {"gains": [{arm, base, what, steps, tokens, mean, se, n}],
+    "kl": {arm: {"steps", "kl"}}}}."""
+    curves = {key: {e["step"]: e for e in r["eval_curve"]} for key, r in results.items()
+              if key[0].startswith(("ts-", "fz-")) and r.get("eval_curve")}
+
+    def start(key):
+        return (results[key].get("stage1") or {}).get("val_loss_full")
+
+    out = {}
+    for pct in POST_TRAINING_PCTS:
+        gains = []
+        for arm, base, what in post_training_comparisons(pct):
+            seeds = [s for (a, s) in curves if a == arm and (base, s) in curves and start((arm, s)) == start((base, s))]
+            if len(seeds) < 2:
+                continue
+            steps = sorted(set.intersection(*(set(curves[(arm, s)]) & set(curves[(base, s)]) for s in seeds)))
+            diffs = [[curves[(base, s)][t]["val_loss"] - curves[(arm, s)][t]["val_loss"] for s in seeds] for t in steps]
+            st = results[(arm, seeds[0])]["settings"]
+            gains.append({"arm": arm, "base": base, "what": what, "steps": steps, "n": len(seeds),
+                          "tokens": [t * st["batch_size"] * st["seq_len"] for t in steps],
+                          "mean": [statistics.fmean(d) for d in diffs],
+                          "se": [statistics.stdev(d) / math.sqrt(len(d)) for d in diffs]})
+        kl = {}
+        for arm in sorted({a for (a, _) in curves if a.endswith(f"-plus{pct}")}):
+            runs = [c for (a, _), c in curves.items() if a == arm]
+            steps = sorted(set.intersection(*(set(c) for c in runs)))
+            values = [[c[t].get("streams", {}).get("kl_mean") for c in runs] for t in steps]
+            if steps and all(v is not None for row in values for v in row):
+                kl[arm] = {"steps": steps, "kl": [statistics.fmean(row) for row in values]}
+        if gains:
+            out[pct] = {"gains": gains, "kl": kl}
+    return out
+
+
+def _plot_post_training(curves: dict, path) -> None:
+    """The paired gains along stage 2 (mean ± SE over seeds) and the streams' KL, one row per stage-2 length."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(curves), 2, figsize=(12, 4.2 * len(curves)), squeeze=False)
+    for (pct, c), (gain_ax, kl_ax) in zip(sorted(curves.items()), axes, strict=True):
+        for i, g in enumerate(c["gains"]):
+            x = [t / 1e6 for t in g["tokens"]]
+            gain_ax.errorbar(x, g["mean"], yerr=g["se"], marker=".", capsize=3, color=f"C{i}",
+                             label=f"{g['what']} (n = {g['n']})")
+        gain_ax.axhline(0, color="gray", lw=0.8)
+        gain_ax.set_xlabel("stage-2 tokens (millions)")
+        gain_ax.set_ylabel("paired gain (nats/token, 16-batch evaluation)")
+        gain_ax.set_title(f"+{pct}%: gain over the control along stage 2")
+        gain_ax.legend(fontsize=7)
+        for i, (arm, k) in enumerate(sorted(c["kl"].items())):
+            kl_ax.plot(k["steps"], k["kl"], marker=".", color=f"C{i}", label=arm)
+        kl_ax.set_xlabel("stage-2 step")
+        kl_ax.set_ylabel("KL between streams (nats, seed mean)")
+        kl_ax.set_title(f"+{pct}%: do the streams become different?")
+        kl_ax.legend(fontsize=7)
+        for ax in (gain_ax, kl_ax):
+            ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def _plot_compute(results, path) -> dict:
@@ -905,6 +976,13 @@ def _print(summary, seeds) -> None:
             ci = row.get("ci95")
             print(f"  +{row['pct']}%: {row['what']}: {row['mean']:+.4f} ± {row['se'] or 0:.4f} (n = {row['n']}"
                   + (f", 95% {ci[0]:+.4f} .. {ci[1]:+.4f}, p = {row['p']:.3g}" if ci else "") + ")")
+    for pct, c in summary["post_training_curves"].items():
+        print(f"along stage 2 (+{pct}%; paired gain at each 16-batch evaluation, mean ± SE; streams' KL):")
+        for g in c["gains"]:
+            print(f"  {g['what']}: " + ", ".join(f"step {t} {m:+.4f} ± {e:.4f}"
+                                                 for t, m, e in zip(g["steps"], g["mean"], g["se"], strict=True)))
+        for arm, k in c["kl"].items():
+            print(f"  {arm} KL: " + ", ".join(f"{v:.3f}" for v in k["kl"]))
     held = summary["heldout_by_package"]
     if held["all"]:
         print("held-out set scored per package (runs that have it; paired gain, mean ± SE): whole set / without "
