@@ -20,6 +20,9 @@ OPTIONS = {
     "wsd": dict(schedule="wsd"),
     "loss_chunk_rows": dict(loss_chunk_rows=50),
     "loss_chunk_rows+compile": dict(loss_chunk_rows=50, compile=True),
+    # the recycling experiment's setting (experiments/recycle_smollm2): compiled, layers recomputed, backbone frozen
+    "activation_checkpointing+compile": dict(activation_checkpointing=True, compile=True),
+    "activation_checkpointing+compile+frozen": dict(activation_checkpointing=True, compile=True, trainable="parscale"),
 }
 
 

@@ -42,7 +42,12 @@ SEEDS = (0, 1, 2)
 COMMON = {"model": MODEL, "steps": STEPS, "batch_size": BATCH, "seq_len": SEQ, "schedule": "cosine",
           "min_lr_ratio": 0.1, "warmup": STEPS // 10, "weight_decay": 0.1, "grad_clip": 1.0,
           "eval_every": STEPS // 10, "eval_batches": 16, "eval_at": [1.0], "stream_batches": 2, "save_every": 0,
-          "compile": True, "progress": False, "n_tokens": 48, "prefix_init": "backbone"}
+          "compile": True, "progress": False, "n_tokens": 48, "prefix_init": "backbone",
+          # Every run recomputes its layers in the backward pass: a layer keeps ~20 KiB of bf16 activations per
+          # token and stream (estimated from the tensors it saves), so P = 8 at 16 x 1,024 tokens would hold
+          # ~75 GiB for its 30 layers, and the runner puts several runs on one card. The same for every arm, so
+          # the runs' GPU-seconds compare.
+          "activation_checkpointing": True}
 STREAMS = {"p1": {"streams": 1}, "p1prefix": {"streams": 1, "p1_prefix": True}, "p2": {"streams": 2},
            "p4": {"streams": 4}, "p8": {"streams": 8}}
 ARMS = {f"frozen-{arm}": {**COMMON, **STREAMS[arm], "trainable": "parscale", "lr": 2e-3}
