@@ -1,5 +1,9 @@
 """Shared helpers for the CPU test suite."""
 
+import functools
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -28,6 +32,52 @@ def tiny_model(streams=1, family="qwen2", seed=0, **overrides):
             if "aggregate_layer" in name:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.3)
     return model
+
+
+HAS_TRITON = subprocess.run([sys.executable, "-c", "import triton"], capture_output=True).returncode == 0
+
+# A kernel whose loop runs to a bound given at launch: Triton 3.6's interpreter fails on it with numpy 2
+# ("only 0-dimensional arrays can be converted to Python scalars"), Triton 3.9's runs it.
+_INTERPRETER_PROBE = """
+import torch, triton, triton.language as tl
+@triton.jit
+def probe(x_ptr, n, BLOCK: tl.constexpr):
+    for s in range(0, n, BLOCK):
+        tl.store(x_ptr + s + tl.arange(0, BLOCK), tl.full((BLOCK,), 1.0, tl.float32))
+x = torch.zeros(8)
+probe[(1,)](x, 8, BLOCK=4)
+assert x.sum().item() == 8
+"""
+
+
+@functools.cache
+def interpreter_problem() -> str | None:
+    """Why Triton's CPU interpreter cannot run the kernels here (None: it can)."""
+    if not HAS_TRITON:
+        return "Triton is not installed (the interpreter runs the kernels on CPU)"
+    done = interpreted(_INTERPRETER_PROBE, timeout=120)
+    if done.returncode == 0:
+        return None
+    import numpy
+    import triton
+
+    return (f"Triton {triton.__version__}'s CPU interpreter fails on a loop with a launch-time bound with numpy "
+            f"{numpy.__version__}: {done.stderr.strip().splitlines()[-1][:200]}")
+
+
+def interpreted(script: str, timeout: int) -> subprocess.CompletedProcess:
+    """Run a Python script with Triton's CPU interpreter on."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    return subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def run_interpreted(script: str, timeout: int = 900) -> None:
+    """The script under the interpreter must exit cleanly; skipped where the interpreter cannot run here."""
+    problem = interpreter_problem()
+    if problem:
+        pytest.skip(problem)
+    done = interpreted(script, timeout)
+    assert done.returncode == 0, done.stderr[-3000:]
 
 
 def randomize_norms(model, seed: int = 0):

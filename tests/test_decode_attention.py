@@ -2,18 +2,14 @@
 its fallback everywhere, its kernel under Triton's CPU interpreter (where Triton is installed) and on a GPU
 (`pytest -m gpu`), alone and inside a model's decode steps."""
 
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
+from conftest import HAS_TRITON, run_interpreted
 
 from parscale.inference.decode_attention import decode_attention, kernel_available
 from parscale.model.transformer import _grouped_decode_attention
-
-HAS_TRITON = subprocess.run([sys.executable, "-c", "import triton"], capture_output=True).returncode == 0
 
 
 def _inputs(n, heads, kv, s, d, dtype=torch.float32, device="cpu", hidden_lead=0, seed=0):
@@ -123,13 +119,10 @@ INTERPRETED_STACK = textwrap.dedent("""
 """)
 
 
-@pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed (the interpreter runs the kernel on CPU)")
 @pytest.mark.parametrize("script", [INTERPRETED, INTERPRETED_MODEL, INTERPRETED_STACK],
                          ids=["kernel", "model", "every-layer-through-the-operators"])
 def test_kernel_equals_the_plain_path_under_the_interpreter(script):
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stderr[-3000:]
+    run_interpreted(script)
 
 
 def test_use_decode_attention_is_a_class_swap_that_keeps_the_state_dict():

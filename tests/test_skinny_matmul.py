@@ -1,18 +1,14 @@
 """The skinny decode matmul (inference/skinny_matmul.py) equals F.linear: its fallback everywhere, its kernel
 under Triton's CPU interpreter (where Triton is installed) and on a GPU (`pytest -m gpu`)."""
 
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import run_interpreted
 
 from parscale.inference.skinny_matmul import SkinnyConfig, default_config, kernel_available, skinny_linear
-
-HAS_TRITON = subprocess.run([sys.executable, "-c", "import triton"], capture_output=True).returncode == 0
 
 
 def test_fallback_is_f_linear_on_cpu():
@@ -99,19 +95,12 @@ INTERPRETED_MODEL = textwrap.dedent("""
 """)
 
 
-@pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed (the interpreter runs the kernel on CPU)")
 def test_kernel_equals_f_linear_under_the_interpreter():
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    done = subprocess.run([sys.executable, "-c", INTERPRETED], env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
+    run_interpreted(INTERPRETED, timeout=600)
 
 
-@pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed (the interpreter runs the kernel on CPU)")
 def test_skinny_layers_equal_the_plain_model_under_the_interpreter():
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    done = subprocess.run([sys.executable, "-c", INTERPRETED_MODEL], env=env, capture_output=True, text=True,
-                          timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
+    run_interpreted(INTERPRETED_MODEL, timeout=600)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -40,6 +40,9 @@ def test_content_none_is_left_out_as_in_transformers(tmp_path):
                 {"role": "tool", "content": "sunny"}]
     theirs = transformers.AutoTokenizer.from_pretrained(str(folder)).apply_chat_template(
         messages, tokenize=False, add_generation_prompt=True)
+    if "None[1 tool call]" in theirs:  # seen with transformers 5.17; 5.25 drops keys whose value is None
+        pytest.skip(f"transformers {transformers.__version__} renders content None literally; parscale follows "
+                    "the transformers that leaves such keys out (inference/chat.py)")
     ours = apply_chat_template(folder, messages, add_generation_prompt=True)
     assert "None" not in theirs and ours == theirs
 

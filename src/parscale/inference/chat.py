@@ -6,7 +6,7 @@ A folder's chat template is chat_template.jinja, else the `chat_template` of tok
 string, or a list of named templates of which "default" is used), else chat_template.json: transformers'
 order. It is rendered with Jinja2 in the environment transformers' `apply_chat_template` uses (sandboxed,
 trim_blocks, lstrip_blocks, loop controls, its `tojson`, `raise_exception` and `strftime_now`), with the
-messages (keys whose value is None dropped, as transformers drops them),
+messages (keys whose value is None dropped, as transformers 5.25 drops them; 5.17 rendered a literal "None"),
 `add_generation_prompt` and the tokenizer's special tokens (bos_token, eos_token, ...) as variables, so
 the same folder gives the same string. The rendered text already holds the special tokens, so it is
 encoded without adding any. A reply ends at the end-of-turn token: the tokenizer_config's eos_token
