@@ -3,9 +3,10 @@ code torch.compile traced before the swap is traced again.
 
 torch 2.11's dynamo skips the guards of a module whose `__dict__` has not changed since it was traced, and a
 class assignment (`module.__class__ = cls`) leaves `__dict__` as it was: a decode step compiled before the swap
-went on running the old class's code (a compiled engine gave the plain path's logits after
-`use_decode_attention`, on the CPU as on an H100; torch 2.13 checks the type either way). Writing the class
-into the module's `__dict__` as well makes those guards run again, and their type check then sees the new class.
+went on running the old class's code (on an H100 a compiled engine gave the plain path's logits after
+`use_decode_attention`; on the CPU, with an attention class of a test, it ran the old class's code; torch 2.13
+checks the type either way). Writing the class into the module's `__dict__` as well makes those guards run
+again, and their type check then sees the new class.
 """
 
 from __future__ import annotations

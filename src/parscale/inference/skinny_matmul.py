@@ -95,9 +95,9 @@ def set_tuned_configs(path_or_table) -> None:
 def default_config(rows: int, n: int, k: int, *, dtype: torch.dtype) -> SkinnyConfig:
     """The measured block sizes of this product if there are any, else the family an H100 measured fastest
     at 8 rows (benchmarks/README.md): the tl.dot form, 16 weight rows per program, or 64 for the widest
-    matrices. Float32 keeps the broadcast form (its tl.dot runs in IEEE fp32, no faster than the broadcast form),
-    with enough programs to cover every multiprocessor several times. `dtype` is required: the best blocks
-    differ by dtype."""
+    matrices. Float32 keeps the broadcast form (the tl.dot family was measured in 16-bit only; in fp32 its dot
+    runs in IEEE fp32, not TF32), with enough programs to cover every multiprocessor several times. `dtype` is
+    required: the measured blocks are for 16-bit weights."""
     if dtype != torch.float32:
         if (rows, n, k) in _TUNED:
             return _TUNED[(rows, n, k)]
