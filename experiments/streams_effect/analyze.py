@@ -189,6 +189,19 @@ def stage1_endpoints() -> dict[int, float]:
     return out
 
 
+def stage1_loss(run: dict) -> float | None:
+    """The last loss of the stage-1 checkpoint a stage-2 run continued (its result's `stage1` record)."""
+    return (run.get("stage1") or {}).get("val_loss_full")
+
+
+def same_checkpoint(runs: dict, arm: str, base: str, start) -> dict:
+    """The base's runs and those of the arm's runs ({(arm, seed): ...}) that continued the same stage-1
+    checkpoint as the base's run of their seed (start(key): that checkpoint's last loss): what a paired
+    comparison of post-training arms may pair."""
+    return {k: v for k, v in runs.items() if k[0] in (arm, base)
+            and (k[0] == base or (base, k[1]) in runs and start(k) == start((base, k[1])))}
+
+
 def post_training(results) -> dict:
     """Two-stage and frozen-backbone arms at their last whole-split loss: paired comparisons per stage-2 length,
     and each arm's mean ± SE over seeds with its drop below the stage-1 model's last loss on the same seeds
@@ -199,16 +212,13 @@ def post_training(results) -> dict:
             for key, r in results.items() if key[0].startswith(("ts-", "fz-")) and r.get("val_loss_full")}
 
     def start(key):   # the last loss of the stage-1 checkpoint this run continued
-        record = last[key].get("stage1")
-        return record["val_loss_full"] if record else fallback.get(key[1])
+        found = stage1_loss(last[key])
+        return found if found is not None else fallback.get(key[1])
 
     rows, arms = [], {}
     for pct in POST_TRAINING_PCTS:
         for arm, base, what in post_training_comparisons(pct):
-            # pairs only of runs that continued the same stage-1 checkpoint of their seed
-            same = {k: v for k, v in last.items() if k[0] in (arm, base)
-                    and (k[0] == base or (base, k[1]) in last and start(k) == start((base, k[1])))}
-            g = paired_t(same, arm, base)
+            g = paired_t(same_checkpoint(last, arm, base, start), arm, base)
             if g is not None:
                 rows.append({"pct": pct, "arm": arm, "base": base, "what": what, **g})
     for (arm, s), r in last.items():
@@ -232,16 +242,12 @@ def heldout_comparisons(results) -> dict:
     have them (runs.py --heldout-corpus): the whole held-out set, the same without the files that have a
     training twin, and each package apart. Paired by seed, as the endpoints are (post-training runs only with
     runs that continued the same stage-1 checkpoint); empty until such runs exist."""
-    def stage1(r):
-        return (r.get("stage1") or {}).get("val_loss_full")
-
     def measure(get) -> dict:
-        return {(a, s): {"endpoint": v, "stage1": stage1(r)} for (a, s), r in results.items()
+        return {(a, s): {"endpoint": v} for (a, s), r in results.items()
                 if r.get("heldout_by_package") and (v := get(r["heldout_by_package"])) is not None}
 
     def same_start(scored, arm, base) -> dict:
-        return {k: v for k, v in scored.items() if k[0] in (arm, base)
-                and (k[0] == base or (base, k[1]) in scored and v["stage1"] == scored[(base, k[1])]["stage1"])}
+        return same_checkpoint(scored, arm, base, lambda key: stage1_loss(results[key]))
 
     comparisons = list(MATCHED_COMPARISONS) + [row for pct in POST_TRAINING_PCTS
                                                for row in post_training_comparisons(pct)]
@@ -677,14 +683,12 @@ def post_training_curves(results) -> dict:
     curves = {key: {e["step"]: e for e in r["eval_curve"]} for key, r in results.items()
               if key[0].startswith(("ts-", "fz-")) and r.get("eval_curve")}
 
-    def start(key):
-        return (results[key].get("stage1") or {}).get("val_loss_full")
-
     out = {}
     for pct in POST_TRAINING_PCTS:
         gains = []
         for arm, base, what in post_training_comparisons(pct):
-            seeds = [s for (a, s) in curves if a == arm and (base, s) in curves and start((arm, s)) == start((base, s))]
+            paired = same_checkpoint(curves, arm, base, lambda key: stage1_loss(results[key]))
+            seeds = [s for (a, s) in paired if a == arm]
             if len(seeds) < 2:
                 continue
             steps = sorted(set.intersection(*(set(curves[(arm, s)]) & set(curves[(base, s)]) for s in seeds)))
