@@ -101,7 +101,8 @@ def time_attention(cfg: ModelConfig, rows: int, slots: int, reps: int) -> dict:
     """One layer's decode attention (`rows` queries, each against `slots` cached keys, of which the first 113 are
     seen), timed over a copy of the cache per layer (more bytes than the L2 cache holds): the plain path's grouped
     attention (its kernels in one graph) against inference/decode_attention.py's kernel at each split of a KV
-    head's query group over programs. µs per layer and the kernel's largest relative error."""
+    head's query group over programs (heads{per}), each unsplit and split over the slots in shares (_split{n}:
+    flash-decoding, the second kernel included). µs per layer and the kernel's largest relative error."""
     from parscale.inference.decode_attention import launch
     from parscale.model.transformer import _grouped_decode_attention
 
@@ -122,13 +123,17 @@ def time_attention(cfg: ModelConfig, rows: int, slots: int, reps: int) -> dict:
         * 1e3 / layers
     want = _grouped_decode_attention(q.float(), caches[0][0].float(), caches[0][1].float(), blocked)
     for per in (0, 1, 2, 4):
-        try:
-            got = launch(q, caches[0][0], caches[0][1], blocked, heads_per_program=per).float()
-            ms = time_graph(each_layer(lambda k, v, per=per: launch(q, k, v, blocked, heads_per_program=per)), reps)
-            out[f"kernel_heads{per}_us"] = ms * 1e3 / layers
-            out[f"kernel_heads{per}_rel_err"] = ((got - want).norm() / want.norm()).item()
-        except Exception as exc:  # a split Triton cannot build
-            out[f"kernel_heads{per}_error"] = f"{type(exc).__name__}: {exc}"[:200]
+        for splits in (1, 2, 4, 8):
+            name = f"kernel_heads{per}" + (f"_split{splits}" if splits > 1 else "")
+            try:
+                got = launch(q, caches[0][0], caches[0][1], blocked, heads_per_program=per,
+                             slot_splits=splits).float()
+                ms = time_graph(each_layer(lambda k, v, per=per, splits=splits: launch(
+                    q, k, v, blocked, heads_per_program=per, slot_splits=splits)), reps)
+                out[f"{name}_us"] = ms * 1e3 / layers
+                out[f"{name}_rel_err"] = ((got - want).norm() / want.norm()).item()
+            except Exception as exc:  # a split Triton cannot build
+                out[f"{name}_error"] = f"{type(exc).__name__}: {exc}"[:200]
     return out
 
 

@@ -40,8 +40,12 @@ INTERPRETED = textwrap.dedent("""
                                      (8, 16, 2, 70, 96, 0)):
         q, k, v, blocked = _inputs(n, heads, kv, s, d, hidden_lead=lead, seed=s)
         want = _grouped_decode_attention(q.double(), k.double(), v.double(), blocked)
-        for block_s, per in ((16, None), (32, None), (16, 1), (16, 2)):  # per: query heads per program
-            out = launch(q, k, v, blocked, block_s=block_s, heads_per_program=per)
+        # per: query heads per program; splits: shares of the slots (more shares than tiles included: 4 at 5
+        # slots gives one share, 3 at 37 / 16-slot tiles gives 3 shares of 16, 16, 5; at lead 33 of 50 with 4
+        # shares of 16 the first two see only hidden slots and must weigh nothing)
+        for block_s, per, splits in ((16, None, 1), (32, None, 1), (16, 1, 1), (16, 2, 1), (16, None, 3),
+                                     (16, 1, 4), (32, 2, 2), (16, None, 64)):
+            out = launch(q, k, v, blocked, block_s=block_s, heads_per_program=per, slot_splits=splits)
             assert out.shape == want.shape and out.dtype == torch.float32
             worst = max(worst, ((out.double() - want).norm() / want.norm()).item())
         one_mask = blocked[:1]  # one mask row for every row
@@ -71,8 +75,9 @@ INTERPRETED_MODEL = textwrap.dedent("""
         cache = engine_for(model).cache
         return logits, [c.clone() for c in (*cache.k, *cache.v)]
 
-    for family in ("qwen2", "llama"):
+    for family, splits in (("qwen2", 1), ("llama", 1), ("llama", 3)):
         da.HEADS_PER_PROGRAM = 1 if family == "llama" else 0  # one query head per program, or the whole group
+        da.SLOT_SPLITS = splits  # 3: every step's slots in shares, combined by the second kernel
         for fold_rope in (False, True):
             model = tiny_model(streams=3, family=family)
             ids = torch.randint(0, model.config.vocab_size, (2, 7))
@@ -86,7 +91,7 @@ INTERPRETED_MODEL = textwrap.dedent("""
             assert torch.equal(kernel[0], plain[0])  # the prefill is the plain path
             err = ((kernel - plain).norm() / plain.norm()).item()
             cache_err = max(((a - b).norm() / b.norm()).item() for a, b in zip(cache, plain_cache))
-            print(family, fold_rope, f"decode logits rel err {err:.2e}, cache {cache_err:.2e}")
+            print(family, splits, fold_rope, f"decode logits rel err {err:.2e}, cache {cache_err:.2e}")
             assert 0 < err < 1e-5, err  # 0 would mean the kernel did not run
             assert cache_err < 1e-6, cache_err  # fold_rope writes the keys and values the plain path writes
             assert len(rope_calls) == (model.config.num_hidden_layers * len(fed) if fold_rope else 0)

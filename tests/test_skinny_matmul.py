@@ -224,8 +224,10 @@ def test_kernel_equals_f_linear_on_gpu(dtype, rows):
         for cfg in configs:
             y = skinny_linear(x, w, b, cfg)
             err = ((y.double() - ref).norm() / ref.norm()).item()
-            # no worse than torch's own matmul in the same dtype (up to one rounding of the output)
-            assert err <= max(2 * torch_err, 1e-6 if dtype == torch.float32 else 4e-3), (cfg, err, torch_err)
+            # no worse than torch's own matmul in the same dtype (up to one rounding of the output); in fp32 the
+            # kernel sums in another order than cuBLAS (1.2e-6 measured on an H100 for the 16 x 256 dot form,
+            # cuBLAS 1.1e-7), while a dot that ran in TF32 is off by ~5e-4: the floor sits between the two
+            assert err <= max(2 * torch_err, 1e-5 if dtype == torch.float32 else 4e-3), (cfg, err, torch_err)
 
 
 def test_use_skinny_matmul_keeps_parameters_and_state_dict():

@@ -171,9 +171,9 @@ def post_training_comparisons(pct: int) -> list[tuple[str, str, str]]:
         rows += [("fz-p8-bbinit-plus5", "fz-p8-plus5", "frozen backbone: backbone-initialised prefixes over random "
                   "(P = 8)"),
                  ("fz-p1prefix-bbinit-plus5", "fz-p1prefix-plus5", "frozen backbone: backbone-initialised prefix "
-                  "control over random"),
-                 ("fz-p8-bbinit-plus5", "fz-p1prefix-bbinit-plus5", "frozen backbone: P = 8 over the prefix control, "
-                  "both backbone-initialised")]
+                  "control over random")]
+    rows += [(f"fz-p8-bbinit-plus{pct}", f"fz-p1prefix-bbinit-plus{pct}", "frozen backbone: P = 8 over the prefix "
+              "control, both backbone-initialised")]
     return rows
 
 

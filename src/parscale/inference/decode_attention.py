@@ -4,7 +4,11 @@ A decode step's attention in the plain path (model/transformer.py, `_grouped_dec
 matmuls, a masked softmax and the copies around them, for every layer. This kernel does the whole of it in
 one launch: one program per (row, KV head) holds that KV head's query heads (grouped-query attention: the
 query heads h with h // (heads / kv_heads) equal to it) and streams the row's keys and values once, in
-`block_s` slots at a time, with an online softmax in fp32 (flash-decoding without the split).
+`block_s` slots at a time, with an online softmax in fp32. With `slot_splits` > 1 (flash-decoding) each
+(row, KV head) is also split over the slots: every program streams one contiguous share of them into a partial
+softmax (its max, sum and weighted values, fp32), and a second small kernel combines the shares per query head.
+At batch 1 a step has few (row, KV head) pairs (P = 8 at 2 KV heads: 16), too few programs to keep a GPU busy
+on their own; the split multiplies them at the price of one more launch.
 
     out = decode_attention(q, k, v, blocked)   # q [n, heads, 1, d], k/v [n, kv, S, d], blocked [n|1, 1, 1, S]
     use_decode_attention(model)                # every layer's decode attention through it, from outside
@@ -44,6 +48,8 @@ BLOCK_S = int(os.environ.get("PARSCALE_DECODE_ATTENTION_BLOCK_S", "16"))
 # Query heads per program (0: the whole group of a KV head). Fewer give more programs, each streaming the same
 # keys and values again (from L2 after the first): which is faster at a shape is for a benchmark to say.
 HEADS_PER_PROGRAM = int(os.environ.get("PARSCALE_DECODE_ATTENTION_HEADS", "0"))
+# Shares of the slots per (row, KV head) (1: no split, one kernel). Not yet measured on a GPU, hence off.
+SLOT_SPLITS = int(os.environ.get("PARSCALE_DECODE_ATTENTION_SPLITS", "1"))
 
 
 def _head_split(group: int, heads_per_program: int | None) -> tuple[int, int, int]:
@@ -51,6 +57,20 @@ def _head_split(group: int, heads_per_program: int | None) -> tuple[int, int, in
     wanted = HEADS_PER_PROGRAM if heads_per_program is None else heads_per_program
     per = group if wanted <= 0 else min(wanted, group)
     return per, -(-group // per), max(1, triton.next_power_of_2(per))
+
+
+def _slot_shares(slots: int, splits: int | None, block_s: int) -> tuple[int, int]:
+    """(shares, slots per share, a multiple of block_s) for `slots` split `splits` ways (None: SLOT_SPLITS)."""
+    wanted = max(1, SLOT_SPLITS if splits is None else splits)
+    per = -(-slots // wanted)
+    per = max(block_s, -(-per // block_s) * block_s)
+    return -(-slots // per), per
+
+
+def _partials(n: int, heads: int, shares: int, d: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Scratch for a split's partial softmax: max and sum [n, heads, shares], weighted values [.., d] (fp32)."""
+    m = torch.empty(n, heads, shares, device=device, dtype=torch.float32)
+    return m, torch.empty_like(m), torch.empty(n, heads, shares, d, device=device, dtype=torch.float32)
 
 
 def kernel_available(q: torch.Tensor, k: torch.Tensor) -> bool:
@@ -73,8 +93,8 @@ def _call_kernel(q, k, v, blocked):
     return torch.ops.parscale.decode_attention(q, k, v, blocked)
 
 
-def launch(q, k, v, blocked, block_s: int = BLOCK_S, _kernel=None,
-           heads_per_program: int | None = None) -> torch.Tensor:
+def launch(q, k, v, blocked, block_s: int = BLOCK_S, _kernel=None, heads_per_program: int | None = None,
+           slot_splits: int | None = None, _combine=None) -> torch.Tensor:
     """Run the kernel (any device Triton runs on, the CPU interpreter included); no fallback."""
     if triton is None:
         raise RuntimeError("the decode attention kernel needs Triton (pip install triton)")
@@ -92,14 +112,27 @@ def launch(q, k, v, blocked, block_s: int = BLOCK_S, _kernel=None,
     out = torch.empty(n, heads, 1, d, device=q.device, dtype=q.dtype)
     group = heads // kv
     per, splits, block_g = _head_split(group, heads_per_program)
-    (_kernel or _decode_attention_kernel)[(n, kv, splits)](
-        q, k, v, mask, out, s, d, group, per, d**-0.5,
+    shares, share_len = _slot_shares(s, slot_splits, block_s)
+    m_part, l_part, acc_part = _partials(n, heads, shares, d, q.device)
+    (_kernel or _decode_attention_kernel)[(n, kv, splits * shares)](
+        q, k, v, mask, out, m_part, l_part, acc_part, s, d, group, per, share_len, d**-0.5,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         mask.stride(0) if mask.shape[0] > 1 else 0, out.stride(0), out.stride(1),
-        BLOCK_G=block_g, BLOCK_D=triton.next_power_of_2(d), BLOCK_S=block_s,
+        BLOCK_G=block_g, BLOCK_D=triton.next_power_of_2(d), BLOCK_S=block_s, SHARES=shares,
         **_pdl_options(q.device),
     )
+    if shares > 1:
+        _combine_shares(out.view(n, heads, d), m_part, l_part, acc_part, _combine)
     return out
+
+
+def _combine_shares(out, m_part, l_part, acc_part, _combine=None):
+    """out [n, heads, d] (any strides in n, heads) = the partial softmaxes of every share put together."""
+    n, heads, shares, d = acc_part.shape
+    (_combine or _combine_shares_kernel)[(n, heads)](
+        m_part, l_part, acc_part, out, shares, d, out.stride(0), out.stride(1),
+        BLOCK_P=triton.next_power_of_2(shares), BLOCK_D=triton.next_power_of_2(d), **_pdl_options(out.device),
+    )
 
 
 def rope_kernel_available(attn: Attention, q: torch.Tensor, cache) -> bool:
@@ -124,7 +157,8 @@ def _call_rope_kernel(q, k, v, cos, sin, k_cache, v_cache, pos, prefix_len, read
 
 
 def launch_rope(q, k, v, cos, sin, k_cache, v_cache, pos, prefix_len: int, read_end: int, blocked, n_heads: int,
-                block_s: int = BLOCK_S, _kernel=None, heads_per_program: int | None = None) -> torch.Tensor:
+                block_s: int = BLOCK_S, _kernel=None, heads_per_program: int | None = None,
+                slot_splits: int | None = None, _combine=None) -> torch.Tensor:
     """Run the fold_rope kernel (any device Triton runs on, the interpreter included); no fallback."""
     if triton is None:
         raise RuntimeError("the decode attention kernel needs Triton (pip install triton)")
@@ -141,14 +175,19 @@ def launch_rope(q, k, v, cos, sin, k_cache, v_cache, pos, prefix_len: int, read_
     out = torch.empty(n, 1, n_heads * d, device=q.device, dtype=q.dtype)
     group = n_heads // kv
     per, splits, block_g = _head_split(group, heads_per_program)
-    (_kernel or _decode_attention_rope_kernel)[(n, kv, splits)](
-        q, k, v, cos, sin, k_cache, v_cache, pos, mask, out, prefix_len, read_end, d, group, per, d**-0.5,
+    shares, share_len = _slot_shares(read_end, slot_splits, block_s)
+    m_part, l_part, acc_part = _partials(n, n_heads, shares, d, q.device)
+    (_kernel or _decode_attention_rope_kernel)[(n, kv, splits * shares)](
+        q, k, v, cos, sin, k_cache, v_cache, pos, mask, out, m_part, l_part, acc_part, prefix_len, read_end, d,
+        group, per, share_len, d**-0.5,
         q.stride(0), k.stride(0), v.stride(0), cos.stride(0), sin.stride(0),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
         v_cache.stride(2), mask.stride(0) if mask.shape[0] > 1 else 0, out.stride(0),
-        BLOCK_G=block_g, BLOCK_D=triton.next_power_of_2(d), BLOCK_S=block_s,
+        BLOCK_G=block_g, BLOCK_D=triton.next_power_of_2(d), BLOCK_S=block_s, SHARES=shares,
         **_pdl_options(q.device),
     )
+    if shares > 1:
+        _combine_shares(out.view(n, n_heads, d), m_part, l_part, acc_part, _combine)
     return out
 
 
@@ -210,27 +249,67 @@ if triton is not None:
         return new_best, total * rescale + tl.sum(p, axis=1), acc
 
     @triton.jit
-    def _program_heads(GROUP, PER, D, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr):
-        """This program's row, KV head and query heads, with their masks. With PDL it first lets the next kernel
-        launch and waits for the previous one: everything these kernels read was written by kernels before."""
+    def _program_heads(GROUP, PER, D, SHARES: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
+                       PDL: tl.constexpr):
+        """This program's row, KV head, query heads (with their masks) and share of the slots. With PDL it first
+        lets the next kernel launch and waits for the previous one: everything these kernels read was written by
+        kernels before."""
         if PDL:
             gdc_launch_dependents()
             gdc_wait()
         row = tl.program_id(0)
         kv_head = tl.program_id(1)
-        first = tl.program_id(2) * PER  # this program's first query head within the group
+        first = (tl.program_id(2) // SHARES) * PER  # this program's first query head within the group
+        share = tl.program_id(2) % SHARES
         offs_g = tl.arange(0, BLOCK_G)
         offs_d = tl.arange(0, BLOCK_D)
         g_ok = (offs_g < PER) & (first + offs_g < GROUP)
-        return row, kv_head, first, kv_head * GROUP + first + offs_g, g_ok, offs_d, offs_d < D
+        return row, kv_head, first, kv_head * GROUP + first + offs_g, g_ok, offs_d, offs_d < D, share
 
     @triton.jit
-    def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, m_ptr, o_ptr, S, D, GROUP, PER, scale,
-                                 stride_qn, stride_qh, stride_kn, stride_kh, stride_ks,
+    def _finish(out_ptrs, m_ptr, l_ptr, acc_ptr, row, heads, share, best, total, acc, n_heads, D, offs_d, g_ok,
+                d_ok, SHARES: tl.constexpr):
+        """Unsplit: the output. Split: this share's partial softmax (max, sum, weighted values) for the combine."""
+        mask = g_ok[:, None] & d_ok[None, :]
+        if SHARES == 1:
+            tl.store(out_ptrs, (acc / total[:, None]).to(out_ptrs.dtype.element_ty), mask=mask)
+        else:
+            at = (row * n_heads + heads) * SHARES + share  # [G]
+            tl.store(m_ptr + at, best, mask=g_ok)
+            tl.store(l_ptr + at, total, mask=g_ok)
+            tl.store(acc_ptr + at[:, None] * D + offs_d[None, :], acc, mask=mask)
+
+    @triton.jit
+    def _combine_shares_kernel(m_ptr, l_ptr, acc_ptr, o_ptr, SHARES, D, stride_on, stride_oh,
+                               BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr):
+        """One query head of one row: its shares' partial softmaxes rescaled to their common max and summed."""
+        if PDL:
+            gdc_launch_dependents()
+            gdc_wait()
+        row = tl.program_id(0)
+        head = tl.program_id(1)
+        offs_p = tl.arange(0, BLOCK_P)
+        offs_d = tl.arange(0, BLOCK_D)
+        p_ok = offs_p < SHARES
+        at = (row * tl.num_programs(1) + head) * SHARES + offs_p
+        best = tl.load(m_ptr + at, mask=p_ok, other=float("-inf"))
+        total = tl.load(l_ptr + at, mask=p_ok, other=0.0)
+        acc = tl.load(acc_ptr + at[:, None] * D + offs_d[None, :], mask=p_ok[:, None] & (offs_d < D)[None, :],
+                      other=0.0)
+        top = tl.max(best, axis=0)
+        weight = tl.exp(best - tl.where(top == float("-inf"), 0.0, top))  # a share that saw nothing weighs 0
+        out = tl.sum(weight[:, None] * acc, axis=0) / tl.sum(weight * total, axis=0)
+        tl.store(o_ptr + row * stride_on + head * stride_oh + offs_d, out.to(o_ptr.dtype.element_ty),
+                 mask=offs_d < D)
+
+    @triton.jit
+    def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, m_ptr, o_ptr, mp_ptr, lp_ptr, accp_ptr, S, D, GROUP, PER,
+                                 SHARE_LEN, scale, stride_qn, stride_qh, stride_kn, stride_kh, stride_ks,
                                  stride_vn, stride_vh, stride_vs, stride_mn, stride_on, stride_oh,
                                  BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
-                                 PDL: tl.constexpr):
-        row, kv_head, first, heads, g_ok, offs_d, d_ok = _program_heads(GROUP, PER, D, BLOCK_G, BLOCK_D, PDL)
+                                 SHARES: tl.constexpr, PDL: tl.constexpr):
+        row, kv_head, first, heads, g_ok, offs_d, d_ok, share = _program_heads(GROUP, PER, D, SHARES, BLOCK_G,
+                                                                               BLOCK_D, PDL)
         q = tl.load(q_ptr + row * stride_qn + heads[:, None] * stride_qh + offs_d[None, :],
                     mask=g_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
         best = tl.full((BLOCK_G,), float("-inf"), dtype=tl.float32)
@@ -238,22 +317,25 @@ if triton is not None:
         acc = tl.zeros((BLOCK_G, BLOCK_D), dtype=tl.float32)
         k_base = k_ptr + row * stride_kn + kv_head * stride_kh
         v_base = v_ptr + row * stride_vn + kv_head * stride_vh
-        for s0 in range(0, S, BLOCK_S):
+        start = share * SHARE_LEN
+        end = tl.minimum(S, start + SHARE_LEN)
+        for s0 in range(start, end, BLOCK_S):
             offs_s = s0 + tl.arange(0, BLOCK_S)
-            s_ok = offs_s < S
+            s_ok = offs_s < end
             kv_mask = s_ok[:, None] & d_ok[None, :]
             k = tl.load(k_base + offs_s[:, None] * stride_ks + offs_d[None, :], mask=kv_mask, other=0.0)
             v = tl.load(v_base + offs_s[:, None] * stride_vs + offs_d[None, :], mask=kv_mask, other=0.0)
             hidden = tl.load(m_ptr + row * stride_mn + offs_s, mask=s_ok, other=0) != 0
             best, total, acc = _softmax_tile(q, k, v, s_ok & ~hidden, best, total, acc, scale)
-        out = acc / total[:, None]
-        tl.store(o_ptr + row * stride_on + heads[:, None] * stride_oh + offs_d[None, :],
-                 out.to(o_ptr.dtype.element_ty), mask=g_ok[:, None] & d_ok[None, :])
+        _finish(o_ptr + row * stride_on + heads[:, None] * stride_oh + offs_d[None, :], mp_ptr, lp_ptr, accp_ptr,
+                row, heads, share, best, total, acc, GROUP * tl.num_programs(1), D, offs_d,
+                g_ok, d_ok, SHARES)
 
     @torch.library.triton_op("parscale::decode_attention", mutates_args=())
     def _decode_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                              blocked: torch.Tensor) -> torch.Tensor:
-        return launch(q, k, v, blocked, _kernel=torch.library.wrap_triton(_decode_attention_kernel))
+        return launch(q, k, v, blocked, _kernel=torch.library.wrap_triton(_decode_attention_kernel),
+                      _combine=torch.library.wrap_triton(_combine_shares_kernel))
 
     @triton.jit
     def _round(x, dtype: tl.constexpr):
@@ -269,11 +351,13 @@ if triton is not None:
 
     @triton.jit
     def _decode_attention_rope_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, kc_ptr, vc_ptr, pos_ptr, m_ptr, o_ptr,
-                                      PREFIX, S, D, GROUP, PER, scale, stride_qn, stride_kn, stride_vn, stride_cn,
-                                      stride_sn, stride_kcn, stride_kch, stride_kcs, stride_vcn, stride_vch,
-                                      stride_vcs, stride_mn, stride_on, BLOCK_G: tl.constexpr,
-                                      BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, PDL: tl.constexpr):
-        row, kv_head, first, heads, g_ok, offs_d, d_ok = _program_heads(GROUP, PER, D, BLOCK_G, BLOCK_D, PDL)
+                                      mp_ptr, lp_ptr, accp_ptr, PREFIX, S, D, GROUP, PER, SHARE_LEN, scale,
+                                      stride_qn, stride_kn, stride_vn, stride_cn, stride_sn, stride_kcn,
+                                      stride_kch, stride_kcs, stride_vcn, stride_vch, stride_vcs, stride_mn,
+                                      stride_on, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
+                                      BLOCK_S: tl.constexpr, SHARES: tl.constexpr, PDL: tl.constexpr):
+        row, kv_head, first, heads, g_ok, offs_d, d_ok, share = _program_heads(GROUP, PER, D, SHARES, BLOCK_G,
+                                                                               BLOCK_D, PDL)
         dtype = q_ptr.dtype.element_ty
         half = D // 2
         swap_d = tl.where(offs_d < half, offs_d + half, offs_d - half)
@@ -286,28 +370,33 @@ if triton is not None:
         k_new = _round(_round(k_raw * cos, dtype) + _round(k_swapped * sin, dtype), dtype)
         v_new = tl.load(v_ptr + row * stride_vn + kv_head * D + offs_d, mask=d_ok, other=0.0).to(tl.float32)
         slot = PREFIX + tl.load(pos_ptr)
-        writes = d_ok & (offs_d * 0 + first == 0)  # one program of a KV head writes its new key and value
+        # one program of a KV head writes its new key and value (no other reads that slot from the cache)
+        writes = d_ok & (offs_d * 0 + first == 0) & (offs_d * 0 + share == 0)
         tl.store(kc_ptr + row * stride_kcn + kv_head * stride_kch + slot * stride_kcs + offs_d, k_new.to(dtype),
                  mask=writes)
         tl.store(vc_ptr + row * stride_vcn + kv_head * stride_vch + slot * stride_vcs + offs_d, v_new.to(dtype),
                  mask=writes)
-        # The new key from registers first (always seen), then every other slot from the cache.
-        best = (tl.sum(q * k_new[None, :], axis=1) * scale).to(tl.float32)  # [G]
-        total = tl.full((BLOCK_G,), 1.0, dtype=tl.float32)
-        acc = tl.zeros((BLOCK_G, BLOCK_D), dtype=tl.float32) + v_new[None, :]
+        # The new key from registers first (always seen; by the first share only), then every other slot from
+        # the cache.
+        first_share = share == 0
+        best = tl.where(first_share, (tl.sum(q * k_new[None, :], axis=1) * scale).to(tl.float32), float("-inf"))
+        total = tl.full((BLOCK_G,), 1.0, dtype=tl.float32) * first_share.to(tl.float32)
+        acc = tl.zeros((BLOCK_G, BLOCK_D), dtype=tl.float32) + v_new[None, :] * first_share.to(tl.float32)
         kc_base = kc_ptr + row * stride_kcn + kv_head * stride_kch
         vc_base = vc_ptr + row * stride_vcn + kv_head * stride_vch
-        for s0 in range(0, S, BLOCK_S):
+        start = share * SHARE_LEN
+        end = tl.minimum(S, start + SHARE_LEN)
+        for s0 in range(start, end, BLOCK_S):
             offs_s = s0 + tl.arange(0, BLOCK_S)
-            s_ok = (offs_s < S) & (offs_s != slot)
+            s_ok = (offs_s < end) & (offs_s != slot)
             kv_mask = s_ok[:, None] & d_ok[None, :]
             k = tl.load(kc_base + offs_s[:, None] * stride_kcs + offs_d[None, :], mask=kv_mask, other=0.0)
             v = tl.load(vc_base + offs_s[:, None] * stride_vcs + offs_d[None, :], mask=kv_mask, other=0.0)
-            hidden = tl.load(m_ptr + row * stride_mn + offs_s, mask=offs_s < S, other=0) != 0
+            hidden = tl.load(m_ptr + row * stride_mn + offs_s, mask=offs_s < end, other=0) != 0
             best, total, acc = _softmax_tile(q, k, v, s_ok & ~hidden, best, total, acc, scale)
-        out = acc / total[:, None]
-        tl.store(o_ptr + row * stride_on + heads[:, None] * D + offs_d[None, :], out.to(dtype),
-                 mask=g_ok[:, None] & d_ok[None, :])
+        _finish(o_ptr + row * stride_on + heads[:, None] * D + offs_d[None, :], mp_ptr, lp_ptr, accp_ptr, row,
+                heads, share, best, total, acc, GROUP * tl.num_programs(1), D, offs_d,
+                g_ok, d_ok, SHARES)
 
     @torch.library.triton_op("parscale::decode_attention_rope", mutates_args=("k_cache", "v_cache"))
     def _decode_attention_rope_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
@@ -315,4 +404,5 @@ if triton is not None:
                                   prefix_len: int, read_end: int, blocked: torch.Tensor,
                                   n_heads: int) -> torch.Tensor:
         return launch_rope(q, k, v, cos, sin, k_cache, v_cache, pos, prefix_len, read_end, blocked, n_heads,
-                           _kernel=torch.library.wrap_triton(_decode_attention_rope_kernel))
+                           _kernel=torch.library.wrap_triton(_decode_attention_rope_kernel),
+                           _combine=torch.library.wrap_triton(_combine_shares_kernel))
