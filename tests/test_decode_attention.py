@@ -118,9 +118,11 @@ INTERPRETED_STACK = textwrap.dedent("""
     plain = decode_step_logits(model, ids, mask, fed)
     da.use_decode_attention(model, fold_rope=True)
     sm.use_skinny_matmul(model, fuse_layers=True)
-    err = ((decode_step_logits(model, ids, mask, fed) - plain).norm() / plain.norm()).item()
-    print(f"decode logits rel err {err:.2e}")
-    assert 0 < err < 1e-5, err
+    for splits in (1, 2):  # 2: the attention operator runs its two kernels (shares, then their combination)
+        da.SLOT_SPLITS = splits
+        err = ((decode_step_logits(model, ids, mask, fed) - plain).norm() / plain.norm()).item()
+        print(f"slot splits {splits}: decode logits rel err {err:.2e}")
+        assert 0 < err < 1e-5, err
 """)
 
 
@@ -150,9 +152,14 @@ def test_use_decode_attention_is_a_class_swap_that_keeps_the_state_dict():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("splits", [1, 4])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-def test_kernel_on_gpu(dtype):
-    """No further from the exact result than the plain path in the same dtype."""
+def test_kernel_on_gpu(dtype, splits, monkeypatch):
+    """No further from the exact result than the plain path in the same dtype, unsplit and in shares of the
+    slots (a share of only hidden slots included: 300 hidden of 1,100 in 4 shares)."""
+    from parscale.inference import decode_attention as da
+
+    monkeypatch.setattr(da, "SLOT_SPLITS", splits)
     for n, heads, kv, s, d, lead in ((8, 16, 2, 176, 96, 0), (16, 16, 2, 1100, 96, 300), (4, 9, 3, 60, 64, 10)):
         q, k, v, blocked = _inputs(n, heads, kv, s, d, dtype=dtype, device="cuda", hidden_lead=lead)
         exact = _grouped_decode_attention(q.double(), k.double(), v.double(), blocked)
@@ -165,13 +172,17 @@ def test_kernel_on_gpu(dtype):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("compile", [False, True])
 @pytest.mark.parametrize("fold_rope", [False, True])
-def test_engine_with_the_kernel_matches_the_plain_path(compile, fold_rope):
+@pytest.mark.parametrize("splits", [1, 3])
+def test_engine_with_the_kernel_matches_the_plain_path(compile, fold_rope, splits, monkeypatch):
     """fp32: each decode step's logits within summation-order error of the plain path's and the same greedy
-    tokens, before and after the prefixes change in place."""
+    tokens, before and after the prefixes change in place; unsplit and in shares of the slots (two kernels)."""
     from conftest import decode_step_logits, tiny_model
 
     import parscale
+    from parscale.inference import decode_attention as da
     from parscale.inference.decode_attention import use_decode_attention
+
+    monkeypatch.setattr(da, "SLOT_SPLITS", splits)
 
     torch.manual_seed(0)
     model = tiny_model(streams=4).cuda()

@@ -48,7 +48,8 @@ BLOCK_S = int(os.environ.get("PARSCALE_DECODE_ATTENTION_BLOCK_S", "16"))
 # Query heads per program (0: the whole group of a KV head). Fewer give more programs, each streaming the same
 # keys and values again (from L2 after the first): which is faster at a shape is for a benchmark to say.
 HEADS_PER_PROGRAM = int(os.environ.get("PARSCALE_DECODE_ATTENTION_HEADS", "0"))
-# Shares of the slots per (row, KV head) (1: no split, one kernel). Not yet measured on a GPU, hence off.
+# Shares of the slots per (row, KV head) (1: no split, one kernel). Not yet measured on a GPU, hence off. Read
+# at each launch: a captured graph or compiled step keeps the split it was made with.
 SLOT_SPLITS = int(os.environ.get("PARSCALE_DECODE_ATTENTION_SPLITS", "1"))
 
 
