@@ -107,7 +107,64 @@ def test_a_token_shard_is_read_in_the_dtype_its_manifest_names(checkpoint, tmp_p
     assert "manifest.json says its shards are uint32" in capsys.readouterr().err
 
 
+@pytest.fixture(scope="module")
+def adapter_and_whole(tmp_path_factory):
+    """A P = 1 backbone folder, a P = 2 adapter made on it (random prefixes, untrained) and the same P = 2 model
+    saved whole: what is scored through the adapter must score as the whole model."""
+    from parscale.model.convert import add_streams
+    from parscale.training.adapter import save_adapter
+
+    root = tmp_path_factory.mktemp("adapter")
+    byte_tokenizer().save(str(root / "tokenizer.json"))
+    base = tiny_model(streams=1)
+    parscale.save(base, root / "base", tokenizer_from=root)
+    adapted = add_streams(base, 2, n_tokens=4)
+    save_adapter(adapted, root / "adapter")
+    parscale.save(adapted, root / "whole", tokenizer_from=root)
+    return root
+
+
+def test_eval_with_an_adapter_scores_as_the_model_saved_whole(adapter_and_whole, tmp_path, capsys):
+    root = adapter_and_whole
+    (tmp_path / "a.txt").write_text("def f(x):\n    return x * 2\n" * 4)
+    scores = {}
+    for name, extra in (("adapter", ["--model", str(root / "base"), "--adapter", str(root / "adapter")]),
+                        ("whole", ["--model", str(root / "whole")]), ("base", ["--model", str(root / "base")])):
+        assert main(["eval", *extra, "--data", str(tmp_path / "a.txt"), "--out", str(tmp_path / f"{name}.json")]) == 0
+        scores[name] = json.loads((tmp_path / f"{name}.json").read_text())
+    assert scores["adapter"]["loss"] == pytest.approx(scores["whole"]["loss"], rel=1e-6)
+    assert abs(scores["adapter"]["loss"] - scores["base"]["loss"]) > 1e-3  # the adapter was put on
+    assert scores["adapter"]["adapter"] == str(root / "adapter") and "adapter" not in scores["whole"]
+    # an adapter on a model it was not trained on is one error naming it
+    assert main(["eval", "--model", str(root / "whole"), "--adapter", str(root / "adapter"), "--data",
+                 str(tmp_path / "a.txt")]) == 2
+    assert "adapters go on a P = 1 backbone" in capsys.readouterr().err
+
+
 lm_eval = pytest.importorskip("lm_eval")
+
+
+def test_lm_eval_model_with_an_adapter_scores_as_the_model_saved_whole(adapter_and_whole):
+    from lm_eval.api.instance import Instance
+
+    from parscale.analysis.lm_eval_model import ParScaleLM
+
+    root = adapter_and_whole
+    requests = [Instance("loglikelihood", {}, ("def f(x):", "\n    return x"), 0),
+                Instance("loglikelihood", {}, ("", "import os"), 1),
+                Instance("loglikelihood_rolling", {}, ("print(1)\n" * 30,), 2)]
+    through = ParScaleLM(pretrained=str(root / "base"), adapter=str(root / "adapter"), batch_size=2)
+    whole = ParScaleLM(pretrained=str(root / "whole"), batch_size=2)
+    plain = ParScaleLM(pretrained=str(root / "base"), batch_size=2)
+    assert through.model.config.parscale_n == 2
+    for lm_results in ((through, whole), (through, plain)):
+        got = [lm.loglikelihood(requests[:2]) + lm.loglikelihood_rolling(requests[2:]) for lm in lm_results]
+        first = [r[0] if isinstance(r, tuple) else r for r in got[0]]
+        second = [r[0] if isinstance(r, tuple) else r for r in got[1]]
+        if lm_results[1] is whole:
+            assert first == pytest.approx(second, rel=1e-6)
+        else:
+            assert first != pytest.approx(second, rel=1e-4)
 
 
 def test_lm_eval_tasks_end_to_end(checkpoint, monkeypatch):

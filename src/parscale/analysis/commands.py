@@ -283,12 +283,19 @@ def cmd_eval(args):
         from parscale.io.files import check_output_file
 
         check_output_file(args.out)
-    model = maybe_quantize(parscale.load(args.model, dtype=args.dtype, device=args.device), args)
+    model = parscale.load(args.model, dtype=args.dtype, device=args.device)
+    if args.adapter:
+        from parscale.training.adapter import load_adapter
+
+        model = load_adapter(model, args.adapter)
+    model = maybe_quantize(model, args)
     tokenizer = parscale.load_tokenizer(args.model) if not str(args.data).endswith(".bin") else None
     result = evaluate(model, tokenizer, args.data, max_length=args.max_length, stride=args.stride,
                       batch_size=args.batch_size, glob=args.glob, text_field=args.text_field,
                       token_dtype=args.token_dtype)
     result["model"], result["quantize"] = str(args.model), args.quantize
+    if args.adapter:
+        result["adapter"] = str(args.adapter)
     if args.out:
         from parscale.io.files import write_json_atomic
 
@@ -427,6 +434,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--out", default="benchmarks", help="folder for the report (summary JSON, figures)")
     p = sub.add_parser("eval", help=cmd_eval.__doc__)
     p.add_argument("--model", required=True, help=MODEL_HELP)
+    p.add_argument("--adapter", default=None, help="a frozen-backbone adapter folder to put on --model (P = 1)")
     p.add_argument("--revision", default=None, help="branch, tag or commit when --model is a Hub id (org/name)")
     p.add_argument("--data", required=True, help="text file, folder, JSONL or *.bin token shard")
     p.add_argument("--max-length", type=int, default=None, help="window (default: the model's positions)")

@@ -7,6 +7,9 @@ and then hands every argument to lm-eval's own command line:
     parscale-lm-eval --model parscale --model_args pretrained=DIR,dtype=bfloat16 \
         --tasks parscale_ppl_example --include_path examples/lm_eval_tasks
 
+`adapter=FOLDER` puts a frozen-backbone adapter (training/adapter.py) on the P = 1 model of `pretrained`: the
+P-stream model it makes scores as the same model saved whole would.
+
 Scoring follows lm-eval's `hf` model (0.4.13) so numbers are comparable: text is encoded with the
 tokenizer's own added tokens (a post-processor's BOS, as Llama 3's, is kept; `add_bos_token=true|false`
 forces it, as for `hf`), unless it already starts with the prefix token's text; the prefix token is the
@@ -53,15 +56,21 @@ class ParScaleLM(LM):
                  max_batch_size: int | None = None, max_length: int | None = None, max_gen_toks: int = 256,
                  add_bos_token: bool | str | None = None, prefix_token_id: int | None = None,
                  think_end_token: str | int | None = None, enable_thinking: bool | None = None,
-                 chat_template_args: dict | None = None, revision: str | None = None, **unknown):
+                 chat_template_args: dict | None = None, revision: str | None = None, adapter: str | None = None,
+                 **unknown):
         super().__init__()
         if unknown:  # swallowed settings change scores silently: name them instead
             raise ValueError(f"model_args the parscale model does not take: {', '.join(sorted(unknown))} (it takes "
                              f"pretrained, dtype, device, batch_size, max_length, max_gen_toks, add_bos_token, "
-                             f"prefix_token_id, think_end_token, enable_thinking, chat_template_args, revision)")
+                             f"prefix_token_id, think_end_token, enable_thinking, chat_template_args, revision, "
+                             f"adapter)")
         if device is None or (str(device).startswith("cuda") and not torch.cuda.is_available()):
             device = "cuda" if torch.cuda.is_available() else "cpu"  # lm-eval's command line defaults to cuda
         self.model = parscale.load(pretrained, dtype=parse_dtype(dtype), device=device, revision=revision)
+        if adapter:
+            from parscale.training.adapter import load_adapter
+
+            self.model = load_adapter(self.model, adapter)
         self.tokenizer = parscale.load_tokenizer(pretrained, revision=revision)
         self._torch_device = torch.device(device)
         self.batch_size = int(batch_size) if str(batch_size).isdigit() else 8
