@@ -62,6 +62,9 @@ def candidates(quick: bool) -> list[SkinnyConfig]:
     return out
 
 
+DEVICE = "cuda"  # where the timings run (a CPU smoke run of the attention timings, interpreted, sets "cpu")
+
+
 def time_graph(fn, reps: int) -> float:
     """Median ms of one replay of a CUDA graph that calls fn once (warmed up and captured here)."""
     stream = torch.cuda.Stream()
@@ -107,7 +110,7 @@ def time_attention(cfg: ModelConfig, rows: int, slots: int, reps: int) -> dict:
     from parscale.model.transformer import _grouped_decode_attention
 
     heads, kv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-    dev, dtype = "cuda", torch.bfloat16
+    dev, dtype = DEVICE, torch.bfloat16
     q = torch.randn(rows, 1, heads, d, device=dev, dtype=dtype).transpose(1, 2)
     caches = [(torch.randn(rows, kv, slots, d, device=dev, dtype=dtype),
                torch.randn(rows, kv, slots, d, device=dev, dtype=dtype)) for _ in range(cfg.num_hidden_layers)]
@@ -132,6 +135,35 @@ def time_attention(cfg: ModelConfig, rows: int, slots: int, reps: int) -> dict:
                     q, k, v, blocked, heads_per_program=per, slot_splits=splits)), reps)
                 out[f"{name}_us"] = ms * 1e3 / layers
                 out[f"{name}_rel_err"] = ((got - want).norm() / want.norm()).item()
+            except Exception as exc:  # a split Triton cannot build
+                out[f"{name}_error"] = f"{type(exc).__name__}: {exc}"[:200]
+    out.update(time_rope_attention(cfg, rows, slots, reps, caches, blocked))
+    return out
+
+
+def time_rope_attention(cfg: ModelConfig, rows: int, slots: int, reps: int, caches, blocked) -> dict:
+    """The kernel the engine runs with `--decode-attention rope` (RoPE, the cache write and the attention, from the
+    projections' output) at each heads × splits pair, over the same per-layer caches: µs per layer (rope_heads*).
+    Its arithmetic is tested against the plain path elsewhere (tests/test_decode_attention.py)."""
+    from parscale.inference.decode_attention import launch_rope
+
+    heads, kv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    dev, dtype = DEVICE, torch.bfloat16
+    q = torch.randn(rows, 1, heads * d, device=dev, dtype=dtype)
+    k = torch.randn(rows, 1, kv * d, device=dev, dtype=dtype)
+    v = torch.randn(rows, 1, kv * d, device=dev, dtype=dtype)
+    angle = torch.rand(rows, 1, 1, d, device=dev)
+    cos, sin = angle.cos().to(dtype), angle.sin().to(dtype)
+    pos = torch.tensor([112 - cfg.parscale_n_tokens], device=dev)  # the slot the step writes: 112 (see above)
+    out = {}
+    for per in (0, 1, 2, 4):
+        for splits in (1, 2, 4, 8):
+            name = f"rope_heads{per}" + (f"_split{splits}" if splits > 1 else "")
+            try:
+                ms = time_graph(lambda per=per, splits=splits: [launch_rope(
+                    q, k, v, cos, sin, kc, vc, pos, cfg.parscale_n_tokens, slots, blocked, heads,
+                    heads_per_program=per, slot_splits=splits) for kc, vc in caches], reps)
+                out[f"{name}_us"] = ms * 1e3 / len(caches)
             except Exception as exc:  # a split Triton cannot build
                 out[f"{name}_error"] = f"{type(exc).__name__}: {exc}"[:200]
     return out
@@ -161,7 +193,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     torch.manual_seed(0)
     cfg = ModelConfig.preset(args.preset)
-    dev, dtype = "cuda", torch.bfloat16
+    dev, dtype = DEVICE, torch.bfloat16
     results = {"preset": args.preset, "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
                "triton": __import__("triton").__version__, "copies": args.copies, "reps": args.reps,
                "command": "python scripts/skinny_matmul_bench.py " + " ".join(sys.argv[1:] if argv is None else argv),
@@ -233,7 +265,7 @@ def main(argv=None) -> int:
                                                                                      args.rows.split(",")]]
     for a in results["attention"]:
         print(f"decode attention, rows {a['rows']}, {a['slots']} slots: plain {a['plain_us']:.2f} us/layer | " +
-              ", ".join(f"{k} {v:.2f}" for k, v in a.items() if k.startswith("kernel") and k.endswith("_us")))
+              ", ".join(f"{k} {v:.2f}" for k, v in a.items() if k.startswith(("kernel", "rope")) and k.endswith("_us")))
     write(results, args)
     return 0
 
