@@ -100,6 +100,12 @@ def time_products(product, x, weights, reps: int) -> float:
     return time_graph(run, reps)
 
 
+# The attention kernels' settings timed: query heads per program (0: the whole group) × shares of the slots, with
+# element-wise tile products, and the tl.dot form (which pads the group to 16 rows) for the whole group and one head.
+VARIANTS = ([(per, splits, False) for per in (0, 1, 2, 4) for splits in (1, 2, 4, 8)]
+            + [(per, splits, True) for per in (0, 1) for splits in (1, 2, 4, 8)])
+
+
 def time_attention(cfg: ModelConfig, rows: int, slots: int, reps: int) -> dict:
     """One layer's decode attention (`rows` queries, each against `slots` cached keys, of which the first 113 are
     seen), timed over a copy of the cache per layer (more bytes than the L2 cache holds): the plain path's grouped
@@ -125,18 +131,17 @@ def time_attention(cfg: ModelConfig, rows: int, slots: int, reps: int) -> dict:
     out["plain_us"] = time_graph(each_layer(lambda k, v: _grouped_decode_attention(q, k, v, blocked)), reps) \
         * 1e3 / layers
     want = _grouped_decode_attention(q.float(), caches[0][0].float(), caches[0][1].float(), blocked)
-    for per in (0, 1, 2, 4):
-        for splits in (1, 2, 4, 8):
-            name = f"kernel_heads{per}" + (f"_split{splits}" if splits > 1 else "")
-            try:
-                got = launch(q, caches[0][0], caches[0][1], blocked, heads_per_program=per,
-                             slot_splits=splits).float()
-                ms = time_graph(each_layer(lambda k, v, per=per, splits=splits: launch(
-                    q, k, v, blocked, heads_per_program=per, slot_splits=splits)), reps)
-                out[f"{name}_us"] = ms * 1e3 / layers
-                out[f"{name}_rel_err"] = ((got - want).norm() / want.norm()).item()
-            except Exception as exc:  # a split Triton cannot build
-                out[f"{name}_error"] = f"{type(exc).__name__}: {exc}"[:200]
+    for per, splits, dot in VARIANTS:
+        name = f"kernel_heads{per}" + (f"_split{splits}" if splits > 1 else "") + ("_dot" if dot else "")
+        try:
+            got = launch(q, caches[0][0], caches[0][1], blocked, heads_per_program=per,
+                         slot_splits=splits, use_dot=dot).float()
+            ms = time_graph(each_layer(lambda k, v, per=per, splits=splits, dot=dot: launch(
+                q, k, v, blocked, heads_per_program=per, slot_splits=splits, use_dot=dot)), reps)
+            out[f"{name}_us"] = ms * 1e3 / layers
+            out[f"{name}_rel_err"] = ((got - want).norm() / want.norm()).item()
+        except Exception as exc:  # a split Triton cannot build
+            out[f"{name}_error"] = f"{type(exc).__name__}: {exc}"[:200]
     out.update(time_rope_attention(cfg, rows, slots, reps, caches, blocked))
     return out
 
@@ -156,16 +161,15 @@ def time_rope_attention(cfg: ModelConfig, rows: int, slots: int, reps: int, cach
     cos, sin = angle.cos().to(dtype), angle.sin().to(dtype)
     pos = torch.tensor([112 - cfg.parscale_n_tokens], device=dev)  # the slot the step writes: 112 (see above)
     out = {}
-    for per in (0, 1, 2, 4):
-        for splits in (1, 2, 4, 8):
-            name = f"rope_heads{per}" + (f"_split{splits}" if splits > 1 else "")
-            try:
-                ms = time_graph(lambda per=per, splits=splits: [launch_rope(
-                    q, k, v, cos, sin, kc, vc, pos, cfg.parscale_n_tokens, slots, blocked, heads,
-                    heads_per_program=per, slot_splits=splits) for kc, vc in caches], reps)
-                out[f"{name}_us"] = ms * 1e3 / len(caches)
-            except Exception as exc:  # a split Triton cannot build
-                out[f"{name}_error"] = f"{type(exc).__name__}: {exc}"[:200]
+    for per, splits, dot in VARIANTS:
+        name = f"rope_heads{per}" + (f"_split{splits}" if splits > 1 else "") + ("_dot" if dot else "")
+        try:
+            ms = time_graph(lambda per=per, splits=splits, dot=dot: [launch_rope(
+                q, k, v, cos, sin, kc, vc, pos, cfg.parscale_n_tokens, slots, blocked, heads,
+                heads_per_program=per, slot_splits=splits, use_dot=dot) for kc, vc in caches], reps)
+            out[f"{name}_us"] = ms * 1e3 / len(caches)
+        except Exception as exc:  # a split Triton cannot build
+            out[f"{name}_error"] = f"{type(exc).__name__}: {exc}"[:200]
     return out
 
 

@@ -43,9 +43,14 @@ INTERPRETED = textwrap.dedent("""
         # per: query heads per program; splits: shares of the slots (more shares than tiles included: 4 at 5
         # slots gives one share, 3 at 37 / 16-slot tiles gives 3 shares of 16, 16, 5; at lead 33 of 50 with 4
         # shares of 16 the first two see only hidden slots and must weigh nothing)
-        for block_s, per, splits in ((16, None, 1), (32, None, 1), (16, 1, 1), (16, 2, 1), (16, None, 3),
-                                     (16, 1, 4), (32, 2, 2), (16, None, 64)):
-            out = launch(q, k, v, blocked, block_s=block_s, heads_per_program=per, slot_splits=splits)
+        # dot: the tiles' products as tl.dot (query group padded to 16 rows, head_dim 8 padded to 16); fp32 only
+        # here: the interpreter's bf16 tl.dot is garbage (5e9 relative error on a lone 16 x 16 product, Triton
+        # 3.9), so the dot form in bf16 / fp16 is checked by the GPU tests
+        for block_s, per, splits, dot in ((16, None, 1, False), (32, None, 1, False), (16, 1, 1, False),
+                                          (16, 2, 1, False), (16, None, 3, False), (16, 1, 4, False),
+                                          (32, 2, 2, False), (16, None, 64, False), (16, None, 1, True),
+                                          (32, 1, 3, True)):
+            out = launch(q, k, v, blocked, block_s=block_s, heads_per_program=per, slot_splits=splits, use_dot=dot)
             assert out.shape == want.shape and out.dtype == torch.float32
             worst = max(worst, ((out.double() - want).norm() / want.norm()).item())
         one_mask = blocked[:1]  # one mask row for every row
@@ -75,9 +80,10 @@ INTERPRETED_MODEL = textwrap.dedent("""
         cache = engine_for(model).cache
         return logits, [c.clone() for c in (*cache.k, *cache.v)]
 
-    for family, splits in (("qwen2", 1), ("llama", 1), ("llama", 3)):
+    for family, splits, dot in (("qwen2", 1, False), ("llama", 1, False), ("llama", 3, False), ("qwen2", 2, True)):
         da.HEADS_PER_PROGRAM = 1 if family == "llama" else 0  # one query head per program, or the whole group
         da.SLOT_SPLITS = splits  # 3: every step's slots in shares, combined by the second kernel
+        da.USE_DOT = dot  # the tiles' products as tl.dot
         for fold_rope in (False, True):
             model = tiny_model(streams=3, family=family)
             ids = torch.randint(0, model.config.vocab_size, (2, 7))
@@ -91,7 +97,7 @@ INTERPRETED_MODEL = textwrap.dedent("""
             assert torch.equal(kernel[0], plain[0])  # the prefill is the plain path
             err = ((kernel - plain).norm() / plain.norm()).item()
             cache_err = max(((a - b).norm() / b.norm()).item() for a, b in zip(cache, plain_cache))
-            print(family, splits, fold_rope, f"decode logits rel err {err:.2e}, cache {cache_err:.2e}")
+            print(family, splits, dot, fold_rope, f"decode logits rel err {err:.2e}, cache {cache_err:.2e}")
             assert 0 < err < 1e-5, err  # 0 would mean the kernel did not run
             assert cache_err < 1e-6, cache_err  # fold_rope writes the keys and values the plain path writes
             assert len(rope_calls) == (model.config.num_hidden_layers * len(fed) if fold_rope else 0)
@@ -118,10 +124,10 @@ INTERPRETED_STACK = textwrap.dedent("""
     plain = decode_step_logits(model, ids, mask, fed)
     da.use_decode_attention(model, fold_rope=True)
     sm.use_skinny_matmul(model, fuse_layers=True)
-    for splits in (1, 2):  # 2: the attention operator runs its two kernels (shares, then their combination)
-        da.SLOT_SPLITS = splits
+    for splits, dot in ((1, False), (2, False), (2, True)):  # 2: the operator runs its two kernels (shares, then
+        da.SLOT_SPLITS, da.USE_DOT = splits, dot           # their combination); dot: the tiles' products as tl.dot
         err = ((decode_step_logits(model, ids, mask, fed) - plain).norm() / plain.norm()).item()
-        print(f"slot splits {splits}: decode logits rel err {err:.2e}")
+        print(f"slot splits {splits}, dot {dot}: decode logits rel err {err:.2e}")
         assert 0 < err < 1e-5, err
 """)
 
@@ -152,14 +158,16 @@ def test_use_decode_attention_is_a_class_swap_that_keeps_the_state_dict():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dot", [False, True])
 @pytest.mark.parametrize("splits", [1, 4])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-def test_kernel_on_gpu(dtype, splits, monkeypatch):
+def test_kernel_on_gpu(dtype, splits, dot, monkeypatch):
     """No further from the exact result than the plain path in the same dtype, unsplit and in shares of the
     slots (a share of only hidden slots included: 300 hidden of 1,100 in 4 shares)."""
     from parscale.inference import decode_attention as da
 
     monkeypatch.setattr(da, "SLOT_SPLITS", splits)
+    monkeypatch.setattr(da, "USE_DOT", dot)
     for n, heads, kv, s, d, lead in ((8, 16, 2, 176, 96, 0), (16, 16, 2, 1100, 96, 300), (4, 9, 3, 60, 64, 10)):
         q, k, v, blocked = _inputs(n, heads, kv, s, d, dtype=dtype, device="cuda", hidden_lead=lead)
         exact = _grouped_decode_attention(q.double(), k.double(), v.double(), blocked)
@@ -172,8 +180,8 @@ def test_kernel_on_gpu(dtype, splits, monkeypatch):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("compile", [False, True])
 @pytest.mark.parametrize("fold_rope", [False, True])
-@pytest.mark.parametrize("splits", [1, 3])
-def test_engine_with_the_kernel_matches_the_plain_path(compile, fold_rope, splits, monkeypatch):
+@pytest.mark.parametrize("splits,dot", [(1, False), (3, False), (3, True)])
+def test_engine_with_the_kernel_matches_the_plain_path(compile, fold_rope, splits, dot, monkeypatch):
     """fp32: each decode step's logits within summation-order error of the plain path's and the same greedy
     tokens, before and after the prefixes change in place; unsplit and in shares of the slots (two kernels)."""
     from conftest import decode_step_logits, tiny_model
@@ -183,6 +191,7 @@ def test_engine_with_the_kernel_matches_the_plain_path(compile, fold_rope, split
     from parscale.inference.decode_attention import use_decode_attention
 
     monkeypatch.setattr(da, "SLOT_SPLITS", splits)
+    monkeypatch.setattr(da, "USE_DOT", dot)
 
     torch.manual_seed(0)
     model = tiny_model(streams=4).cuda()

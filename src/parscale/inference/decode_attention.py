@@ -8,7 +8,10 @@ query heads h with h // (heads / kv_heads) equal to it) and streams the row's ke
 (row, KV head) is also split over the slots: every program streams one contiguous share of them into a partial
 softmax (its max, sum and weighted values, fp32), and a second small kernel combines the shares per query head.
 At batch 1 a step has few (row, KV head) pairs (P = 8 at 2 KV heads: 16), too few programs to keep a GPU busy
-on their own; the split multiplies them at the price of one more launch.
+on their own; the split multiplies them at the price of one more launch. With `use_dot` a tile's two products
+(q·kᵀ and p·v) are `tl.dot`s on the tensor cores, the query group padded to 16 rows (IEEE fp32 for fp32
+inputs), instead of element-wise products summed in registers (a [group, block_s, head_dim] fp32 product for
+the whole group at once).
 
     out = decode_attention(q, k, v, blocked)   # q [n, heads, 1, d], k/v [n, kv, S, d], blocked [n|1, 1, 1, S]
     use_decode_attention(model)                # every layer's decode attention through it, from outside
@@ -48,6 +51,8 @@ BLOCK_S = int(os.environ.get("PARSCALE_DECODE_ATTENTION_BLOCK_S", "16"))
 # Query heads per program (0: the whole group of a KV head). Fewer give more programs, each streaming the same
 # keys and values again (from L2 after the first): which is faster at a shape is for a benchmark to say.
 HEADS_PER_PROGRAM = int(os.environ.get("PARSCALE_DECODE_ATTENTION_HEADS", "0"))
+# The tiles' products as tl.dot (1) or element-wise (0). Not yet measured on a GPU, hence off; read at each launch.
+USE_DOT = os.environ.get("PARSCALE_DECODE_ATTENTION_DOT", "0") == "1"
 # Shares of the slots per (row, KV head) (1: no split, one kernel). Not yet measured on a GPU, hence off. Read
 # at each launch: a captured graph or compiled step keeps the split it was made with.
 SLOT_SPLITS = int(os.environ.get("PARSCALE_DECODE_ATTENTION_SPLITS", "1"))
@@ -95,7 +100,7 @@ def _call_kernel(q, k, v, blocked):
 
 
 def launch(q, k, v, blocked, block_s: int = BLOCK_S, _kernel=None, heads_per_program: int | None = None,
-           slot_splits: int | None = None, _combine=None) -> torch.Tensor:
+           slot_splits: int | None = None, _combine=None, use_dot: bool | None = None) -> torch.Tensor:
     """Run the kernel (any device Triton runs on, the CPU interpreter included); no fallback."""
     if triton is None:
         raise RuntimeError("the decode attention kernel needs Triton (pip install triton)")
@@ -119,7 +124,7 @@ def launch(q, k, v, blocked, block_s: int = BLOCK_S, _kernel=None, heads_per_pro
         q, k, v, mask, out, m_part, l_part, acc_part, s, d, group, per, share_len, d**-0.5,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         mask.stride(0) if mask.shape[0] > 1 else 0, out.stride(0), out.stride(1),
-        BLOCK_G=block_g, BLOCK_D=triton.next_power_of_2(d), BLOCK_S=block_s, SHARES=shares,
+        SHARES=shares, **_tile_sizes(block_g, d, block_s, use_dot),
         **_pdl_options(q.device),
     )
     if shares > 1:
@@ -159,7 +164,7 @@ def _call_rope_kernel(q, k, v, cos, sin, k_cache, v_cache, pos, prefix_len, read
 
 def launch_rope(q, k, v, cos, sin, k_cache, v_cache, pos, prefix_len: int, read_end: int, blocked, n_heads: int,
                 block_s: int = BLOCK_S, _kernel=None, heads_per_program: int | None = None,
-                slot_splits: int | None = None, _combine=None) -> torch.Tensor:
+                slot_splits: int | None = None, _combine=None, use_dot: bool | None = None) -> torch.Tensor:
     """Run the fold_rope kernel (any device Triton runs on, the interpreter included); no fallback."""
     if triton is None:
         raise RuntimeError("the decode attention kernel needs Triton (pip install triton)")
@@ -184,12 +189,20 @@ def launch_rope(q, k, v, cos, sin, k_cache, v_cache, pos, prefix_len: int, read_
         q.stride(0), k.stride(0), v.stride(0), cos.stride(0), sin.stride(0),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
         v_cache.stride(2), mask.stride(0) if mask.shape[0] > 1 else 0, out.stride(0),
-        BLOCK_G=block_g, BLOCK_D=triton.next_power_of_2(d), BLOCK_S=block_s, SHARES=shares,
+        SHARES=shares, **_tile_sizes(block_g, d, block_s, use_dot),
         **_pdl_options(q.device),
     )
     if shares > 1:
         _combine_shares(out.view(n, n_heads, d), m_part, l_part, acc_part, _combine)
     return out
+
+
+def _tile_sizes(block_g: int, d: int, block_s: int, use_dot: bool | None) -> dict:
+    """The kernels' tile constants; tl.dot needs every side of a product at least 16."""
+    dot = USE_DOT if use_dot is None else use_dot
+    least = 16 if dot else 1
+    return {"BLOCK_G": max(least, block_g), "BLOCK_D": max(least, triton.next_power_of_2(d)),
+            "BLOCK_S": max(least, block_s), "DOT": dot}
 
 
 def _pdl_options(device) -> dict:
@@ -235,18 +248,32 @@ if triton is not None:
     from parscale.inference.triton_support import gdc_launch_dependents, gdc_wait
 
     @triton.jit
-    def _softmax_tile(q, k, v, visible, best, total, acc, scale):
+    def _dot(a, b):
+        """a @ b accumulated in fp32 on the tensor cores; IEEE for fp32 inputs (Triton's fp32 default is TF32)."""
+        if a.dtype == tl.float32:
+            return tl.dot(a, b, input_precision="ieee")
+        return tl.dot(a, b)
+
+    @triton.jit
+    def _softmax_tile(q, k, v, visible, best, total, acc, scale, DOT: tl.constexpr):
         """One tile of slots into the online softmax: scores q·k (fp32), hidden slots at -inf, the running max
         `best`, the running sum `total` and the weighted values `acc` rescaled to the new max."""
         # .to(fp32): inductor may pass the Python float `scale` as fp64, which would widen the loop's carried state
-        scores = (tl.sum(q[:, None, :] * k.to(tl.float32)[None, :, :], axis=2) * scale).to(tl.float32)  # [G, S]
+        if DOT:  # q holds values of k's dtype (loaded from it, or rounded to it), so the cast is exact
+            scores = (_dot(q.to(k.dtype), tl.trans(k)) * scale).to(tl.float32)  # [G, S]
+        else:
+            scores = (tl.sum(q[:, None, :] * k.to(tl.float32)[None, :, :], axis=2) * scale).to(tl.float32)
         scores = tl.where(visible[None, :], scores, float("-inf"))
         new_best = tl.maximum(best, tl.max(scores, axis=1))
         # While every slot so far is hidden best stays -inf: keep exp() away from -inf - -inf.
         safe = tl.where(new_best == float("-inf"), 0.0, new_best)
         rescale = tl.exp(best - safe)
         p = tl.exp(scores - safe[:, None])
-        acc = acc * rescale[:, None] + tl.sum(p[:, :, None] * v.to(tl.float32)[None, :, :], axis=1)
+        if DOT:  # p in v's dtype, as the plain path multiplies its probabilities by v
+            weighted = _dot(p.to(v.dtype), v)
+        else:
+            weighted = tl.sum(p[:, :, None] * v.to(tl.float32)[None, :, :], axis=1)
+        acc = acc * rescale[:, None] + weighted
         return new_best, total * rescale + tl.sum(p, axis=1), acc
 
     @triton.jit
@@ -308,7 +335,7 @@ if triton is not None:
                                  SHARE_LEN, scale, stride_qn, stride_qh, stride_kn, stride_kh, stride_ks,
                                  stride_vn, stride_vh, stride_vs, stride_mn, stride_on, stride_oh,
                                  BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
-                                 SHARES: tl.constexpr, PDL: tl.constexpr):
+                                 SHARES: tl.constexpr, DOT: tl.constexpr, PDL: tl.constexpr):
         row, kv_head, first, heads, g_ok, offs_d, d_ok, share = _program_heads(GROUP, PER, D, SHARES, BLOCK_G,
                                                                                BLOCK_D, PDL)
         q = tl.load(q_ptr + row * stride_qn + heads[:, None] * stride_qh + offs_d[None, :],
@@ -327,7 +354,7 @@ if triton is not None:
             k = tl.load(k_base + offs_s[:, None] * stride_ks + offs_d[None, :], mask=kv_mask, other=0.0)
             v = tl.load(v_base + offs_s[:, None] * stride_vs + offs_d[None, :], mask=kv_mask, other=0.0)
             hidden = tl.load(m_ptr + row * stride_mn + offs_s, mask=s_ok, other=0) != 0
-            best, total, acc = _softmax_tile(q, k, v, s_ok & ~hidden, best, total, acc, scale)
+            best, total, acc = _softmax_tile(q, k, v, s_ok & ~hidden, best, total, acc, scale, DOT)
         _finish(o_ptr + row * stride_on + heads[:, None] * stride_oh + offs_d[None, :], mp_ptr, lp_ptr, accp_ptr,
                 row, heads, share, best, total, acc, GROUP * tl.num_programs(1), D, offs_d,
                 g_ok, d_ok, SHARES)
@@ -356,7 +383,8 @@ if triton is not None:
                                       stride_qn, stride_kn, stride_vn, stride_cn, stride_sn, stride_kcn,
                                       stride_kch, stride_kcs, stride_vcn, stride_vch, stride_vcs, stride_mn,
                                       stride_on, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
-                                      BLOCK_S: tl.constexpr, SHARES: tl.constexpr, PDL: tl.constexpr):
+                                      BLOCK_S: tl.constexpr, SHARES: tl.constexpr, DOT: tl.constexpr,
+                                      PDL: tl.constexpr):
         row, kv_head, first, heads, g_ok, offs_d, d_ok, share = _program_heads(GROUP, PER, D, SHARES, BLOCK_G,
                                                                                BLOCK_D, PDL)
         dtype = q_ptr.dtype.element_ty
@@ -394,7 +422,7 @@ if triton is not None:
             k = tl.load(kc_base + offs_s[:, None] * stride_kcs + offs_d[None, :], mask=kv_mask, other=0.0)
             v = tl.load(vc_base + offs_s[:, None] * stride_vcs + offs_d[None, :], mask=kv_mask, other=0.0)
             hidden = tl.load(m_ptr + row * stride_mn + offs_s, mask=offs_s < end, other=0) != 0
-            best, total, acc = _softmax_tile(q, k, v, s_ok & ~hidden, best, total, acc, scale)
+            best, total, acc = _softmax_tile(q, k, v, s_ok & ~hidden, best, total, acc, scale, DOT)
         _finish(o_ptr + row * stride_on + heads[:, None] * D + offs_d[None, :], mp_ptr, lp_ptr, accp_ptr, row,
                 heads, share, best, total, acc, GROUP * tl.num_programs(1), D, offs_d,
                 g_ok, d_ok, SHARES)
