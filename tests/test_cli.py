@@ -149,3 +149,39 @@ def test_every_option_of_every_command_has_help_and_shows_its_default_once():
         twice += [f"{name}: {line.strip()}" for line in text.split("\n  -") if line.lower().count("default") > 1]
     assert not bare, f"options without help: {bare}"
     assert not twice, twice
+
+
+def test_convert_writes_a_backbone_with_its_adapter_as_one_model(tmp_path, capsys):
+    """`convert --adapter`: the P-stream model the adapter makes, whole (weights, tokenizer, generation config),
+    scoring as the adapter on its backbone does; flags that would make other streams are refused by name."""
+    import torch
+    from conftest import tiny_model
+
+    import parscale
+    from parscale.model.convert import add_streams
+    from parscale.training.adapter import load_adapter, save_adapter
+    from parscale.training.tokenizer import byte_tokenizer
+
+    byte_tokenizer().save(str(tmp_path / "tokenizer.json"))
+    base = tiny_model(streams=1)
+    parscale.save(base, tmp_path / "base", tokenizer_from=tmp_path)
+    (tmp_path / "base" / "generation_config.json").write_text('{"eos_token_id": [1, 2], "temperature": 0.6}')
+    save_adapter(add_streams(base, 3, n_tokens=4), tmp_path / "adapter")
+    assert main(["convert", "--model", str(tmp_path / "base"), "--adapter", str(tmp_path / "adapter"),
+                 "--out", str(tmp_path / "whole")]) == 0
+    whole = parscale.load(tmp_path / "whole")
+    through = load_adapter(parscale.load(tmp_path / "base"), tmp_path / "adapter")
+    ids = torch.randint(0, whole.config.vocab_size, (2, 9))
+    assert whole.config.parscale_n == 3
+    assert torch.equal(whole(ids), through(ids))
+    assert whole.generation_config["eos_token_id"] == [1, 2]
+    assert (tmp_path / "whole" / "tokenizer.json").is_file()
+    for extra, named in ((["--streams", "2"], "--streams"), (["--prefix-init", "backbone"], "--prefix-init"),
+                         (["--n-tokens", "8"], "--n-tokens")):
+        assert main(["convert", "--model", str(tmp_path / "base"), "--adapter", str(tmp_path / "adapter"),
+                     "--out", str(tmp_path / "other"), *extra]) == 2
+        assert f"drop {named}" in capsys.readouterr().err
+    assert main(["convert", "--model", str(tmp_path / "base"), "--adapter", str(tmp_path / "adapter"),
+                 "--out", str(tmp_path / "base")]) == 2
+    assert "the backbone's folder" in capsys.readouterr().err
+    assert not (tmp_path / "other").exists()

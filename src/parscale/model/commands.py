@@ -97,9 +97,12 @@ def _stored(model) -> dict:
 @command
 def cmd_convert(args):
     """Give a P=1 checkpoint P streams with fresh prefixes and aggregator; save in the released format.
-    A GGUF file (llama / qwen2 / qwen3) becomes a Hugging Face folder, with P streams if --streams > 1."""
+    A GGUF file (llama / qwen2 / qwen3) becomes a Hugging Face folder, with P streams if --streams > 1.
+    With --adapter, the P-stream model a frozen-backbone adapter makes on the P=1 model, saved whole."""
     from parscale.model.gguf import gguf_to_folder, is_gguf
 
+    if args.adapter:
+        return _convert_with_adapter(args)
     if is_gguf(args.model):
         out = gguf_to_folder(args.model, args.out, dtype=args.dtype or "float32", streams=args.streams or 1,
                              n_tokens=args.n_tokens, smooth=args.smooth, seed=args.seed, overwrite=args.overwrite,
@@ -123,6 +126,25 @@ def cmd_convert(args):
     c = new.config.param_counts()
     print(f"wrote {args.out}: {new.config.model_type}, P={args.streams}, n_tokens={args.n_tokens}, "
           f"+{c['parscale']:,} ParScale parameters")
+
+
+def _convert_with_adapter(args):
+    """--adapter: backbone + adapter written as one folder (what vLLM, lm-eval or the Hub take as a model)."""
+    given = [name for name, value, default in (("--streams", args.streams, None), ("--n-tokens", args.n_tokens, 48),
+                                                ("--smooth", args.smooth, 0.1), ("--seed", args.seed, 0),
+                                                ("--prefix-init", args.prefix_init, "random")) if value != default]
+    if given:
+        raise ValueError(f"--adapter brings its own streams, prefixes and aggregator: drop {', '.join(given)}")
+    resolve_model(args)
+    import parscale
+    from parscale.training.adapter import load_adapter
+
+    if Path(args.out).resolve() == Path(args.model).resolve():
+        raise ValueError(f"--out {args.out} is the backbone's folder: write the adapted model to another folder")
+    model = load_adapter(parscale.load(args.model), args.adapter)
+    parscale.save(model, args.out, tokenizer_from=args.model, dtype=args.dtype, overwrite=args.overwrite,
+                  base_model=args.model_name)
+    print(f"wrote {args.out}: {args.model} with the P={model.config.parscale_n} adapter {args.adapter}")
 
 
 def add_parsers(sub) -> None:
@@ -153,6 +175,8 @@ def add_parsers(sub) -> None:
                    help="a P=1 model (qwen2, llama, qwen3) or a GGUF file of one: " + MODEL_HELP)
     p.add_argument("--revision", default=None, help="branch, tag or commit when --model is a Hub id (org/name)")
     p.add_argument("--out", required=True, help="the model folder to write")
+    p.add_argument("--adapter", default=None,
+                   help="a frozen-backbone adapter folder: write --model (P = 1) with it as one P-stream model")
     p.add_argument("--streams", type=int, default=None,
                    help="P, the number of parallel streams to add (>= 2; for a GGUF file 1 keeps P = 1)")
     p.add_argument("--n-tokens", type=int, default=48, help="prefix tokens per stream and layer")
