@@ -7,8 +7,9 @@
 #   GPTFAST_MODEL=path/to/gpt-fast/model.py bash scripts/gpu_skinny.sh [decode settings]
 #
 # Default settings: default graph graph_kernels_rope graph_kernels_rope_pdl kernels_rope. QUICK=1: fewer block
-# candidates; ROWS=8: the P = 8 row count only; TESTS=0: no tests; PER_SETTING, BENCH_TIMEOUT, TEST_TIMEOUT:
-# seconds for each part.
+# candidates; ROWS=8: the P = 8 row count only; TESTS=0: no tests; PROFILE=1: last, one decode step with parscale's
+# kernels profiled kernel by kernel (scripts/profile_step.py); PER_SETTING, BENCH_TIMEOUT, TEST_TIMEOUT: seconds
+# for each part (a compiled setting needs ~50-80 s to compile before it is timed).
 set -uo pipefail
 export PYTHONPATH=src PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}
@@ -23,3 +24,8 @@ timeout "${BENCH_TIMEOUT:-240}" python3 scripts/skinny_matmul_bench.py --preset 
 settings=("$@")
 [ ${#settings[@]} -eq 0 ] && settings=(default graph graph_kernels_rope graph_kernels_rope_pdl kernels_rope)
 SKINNY_CONFIGS="$OUT/skinny_tuned.json" bash scripts/gpu_decode_options.sh "${settings[@]}" 2>&1 | tee "$OUT/decode.txt"
+if [ "${PROFILE:-0}" = 1 ]; then
+    PARSCALE_SKINNY_CONFIGS="$OUT/skinny_tuned.json" timeout "${PROFILE_TIMEOUT:-240}" \
+        python3 scripts/profile_step.py --skinny-layers --decode-attention rope \
+        --out "$OUT/profile_kernels_rope.json" 2>&1 | tee "$OUT/profile.txt"
+fi
