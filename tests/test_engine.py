@@ -352,6 +352,45 @@ def test_cuda_graph_prefill_matches_recompute_and_follows_the_model():
     assert engine.prefill_captures == 3
 
 
+FRESH_PROCESS_RECAPTURE = """
+import torch
+from conftest import tiny_model
+from parscale.inference.engine import DecodeEngine
+torch.manual_seed(0)
+model = tiny_model(streams=4).cuda()
+engine = DecodeEngine(model, batch_size=2, padded_prefill=True)
+ids = torch.randint(0, 512, (2, 9), device="cuda")
+mask = torch.ones_like(ids)
+for _ in range(2):
+    logits = engine.prefill(ids, mask, max_new_tokens=4)
+    torch.testing.assert_close(logits, model(ids, attention_mask=mask)[:, -1], atol=1e-4, rtol=1e-4)
+    model.load_state_dict({k: v.clone() for k, v in model.state_dict().items()}, assign=True)
+assert engine.prefill_captures == 2, engine.prefill_captures
+torch.randint(0, 2, (1,), device="cuda")  # the generator is not left in capture mode
+print("ok")
+"""
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_prefill_captured_again_in_a_fresh_process():
+    """The first capture of a process leaves a block in its graph pool that outlives the graph (torch 2.11 on
+    an H100): capturing the prefill again after the model's tensors were replaced must use a new pool, not the
+    dropped graphs' one (an allocator assert that then broke every CUDA random draw in the process). A fresh
+    process, so that no earlier test's capture hides it."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    here = Path(__file__).resolve().parent
+    paths = [str(here), str(here.parent / "src"), os.environ.get("PYTHONPATH", "")]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(paths))
+    done = subprocess.run([sys.executable, "-c", FRESH_PROCESS_RECAPTURE], capture_output=True, text=True,
+                          timeout=300, env=env)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
+
+
 def test_masked_prefill_never_reads_the_mask_on_the_host():
     """A captured prefill cannot ask the device whether the mask pads anything: in masked prefill the
     model takes the explicit-mask route even for a mask of ones, without reading it."""

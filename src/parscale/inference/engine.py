@@ -129,7 +129,8 @@ class DecodeEngine:
             device = cache.device
             self.tokens = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
             self.positions = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
-            self.graphs, self.prefill_graphs = {}, {}
+            self.graphs = {}
+            self._drop_prefill_graphs()
         self.written = 0  # tokens in the cache, counted on the host (no device sync)
 
     def _fingerprint(self) -> tuple:
@@ -200,7 +201,7 @@ class DecodeEngine:
             if not self.use_graph:
                 return self.prefill_fn(input_ids, attention_mask)
             if self.prefill_graphs and self._prefill_captured_for != self._fingerprint():
-                self.prefill_graphs = {}  # parameters, buffers or the cache were replaced: capture again
+                self._drop_prefill_graphs()  # parameters, buffers or the cache were replaced: capture again
             length = input_ids.shape[1]
             if length not in self.prefill_graphs:
                 self._capture_prefill(input_ids, attention_mask)
@@ -212,6 +213,15 @@ class DecodeEngine:
             return logits.clone()  # the graph's own buffer is overwritten by the next prefill
         finally:
             cache.masked_prefill = False
+
+    def _drop_prefill_graphs(self) -> None:
+        """Forget the captured prefills and their memory pool. The pool's handle is not used again: a block
+        allocated during a capture can outlive its graph (CUDA's allocator keeps e.g. a library workspace made
+        on the capture stream), and capturing into a pool whose graphs are all gone while such a block lives
+        fails inside torch's allocator (an internal assert, seen on torch 2.11) and leaves the CUDA generator
+        in capture mode, so every later random draw in the process fails too."""
+        self.prefill_graphs = {}
+        self._prefill_pool = None
 
     def _capture_prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
         length = input_ids.shape[1]
