@@ -53,6 +53,36 @@ def test_each_number_matches_a_direct_computation():
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))  # prefixes restored
 
 
+def test_logits_are_taken_a_chunk_of_tokens_at_a_time(monkeypatch):
+    """Every vocabulary-sized quantity is computed over chunks of tokens, none larger than the logit budget
+    allows (a [P, B, T, vocab] tensor at once ran a recycled 49k-vocabulary model out of GPU memory), and the
+    numbers equal the whole-batch ones, the hidden cosine included."""
+    from parscale.analysis import streams as streams_module
+
+    model = tiny_model(streams=3)
+    batches = _batches(2, n=2)
+    whole = stream_diagnostics(model, batches)
+    vocab = model.config.vocab_size
+    monkeypatch.setattr(streams_module, "LOGIT_ELEMENTS", 7 * 3 * vocab)  # 7 tokens of 3 streams: 30 = 4 x 7 + 2
+    rows = []
+    hook = model.lm_head.register_forward_hook(lambda _m, inputs, _o: rows.append(inputs[0].shape[:-1].numel()))
+    chunked = stream_diagnostics(model, batches)
+    hook.remove()
+    assert max(rows) <= 7 * 3 and min(rows) >= 1
+    for key in ("loss_mix", "loss_stream", "loss_ensemble", "kl_mean", "loss_shared_prefix", "hidden_cosine"):
+        assert chunked[key] == pytest.approx(whole[key], rel=1e-5, abs=1e-6), key
+    x = torch.cat([b[0] for b in batches])
+    outs = []
+    hooks = [layer.register_forward_hook(lambda _m, _i, o: outs.append(o)) for layer in model.model.layers]
+    with torch.no_grad():
+        model.forward_streams(x)
+    for h in hooks:
+        h.remove()
+    hs = F.normalize(outs[-1].view(3, -1, outs[-1].shape[-1]), dim=-1)
+    direct = torch.stack([(hs[i] * hs[j]).sum(-1).mean() for i, j in ((0, 1), (0, 2), (1, 2))]).mean()
+    assert whole["hidden_cosine"][-1] == pytest.approx(direct.item(), rel=1e-5)
+
+
 def test_floor_and_cap_shares():
     model = tiny_model(streams=4)
     with torch.no_grad():

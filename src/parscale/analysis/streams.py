@@ -36,6 +36,11 @@ from itertools import combinations
 import torch
 import torch.nn.functional as F
 
+# The most logits (floats) held at once: the vocabulary-sized quantities are computed a chunk of tokens at a
+# time. 2^26 float32 logits are 256 MiB; at P = 8, 16 x 1,024 tokens and a 49,152-entry vocabulary the whole
+# batch at once was 25.8 GB (an out-of-memory error beside other runs on one GPU).
+LOGIT_ELEMENTS = 1 << 26
+
 
 @torch.no_grad()
 def stream_diagnostics(model, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], shared_prefix: bool = True
@@ -52,38 +57,32 @@ def stream_diagnostics(model, batches: Iterable[tuple[torch.Tensor, torch.Tensor
     def add(key, value, weight):
         sums[key] = sums.get(key, 0.0) + value * weight
 
-    layer_out: list[torch.Tensor] = []
-    hooks = [layer.register_forward_hook(lambda _m, _i, out: layer_out.append(out)) for layer in model.model.layers]
+    # Each layer's mean pairwise cosine between the streams' hidden states, taken as the layer runs: holding
+    # every layer's output until the end would keep layers x P x B x T x H values.
+    layer_cos: list[torch.Tensor] = []
+
+    def mean_pairwise_cosine(_module, _inputs, out):
+        if p > 1:
+            hs = F.normalize(out.float().view(p, -1, out.shape[-1]), dim=-1)
+            layer_cos.append(torch.stack([(hs[i] * hs[j]).sum(-1).mean() for i, j in combinations(range(p), 2)])
+                             .mean())
+
+    hooks = [layer.register_forward_hook(mean_pairwise_cosine) for layer in model.model.layers]
     try:
         for x, y in batches:
             x, y = x.to(device), y.to(device)
             tokens = y.numel()
             n_tokens += tokens
-            layer_out.clear()
+            layer_cos.clear()
             streams = model.forward_streams(x)  # [P, B, T, H]
             if p == 1:
-                add("loss_mix", F.cross_entropy(model.lm_head(streams[0]).float().flatten(0, 1), y.flatten()).item(),
-                    tokens)
+                add("loss_mix", _cross_entropy_sum(model, streams[0], y), 1)
                 continue
             mixed, w = model.aggregate(streams)
-            add("loss_mix", F.cross_entropy(model.lm_head(mixed).float().flatten(0, 1), y.flatten()).item(), tokens)
-            logp = torch.stack([model.lm_head(streams[i]).float().log_softmax(-1) for i in range(p)])  # [P,B,T,V]
-            target = y[None, ..., None].expand(p, *y.shape, 1)
-            nll = -logp.gather(-1, target).squeeze(-1)  # [P, B, T]
-            for i in range(p):
-                add(f"loss_stream_{i}", nll[i].mean().item(), tokens)
-            ens = torch.logsumexp(-nll, dim=0) - math.log(p)
-            add("loss_ensemble", (-ens).mean().item(), tokens)
-            for i, j in combinations(range(p), 2):
-                kl_ij = (logp[i].exp() * (logp[i] - logp[j])).sum(-1).mean().item()
-                kl_ji = (logp[j].exp() * (logp[j] - logp[i])).sum(-1).mean().item()
-                add(f"kl_{i}_{j}", kl_ij, tokens)
-                add(f"kl_{j}_{i}", kl_ji, tokens)
-            del logp
-            for layer_i, h in enumerate(layer_out):
-                hs = F.normalize(h.float().view(p, *x.shape, -1), dim=-1)
-                cos = [(hs[i] * hs[j]).sum(-1).mean().item() for i, j in combinations(range(p), 2)]
-                add(f"cos_{layer_i}", sum(cos) / len(cos), tokens)
+            add("loss_mix", _cross_entropy_sum(model, mixed, y), 1)
+            _add_vocabulary_sums(model, streams.flatten(1, 2), y.flatten(), add)
+            for layer_i, cos in enumerate(layer_cos[: len(model.model.layers)]):
+                add(f"cos_{layer_i}", cos.item(), tokens)
             wf = w.float()
             for i in range(p):
                 add(f"w_{i}", wf[..., i].mean().item(), tokens)
@@ -92,7 +91,7 @@ def stream_diagnostics(model, batches: Iterable[tuple[torch.Tensor, torch.Tensor
             add("floor_share", (wf <= floor * 1.05).float().mean().item(), tokens)
             add("cap_share", (wf.max(-1).values >= cap * 0.99).float().mean().item(), tokens)
             if shared_prefix:
-                add("loss_shared_prefix", _loss_with_shared_prefix(model, x, y), tokens)
+                add("loss_shared_prefix", _loss_with_shared_prefix(model, x, y), 1)
     finally:
         for h in hooks:
             h.remove()
@@ -118,8 +117,41 @@ def stream_diagnostics(model, batches: Iterable[tuple[torch.Tensor, torch.Tensor
     return out
 
 
+def _token_chunks(n_tokens: int, per_token: int):
+    """Slices of at most LOGIT_ELEMENTS // per_token tokens (at least one) covering n_tokens."""
+    size = max(1, LOGIT_ELEMENTS // per_token)
+    return (slice(start, min(start + size, n_tokens)) for start in range(0, n_tokens, size))
+
+
+def _cross_entropy_sum(model, hidden: torch.Tensor, y: torch.Tensor) -> float:
+    """Summed next-token loss of hidden states [..., H] against targets [...], through the LM head a chunk of
+    tokens at a time."""
+    flat, ids = hidden.reshape(-1, hidden.shape[-1]), y.reshape(-1)
+    total = 0.0
+    for part in _token_chunks(ids.numel(), model.config.vocab_size):
+        logits = model.lm_head(flat[part]).float()
+        total += F.cross_entropy(logits, ids[part], reduction="sum").item()
+    return total
+
+
+def _add_vocabulary_sums(model, streams: torch.Tensor, y: torch.Tensor, add) -> None:
+    """Each stream's loss, the uniform ensemble's and every ordered pair's KL, summed over tokens, from the
+    streams' hidden states [P, N, H] and targets [N], a chunk of tokens at a time (P x chunk x vocab floats)."""
+    p = streams.shape[0]
+    for part in _token_chunks(y.numel(), p * model.config.vocab_size):
+        logp = torch.stack([model.lm_head(streams[i, part]).float().log_softmax(-1) for i in range(p)])  # [P,n,V]
+        target = y[part][None, :, None].expand(p, -1, 1)
+        nll = -logp.gather(-1, target).squeeze(-1)  # [P, n]
+        for i in range(p):
+            add(f"loss_stream_{i}", nll[i].sum().item(), 1)
+        add("loss_ensemble", -(torch.logsumexp(-nll, dim=0) - math.log(p)).sum().item(), 1)
+        for i, j in combinations(range(p), 2):
+            add(f"kl_{i}_{j}", (logp[i].exp() * (logp[i] - logp[j])).sum().item(), 1)
+            add(f"kl_{j}_{i}", (logp[j].exp() * (logp[j] - logp[i])).sum().item(), 1)
+
+
 def _loss_with_shared_prefix(model, x, y) -> float:
-    """The model's loss with every stream's prefix replaced by stream 0's (restored afterwards)."""
+    """The model's summed loss with every stream's prefix replaced by stream 0's (restored afterwards)."""
     saved = []
     for layer in model.model.layers:
         attn = layer.self_attn
@@ -127,7 +159,8 @@ def _loss_with_shared_prefix(model, x, y) -> float:
             saved.append((prefix, prefix.detach().clone()))
             prefix.copy_(prefix[0:1].expand_as(prefix))
     try:
-        return F.cross_entropy(model(x).float().flatten(0, 1), y.flatten()).item()
+        hidden, _ = model.forward_hidden(x)
+        return _cross_entropy_sum(model, hidden, y)
     finally:
         for prefix, value in saved:
             prefix.copy_(value)
