@@ -3,7 +3,7 @@
 # the code corpus in SmolLM2's tokenizer, train the runs whose names match the patterns until BUDGET seconds
 # have passed, and pack the results into $OUT.
 #
-#   BUDGET=540 PER_GPU=4 bash experiments/recycle_smollm2/gpu_run.sh 'start-*' 'frozen-*-s0'
+#   BUDGET=580 PER_GPU=4 bash experiments/recycle_smollm2/gpu_run.sh 'start-*' 'frozen-*-s0'
 #
 # The GGUF file (93.8 MiB) is larger than what one call carries, so split_gguf.sh cuts it into two parts under
 # .carry/gguf/ (ignored by git), each carried by its own call: this script keeps every part it is given in
@@ -44,16 +44,23 @@ cp "$W/data/manifest.json" "$OUT/smollm2-code-data-manifest.json"
 # Trainers stopped by the last call's time limit still write their checkpoint: a run folder stays locked until
 # its trainer exits.
 for _ in $(seq 150); do pgrep -f "parscale.cli train" > /dev/null || break; sleep 2; done
-left=$(( BUDGET - ($(date +%s) - t0) ))
+# BUDGET is the whole script's time: the runner stops 75 s before it, which leaves its trainers time to finish
+# their step and write a checkpoint (the wait below) and the results time to be packed. Give the call that
+# runs this script a limit of BUDGET + 20 s or more.
+left=$(( BUDGET - 75 - ($(date +%s) - t0) ))
 # Every minute the results so far go to $OUT too (written whole, then renamed): a command stopped from outside
 # before the end below still returns the runs that had finished.
+# The trainers' own logs and metrics go there too, so a run cut short still shows its progress (tokens/s,
+# held-out loss so far).
 ( while sleep 60; do tar czf "$OUT/.results.tgz.part" -C $X results && mv "$OUT/.results.tgz.part" "$OUT/results.tgz"
+    ( cd "$W/runs" && tar czf "$OUT/.progress.tgz.part" *.log */metrics.jsonl ) && mv "$OUT/.progress.tgz.part" "$OUT/progress.tgz"
   done ) > /dev/null 2>&1 &
 packer=$!
 timeout "$left" python3 $X/runs.py run --data "$W/data" --work "$W/runs" --only "$@" --per-gpu "${PER_GPU:-4}" \
     --heldout-corpus "$W/corpus.jsonl" 2>&1 | tee "$OUT/runner.log"
 for _ in $(seq 60); do pgrep -f "parscale.cli train" > /dev/null || break; sleep 1; done
 mkdir -p $X/results
-kill $packer 2>/dev/null; wait $packer 2>/dev/null; rm -f "$OUT/.results.tgz.part"
+kill $packer 2>/dev/null; wait $packer 2>/dev/null; rm -f "$OUT/.results.tgz.part" "$OUT/.progress.tgz.part"
+( cd "$W/runs" && tar czf "$OUT/progress.tgz" *.log */metrics.jsonl ) 2>/dev/null
 tar czf "$OUT/results.tgz" -C $X results
 ls -la "$OUT"

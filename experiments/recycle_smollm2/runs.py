@@ -9,7 +9,7 @@ The model is SmolLM2-135M-Instruct (HuggingFaceTB, Apache-2.0) from the Q4_1 GGU
 it on the GPU machine). The data is the code corpus of `parscale corpus --this-python` (the held-out packages
 of streams_effect) in SmolLM2's own tokenizer. Every run starts from that folder (P streams added with
 `prefix_init = "backbone"`: the model's own keys and values of random tokens, 48 prefix tokens per layer) and
-trains for the same 1,220 steps of 16 x 1,024 tokens (20.0M tokens), seeds 0, 1, 2 (a seed fixes the new
+trains for the same 600 steps of 8 x 1,024 tokens (4.9M tokens), seeds 0, 1, 2 (a seed fixes the new
 parameters' initialisation and the data order, the same for every arm):
 
 - frozen-{p1prefix,p2,p4,p8}: the backbone frozen, only prefixes and aggregator train (`trainable =
@@ -20,7 +20,7 @@ parameters' initialisation and the data order, the same for every arm):
 - start-{p1,p4}: one step at lr 1e-12 (no change a float32 weight can show), so the starting point is
   measured exactly as every other run's end (the whole held-out split in the trainer's windows).
 
-Each run evaluates 16 held-out batches every 122 steps (the gain-vs-tokens curve) and the whole held-out split
+Each run evaluates 16 held-out batches every 60 steps (the gain-vs-tokens curve) and the whole held-out split
 at its end; runner.py also scores every held-out package apart (bits per byte beside the loss). The question:
 does P > 1 end below its control at the same tokens, frozen and full, and which gains more per GPU-second.
 """
@@ -37,15 +37,21 @@ from runner import run_all as _run_all  # noqa: E402  (experiments/runner.py, sh
 
 CONFIGS, RESULTS = HERE / "configs", HERE / "results"
 MODEL = "runs/smollm2"   # relative to the repository root, where gpu_run.sh converts the GGUF file
-STEPS, BATCH, SEQ = 1220, 16, 1024
+# 4.9M tokens a run: the first attempt at 20M tokens (1,220 x 16 x 1,024) finished no run of four sharing an
+# H100 in ~700 s, so the whole design (27 runs) would have taken several hours of GPU time.
+STEPS, BATCH, SEQ = 600, 8, 1024
 SEEDS = (0, 1, 2)
 COMMON = {"model": MODEL, "steps": STEPS, "batch_size": BATCH, "seq_len": SEQ, "schedule": "cosine",
           "min_lr_ratio": 0.1, "warmup": STEPS // 10, "weight_decay": 0.1, "grad_clip": 1.0,
           "eval_every": STEPS // 10, "eval_batches": 16, "eval_at": [1.0], "stream_batches": 2, "save_every": 0,
           "compile": True, "progress": False, "n_tokens": 48, "prefix_init": "backbone",
+          # The loss through the LM head 4,096 tokens at a time (training/chunked_loss.py, equal to the plain
+          # loss): the 49,152-entry vocabulary's logits of a whole batch are 1.6 GB in float32 and again for
+          # their gradient, per run.
+          "loss_chunk_rows": 4096,
           # Every run recomputes its layers in the backward pass: a layer keeps ~20 KiB of bf16 activations per
-          # token and stream (estimated from the tensors it saves), so P = 8 at 16 x 1,024 tokens would hold
-          # ~75 GiB for its 30 layers, and the runner puts several runs on one card. The same for every arm, so
+          # token and stream (estimated from the tensors it saves), so P = 8 at 8 x 1,024 tokens would hold
+          # ~38 GiB for its 30 layers, and the runner puts several runs on one card. The same for every arm, so
           # the runs' GPU-seconds compare.
           "activation_checkpointing": True}
 STREAMS = {"p1": {"streams": 1}, "p1prefix": {"streams": 1, "p1_prefix": True}, "p2": {"streams": 2},

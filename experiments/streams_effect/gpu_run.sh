@@ -2,7 +2,7 @@
 # Build the code corpus and its token shards on a GPU machine (if not built yet), train the runs whose names
 # match the patterns until BUDGET seconds have passed, and pack the results into $OUT.
 #
-#   BUDGET=540 PER_GPU=5 bash experiments/streams_effect/gpu_run.sh 'd8-*-s0' 'd8-p8-s1'
+#   BUDGET=580 PER_GPU=5 bash experiments/streams_effect/gpu_run.sh 'd8-*-s0' 'd8-p8-s1'
 #
 # The BPE is trained on the first machine (8,192 entries, a quarter of the training documents) and then
 # committed as data/code-tokenizer-8k.json; later machines use the committed file, so every run of the
@@ -52,10 +52,16 @@ for _ in $(seq 150); do pgrep -f "parscale.cli train" > /dev/null || break; slee
 pgrep -fa "parscale.cli train" && echo "trainers of an earlier call still run: their runs will fail to start"
 cp "$W/data/tokenizer.json" "$OUT/code-tokenizer-8k.json"
 cp "$W/data/manifest.json" "$OUT/code-data-manifest.json"
-left=$(( BUDGET - ($(date +%s) - t0) ))
+# BUDGET is the whole script's time: the runner stops 75 s before it, which leaves its trainers time to finish
+# their step and write a checkpoint (the wait below) and the results time to be packed. Give the call that
+# runs this script a limit of BUDGET + 20 s or more.
+left=$(( BUDGET - 75 - ($(date +%s) - t0) ))
 # Every minute the results so far go to $OUT too (written whole, then renamed): a command stopped from outside
 # before the end below still returns the runs that had finished.
+# The trainers' own logs and metrics go there too, so a run cut short still shows its progress (tokens/s,
+# held-out loss so far).
 ( while sleep 60; do tar czf "$OUT/.results.tgz.part" -C $X results && mv "$OUT/.results.tgz.part" "$OUT/results.tgz"
+    ( cd "$W/runs" && tar czf "$OUT/.progress.tgz.part" *.log */metrics.jsonl ) && mv "$OUT/.progress.tgz.part" "$OUT/progress.tgz"
   done ) > /dev/null 2>&1 &
 packer=$!
 # On time-out `timeout` sends SIGTERM to the runner's whole process group: each trainer finishes its step,
@@ -65,6 +71,7 @@ timeout "$left" python3 $X/runs.py run --data "$W/data" --work "$W/runs" --only 
     2>&1 | tee "$OUT/runner.log"
 for _ in $(seq 60); do pgrep -f "parscale.cli train" > /dev/null || break; sleep 1; done
 for f in "$W"/runs/*.log; do grep -q "Traceback" "$f" && { echo "== $f"; tail -20 "$f"; }; done
-kill $packer 2>/dev/null; wait $packer 2>/dev/null; rm -f "$OUT/.results.tgz.part"
+kill $packer 2>/dev/null; wait $packer 2>/dev/null; rm -f "$OUT/.results.tgz.part" "$OUT/.progress.tgz.part"
+( cd "$W/runs" && tar czf "$OUT/progress.tgz" *.log */metrics.jsonl ) 2>/dev/null
 tar czf "$OUT/results.tgz" -C $X results
 ls -la "$OUT"
