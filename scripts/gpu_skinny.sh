@@ -15,7 +15,7 @@ export PYTHONPATH=src PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 if [ "${TESTS:-1}" = 1 ]; then  # the whole log kept: a failure's message is above pytest's last lines
-    timeout "${TEST_TIMEOUT:-300}" python3 -m pytest -q -m gpu tests/test_skinny_matmul.py tests/test_decode_attention.py \
+    timeout "${TEST_TIMEOUT:-300}" python3 -m pytest -q -m gpu tests/test_skinny_matmul.py tests/test_decode_attention.py tests/test_engine.py \
         > "$OUT/skinny_tests.txt" 2>&1
     grep -E "^(E |FAILED|[0-9]+ (passed|failed))" "$OUT/skinny_tests.txt" | tail -30
 fi

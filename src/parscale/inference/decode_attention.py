@@ -51,11 +51,15 @@ BLOCK_S = int(os.environ.get("PARSCALE_DECODE_ATTENTION_BLOCK_S", "16"))
 # Query heads per program (0: the whole group of a KV head). Fewer give more programs, each streaming the same
 # keys and values again (from L2 after the first): which is faster at a shape is for a benchmark to say.
 HEADS_PER_PROGRAM = int(os.environ.get("PARSCALE_DECODE_ATTENTION_HEADS", "0"))
-# The tiles' products as tl.dot (1) or element-wise (0). Not yet measured on a GPU, hence off; read at each launch.
-USE_DOT = os.environ.get("PARSCALE_DECODE_ATTENTION_DOT", "0") == "1"
-# Shares of the slots per (row, KV head) (1: no split, one kernel). Not yet measured on a GPU, hence off. Read
-# at each launch: a captured graph or compiled step keeps the split it was made with.
-SLOT_SPLITS = int(os.environ.get("PARSCALE_DECODE_ATTENTION_SPLITS", "1"))
+# The defaults below are the fastest of the 49 variants timed on an H100 (1.6B shape, 304 slots, 1 and 8 rows;
+# benchmarks/README.md, "The attention kernel in shares of the slots"): the whole query group per program, 8
+# shares of the slots, tl.dot tiles: 5.5 / 7.1 µs a layer against the plain path's 17.1 / 19.6 and the
+# unsplit element-wise kernel's 92 / 98.
+# The tiles' products as tl.dot (1) or element-wise (0); read at each launch.
+USE_DOT = os.environ.get("PARSCALE_DECODE_ATTENTION_DOT", "1") == "1"
+# Shares of the slots per (row, KV head) (1: no split, one kernel). Read at each launch: a captured graph or
+# compiled step keeps the split it was made with.
+SLOT_SPLITS = int(os.environ.get("PARSCALE_DECODE_ATTENTION_SPLITS", "8"))
 
 
 def _head_split(group: int, heads_per_program: int | None) -> tuple[int, int, int]:
