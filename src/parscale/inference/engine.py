@@ -216,10 +216,10 @@ class DecodeEngine:
 
     def _drop_prefill_graphs(self) -> None:
         """Forget the captured prefills and their memory pool. The pool's handle is not used again: a block
-        allocated during a capture can outlive its graph (CUDA's allocator keeps e.g. a library workspace made
-        on the capture stream), and capturing into a pool whose graphs are all gone while such a block lives
-        fails inside torch's allocator (an internal assert, seen on torch 2.11) and leaves the CUDA generator
-        in capture mode, so every later random draw in the process fails too."""
+        allocated during a capture can outlive its graph (seen on an H100 with torch 2.11 after a process's first
+        capture; a library workspace made on the capture stream is the likely owner), and capturing into a pool
+        whose graphs are all gone while such a block lives fails inside torch's allocator (an internal assert)
+        and leaves the CUDA generator in capture mode, so every later random draw in the process fails too."""
         self.prefill_graphs = {}
         self._prefill_pool = None
 
