@@ -39,7 +39,8 @@ def test_every_recycling_config_is_accepted_and_builds_its_model(tmp_path):
     for path in configs:
         cfg = TrainConfig(**load_config_file(path), data="unused", out="unused")
         check_config(cfg)
-        assert cfg.model == runs.MODEL and cfg.steps * cfg.batch_size * cfg.seq_len in (19_988_480, 16_384)
+        assert cfg.model == runs.MODEL and cfg.steps * cfg.batch_size * cfg.seq_len in (4_915_200, 8_192)
+        assert cfg.loss_chunk_rows == 4096 and cfg.activation_checkpointing
         kind = (cfg.streams, cfg.p1_prefix, cfg.trainable, cfg.prefix_init)
         if kind in built:
             continue
