@@ -352,6 +352,17 @@ def test_cuda_graph_prefill_matches_recompute_and_follows_the_model():
     assert engine.prefill_captures == 3
 
 
+def test_dropping_the_prefill_graphs_drops_their_pool_handle():
+    """Wherever the engine forgets its captured prefills (a new cache here; a changed fingerprint in
+    _padded_prefill), it forgets their memory pool too, so the next capture asks for a new pool (the GPU test
+    below shows what reusing the old handle did)."""
+    model = tiny_model(streams=2)
+    engine = DecodeEngine(model, batch_size=1, max_len=32)
+    engine._prefill_pool, engine.prefill_graphs = ("stale", 1), {64: None}
+    engine.reserve(batch_size=2, max_len=32)  # another batch size: a new cache
+    assert engine.prefill_graphs == {} and engine._prefill_pool is None
+
+
 FRESH_PROCESS_RECAPTURE = """
 import torch
 from conftest import tiny_model
