@@ -56,6 +56,7 @@ cp "$W/data/manifest.json" "$OUT/code-data-manifest.json"
 # their step and write a checkpoint (the wait below) and the results time to be packed. Give the call that
 # runs this script a limit of BUDGET + 20 s or more.
 left=$(( BUDGET - 75 - ($(date +%s) - t0) ))
+[ "$left" -lt 30 ] && { echo "BUDGET=$BUDGET leaves no time to train after the set-up: give it more"; exit 4; }
 # Every minute the results so far go to $OUT too (written whole, then renamed): a command stopped from outside
 # before the end below still returns the runs that had finished.
 # The trainers' own logs and metrics go there too, so a run cut short still shows its progress (tokens/s,
