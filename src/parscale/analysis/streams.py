@@ -58,11 +58,13 @@ def stream_diagnostics(model, batches: Iterable[tuple[torch.Tensor, torch.Tensor
         sums[key] = sums.get(key, 0.0) + value * weight
 
     # Each layer's mean pairwise cosine between the streams' hidden states, taken as the layer runs: holding
-    # every layer's output until the end would keep layers x P x B x T x H values.
+    # every layer's output until the end would keep layers x P x B x T x H values. Only the batch's first
+    # forward is measured (the shared-prefix forward after it finds the list full).
     layer_cos: list[torch.Tensor] = []
+    n_layers = len(model.model.layers)
 
     def mean_pairwise_cosine(_module, _inputs, out):
-        if p > 1:
+        if p > 1 and len(layer_cos) < n_layers:
             hs = F.normalize(out.float().view(p, -1, out.shape[-1]), dim=-1)
             layer_cos.append(torch.stack([(hs[i] * hs[j]).sum(-1).mean() for i, j in combinations(range(p), 2)])
                              .mean())
@@ -81,7 +83,7 @@ def stream_diagnostics(model, batches: Iterable[tuple[torch.Tensor, torch.Tensor
             mixed, w = model.aggregate(streams)
             add("loss_mix", _cross_entropy_sum(model, mixed, y), 1)
             _add_vocabulary_sums(model, streams.flatten(1, 2), y.flatten(), add)
-            for layer_i, cos in enumerate(layer_cos[: len(model.model.layers)]):
+            for layer_i, cos in enumerate(layer_cos):
                 add(f"cos_{layer_i}", cos.item(), tokens)
             wf = w.float()
             for i in range(p):
