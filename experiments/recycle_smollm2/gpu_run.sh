@@ -34,8 +34,13 @@ if [ ! -f runs/smollm2/config.json ]; then
     fi
     python3 -m parscale.cli convert --model "$GGUF" --out runs/smollm2 || exit 1
 fi
-if [ ! -f "$W/data/manifest.json" ] || [ ! -f "$W/corpus.jsonl" ]; then
+# The corpus needs no model: an earlier call on the same machine may have built it already (see Commands in the
+# README); the token data is built again whenever it is missing.
+if [ ! -f "$W/corpus.jsonl" ]; then
+    rm -rf "$W/data"
     python3 -m parscale.cli corpus --this-python --out "$W/corpus.jsonl" --val-fraction 0.02 --overwrite > "$W/corpus.txt" || exit 1
+fi
+if [ ! -f "$W/data/manifest.json" ]; then
     python3 -m parscale.cli data "$W/corpus.jsonl" --split-field split --tokenizer runs/smollm2/tokenizer.json \
         --out "$W/data" --overwrite || exit 1
 fi
