@@ -176,8 +176,11 @@ def test_convert_writes_a_backbone_with_its_adapter_as_one_model(tmp_path, capsy
     assert torch.equal(whole(ids), through(ids))
     assert whole.generation_config["eos_token_id"] == [1, 2]
     assert (tmp_path / "whole" / "tokenizer.json").is_file()
+    # A flag given at its default value is refused too: the adapter's own value would silently replace it.
     for extra, named in ((["--streams", "2"], "--streams"), (["--prefix-init", "backbone"], "--prefix-init"),
-                         (["--n-tokens", "8"], "--n-tokens")):
+                         (["--n-tokens", "8"], "--n-tokens"), (["--n-tokens", "48"], "--n-tokens"),
+                         (["--seed", "0"], "--seed"), (["--smooth", "0.1"], "--smooth"),
+                         (["--prefix-init", "random"], "--prefix-init")):
         assert main(["convert", "--model", str(tmp_path / "base"), "--adapter", str(tmp_path / "adapter"),
                      "--out", str(tmp_path / "other"), *extra]) == 2
         assert f"drop {named}" in capsys.readouterr().err

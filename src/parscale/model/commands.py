@@ -103,6 +103,9 @@ def cmd_convert(args):
 
     if args.adapter:
         return _convert_with_adapter(args)
+    for name, default in NEW_STREAM_DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, default)
     if is_gguf(args.model):
         out = gguf_to_folder(args.model, args.out, dtype=args.dtype or "float32", streams=args.streams or 1,
                              n_tokens=args.n_tokens, smooth=args.smooth, seed=args.seed, overwrite=args.overwrite,
@@ -128,11 +131,15 @@ def cmd_convert(args):
           f"+{c['parscale']:,} ParScale parameters")
 
 
+# convert's flags for the streams it adds; None on the command line means "not given", so that --adapter (which
+# brings its own streams) can refuse any of them, even one given at its default value.
+NEW_STREAM_DEFAULTS = {"n_tokens": 48, "smooth": 0.1, "seed": 0, "prefix_init": "random"}
+
+
 def _convert_with_adapter(args):
     """--adapter: backbone + adapter written as one folder (what vLLM, lm-eval or the Hub take as a model)."""
-    given = [name for name, value, default in (("--streams", args.streams, None), ("--n-tokens", args.n_tokens, 48),
-                                                ("--smooth", args.smooth, 0.1), ("--seed", args.seed, 0),
-                                                ("--prefix-init", args.prefix_init, "random")) if value != default]
+    given = ["--" + name.replace("_", "-") for name in ("streams", *NEW_STREAM_DEFAULTS)
+             if getattr(args, name) is not None]
     if given:
         raise ValueError(f"--adapter brings its own streams, prefixes and aggregator: drop {', '.join(given)}")
     resolve_model(args)
@@ -179,12 +186,13 @@ def add_parsers(sub) -> None:
                    help="a frozen-backbone adapter folder: write --model (P = 1) with it as one P-stream model")
     p.add_argument("--streams", type=int, default=None,
                    help="P, the number of parallel streams to add (>= 2; for a GGUF file 1 keeps P = 1)")
-    p.add_argument("--n-tokens", type=int, default=48, help="prefix tokens per stream and layer")
-    p.add_argument("--smooth", type=float, default=0.1, help="ε of the aggregation smoothing w·(1−ε) + ε/P")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random initialisation")
-    p.add_argument("--prefix-init", choices=["random", "backbone"], default="random",
-                   help="new prefixes: random, or the source model's own keys and values of random tokens at "
-                        "position 0, which starts a trained model near its P = 1 loss (model/convert.py)")
+    p.add_argument("--n-tokens", type=int, default=None, help="prefix tokens per stream and layer (default 48)")
+    p.add_argument("--smooth", type=float, default=None,
+                   help="ε of the aggregation smoothing w·(1−ε) + ε/P (default 0.1)")
+    p.add_argument("--seed", type=int, default=None, help="seed of the random initialisation (default 0)")
+    p.add_argument("--prefix-init", choices=["random", "backbone"], default=None,
+                   help="new prefixes: random (the default), or the source model's own keys and values of random "
+                        "tokens at position 0, which starts a trained model near its P = 1 loss (model/convert.py)")
     p.add_argument("--dtype", default=None,
                    help="dtype of the saved weights: float32, bfloat16 or float16 (default: as built / as the source)")
     p.add_argument("--overwrite", action="store_true",
