@@ -94,6 +94,11 @@ def _stored(model) -> dict:
             "stored_bytes": sum(f.stat().st_size for f in folder.glob("*.safetensors"))}
 
 
+# convert's flags for the streams it adds; None on the command line means "not given", so that --adapter (which
+# brings its own streams) can refuse any of them, even one given at its default value.
+NEW_STREAM_DEFAULTS = {"n_tokens": 48, "smooth": 0.1, "seed": 0, "prefix_init": "random"}
+
+
 @command
 def cmd_convert(args):
     """Give a P=1 checkpoint P streams with fresh prefixes and aggregator; save in the released format.
@@ -129,11 +134,6 @@ def cmd_convert(args):
     c = new.config.param_counts()
     print(f"wrote {args.out}: {new.config.model_type}, P={args.streams}, n_tokens={args.n_tokens}, "
           f"+{c['parscale']:,} ParScale parameters")
-
-
-# convert's flags for the streams it adds; None on the command line means "not given", so that --adapter (which
-# brings its own streams) can refuse any of them, even one given at its default value.
-NEW_STREAM_DEFAULTS = {"n_tokens": 48, "smooth": 0.1, "seed": 0, "prefix_init": "random"}
 
 
 def _convert_with_adapter(args):
