@@ -8,7 +8,7 @@ from conftest import tiny_model
 from test_train import _cfg
 
 from parscale.training.levers import AggregatorHooks
-from parscale.training.train import TrainConfig, build_optimizer, group_schedules, lr_factor, train
+from parscale.training.train import TrainConfig, build_optimizer, check_config, group_schedules, lr_factor, train
 
 
 def test_parscale_groups_get_their_own_rate_and_warmup():
@@ -23,6 +23,32 @@ def test_parscale_groups_get_their_own_rate_and_warmup():
     assert schedules[0](2) == pytest.approx(lr_factor(cfg, 2)) == pytest.approx(3 / 4)
     assert schedules[2](2) == pytest.approx(0.1 * 3 / 10)  # its own warm-up, scaled
     assert len(build_optimizer(model, TrainConfig(), torch.device("cpu")).param_groups) == 2  # off: as before
+
+
+def test_the_aggregator_gets_a_rate_of_its_own():
+    """aggregator_lr_mult: the aggregator in groups 4 and 5 at lr × parscale_lr_mult × the multiple, the
+    prefixes keep theirs; Adam's first step moves each weight by its group's rate, so the moves show it."""
+    torch.manual_seed(0)
+    model = tiny_model(streams=2)
+    cfg = TrainConfig(lr=1e-2, warmup=1, steps=10, weight_decay=0.0, parscale_lr_mult=0.5, aggregator_lr_mult=1e-3)
+    opt = build_optimizer(model, cfg, torch.device("cpu"))
+    names = {id(p): n for n, p in model.named_parameters()}
+    groups = [{names[id(p)] for p in g["params"]} for g in opt.param_groups]
+    assert len(groups) == 6
+    assert groups[4] | groups[5] == {n for n, _ in model.named_parameters() if "aggregate_layer" in n}
+    assert groups[2] | groups[3] == {n for n, _ in model.named_parameters() if "prefix" in n}
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, group_schedules(cfg, len(groups)))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    ids = torch.randint(0, 512, (2, 9))
+    torch.nn.functional.cross_entropy(model(ids).flatten(0, 1), ids.flatten()).backward()
+    opt.step()
+    schedule.step()
+    moved = {n: (p.detach() - before[n]).abs().max().item() for n, p in model.named_parameters()}
+    assert moved["model.aggregate_layer.2.bias"] == pytest.approx(1e-2 * 0.5 * 1e-3, rel=1e-2)
+    assert moved["model.layers.0.self_attn.prefix_k"] == pytest.approx(1e-2 * 0.5, rel=1e-2)
+    assert moved["model.embed_tokens.weight"] == pytest.approx(1e-2, rel=1e-2)
+    with pytest.raises(ValueError, match="aggregator_lr_mult"):
+        check_config(TrainConfig(aggregator_lr_mult=0.0))
 
 
 def test_stream_dropout_masks_in_training_only():
@@ -62,7 +88,7 @@ def test_z_loss_is_added_and_reaches_the_aggregator():
 
 def test_levers_train_end_to_end(data_dir, tmp_path):
     train(_cfg(data_dir, tmp_path / "r", streams=4, steps=4, stream_dropout=0.2, aggregator_z_loss=1e-3,
-               parscale_lr_mult=0.5, parscale_warmup=2))
+               parscale_lr_mult=0.5, parscale_warmup=2, aggregator_lr_mult=0.1))
     rows = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 4 and all(r["loss"] > 0 for r in rows)
     with pytest.raises(ValueError, match="need P > 1"):

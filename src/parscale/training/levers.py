@@ -1,11 +1,16 @@
 """Training-only levers against stream collapse, applied from outside the model.
 
 Collapse, as measured in experiments/streams_effect: during warm-up the aggregator's softmax saturates
-with one stream at the ε cap; its gradient then vanishes and the streams never come back. Three levers,
+with one stream at the ε cap; its gradient then vanishes and the streams never come back. Four levers,
 each a TrainConfig switch (off by default):
 
 - a separate learning rate and warm-up for prefixes and aggregator (`parscale_lr_mult`,
   `parscale_warmup`): a slower or later aggregator cannot saturate while the backbone is still random;
+- a learning rate of the aggregator's own (`aggregator_lr_mult`, a multiple of the prefixes' rate): Adam
+  moves each weight by about its rate per step however small the gradient, and the aggregator's last layer
+  sums hundreds to thousands of activations per token, so its logits move that many times the rate. On a
+  pretrained backbone (experiments/recycle_smollm2: SmolLM2-135M, frozen, lr 2e-3) one stream reached the
+  ε cap by step ~20 from a 0.01-nat head start; a slower aggregator lets the prefixes learn first;
 - stream dropout (`stream_dropout = q`): in training, each stream's aggregation logit is masked with
   probability q per token (never all of a token's streams), so no stream can carry every token alone
   and every stream keeps receiving gradient; evaluation and inference are unchanged;

@@ -161,21 +161,29 @@ def lr_factor(cfg: TrainConfig, step: int) -> float:
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0)))
 
 
-def _separate_parscale_groups(cfg: TrainConfig) -> bool:
-    return cfg.parscale_lr_mult != 1.0 or cfg.parscale_warmup is not None
+def _group_kinds(cfg: TrainConfig) -> int:
+    """How many kinds of parameters get groups of their own: the backbone (1), prefixes and aggregator apart
+    from it (2), and the aggregator apart from the prefixes (3)."""
+    if cfg.aggregator_lr_mult != 1.0:
+        return 3
+    return 2 if cfg.parscale_lr_mult != 1.0 or cfg.parscale_warmup is not None else 1
 
 
 def build_optimizer(model, cfg: TrainConfig, device: torch.device, fused: bool = False) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices only; with a ParScale learning rate or warm-up of its own,
-    prefixes and aggregator get groups of their own (groups 2 and 3, see `group_schedules`)."""
-    separate = _separate_parscale_groups(cfg)
-    groups = [[] for _ in range(4 if separate else 2)]
+    """AdamW with weight decay on matrices only (groups in pairs: decayed, not decayed). With a ParScale
+    learning rate or warm-up of its own, prefixes and aggregator get groups 2 and 3; with an aggregator rate of
+    its own, the aggregator gets groups 4 and 5 (see `group_schedules`)."""
+    kinds = _group_kinds(cfg)
+    groups = [[] for _ in range(2 * kinds)]
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         index = 0 if p.dim() >= 2 and "prefix" not in name else 1
-        groups[index + (2 if separate and is_parscale_name(name) else 0)].append(p)
-    decays = (cfg.weight_decay, 0.0) * (len(groups) // 2)
+        kind = 0
+        if kinds > 1 and is_parscale_name(name):
+            kind = 2 if kinds == 3 and "aggregate_layer" in name else 1
+        groups[index + 2 * kind].append(p)
+    decays = (cfg.weight_decay, 0.0) * kinds
     return torch.optim.AdamW([{"params": g, "weight_decay": d} for g, d in zip(groups, decays, strict=True)],
                              lr=cfg.lr, betas=(0.9, 0.95), fused=fused)
 
@@ -186,7 +194,10 @@ def group_schedules(cfg: TrainConfig, n_groups: int) -> list:
     if n_groups == 2:
         return backbone
     own = dataclasses.replace(cfg, warmup=cfg.parscale_warmup if cfg.parscale_warmup is not None else cfg.warmup)
-    return backbone + [lambda s: cfg.parscale_lr_mult * lr_factor(own, s)] * 2
+    parscale = [lambda s: cfg.parscale_lr_mult * lr_factor(own, s)] * 2
+    if n_groups == 4:
+        return backbone + parscale
+    return backbone + parscale + [lambda s: cfg.aggregator_lr_mult * cfg.parscale_lr_mult * lr_factor(own, s)] * 2
 
 
 def _load_trainer_state(ckpt: Path) -> dict:
@@ -394,6 +405,8 @@ def check_config(cfg: TrainConfig) -> None:
         raise ValueError(f"trainable must be 'all' or 'parscale', got {cfg.trainable!r}")
     if not (0 < cfg.parscale_lr_mult < math.inf) or (cfg.parscale_warmup is not None and cfg.parscale_warmup <= 0):
         raise ValueError("parscale_lr_mult and parscale_warmup must be > 0")
+    if not 0 < cfg.aggregator_lr_mult < math.inf:
+        raise ValueError(f"aggregator_lr_mult must be > 0 and finite, got {cfg.aggregator_lr_mult}")
     # clip_grad_norm_ scales the gradients by max_norm / norm: a negative threshold would reverse them
     if not (math.isfinite(cfg.grad_clip) and cfg.grad_clip >= 0):
         raise ValueError(f"grad_clip must be >= 0 (0: no clipping), got {cfg.grad_clip}")

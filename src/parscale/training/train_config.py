@@ -83,6 +83,11 @@ class TrainConfig:
     """Learning rate of prefixes and aggregator as a multiple of lr (levers.py; 1: the same)."""
     parscale_warmup: int | None = None
     """Warm-up steps of prefixes and aggregator (levers.py; default: warmup)."""
+    aggregator_lr_mult: float = 1.0
+    """Learning rate of the aggregator as a multiple of the prefixes' (lr × parscale_lr_mult × this; levers.py;
+    1: the same). Adam moves each weight by about the rate per step whatever its gradient, and the aggregator's
+    logits sum ~500-2,000 hidden activations per token on a pretrained backbone, so at the prefixes' rate
+    they saturate within tens of steps."""
     stream_dropout: float = 0.0
     """Training only: mask each stream's aggregation logit with this probability per token (levers.py)."""
     aggregator_z_loss: float = 0.0
