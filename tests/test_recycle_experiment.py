@@ -51,12 +51,14 @@ def test_every_recycling_config_is_accepted_and_builds_its_model(tmp_path):
             assert model.config.parscale_n_tokens == 48
     # every arm of the design is there, for each seed
     arms = {r["arm"] for r in planned.values()}
-    levered = {f"{kind}-p{p}-aggslow" for kind in ("frozen", "full") for p in (2, 4, 8)}
+    levers = {"agglr0.01": 0.01, "agglr0.001": 0.001}
+    levered = {f"{kind}-p{p}-{lever}" for kind in ("frozen", "full") for p in (2, 4, 8) for lever in levers}
     assert arms == {"frozen-p1prefix", "frozen-p2", "frozen-p4", "frozen-p8", "full-p1", "full-p1prefix", "full-p2",
                     "full-p4", "full-p8", "start-p1", "start-p4"} | levered
     # a levered arm is its plain arm with the aggregator slowed, nothing else
     for name, r in planned.items():
         if r["arm"] in levered:
-            plain = planned[name.replace("-aggslow", "")]["train"]
-            assert r["train"] == {**plain, "aggregator_lr_mult": 0.01}
+            lever = r["arm"].rsplit("-", 1)[1]
+            plain = planned[name.replace(f"-{lever}", "")]["train"]
+            assert r["train"] == {**plain, "aggregator_lr_mult": levers[lever]}
     assert {r["seed"] for r in planned.values() if r["arm"] == "full-p8"} == {0, 1, 2}

@@ -17,8 +17,8 @@ parameters' initialisation and the data order, the same for every arm):
   cosine to 0.1x; p1prefix is the control (a P = 1 prefix of the same size, no aggregator);
 - full-{p1,p1prefix,p2,p4,p8}: continual pre-training of everything, lr 3e-4 for the backbone (10% warm-up,
   cosine to 0.1x), the new parameters at 10x with their own 10% warm-up; p1 and p1prefix are the controls;
-- frozen-/full-{p2,p4,p8}-aggslow: the same with the aggregator at 0.01x the prefixes' rate
-  (`aggregator_lr_mult`), against the collapse the first frozen runs showed (README);
+- frozen-/full-{p2,p4,p8}-agglr{0.01,0.001}: the same with the aggregator at 0.01x / 0.001x the prefixes'
+  rate (`aggregator_lr_mult`), against the collapse the first frozen runs showed (README);
 - start-{p1,p4}: one step at lr 1e-12 (no change a float32 weight can show), so the starting point is
   measured exactly as every other run's end (the whole held-out split in the trainer's windows).
 
@@ -63,15 +63,16 @@ ARMS = {f"frozen-{arm}": {**COMMON, **STREAMS[arm], "trainable": "parscale", "lr
 ARMS |= {f"full-{arm}": {**COMMON, **STREAMS[arm], "lr": 3e-4,
                          **({} if arm == "p1" else {"parscale_lr_mult": 10.0, "parscale_warmup": STEPS // 10})}
          for arm in ("p1", "p1prefix", "p2", "p4", "p8")}
-# The same P > 1 arms with the aggregator at 0.01 x the prefixes' rate (training/levers.py). In the first frozen
-# runs every P > 1 run put one stream at the eps cap by step ~20 (lr still a third of its peak) and kept it
-# there: at the start the aggregator's last layer sums ~515 activations per token (measured on the converted
-# model, 4 x 256 held-out tokens), so Adam's step of about the rate per weight moves a logit by up to ~1 per
-# step at 2e-3, while the streams alone differ by <= 0.012 nats. At 0.01 x it moves <= ~0.01 per step. The
-# controls have no aggregator, so the lever changes nothing there: the same controls serve both.
-SLOW_AGGREGATOR = {"aggregator_lr_mult": 0.01}
-ARMS |= {f"{kind}-{arm}-aggslow": {**ARMS[f"{kind}-{arm}"], **SLOW_AGGREGATOR}
-         for kind in ("frozen", "full") for arm in ("p2", "p4", "p8")}
+# The same P > 1 arms with the aggregator at 0.01x and 0.001x the prefixes' rate (training/levers.py). In the
+# first frozen runs every P > 1 run put one stream at the eps cap by step ~20 (lr still a third of its peak) and
+# kept it there: at the start the aggregator's last layer sums ~515 activations per token (measured on the
+# converted model, 4 x 256 held-out tokens), so Adam's step of about the rate per weight moves a logit by up to
+# ~1 per step at 2e-3, while the streams alone differ by <= 0.012 nats. On a CPU probe 0.01x only slowed it
+# (stream 0's weight 0.25 -> 0.45 by step 100, README); 0.001x moves a logit <= ~0.001 a step, close to a fixed
+# uniform mix. The controls have no aggregator, so the lever changes nothing there: the same controls serve all.
+SLOW_AGGREGATOR = {"agglr0.01": {"aggregator_lr_mult": 0.01}, "agglr0.001": {"aggregator_lr_mult": 0.001}}
+ARMS |= {f"{kind}-{arm}-{lever}": {**ARMS[f"{kind}-{arm}"], **fields}
+         for lever, fields in SLOW_AGGREGATOR.items() for kind in ("frozen", "full") for arm in ("p2", "p4", "p8")}
 ARMS |= {f"start-{arm}": {**COMMON, **STREAMS[arm], "steps": 1, "warmup": 1, "lr": 1e-12, "weight_decay": 0.0,
                           "eval_every": 1} for arm in ("p1", "p4")}
 

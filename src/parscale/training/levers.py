@@ -10,7 +10,8 @@ each a TrainConfig switch (off by default):
   moves each weight by about its rate per step however small the gradient, and the aggregator's last layer
   sums hundreds to thousands of activations per token, so its logits move that many times the rate. On a
   pretrained backbone (experiments/recycle_smollm2: SmolLM2-135M, frozen, lr 2e-3) one stream reached the
-  ε cap by step ~20 from a 0.01-nat head start; a slower aggregator lets the prefixes learn first;
+  ε cap by step ~20 from a 0.01-nat head start; a slower aggregator lets the prefixes learn first (at 0.01×
+  there it only delayed the collapse: the favoured stream's prefix also gets the most gradient);
 - stream dropout (`stream_dropout = q`): in training, each stream's aggregation logit is masked with
   probability q per token (never all of a token's streams), so no stream can carry every token alone
   and every stream keeps receiving gradient; evaluation and inference are unchanged;
