@@ -112,19 +112,36 @@ def collect(name: str, run: dict, run_dir: Path, wall: float) -> dict:
 
 
 AGAIN = "stage1_again"   # results/stage1_again/: stage-1 runs trained again on a later machine for stage 2
+RUNS_AGAIN = "again"     # results/again/: runs with a committed result trained again because `again` named them
 
 
-def select_runs(all_runs: dict[str, dict], only: list[str], results: Path, work: Path) -> dict[str, dict]:
+def _matches(name: str, patterns) -> bool:
+    return any(fnmatch.fnmatch(name, pat) for pat in patterns)
+
+
+def select_runs(all_runs: dict[str, dict], only: list[str], results: Path, work: Path,
+                again: list[str] = ()) -> dict[str, dict]:
     """The runs to train: those matching a pattern without a result in `results`, plus the stage 1 of each
     stage-2 run among them when its folder (its checkpoint) is not in `work`. A stage-2 run continues a
     checkpoint that lives only on the machine that trained it, so a stage 1 whose result is already committed
-    is trained again, marked "again" (its result goes to results/stage1_again/, the committed one stays)."""
-    todo = {n: r for n, r in all_runs.items() if any(fnmatch.fnmatch(n, pat) for pat in only)
-            and not (results / f"{n}.json").is_file()}
+    is trained again, marked "again" (its result goes to results/stage1_again/, the committed one stays).
+
+    A run matching a pattern of `again` too is trained even where it has a committed result: a stage-2 control
+    whose committed result continued an earlier training of stage 1 pairs with nothing of a new one. Its "again"
+    names results/again/, where its new result goes beside the committed one (never over it)."""
+    todo = {}
+    for name, run in all_runs.items():
+        if not _matches(name, only):
+            continue
+        committed = (results / f"{name}.json").is_file()
+        if not committed:
+            todo[name] = run
+        elif _matches(name, again):
+            todo[name] = {**run, "again": RUNS_AGAIN}
     for name in list(todo):
         after = todo[name].get("after")
         if after and after not in todo and after in all_runs and not (work / after / "result.json").is_file():
-            todo[after] = {**all_runs[after], "again": (results / f"{after}.json").is_file()}
+            todo[after] = {**all_runs[after], "again": AGAIN if (results / f"{after}.json").is_file() else False}
     return todo
 
 
@@ -204,7 +221,8 @@ def stage1_identity(stage1_dir: Path) -> dict:
 
 
 def run_all(all_runs: dict[str, dict], configs: Path, results: Path, data: Path, work: Path, only: list[str],
-            per_gpu: int, heldout_corpus: Path | None = None, corpus_data: dict[str, Path] | None = None) -> None:
+            per_gpu: int, heldout_corpus: Path | None = None, corpus_data: dict[str, Path] | None = None,
+            again: list[str] = ()) -> None:
     """Train the runs matching `only` (largest cost first, per_gpu at a time on every visible GPU). A run on
     another corpus than the default one names it (run["corpus"]) and reads the `parscale data` folder given for
     that name in corpus_data; the held-out packages (heldout_corpus) are the default corpus's and score only
@@ -216,7 +234,7 @@ def run_all(all_runs: dict[str, dict], configs: Path, results: Path, data: Path,
     heldout = work / "heldout.jsonl"
     if heldout_corpus is not None and not heldout.is_file():
         print(f"[runs] held-out files by package: {write_heldout(heldout_corpus, heldout)}", flush=True)
-    todo = select_runs(all_runs, only, results, work)
+    todo = select_runs(all_runs, only, results, work, again)
     queue = sorted(todo, key=lambda n: -todo[n]["cost"])
     gpus = list(range(max(1, torch.cuda.device_count()))) if torch.cuda.is_available() else [None]
     slots = {g: [] for g in gpus}
@@ -224,9 +242,13 @@ def run_all(all_runs: dict[str, dict], configs: Path, results: Path, data: Path,
 
     def publish(name: str, how: str) -> None:
         text = (work / name / "result.json").read_text()
-        if todo[name].get("again"):   # a stage 1 trained again for its checkpoint: the committed one stays
-            (results / AGAIN).mkdir(exist_ok=True)
-            write_atomic(again_path(results / AGAIN, name), text)
+        folder = todo[name].get("again")
+        if folder:   # trained again (a stage 1 for its checkpoint, or named by `again`): the committed one stays
+            (results / folder).mkdir(exist_ok=True)
+            # A later call on the same machine finds the run's folder finished and collects it again: the same
+            # result is published once.
+            if not any(f.read_text() == text for f in (results / folder).glob(f"{name}.*json")):
+                write_atomic(again_path(results / folder, name), text)
         else:
             write_atomic(results / f"{name}.json", text)
         result = json.loads(text)
@@ -299,6 +321,9 @@ def experiment_main(argv, description: str, runs, configs: Path, results: Path, 
     r.add_argument("--data", required=True, help=data_help)
     r.add_argument("--work", required=True, help="where run folders and logs go")
     r.add_argument("--only", nargs="+", default=["*"], help="run-name patterns")
+    r.add_argument("--again", nargs="+", default=[], metavar="PATTERN",
+                   help="of those, train these again even where a result is committed (the new result goes to "
+                        "results/again/, beside it): controls that must continue this machine's stage 1")
     r.add_argument("--per-gpu", type=int, default=per_gpu)
     r.add_argument("--heldout-corpus", type=Path, default=None,
                    help="the corpus JSONL: score every held-out package of each finished run apart (heldout.json)")
@@ -318,7 +343,8 @@ def experiment_main(argv, description: str, runs, configs: Path, results: Path, 
             if not sep or not name or not folder:
                 ap.error(f"--corpus-data wants NAME=DIR, got {item!r}")
             corpus_data[name] = Path(folder)
-        run_all(Path(args.data), Path(args.work), args.only, args.per_gpu, args.heldout_corpus, corpus_data)
+        run_all(Path(args.data), Path(args.work), args.only, args.per_gpu, args.heldout_corpus, corpus_data,
+                args.again)
 
 
 def main(argv=None) -> None:

@@ -273,6 +273,25 @@ def test_a_stage_two_run_brings_its_stage_one_when_the_checkpoint_is_not_here(tm
     assert todo["long-p1-s1"]["again"] is False
 
 
+def test_runs_named_again_are_trained_beside_their_committed_result(tmp_path):
+    """select_runs with `again`: a stage-2 control with a committed result (an earlier stage 1's) is trained again
+    with the new stage 1, marked for results/again/; a committed run not named by `again` is still skipped."""
+    runner, runs = _experiment_modules()
+    results, work = tmp_path / "results", tmp_path / "work"
+    results.mkdir()
+    for name in ("long-p1-s0", "ts-p1-plus5-s0", "ts-p4-plus5-s0"):
+        (results / f"{name}.json").write_text("{}")
+    all_runs = runs.runs()
+    only = ["ts-p1-plus5-s0", "ts-p4-plus5-s0", "ts-p2-plus5-s0"]
+    todo = runner.select_runs(all_runs, only, results, work)
+    assert set(todo) == {"ts-p2-plus5-s0", "long-p1-s0"}   # without `again` the committed control is skipped
+    todo = runner.select_runs(all_runs, only, results, work, again=["ts-p1-*"])
+    assert set(todo) == {"ts-p1-plus5-s0", "ts-p2-plus5-s0", "long-p1-s0"}
+    assert todo["ts-p1-plus5-s0"]["again"] == runner.RUNS_AGAIN and not todo["ts-p2-plus5-s0"].get("again")
+    assert todo["long-p1-s0"]["again"] == runner.AGAIN
+    assert todo["ts-p1-plus5-s0"]["train"] == all_runs["ts-p1-plus5-s0"]["train"]
+
+
 def test_a_stage_one_trained_again_twice_keeps_both_results(tmp_path):
     """Each re-training of a stage 1 is the start of the stage-2 runs that recorded it: a later one is published
     beside the earlier, never over it."""
@@ -354,6 +373,15 @@ def test_the_runner_trains_stage_one_then_stage_two_and_collects_a_finished_run_
     assert "done tiny-ts-p2-s0" in capsys.readouterr().out
     assert (work / "tiny-ts-p2-s0" / "metrics.jsonl").read_text() == metrics   # not one step trained again
     assert json.loads((results / "tiny-ts-p2-s0.json").read_text())["endpoint"] == stage2["endpoint"]
+    # named by `again`, a run with a committed result runs again (here: collected from its folder) and its new
+    # result goes to results/again/, the committed one untouched
+    committed = (results / "tiny-ts-p2-s0.json").read_text()
+    runs.run_all(data_dir, work, ["tiny-ts-*"], per_gpu=2, again=["tiny-ts-*"])
+    assert "collected from its run folder tiny-ts-p2-s0" in capsys.readouterr().out
+    assert (results / "tiny-ts-p2-s0.json").read_text() == committed
+    assert json.loads((results / "again" / "tiny-ts-p2-s0.json").read_text())["endpoint"] == stage2["endpoint"]
+    runs.run_all(data_dir, work, ["tiny-ts-*"], per_gpu=2, again=["tiny-ts-*"])   # a later call: published once
+    assert [f.name for f in (results / "again").iterdir()] == ["tiny-ts-p2-s0.json"]
 
 
 def test_collect_keeps_the_trainers_peak_memory(tmp_path):

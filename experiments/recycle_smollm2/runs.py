@@ -90,9 +90,9 @@ def runs() -> dict[str, dict]:
 
 
 def run_all(data: Path, work: Path, only: list[str], per_gpu: int, heldout_corpus: Path | None = None,
-            corpus_data: dict[str, Path] | None = None) -> None:
+            corpus_data: dict[str, Path] | None = None, again: list[str] = ()) -> None:
     """runner.run_all over this experiment's runs, configs/ and results/."""
-    _run_all(runs(), CONFIGS, RESULTS, data, work, only, per_gpu, heldout_corpus, corpus_data)
+    _run_all(runs(), CONFIGS, RESULTS, data, work, only, per_gpu, heldout_corpus, corpus_data, again)
 
 
 def main(argv=None) -> None:

@@ -3,6 +3,10 @@
 # match the patterns until BUDGET seconds have passed, and pack the results into $OUT.
 #
 #   BUDGET=580 PER_GPU=5 bash experiments/streams_effect/gpu_run.sh 'd8-*-s0' 'd8-p8-s1'
+#   AGAIN='ts-p1-plus5-s[012]' bash experiments/streams_effect/gpu_run.sh 'ts-p1-plus5-s[012]' 'ts-p2-plus5-s[012]'
+#
+# AGAIN (patterns, space-separated): of the runs named, train these again even where a result is committed,
+# into results/again/ (runs.py run --again): the controls a new training of stage 1 needs.
 #
 # The BPE is trained on the first machine (8,192 entries, a quarter of the training documents) and then
 # committed as data/code-tokenizer-8k.json; later machines use the committed file, so every run of the
@@ -67,8 +71,9 @@ left=$(( BUDGET - 75 - ($(date +%s) - t0) ))
 packer=$!
 # On time-out `timeout` sends SIGTERM to the runner's whole process group: each trainer finishes its step,
 # writes a checkpoint and exits; running this script again on the same machine continues them.
+read -ra again <<< "${AGAIN:-}"   # read, not expanded: the patterns' * and [...] reach the runner as written
 timeout "$left" python3 $X/runs.py run --data "$W/data" --work "$W/runs" --only "$@" --per-gpu "${PER_GPU:-5}" \
-    --heldout-corpus "$W/corpus.jsonl" "${corpus_data[@]}" \
+    --heldout-corpus "$W/corpus.jsonl" "${corpus_data[@]}" ${again[@]:+--again "${again[@]}"} \
     2>&1 | tee "$OUT/runner.log"
 for _ in $(seq 60); do pgrep -f "parscale.cli train" > /dev/null || break; sleep 1; done
 for f in "$W"/runs/*.log; do grep -q "Traceback" "$f" && { echo "== $f"; tail -20 "$f"; }; done
