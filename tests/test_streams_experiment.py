@@ -336,6 +336,32 @@ def test_post_training_pairs_each_stage_two_arm_with_its_controls_by_seed(analyz
     assert out["arms"]["ts-p4-plus5"]["below_stage1"] == pytest.approx((0.08 + 1.06 + 0.50) / 3)
 
 
+def test_a_control_trained_again_pairs_with_the_arms_of_its_own_checkpoint(analyze):
+    """results/again/ (runner --again): a control trained again with a later stage 1 is the partner of the arms
+    that continued that stage 1, and the committed control stays the partner of those that continued the
+    earlier one; each seed gives one pair."""
+    def run(arm, seed, final, stage1):
+        return {"arm": arm, "seed": seed, "endpoint": 9.0, "environment": {"gpu": None},
+                "val_loss_full": {"300": final}, "stage1": {"val_loss_full": stage1, "weights_sha256": None}}
+
+    early, later = {0: 2.10, 1: 2.11}, {0: 2.20, 1: 2.21}   # two trainings of stage 1, per seed
+    results = {("ts-p1-plus5", s): run("ts-p1-plus5", s, 2.06, early[s]) for s in (0, 1)}
+    results |= {("ts-p8-plus5", s): run("ts-p8-plus5", s, 2.05, early[s]) for s in (0, 1)}   # gains 0.01
+    results |= {("ts-p4-plus5", s): run("ts-p4-plus5", s, 2.10 + s / 100, later[s]) for s in (0, 1)}
+    again = {("ts-p1-plus5", s): [run("ts-p1-plus5", s, 2.13 + s / 100, later[s])] for s in (0, 1)}   # gains 0.03
+    out = analyze.post_training(results)
+    assert not [r for r in out["comparisons"] if r["arm"] == "ts-p4-plus5" and r["base"] == "ts-p1-plus5"]
+    out = analyze.post_training(results, again)
+    (p4,) = [r for r in out["comparisons"] if r["arm"] == "ts-p4-plus5" and r["base"] == "ts-p1-plus5"]
+    (p8,) = [r for r in out["comparisons"] if r["arm"] == "ts-p8-plus5" and r["base"] == "ts-p1-plus5"]
+    assert p4["n"] == 2 and p4["mean"] == pytest.approx(0.03)
+    assert p8["n"] == 2 and p8["mean"] == pytest.approx(0.01)
+    assert out["arms"]["ts-p1-plus5"]["mean"] == pytest.approx(2.06)   # the arm table: committed runs only
+    pairs = analyze.pair_by_checkpoint(results, again, "ts-p4-plus5", "ts-p1-plus5",
+                                       lambda r, s: r["stage1"]["val_loss_full"])
+    assert sorted(pairs) == [("ts-p1-plus5", 0), ("ts-p1-plus5", 1), ("ts-p4-plus5", 0), ("ts-p4-plus5", 1)]
+
+
 def test_the_runner_trains_stage_one_then_stage_two_and_collects_a_finished_run_without_retraining(
         data_dir, tmp_path, monkeypatch, capsys):
     """runs.run_all on CPU with two tiny runs: the stage-2 run waits for its stage 1, each run trains in its own

@@ -202,23 +202,59 @@ def same_checkpoint(runs: dict, arm: str, base: str, start) -> dict:
             and (k[0] == base or (base, k[1]) in runs and start(k) == start((base, k[1])))}
 
 
-def post_training(results) -> dict:
+def load_again(folder: Path = HERE / "results" / "again") -> dict[tuple[str, int], list[dict]]:
+    """Runs trained again beside a committed result (runner --again: controls of a later stage 1), by arm and
+    seed; a run trained again more than once has several."""
+    out = {}
+    for f in sorted(folder.glob("*.json")):
+        r = json.loads(f.read_text())
+        out.setdefault((r["arm"], r["seed"]), []).append(r)
+    return out
+
+
+def pair_by_checkpoint(runs: dict, again: dict, arm: str, base: str, start) -> dict:
+    """{(arm, seed): run, (base, seed): run} for every seed where a run of the arm and one of the base continued
+    the same stage-1 checkpoint (start(run, seed): that checkpoint's last loss), taken from the committed runs
+    (`runs`, one per arm and seed) and those trained again (`again`, lists); the committed pair first, so one
+    seed gives one pair however often its runs were trained."""
+    out = {}
+    for s in sorted({k[1] for k in list(runs) + list(again) if k[0] == arm}):
+        arms = ([runs[(arm, s)]] if (arm, s) in runs else []) + again.get((arm, s), [])
+        bases = ([runs[(base, s)]] if (base, s) in runs else []) + again.get((base, s), [])
+        pair = next(((a, b) for a in arms for b in bases if start(a, s) == start(b, s)), None)
+        if pair is not None:
+            out[(arm, s)], out[(base, s)] = pair
+    return out
+
+
+def post_training(results, again: dict | None = None) -> dict:
     """Two-stage and frozen-backbone arms at their last whole-split loss: paired comparisons per stage-2 length,
     and each arm's mean ± SE over seeds with its drop below the stage-1 model's last loss on the same seeds
-    (below_stage1 > 0: stage 2 ended lower than it started)."""
+    (below_stage1 > 0: stage 2 ended lower than it started). A run trained again (`again`, load_again) enters
+    only the paired comparisons, as the partner of a run that continued its checkpoint; the arm table is of the
+    committed runs."""
     fallback = stage1_endpoints()
-    # Stage-2 runs are read at their last whole-split loss (runs.py: they evaluate at 100% only), as stage 1 is.
-    last = {key: {**r, "endpoint": r["val_loss_full"][max(r["val_loss_full"], key=int)]}
-            for key, r in results.items() if key[0].startswith(("ts-", "fz-")) and r.get("val_loss_full")}
 
-    def start(key):   # the last loss of the stage-1 checkpoint this run continued
-        found = stage1_loss(last[key])
-        return found if found is not None else fallback.get(key[1])
+    def read_last(r):   # stage-2 runs are read at their last whole-split loss (they evaluate at 100% only)
+        return {**r, "endpoint": r["val_loss_full"][max(r["val_loss_full"], key=int)]}
+
+    def is_post(key, r):
+        return key[0].startswith(("ts-", "fz-")) and r.get("val_loss_full")
+
+    last = {key: read_last(r) for key, r in results.items() if is_post(key, r)}
+    last_again = {key: [read_last(r) for r in rs if is_post(key, r)] for key, rs in (again or {}).items()}
+
+    def start_of(run, seed):   # the last loss of the stage-1 checkpoint a run continued
+        found = stage1_loss(run)
+        return found if found is not None else fallback.get(seed)
+
+    def start(key):
+        return start_of(last[key], key[1])
 
     rows, arms = [], {}
     for pct in POST_TRAINING_PCTS:
         for arm, base, what in post_training_comparisons(pct):
-            g = paired_t(same_checkpoint(last, arm, base, start), arm, base)
+            g = paired_t(pair_by_checkpoint(last, last_again, arm, base, start_of), arm, base)
             if g is not None:
                 rows.append({"pct": pct, "arm": arm, "base": base, "what": what, **g})
     for (arm, s), r in last.items():
@@ -565,7 +601,7 @@ def main() -> None:
         "seed_bootstrap": eq5_seed_bootstrap(results, long_warm, LONG_LADDER)}
     summary["matched_controls"] = matched_controls(results)
     summary["heldout_by_package"] = heldout_comparisons(results)
-    summary["post_training"] = post_training(results)
+    summary["post_training"] = post_training(results, load_again())
     # the first stage-2 runs, without their controls (kept apart: they continued an earlier stage-1 checkpoint)
     summary["post_training_first"] = post_training(load(HERE / "results" / "post_training_first"))
     summary["english"] = english(results)
