@@ -232,6 +232,11 @@ def test_heldout_comparisons_pair_the_per_package_scores_by_seed(analyze):
     out = analyze.heldout_comparisons(results)
     (row,) = [r for r in out["without_twins"] if r["arm"] == "fz-p8-plus5" and r["base"] == "fz-p1prefix-plus5"]
     assert row["n"] == 2 and row["mean"] == pytest.approx(0.02)
+    # seed 2's control trained again from the arm's own checkpoint (results/again/) completes the pair
+    again = {("fz-p1prefix-plus5", 2): [{**run("fz-p1prefix-plus5", 2, 2.05, 1.5), "stage1": {"val_loss_full": 4.0}}]}
+    out = analyze.heldout_comparisons(results, again)
+    (row,) = [r for r in out["without_twins"] if r["arm"] == "fz-p8-plus5" and r["base"] == "fz-p1prefix-plus5"]
+    assert row["n"] == 3 and row["mean"] == pytest.approx(0.03)
 
 
 def test_post_training_curves_pair_each_evaluation_step_of_the_same_checkpoint(analyze):

@@ -273,17 +273,23 @@ def post_training(results, again: dict | None = None) -> dict:
     return {"comparisons": rows, "arms": table, "stage1_final": fallback}
 
 
-def heldout_comparisons(results) -> dict:
+def heldout_comparisons(results, again: dict | None = None) -> dict:
     """The matched and the post-training comparisons again on the per-package held-out scores of the runs that
     have them (runs.py --heldout-corpus): the whole held-out set, the same without the files that have a
     training twin, and each package apart. Paired by seed, as the endpoints are (post-training runs only with
-    runs that continued the same stage-1 checkpoint); empty until such runs exist."""
-    def measure(get) -> dict:
-        return {(a, s): {"endpoint": v} for (a, s), r in results.items()
-                if r.get("heldout_by_package") and (v := get(r["heldout_by_package"])) is not None}
+    runs that continued the same stage-1 checkpoint, a control trained again (`again`, load_again) included);
+    empty until such runs exist."""
+    def score(r, get):
+        v = get(r["heldout_by_package"]) if r.get("heldout_by_package") else None
+        return None if v is None else {"endpoint": v, "stage1": r.get("stage1")}
+
+    def measure(get) -> tuple[dict, dict]:
+        committed = {key: m for key, r in results.items() if (m := score(r, get)) is not None}
+        trained_again = {key: [m for r in rs if (m := score(r, get)) is not None] for key, rs in (again or {}).items()}
+        return committed, trained_again
 
     def same_start(scored, arm, base) -> dict:
-        return same_checkpoint(scored, arm, base, lambda key: stage1_loss(results[key]))
+        return pair_by_checkpoint(*scored, arm, base, lambda run, seed: stage1_loss(run))
 
     comparisons = list(MATCHED_COMPARISONS) + [row for pct in POST_TRAINING_PCTS
                                                for row in post_training_comparisons(pct)]
@@ -600,7 +606,7 @@ def main() -> None:
         "fit": eq5_fit(results, long_warm, LONG_LADDER),
         "seed_bootstrap": eq5_seed_bootstrap(results, long_warm, LONG_LADDER)}
     summary["matched_controls"] = matched_controls(results)
-    summary["heldout_by_package"] = heldout_comparisons(results)
+    summary["heldout_by_package"] = heldout_comparisons(results, load_again())
     summary["post_training"] = post_training(results, load_again())
     # the first stage-2 runs, without their controls (kept apart: they continued an earlier stage-1 checkpoint)
     summary["post_training_first"] = post_training(load(HERE / "results" / "post_training_first"))
