@@ -259,6 +259,25 @@ def test_post_training_curves_pair_each_evaluation_step_of_the_same_checkpoint(a
     assert kl["fz-p8-plus5"]["kl"] == pytest.approx([0.06, 0.06]) and "fz-p1prefix-plus5" not in kl
 
 
+def test_post_training_curves_pair_an_arm_with_a_control_trained_again_from_its_checkpoint(analyze):
+    """The gain curves read results/again/ as the endpoints do: an arm whose committed control continued another
+    training of stage 1 is paired, step by step, with the control trained again from its own checkpoint."""
+    def run(losses, stage1):
+        return {"settings": {"batch_size": 2, "seq_len": 8}, "stage1": {"val_loss_full": stage1},
+                "eval_curve": [{"step": 10 * (i + 1), "val_loss": v} for i, v in enumerate(losses)]}
+
+    results = {(arm, s): run(losses, stage1=3.0 + s) for s in (0, 1)
+               for arm, losses in (("ts-p4-plus5", [2.0, 1.9]), ("ts-p1-plus5", [2.5, 2.5]))}
+    results |= {("ts-p1-plus5", s): run([2.5, 2.5], stage1=8.0 + s) for s in (0, 1)}   # another stage 1
+    assert not [g for g in analyze.post_training_curves(results).get(5, {"gains": []})["gains"]
+                if g["arm"] == "ts-p4-plus5" and g["base"] == "ts-p1-plus5"]
+    again = {("ts-p1-plus5", s): [run([2.03, 1.94 + s / 100], stage1=3.0 + s)] for s in (0, 1)}
+    (gain,) = [g for g in analyze.post_training_curves(results, again)[5]["gains"]
+               if g["arm"] == "ts-p4-plus5" and g["base"] == "ts-p1-plus5"]
+    assert gain["n"] == 2 and gain["steps"] == [10, 20]
+    assert gain["mean"] == pytest.approx([0.03, 0.045])
+
+
 def test_a_stage_two_run_brings_its_stage_one_when_the_checkpoint_is_not_here(tmp_path):
     """select_runs: stage 2 continues a checkpoint that exists only where stage 1 trained, so a committed stage 1
     is trained again (marked "again", its committed result kept), unless its folder is already in --work."""

@@ -648,7 +648,7 @@ def main() -> None:
     out = HERE / "analysis"
     out.mkdir(exist_ok=True)
     summary["compute"] = _plot_compute(results, out / "loss_vs_tokens_and_flops.png")
-    summary["post_training_curves"] = post_training_curves(results)
+    summary["post_training_curves"] = post_training_curves(results, load_again())
     if summary["post_training_curves"]:
         _plot_post_training(summary["post_training_curves"], out / "post_training_curves.png")
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
@@ -717,34 +717,45 @@ def arm_flops_per_token(results, arm: str) -> float | None:
     return flops_per_token(found[0], found[1]["seq_len"]) if found else None
 
 
-def post_training_curves(results) -> dict:
+def post_training_curves(results, again: dict | None = None) -> dict:
     """Along stage 2: each post-training comparison's paired gain at every evaluation step (the 16-batch held-out
-    evaluation, `eval_curve`; pairs only runs that continued the same stage-1 checkpoint), and each arm's KL
-    between its streams there (seed mean). {pct: {"gains": [{arm, base, what, steps, tokens, mean, se, n}],
-    "kl": {arm: {"steps", "kl"}}}}."""
-    curves = {key: {e["step"]: e for e in r["eval_curve"]} for key, r in results.items()
-              if key[0].startswith(("ts-", "fz-")) and r.get("eval_curve")}
+    evaluation, `eval_curve`; pairs only runs that continued the same stage-1 checkpoint, a control trained again
+    (`again`, load_again) included as in `post_training`), and each arm's KL between its streams there (seed mean,
+    committed runs). {pct: {"gains": [{arm, base, what, steps, tokens, mean, se, n}], "kl": {arm: {"steps", "kl"}}}}."""
+    def is_post(key, r):
+        return key[0].startswith(("ts-", "fz-")) and r.get("eval_curve")
+
+    def with_curve(r):
+        return {**r, "curve": {e["step"]: e for e in r["eval_curve"]}}
+
+    runs = {key: with_curve(r) for key, r in results.items() if is_post(key, r)}
+    runs_again = {key: [with_curve(r) for r in rs if is_post(key, r)] for key, rs in (again or {}).items()}
+    curves = {key: r["curve"] for key, r in runs.items()}
+
+    def start_of(run, seed):
+        return stage1_loss(run)
 
     out = {}
     for pct in POST_TRAINING_PCTS:
         gains = []
         for arm, base, what in post_training_comparisons(pct):
-            paired = same_checkpoint(curves, arm, base, lambda key: stage1_loss(results[key]))
+            paired = pair_by_checkpoint(runs, runs_again, arm, base, start_of)
             seeds = [s for (a, s) in paired if a == arm]
             if len(seeds) < 2:
                 continue
-            steps = sorted(set.intersection(*(set(curves[(arm, s)]) & set(curves[(base, s)]) for s in seeds)))
-            diffs = [[curves[(base, s)][t]["val_loss"] - curves[(arm, s)][t]["val_loss"] for s in seeds] for t in steps]
-            st = results[(arm, seeds[0])]["settings"]
+            pc = {key: r["curve"] for key, r in paired.items()}
+            steps = sorted(set.intersection(*(set(pc[(arm, s)]) & set(pc[(base, s)]) for s in seeds)))
+            diffs = [[pc[(base, s)][t]["val_loss"] - pc[(arm, s)][t]["val_loss"] for s in seeds] for t in steps]
+            st = paired[(arm, seeds[0])]["settings"]
             gains.append({"arm": arm, "base": base, "what": what, "steps": steps, "n": len(seeds),
                           "tokens": [t * st["batch_size"] * st["seq_len"] for t in steps],
                           "mean": [statistics.fmean(d) for d in diffs],
                           "se": [statistics.stdev(d) / math.sqrt(len(d)) for d in diffs]})
         kl = {}
         for arm in sorted({a for (a, _) in curves if a.endswith(f"-plus{pct}")}):
-            runs = [c for (a, _), c in curves.items() if a == arm]
-            steps = sorted(set.intersection(*(set(c) for c in runs)))
-            values = [[c[t].get("streams", {}).get("kl_mean") for c in runs] for t in steps]
+            arm_curves = [c for (a, _), c in curves.items() if a == arm]
+            steps = sorted(set.intersection(*(set(c) for c in arm_curves)))
+            values = [[c[t].get("streams", {}).get("kl_mean") for c in arm_curves] for t in steps]
             if steps and all(v is not None for row in values for v in row):
                 kl[arm] = {"steps": steps, "kl": [statistics.fmean(row) for row in values]}
         if gains:
