@@ -8,7 +8,15 @@ from conftest import tiny_model
 from test_train import _cfg
 
 from parscale.training.levers import AggregatorHooks
-from parscale.training.train import TrainConfig, build_optimizer, check_config, group_schedules, lr_factor, train
+from parscale.training.train import (
+    TrainConfig,
+    build_optimizer,
+    check_config,
+    group_schedules,
+    lr_factor,
+    optimizer_schedules,
+    train,
+)
 
 
 def test_parscale_groups_get_their_own_rate_and_warmup():
@@ -25,21 +33,26 @@ def test_parscale_groups_get_their_own_rate_and_warmup():
     assert len(build_optimizer(model, TrainConfig(), torch.device("cpu")).param_groups) == 2  # off: as before
 
 
-def test_the_aggregator_gets_a_rate_of_its_own():
+_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, _CUDA])])
+def test_the_aggregator_gets_a_rate_of_its_own(device):
     """aggregator_lr_mult: the aggregator in groups 4 and 5 at lr × parscale_lr_mult × the multiple, the
-    prefixes keep theirs; Adam's first step moves each weight by its group's rate, so the moves show it."""
+    prefixes keep theirs; Adam's first step moves each weight by its group's rate, so the moves show it. On
+    CUDA the trainer's fused AdamW takes the same groups."""
     torch.manual_seed(0)
-    model = tiny_model(streams=2)
+    model = tiny_model(streams=2).to(device)
     cfg = TrainConfig(lr=1e-2, warmup=1, steps=10, weight_decay=0.0, parscale_lr_mult=0.5, aggregator_lr_mult=1e-3)
-    opt = build_optimizer(model, cfg, torch.device("cpu"))
+    opt = build_optimizer(model, cfg, torch.device(device), fused=device == "cuda")
     names = {id(p): n for n, p in model.named_parameters()}
-    groups = [{names[id(p)] for p in g["params"]} for g in opt.param_groups]
-    assert len(groups) == 6
+    groups = {g["schedule"]: {names[id(p)] for p in g["params"]} for g in opt.param_groups}
+    assert set(groups) == {0, 1, 3, 4, 5}   # group 2 (decayed prefixes) is empty: prefixes are not decayed
     assert groups[4] | groups[5] == {n for n, _ in model.named_parameters() if "aggregate_layer" in n}
-    assert groups[2] | groups[3] == {n for n, _ in model.named_parameters() if "prefix" in n}
-    schedule = torch.optim.lr_scheduler.LambdaLR(opt, group_schedules(cfg, len(groups)))
+    assert groups[3] == {n for n, _ in model.named_parameters() if "prefix" in n}
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, optimizer_schedules(cfg, opt))
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    ids = torch.randint(0, 512, (2, 9))
+    ids = torch.randint(0, 512, (2, 9), device=device)
     torch.nn.functional.cross_entropy(model(ids).flatten(0, 1), ids.flatten()).backward()
     opt.step()
     schedule.step()
@@ -93,3 +106,15 @@ def test_levers_train_end_to_end(data_dir, tmp_path):
     assert len(rows) == 4 and all(r["loss"] > 0 for r in rows)
     with pytest.raises(ValueError, match="need P > 1"):
         train(_cfg(data_dir, tmp_path / "p1", streams=1, stream_dropout=0.2))
+
+
+def test_a_frozen_backbone_with_an_aggregator_rate_resumes_exactly(data_dir, tmp_path):
+    """Frozen backbone + aggregator_lr_mult leaves the backbone's two optimizer groups empty; a run stopped and
+    resumed must still equal the uninterrupted one (the optimizer state of the non-empty groups restored)."""
+    kw = dict(streams=4, trainable="parscale", aggregator_lr_mult=0.1, eval_every=0)
+    train(_cfg(data_dir, tmp_path / "full", **kw))
+    train(_cfg(data_dir, tmp_path / "part", **kw), stop_after=5)
+    train(_cfg(data_dir, tmp_path / "part", **kw), resume=True)
+    read = [[json.loads(line)["loss"] for line in (tmp_path / r / "metrics.jsonl").read_text().splitlines()]
+            for r in ("full", "part")]
+    assert len(read[0]) == 12 and read[1] == read[0]

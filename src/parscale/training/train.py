@@ -172,7 +172,9 @@ def _group_kinds(cfg: TrainConfig) -> int:
 def build_optimizer(model, cfg: TrainConfig, device: torch.device, fused: bool = False) -> torch.optim.AdamW:
     """AdamW with weight decay on matrices only (groups in pairs: decayed, not decayed). With a ParScale
     learning rate or warm-up of its own, prefixes and aggregator get groups 2 and 3; with an aggregator rate of
-    its own, the aggregator gets groups 4 and 5 (see `group_schedules`)."""
+    its own, the aggregator gets groups 4 and 5 (see `group_schedules`). A group with nothing to train (the
+    backbone's when it is frozen) is left out, since a checkpoint's optimizer state with more than one empty
+    group cannot be loaded back; each group keeps its place in that layout as "schedule" (`optimizer_schedules`)."""
     kinds = _group_kinds(cfg)
     groups = [[] for _ in range(2 * kinds)]
     for name, p in model.named_parameters():
@@ -184,8 +186,17 @@ def build_optimizer(model, cfg: TrainConfig, device: torch.device, fused: bool =
             kind = 2 if kinds == 3 and "aggregate_layer" in name else 1
         groups[index + 2 * kind].append(p)
     decays = (cfg.weight_decay, 0.0) * kinds
-    return torch.optim.AdamW([{"params": g, "weight_decay": d} for g, d in zip(groups, decays, strict=True)],
-                             lr=cfg.lr, betas=(0.9, 0.95), fused=fused)
+    kept = [{"params": g, "weight_decay": d, "schedule": i}
+            for i, (g, d) in enumerate(zip(groups, decays, strict=True)) if g]
+    if not kept:
+        raise ValueError("the model has no parameter to train (every parameter has requires_grad=False)")
+    return torch.optim.AdamW(kept, lr=cfg.lr, betas=(0.9, 0.95), fused=fused)
+
+
+def optimizer_schedules(cfg: TrainConfig, optimizer: torch.optim.Optimizer) -> list:
+    """The LambdaLR lambdas of `build_optimizer`'s groups: each group's by its place in the full layout."""
+    full = group_schedules(cfg, 2 * _group_kinds(cfg))
+    return [full[group["schedule"]] for group in optimizer.param_groups]
 
 
 def group_schedules(cfg: TrainConfig, n_groups: int) -> list:
@@ -514,7 +525,7 @@ def _train(cfg: TrainConfig, resume: bool, stop_after: int | None, overwrite: bo
             raise ValueError("--fsdp with --prefix-reparam is not supported")
         shard_fsdp(loss_module, world, device)
     optimizer = build_optimizer(model, cfg, device, fused=device.type == "cuda" and not fsdp)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, group_schedules(cfg, len(optimizer.param_groups)))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, optimizer_schedules(cfg, optimizer))
     if state is not None:
         load_optimizer_state(loss_module, optimizer, state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -554,7 +565,7 @@ def _train(cfg: TrainConfig, resume: bool, stop_after: int | None, overwrite: bo
         for step in range(start_step, cfg.steps):
             optimizer.zero_grad(set_to_none=True)
             loss_sum, weights_sum = None, None
-            lr = optimizer.param_groups[0]["lr"]  # the rate this step uses
+            lr = optimizer.param_groups[0]["lr"]  # the rate this step uses (the first group that trains)
             for micro in range(cfg.grad_accum):
                 x, y = loader.next_batch()  # the global batch; this rank keeps its slice
                 x, y = x[rank * local : (rank + 1) * local], y[rank * local : (rank + 1) * local]
