@@ -91,6 +91,17 @@ def test_metrics_read_in_windows_equal_per_step_reads(data_dir, tmp_path, monkey
     assert [r.get("val_loss") for r in rows("window")] == [r.get("val_loss") for r in rows("step")]
 
 
+def test_metrics_say_where_the_time_went(data_dir, tmp_path):
+    """Every metrics line has the wall time since training began (never decreasing); evaluation lines also
+    have the seconds the evaluation took."""
+    train(_cfg(data_dir, tmp_path / "r", steps=6, eval_every=3))
+    rows = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    elapsed = [r["elapsed_s"] for r in rows]
+    assert len(rows) == 6 and elapsed == sorted(elapsed) and elapsed[0] > 0
+    assert [r["step"] for r in rows if "eval_seconds" in r] == [3, 6]
+    assert all(r["eval_seconds"] > 0 for r in rows if "eval_seconds" in r)
+
+
 def test_divergence_stops_and_keeps_checkpoint(data_dir, tmp_path, monkeypatch):
     from parscale.training.distributed import LossModule
 

@@ -606,6 +606,7 @@ def _train(cfg: TrainConfig, resume: bool, stop_after: int | None, overwrite: bo
                     r["mfu"] = r["tokens_per_s"] * token_flops / (peak * world)
                 if peak_gib is not None:
                     r["peak_memory_gib"] = peak_gib
+            eval_start = time.perf_counter()
             if evaluating:
                 last_eval = evaluate_loss(loss_module, val, cfg.eval_batches, device)
                 record["val_loss"] = last_eval
@@ -613,6 +614,13 @@ def _train(cfg: TrainConfig, resume: bool, stop_after: int | None, overwrite: bo
                     record["streams"] = _stream_record(model, val, cfg.stream_batches, autocast)
             if step + 1 in full_eval_steps:
                 record["val_loss_full"] = evaluate_loss(loss_module, val, None, device)
+            if evaluating or step + 1 in full_eval_steps:
+                record["eval_seconds"] = time.perf_counter() - eval_start
+            # Wall time since this process began training (a resumed run starts again from 0): with eval_seconds
+            # it tells where a run's time went (training, evaluation, the rest), which tokens_per_s does not.
+            elapsed = time.perf_counter() - t0
+            for r in records:
+                r["elapsed_s"] = elapsed
             if rank == 0:
                 metrics_file.write("".join(json.dumps(r) + "\n" for r in records))
                 metrics_file.flush()
