@@ -108,10 +108,12 @@ def test_levers_train_end_to_end(data_dir, tmp_path):
         train(_cfg(data_dir, tmp_path / "p1", streams=1, stream_dropout=0.2))
 
 
-def test_a_frozen_backbone_with_an_aggregator_rate_resumes_exactly(data_dir, tmp_path):
-    """Frozen backbone + aggregator_lr_mult leaves the backbone's two optimizer groups empty; a run stopped and
-    resumed must still equal the uninterrupted one (the optimizer state of the non-empty groups restored)."""
-    kw = dict(streams=4, trainable="parscale", aggregator_lr_mult=0.1, eval_every=0)
+@pytest.mark.parametrize("rates", [{"aggregator_lr_mult": 0.1}, {"parscale_lr_mult": 0.5}])
+def test_a_frozen_backbone_with_a_rate_of_its_own_resumes_exactly(data_dir, tmp_path, rates):
+    """A frozen backbone with ParScale or aggregator rates of their own leaves the backbone's two optimizer groups
+    empty; a run stopped and resumed must still equal the uninterrupted one (the optimizer state of the non-empty
+    groups restored)."""
+    kw = dict(streams=4, trainable="parscale", eval_every=0, **rates)
     train(_cfg(data_dir, tmp_path / "full", **kw))
     train(_cfg(data_dir, tmp_path / "part", **kw), stop_after=5)
     train(_cfg(data_dir, tmp_path / "part", **kw), resume=True)
