@@ -62,3 +62,51 @@ def test_every_recycling_config_is_accepted_and_builds_its_model(tmp_path):
             plain = planned[name.replace(f"-{lever}", "")]["train"]
             assert r["train"] == {**plain, "aggregator_lr_mult": levers[lever]}
     assert {r["seed"] for r in planned.values() if r["arm"] == "full-p8"} == {0, 1, 2}
+
+
+def _analyze_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("recycle_analyze", EXPERIMENT / "analyze.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _result(arm, seed, endpoint, curve, bpb=None, weight=None):
+    return {"arm": arm, "seed": seed, "endpoint": endpoint, "settings": {"batch_size": 2, "seq_len": 8},
+            "eval_curve": [{"step": 10 * (i + 1), "val_loss": v} for i, v in enumerate(curve)],
+            "heldout_by_package": {"all": {"bits_per_byte": bpb}, "without_twins": {"bits_per_byte": bpb}}
+            if bpb else None,
+            "streams_final": {"weight_mean": [weight, 1 - weight], "verdict": "collapsed" if weight > 0.9 else "used"}
+            if weight else None, "wall_seconds": 100.0}
+
+
+def test_recycling_analysis_pairs_each_arm_with_its_controls_by_seed():
+    """Each frozen arm against the frozen prefix control, each lever arm also against the plain arm of its P,
+    seed by seed (gain = control − arm), in nats and bits per byte; gain curves at the common evaluation steps;
+    the arm table against the starting model, with collapsed runs counted."""
+    import pytest
+
+    analyze = _analyze_module()
+    results = {}
+    for s in range(3):
+        results[("frozen-p1prefix", s)] = _result("frozen-p1prefix", s, 1.70 + s / 100, [1.80, 1.72], bpb=0.60)
+        results[("frozen-p4", s)] = _result("frozen-p4", s, 1.69 + s / 100, [1.79, 1.71], bpb=0.59, weight=0.925)
+        results[("frozen-p4-agglr0.01", s)] = _result("frozen-p4-agglr0.01", s, 1.68 + s / 100 - s / 1000,
+                                                     [1.79, 1.70 - s / 100], bpb=0.58, weight=0.7)
+    results[("start-p1", 0)] = _result("start-p1", 0, 1.80, [])
+    rows = {(r["arm"], r["base"]): r for r in analyze.comparisons(results)}
+    assert set(rows) == {("frozen-p4", "frozen-p1prefix"), ("frozen-p4-agglr0.01", "frozen-p1prefix"),
+                         ("frozen-p4-agglr0.01", "frozen-p4")}
+    lever = rows[("frozen-p4-agglr0.01", "frozen-p1prefix")]["nats"]
+    assert lever["n"] == 3 and lever["mean"] == pytest.approx(0.021) and lever["ci95"][0] < 0.021 < lever["ci95"][1]
+    assert rows[("frozen-p4-agglr0.01", "frozen-p4")]["bits_per_byte"]["mean"] == pytest.approx(0.01)
+    (curve,) = [c for c in analyze.gain_curves(results)
+                if c["arm"] == "frozen-p4-agglr0.01" and c["base"] == "frozen-p1prefix"]
+    assert curve["steps"] == [10, 20] and curve["tokens"] == [160, 320]
+    assert curve["mean"] == pytest.approx([0.01, 0.03]) and curve["n"] == 3
+    table = analyze.arm_table(results)
+    assert table["frozen-p4"]["collapsed"] == 3 and table["frozen-p4-agglr0.01"]["collapsed"] == 0
+    assert table["frozen-p1prefix"]["below_start"] == pytest.approx(0.09)
+    assert table["frozen-p4"]["largest_weight"] == pytest.approx(0.925)

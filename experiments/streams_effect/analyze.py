@@ -15,10 +15,14 @@ from __future__ import annotations
 import json
 import math
 import statistics
+import sys
 from itertools import pairwise
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+from paired_stats import paired, paired_t  # noqa: E402  (experiments/paired_stats.py, shared)
+
 ARMS = ("p1", "p1prefix", "p2", "p4", "p8")
 # Lever arms that have results; each is compared with the plain arm of the same P on the same seeds.
 LEVERS = tuple(f"p{p}-{lever}" for p in (2, 4, 8) for lever in ("zloss", "aggwarm", "sdrop", "reparam"))
@@ -46,31 +50,6 @@ def load(folder: Path = HERE / "results") -> dict[tuple[str, int], dict]:
         r = json.loads(f.read_text())
         out[(r["arm"], r["seed"])] = r
     return out
-
-
-def paired(results, arm: str, base: str) -> dict | None:
-    diffs = [
-        results[(base, s)]["endpoint"] - results[(arm, s)]["endpoint"]
-        for (a, s) in results
-        if a == arm and (base, s) in results
-    ]
-    if not diffs:
-        return None
-    mean = statistics.fmean(diffs)
-    se = statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else None
-    return {"n": len(diffs), "mean": mean, "se": se, "diffs": diffs}
-
-
-def paired_t(results, arm: str, base: str) -> dict | None:
-    """`paired` with a Student-t 95% interval and two-sided p-value (n − 1 degrees of freedom)."""
-    g = paired(results, arm, base)
-    if g is None or g["se"] is None:
-        return g
-    from scipy import stats
-
-    t = stats.t.ppf(0.975, g["n"] - 1)
-    p = 2 * stats.t.sf(abs(g["mean"] / g["se"]), g["n"] - 1) if g["se"] > 0 else 0.0
-    return {**g, "ci95": [g["mean"] - t * g["se"], g["mean"] + t * g["se"]], "p": p}
 
 
 def arm_config(results, arm: str):
