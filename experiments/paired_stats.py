@@ -1,4 +1,4 @@
-"""Paired comparisons across seeds, shared by the experiments' analyses.
+"""Results by arm and seed, and paired comparisons across seeds, shared by the experiments' analyses.
 
 Results are {(arm, seed): run} with each run's number to compare under "endpoint". A seed fixes the new
 parameters' initialisation and the data order in every arm, so arm and base are compared seed by seed: the
@@ -9,8 +9,19 @@ freedom.
 
 from __future__ import annotations
 
+import json
 import math
 import statistics
+from pathlib import Path
+
+
+def load_results(folder: Path) -> dict[tuple[str, int], dict]:
+    """Every result file of a folder, {(arm, seed): run}."""
+    out = {}
+    for f in sorted(Path(folder).glob("*.json")):
+        r = json.loads(f.read_text())
+        out[(r["arm"], r["seed"])] = r
+    return out
 
 
 def paired(results, arm: str, base: str) -> dict | None:

@@ -17,14 +17,13 @@ here. A run that put one stream at the ε cap on more than half of the held-out 
 
 from __future__ import annotations
 
-import json
 import statistics
 import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
-from paired_stats import paired_t  # noqa: E402  (experiments/paired_stats.py, shared)
+from paired_stats import load_results, paired_t  # noqa: E402  (experiments/paired_stats.py, shared)
 
 START = "start-p1"
 CONTROLS = {"frozen": ("frozen-p1prefix",), "full": ("full-p1", "full-p1prefix")}
@@ -36,11 +35,7 @@ MEASURES = {"nats": lambda r: r.get("endpoint"),
 
 
 def load(folder: Path = HERE / "results") -> dict[tuple[str, int], dict]:
-    out = {}
-    for f in sorted(folder.glob("*.json")):
-        r = json.loads(f.read_text())
-        out[(r["arm"], r["seed"])] = r
-    return out
+    return load_results(folder)
 
 
 def bases_of(arm: str) -> list[str]:

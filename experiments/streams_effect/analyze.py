@@ -21,7 +21,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
-from paired_stats import paired, paired_t  # noqa: E402  (experiments/paired_stats.py, shared)
+from paired_stats import load_results, paired, paired_t  # noqa: E402  (experiments/paired_stats.py, shared)
 
 ARMS = ("p1", "p1prefix", "p2", "p4", "p8")
 # Lever arms that have results; each is compared with the plain arm of the same P on the same seeds.
@@ -45,11 +45,7 @@ LABELS = {"p1": "P=1", "p1prefix": "P=1 + prefix", "p2": "P=2", "p4": "P=4", "p8
 
 
 def load(folder: Path = HERE / "results") -> dict[tuple[str, int], dict]:
-    out = {}
-    for f in sorted(folder.glob("*.json")):
-        r = json.loads(f.read_text())
-        out[(r["arm"], r["seed"])] = r
-    return out
+    return load_results(folder)
 
 
 def arm_config(results, arm: str):
