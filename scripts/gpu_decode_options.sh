@@ -70,6 +70,8 @@ for q in r["points"]:
     t = q.get("timeline") or {}
     print(f"  P = {q['P']}: {q['decode_ms_per_token']:.3f} ms/token, ratio to anchors {ratio}; "
           f"{t.get('kernels_per_step', 0):.0f} kernels/step, idle {t.get('idle_us_per_step', 0):.0f} us/step")
+    for k in t.get("kernels_by_kind", [])[:6]:
+        print(f"    {k['us_per_step']:8.1f} us/step  {k['calls_per_step']:6.1f} calls  {k['kind'][:70]}")
 print("  anchors", base)
 PY
 done

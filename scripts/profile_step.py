@@ -15,25 +15,13 @@ each seen under its own name: which of them costs what.
 
 import argparse
 import collections
-import re
 import sys
 import time
 
 import torch
 
+from parscale.analysis.timeline import kernel_kind as kind
 from parscale.io.files import write_json_atomic
-
-
-def kind(name: str) -> str:
-    """A kernel name folded into a group: every GEMM alike, every generated (triton) kernel by its ops."""
-    lowered = name.lower()
-    if any(k in lowered for k in ("gemm", "gemv", "cutlass", "sm90_xmma", "nvjet", "splitk")):
-        return "gemm"
-    if any(k in lowered for k in ("flash", "fmha", "attention", "sdpa", "efficient_attention")):
-        return "attention"
-    if name.startswith("triton_"):
-        return re.sub(r"_\d+$", "", name)  # triton_per_fused_add_mean_mul_3 -> triton_per_fused_add_mean_mul
-    return name[:80]
 
 
 def kernel_groups(prof, group=kind) -> dict:

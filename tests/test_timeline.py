@@ -58,3 +58,22 @@ def test_a_captured_graph_replay_shows_its_kernels_one_by_one():
     assert stats["kernels_per_step"] == 3
     assert stats["busy_us_per_step"] > 0 and stats["idle_us_per_step"] >= 0
     assert torch.equal(y, torch.full_like(x, -4.0))
+
+
+def test_kernels_are_tallied_per_step_by_kind():
+    """Every GEMM alike, a generated kernel by its ops (its number dropped), the rest by name; per step, the
+    heaviest first, and what is past `top` in one row."""
+    from parscale.analysis.timeline import kernel_kind, kernels_by_kind
+
+    assert kernel_kind("nvjet_sm90_tst_128x8_64x12_2x1_v_bz_TNT") == "gemm"
+    assert kernel_kind("triton_per_fused_add_mean_mul_3") == "triton_per_fused_add_mean_mul"
+    assert kernel_kind("flash_fwd_splitkv_kernel") == "attention"   # not a GEMM for its "splitk"
+    assert kernel_kind("_decode_attention_kernel") == "attention"
+    named = [(0, 10, "nvjet_a"), (10, 14, "triton_poi_fused_add_0"), (20, 30, "nvjet_b"),
+             (30, 32, "triton_poi_fused_add_1"), (40, 41, "memset")]
+    rows = kernels_by_kind(named, steps=2)
+    assert rows == [{"kind": "gemm", "calls_per_step": 1.0, "us_per_step": 10.0},
+                    {"kind": "triton_poi_fused_add", "calls_per_step": 1.0, "us_per_step": 3.0},
+                    {"kind": "memset", "calls_per_step": 0.5, "us_per_step": 0.5}]
+    top = kernels_by_kind(named, steps=2, top=1)
+    assert top[1] == {"kind": "(other)", "calls_per_step": 1.5, "us_per_step": 3.5}

@@ -352,6 +352,7 @@ def run(shapes, streams, batches, lengths, engine: str, out: Path, kernels: bool
             counts = model.config.param_counts()
             for b in kernel_batches:
                 result["kernels"].append({"shape": shape, "P": p, "batch": b, "length": 64,
+                                          "step": "eager, uncaptured (each point's timeline has the engine's own)",
                                           "top": kernel_report(model, b, 64), "process": process})
                 gc.collect()
             for b, length in todo[shape][p]:

@@ -390,8 +390,9 @@ def add_parsers(sub) -> None:
     p.add_argument("--engine", default="graph", choices=["graph", "compile", "plain"],
                    help="decode engine: CUDA graphs, torch.compile, or the plain eager loop")
     p.add_argument("--kernels", action="store_true",
-                   help="also record the kernels of one decode step, and for every point the kernels per step and "
-                        "the GPU's idle time between them (analysis/timeline.py)")
+                   help="also record the kernels of one eager decode step ('kernels'), and for every point the "
+                        "engine's own step: kernels per step, the GPU's idle time between them and its device time "
+                        "by kernel kind ('timeline', analysis/timeline.py)")
     p.add_argument("--memory-only", action="store_true", help="peak memory only (short decode)")
     p.add_argument("--anchors", action="store_true",
                    help="also time transformers' own P = 1 model of each shape (static cache, batch 1, the first "

@@ -10,13 +10,18 @@ device kernels' [start, end) intervals with `timeline_stats`:
 - span per step: first kernel start to last kernel end, over the steps;
 - idle per step: span − busy (launch gaps, a graph's node-to-node latency, the host where it waits), and its
   share of the span;
-- the largest gaps, for where they sit.
+- the largest gaps, for where they sit;
+- the device time per step by kernel kind (`kernel_kind`: every GEMM alike, attention alike, each generated
+  Triton kernel by its ops, anything else by its name): where the busy time goes, in the step as it really runs
+  (compiled and captured), not in an eager stand-in.
 
 The benchmark records this for every point it times (`parscale bench --kernels`): the numbers to compare
 before and after a change to the step.
 """
 
 from __future__ import annotations
+
+import re
 
 
 def timeline_stats(intervals: list[tuple[float, float]], steps: int, largest: int = 5) -> dict:
@@ -46,8 +51,23 @@ def timeline_stats(intervals: list[tuple[float, float]], steps: int, largest: in
             "largest_gaps_us": sorted(gaps, reverse=True)[:largest]}
 
 
-def device_intervals(events) -> list[tuple[float, float]]:
-    """[start, end) in µs of every device (CUDA) activity among a profiler's events: kernels, copies, sets."""
+def kernel_kind(name: str) -> str:
+    """A kernel name folded into a group: every GEMM alike, every attention kernel alike, every generated
+    (Triton) kernel by its ops, anything else by the first 80 characters of its name."""
+    lowered = name.lower()
+    # attention first: flash-decoding's kernels are named "splitkv", which the GEMM test would take
+    if any(k in lowered for k in ("flash", "fmha", "attention", "sdpa", "efficient_attention")):
+        return "attention"
+    if any(k in lowered for k in ("gemm", "gemv", "cutlass", "sm90_xmma", "nvjet", "splitk")):
+        return "gemm"
+    if name.startswith("triton_"):
+        return re.sub(r"_\d+$", "", name)  # triton_per_fused_add_mean_mul_3 -> triton_per_fused_add_mean_mul
+    return name[:80]
+
+
+def device_events(events) -> list[tuple[float, float, str]]:
+    """[start, end) in µs and the name of every device (CUDA) activity among a profiler's events: kernels,
+    copies, sets."""
     import torch
 
     cuda = torch.autograd.DeviceType.CUDA
@@ -57,13 +77,35 @@ def device_intervals(events) -> list[tuple[float, float]]:
             continue
         start, end = evt.time_range.start, evt.time_range.end
         if end > start:
-            out.append((float(start), float(end)))
+            out.append((float(start), float(end), getattr(evt, "name", "")))
     return out
+
+
+def device_intervals(events) -> list[tuple[float, float]]:
+    """[start, end) in µs of every device (CUDA) activity among a profiler's events."""
+    return [(start, end) for start, end, _ in device_events(events)]
+
+
+def kernels_by_kind(named: list[tuple[float, float, str]], steps: int, top: int = 15) -> list[dict]:
+    """Device time and calls per step by `kernel_kind`, heaviest first (the first `top`, then the rest in one
+    row named "(other)")."""
+    groups: dict[str, list[float]] = {}
+    for start, end, name in named:
+        g = groups.setdefault(kernel_kind(name), [0, 0.0])
+        g[0] += 1
+        g[1] += end - start
+    rows = sorted(({"kind": k, "calls_per_step": c / steps, "us_per_step": us / steps}
+                   for k, (c, us) in groups.items()), key=lambda r: -r["us_per_step"])
+    if len(rows) > top:
+        rest = rows[top:]
+        rows = rows[:top] + [{"kind": "(other)", "calls_per_step": sum(r["calls_per_step"] for r in rest),
+                              "us_per_step": sum(r["us_per_step"] for r in rest)}]
+    return rows
 
 
 def step_timeline(step, steps: int = 8) -> dict:
     """Run `step()` `steps` times under torch.profiler (after the caller's warm-up) and return timeline_stats of
-    the device activity it saw. CUDA only."""
+    the device activity it saw, with its kernels by kind. CUDA only."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
@@ -72,4 +114,6 @@ def step_timeline(step, steps: int = 8) -> dict:
         for _ in range(steps):
             step()
         torch.cuda.synchronize()
-    return timeline_stats(device_intervals(prof.events()), steps)
+    named = device_events(prof.events())
+    return {**timeline_stats([(start, end) for start, end, _ in named], steps),
+            "kernels_by_kind": kernels_by_kind(named, steps)}
