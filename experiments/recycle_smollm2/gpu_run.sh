@@ -69,4 +69,17 @@ mkdir -p $X/results
 kill $packer 2>/dev/null; wait $packer 2>/dev/null; rm -f "$OUT/.results.tgz.part" "$OUT/.progress.tgz.part"
 ( cd "$W/runs" && tar czf "$OUT/progress.tgz" *.log */metrics.jsonl ) 2>/dev/null
 tar czf "$OUT/results.tgz" -C $X results
+# ADAPTERS='RUN ...': the adapters of those runs, where they finished on this machine, come back too, to be scored
+# where the example tasks run (lm-eval is not on the GPU machine): one tar each, cut into parts of 15 MB (no file
+# that comes back from $OUT may be larger than 16 MiB, and at most 8 files come back, so 4 parts beside the other
+# four files). Put together with `cat adapter-RUN.tar.part-* | tar x`.
+for name in ${ADAPTERS:-}; do
+    if [ ! -f "$W/runs/$name/adapter/adapter.safetensors" ]; then echo "no adapter of $name here"; continue; fi
+    tar cf "$W/adapter-$name.tar" -C "$W/runs/$name" adapter
+    parts=$(( ($(stat -c %s "$W/adapter-$name.tar") + 14999999) / 15000000 ))
+    if [ $(( $(ls "$OUT" | wc -l) + parts )) -gt 8 ]; then
+        echo "the adapter of $name ($parts parts) does not fit the files that come back: name fewer"; continue
+    fi
+    split -b 15000000 -a 2 "$W/adapter-$name.tar" "$OUT/adapter-$name.tar.part-"
+done
 ls -la "$OUT"
