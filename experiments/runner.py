@@ -240,7 +240,17 @@ def run_all(all_runs: dict[str, dict], configs: Path, results: Path, data: Path,
     slots = {g: [] for g in gpus}
     print(f"[runs] {len(queue)} runs on GPUs {gpus}, {per_gpu} per GPU", flush=True)
 
+    # How many runs shared each run's GPU, time-weighted over what this runner saw of it: a run's wall_seconds
+    # over this mean is its share of the GPU's time (the GPU-seconds the arms' costs are compared in).
+    shared: dict[str, list[float]] = {}   # name -> [seconds seen, run-seconds on its GPU]
+    clock = time.monotonic()
+
     def publish(name: str, how: str) -> None:
+        if name in shared and shared[name][0] > 0:   # written into the run's own result, so a later collection of
+            seen, weighted = shared.pop(name)         # the same folder publishes the same text
+            result = json.loads((work / name / "result.json").read_text())
+            result["gpu_sharing"] = {"seconds_seen": seen, "mean_runs_on_gpu": weighted / seen}
+            write_atomic(work / name / "result.json", json.dumps(result, indent=1) + "\n")
         text = (work / name / "result.json").read_text()
         folder = todo[name].get("again")
         if folder:   # trained again (a stage 1 for its checkpoint, or named by `again`): the committed one stays
@@ -256,6 +266,13 @@ def run_all(all_runs: dict[str, dict], configs: Path, results: Path, data: Path,
               f"{result['tokens_per_s_median']:,.0f} tok/s", flush=True)
 
     while queue or any(slots.values()):
+        now = time.monotonic()
+        for g in gpus:
+            for _, name in slots[g]:
+                seen = shared.setdefault(name, [0.0, 0.0])
+                seen[0] += now - clock
+                seen[1] += (now - clock) * len(slots[g])
+        clock = now
         for g in gpus:
             for proc, name in list(slots[g]):
                 if proc.poll() is None:

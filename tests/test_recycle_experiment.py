@@ -79,7 +79,7 @@ def _result(arm, seed, endpoint, curve, bpb=None, weight=None):
             "heldout_by_package": {"all": {"bits_per_byte": bpb}, "without_twins": {"bits_per_byte": bpb}}
             if bpb else None,
             "streams_final": {"weight_mean": [weight, 1 - weight], "verdict": "collapsed" if weight > 0.9 else "used"}
-            if weight else None, "wall_seconds": 100.0}
+            if weight else None, "wall_seconds": 100.0, "gpu_sharing": {"seconds_seen": 90.0, "mean_runs_on_gpu": 4.0}}
 
 
 def test_recycling_analysis_pairs_each_arm_with_its_controls_by_seed():
@@ -110,3 +110,4 @@ def test_recycling_analysis_pairs_each_arm_with_its_controls_by_seed():
     assert table["frozen-p4"]["collapsed"] == 3 and table["frozen-p4-agglr0.01"]["collapsed"] == 0
     assert table["frozen-p1prefix"]["below_start"] == pytest.approx(0.09)
     assert table["frozen-p4"]["largest_weight"] == pytest.approx(0.925)
+    assert table["frozen-p4"]["gpu_seconds"] == pytest.approx(25.0)   # 100 s of wall time, four runs on the card

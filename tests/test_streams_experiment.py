@@ -416,6 +416,8 @@ def test_the_runner_trains_stage_one_then_stage_two_and_collects_a_finished_run_
     stage1 = json.loads((results / "tiny-p1-s0.json").read_text())
     assert stage2["stage1"]["val_loss_full"] == stage1["val_loss_full"]["4"]
     assert len(stage2["stage1"]["weights_sha256"]) == 64
+    # the runner's record of how many runs shared the GPU (here one at a time: stage 2 waits for stage 1)
+    assert stage1["gpu_sharing"]["seconds_seen"] > 0 and stage1["gpu_sharing"]["mean_runs_on_gpu"] == 1.0
     metrics = (work / "tiny-ts-p2-s0" / "metrics.jsonl").read_text()
     (work / "tiny-ts-p2-s0" / "result.json").unlink()
     (results / "tiny-ts-p2-s0.json").unlink()

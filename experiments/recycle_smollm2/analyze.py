@@ -66,7 +66,7 @@ def comparisons(results) -> list[dict]:
 
 def arm_table(results) -> dict[str, dict]:
     """Each arm's seeds: mean endpoint (± SE over seeds), bits per byte, how far below the starting model,
-    how many runs collapsed, the final largest stream weight, wall seconds."""
+    how many runs collapsed, the final largest stream weight, wall seconds and the GPU-seconds they stand for."""
     start = [r["endpoint"] for (a, _), r in results.items() if a == START]
     start_loss = statistics.fmean(start) if start else None
     table = {}
@@ -84,7 +84,10 @@ def arm_table(results) -> dict[str, dict]:
             "collapsed": sum(f.get("verdict") == "collapsed" for f in finals),
             "largest_weight": statistics.fmean(weights) if weights else None,
             "wall_seconds": statistics.fmean(r["wall_seconds"] for r in runs) if all("wall_seconds" in r for r in runs)
-            else None}
+            else None,
+            # its share of the GPU: wall time over the mean number of runs on the card (runner.py's gpu_sharing)
+            "gpu_seconds": statistics.fmean(r["wall_seconds"] / r["gpu_sharing"]["mean_runs_on_gpu"] for r in runs)
+            if all("wall_seconds" in r and "gpu_sharing" in r for r in runs) else None}
     return table
 
 
