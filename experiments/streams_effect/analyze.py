@@ -169,14 +169,6 @@ def stage1_loss(run: dict) -> float | None:
     return (run.get("stage1") or {}).get("val_loss_full")
 
 
-def same_checkpoint(runs: dict, arm: str, base: str, start) -> dict:
-    """The base's runs and those of the arm's runs ({(arm, seed): ...}) that continued the same stage-1
-    checkpoint as the base's run of their seed (start(key): that checkpoint's last loss): what a paired
-    comparison of post-training arms may pair."""
-    return {k: v for k, v in runs.items() if k[0] in (arm, base)
-            and (k[0] == base or (base, k[1]) in runs and start(k) == start((base, k[1])))}
-
-
 def load_again(folder: Path = HERE / "results" / "again") -> dict[tuple[str, int], list[dict]]:
     """Runs trained again beside a committed result (runner --again: controls of a later stage 1), by arm and
     seed; a run trained again more than once has several."""
